@@ -26,7 +26,7 @@ from typing import Sequence
 
 from absl import app, flags
 
-from tfrecord_tools import convert_lib, images, schema
+from tfrecord_tools import convert_lib, images, schema, storage
 
 _IMAGE_DIR = flags.DEFINE_string("image_dir", None, "Class-per-folder images to convert.")
 _MAX_SIDE = flags.DEFINE_integer("max_side", 0, "Resize at conversion (both methods).")
@@ -167,7 +167,7 @@ def main(argv: Sequence[str]) -> None:
       shutil.rmtree(work, ignore_errors=True)
   print(format_table(res))
   if _JSON.value:
-    convert_lib.write_atomic(_JSON.value, (json.dumps(res, indent=2) + "\n").encode())
+    storage.write_bytes(_JSON.value, (json.dumps(res, indent=2) + "\n").encode())
 
 
 def run() -> None:

@@ -447,8 +447,8 @@ def main(argv: Sequence[str]) -> None:
   print()
   print(format_table(report))
   if _JSON.value:
-    from tfrecord_tools.convert_lib import write_atomic
-    write_atomic(_JSON.value, (json.dumps(report, indent=2) + "\n").encode())
+    from tfrecord_tools import storage
+    storage.write_bytes(_JSON.value, (json.dumps(report, indent=2) + "\n").encode())
     print(f"wrote {_JSON.value}")
 
 

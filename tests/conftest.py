@@ -55,3 +55,46 @@ def demo_data_dir(tmp_path_factory, demo_images_dir) -> str:
       input_dir=demo_images_dir, output_dir=str(out), num_shards=2, num_workers=1,
       quiet=True))
   return str(out)
+
+
+# -- A local GCS emulator (gcp-storage-emulator, JSON API) on 127.0.0.1. --
+
+class GcsEmulator:
+  """The running emulator: `url(name)` gives a fresh gs:// folder in its bucket."""
+
+  def __init__(self, host: str, bucket: str):
+    self.host, self.bucket = host, bucket
+
+  def url(self, name: str) -> str:
+    return f"gs://{self.bucket}/{name}"
+
+  def env(self) -> dict:
+    """Environment for a subprocess that should talk to the emulator."""
+    return {**os.environ, "STORAGE_EMULATOR_HOST": self.host}
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+  """Starts the emulator in this process and points google-cloud-storage at it
+  (STORAGE_EMULATOR_HOST, inherited by entry points run as subprocesses)."""
+  import socket  # noqa: PLC0415
+  from gcp_storage_emulator.server import create_server  # noqa: PLC0415
+  from tfrecord_tools import storage  # noqa: PLC0415
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  bucket = "xraytpu-test"
+  server = create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
+  server.start()
+  old = os.environ.get("STORAGE_EMULATOR_HOST")
+  os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+  storage.reset_client()
+  try:
+    yield GcsEmulator(os.environ["STORAGE_EMULATOR_HOST"], bucket)
+  finally:
+    server.stop()
+    if old is None:
+      os.environ.pop("STORAGE_EMULATOR_HOST", None)
+    else:
+      os.environ["STORAGE_EMULATOR_HOST"] = old
+    storage.reset_client()

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -462,6 +463,25 @@ def test_cli_success_prints_summary(tmp_path):
   assert "converted 6 of 6 files" in r.stdout and "test" in r.stdout
 
 
+def test_cli_default_fractions_yield_to_the_inputs_split_folders(tmp_path):
+  """The Kaggle layout (train/ val/ test/) converts with no split flags; a flat folder
+  gets 15 % val and test drawn; an explicit fraction that clashes with a folder is an error."""
+  with_splits = _synthetic(tmp_path, "kaggle", num_images=24, size=8, with_splits=True)
+  r = _cli(f"--input_dir={with_splits}", f"--output_dir={tmp_path / 'a'}")
+  assert r.returncode == 0, r.stderr
+  m = schema.read_manifest(str(tmp_path / "a"))
+  own = {sp: len(list((with_splits / sp).glob("*/*.png"))) for sp in ("train", "val", "test")}
+  assert {sp: i["num_examples"] for sp, i in m["splits"].items()} == own
+  assert m["args"]["val_fraction"] == 0.0 and m["args"]["test_fraction"] == 0.0
+  flat = _synthetic(tmp_path, "flat", num_images=40, size=8)
+  r = _cli(f"--input_dir={flat}", f"--output_dir={tmp_path / 'b'}")
+  assert r.returncode == 0, r.stderr
+  m = schema.read_manifest(str(tmp_path / "b"))
+  assert sorted(m["splits"]) == ["test", "train", "val"] and m["args"]["val_fraction"] == 0.15
+  r = _cli(f"--input_dir={with_splits}", f"--output_dir={tmp_path / 'c'}", "--test_fraction=0.2")
+  assert r.returncode == 2 and "already has a test folder" in r.stderr
+
+
 # --------------------------------------------------------------------------
 # The shared demo fixture others build on.
 # --------------------------------------------------------------------------
@@ -516,3 +536,128 @@ def test_benchmark_runs_all_methods(tmp_path):
   assert all(r["converted"] == 8 and r["images_per_sec"] > 0 for r in res["rows"])
   assert res["rows"][0]["vs_naive"] == 1.0
   assert "vs naive" in bench.format_table(res)
+
+
+# --------------------------------------------------------------------------
+# Worker processes that die, and scripts without a __main__ guard.
+# --------------------------------------------------------------------------
+
+# Run as a script: its module level also runs in every worker (spawn and
+# forkserver workers re-run the main script), so the patched convert_one is
+# what the workers call. argv: input output crash-mode(""|once|always) marker.
+_CRASHING_SCRIPT = '''
+import os, signal, sys
+from tfrecord_tools import convert_lib
+
+_original = convert_lib.convert_one
+
+
+def convert_one(source, **kw):
+  mode, marker = sys.argv[3], sys.argv[4]
+  if mode and source.rel.endswith("p00004_0.png"):
+    try:
+      os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+      first = True
+    except FileExistsError:
+      first = False
+    if first or mode == "always":
+      os.kill(os.getpid(), signal.SIGKILL)   # as the out-of-memory killer does
+  return _original(source, **kw)
+
+
+convert_lib.convert_one = convert_one
+
+if __name__ == "__main__":
+  try:
+    convert_lib.convert(convert_lib.ConvertOptions(
+        input_dir=sys.argv[1], output_dir=sys.argv[2], num_shards=4, num_workers=2,
+        val_fraction=0, test_fraction=0))
+  except convert_lib.ConvertError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+'''
+
+
+def _run_script(path, *args, timeout=120):
+  """Runs a Python script with the repository importable; a hang fails the test."""
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  return subprocess.run([sys.executable, str(path), *map(str, args)], cwd=path.parent,
+                        env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def crash_setup(tmp_path):
+  inp = _synthetic(tmp_path, num_images=16, size=16)
+  assert (inp / "NORMAL" / "p00004_0.png").exists()
+  clean = tmp_path / "clean"
+  convert(_opts(inp, clean, num_shards=4, val_fraction=0, test_fraction=0))
+  script = tmp_path / "crashing.py"
+  script.write_text(_CRASHING_SCRIPT)
+  return inp, clean, script
+
+
+def test_worker_killed_once_is_retried_and_output_is_identical(tmp_path, crash_setup):
+  inp, clean, script = crash_setup
+  out, marker = tmp_path / "out", tmp_path / "crashed"
+  r = _run_script(script, inp, out, "once", marker)
+  assert r.returncode == 0, r.stderr
+  assert marker.exists()   # a worker really died
+  assert re.search(r"a worker process was killed by SIGKILL \(the out-of-memory killer\?\); "
+                   r"trying the [1-4] unfinished shards? again", r.stderr), r.stderr
+  assert _shard_bytes(out) == _shard_bytes(clean)
+  # The dead worker's temp file and the state are gone.
+  assert sorted(os.listdir(out)) == sorted(list(_shard_bytes(clean)) + ["dataset.json"])
+  assert schema.read_manifest(str(out))["num_converted"] == 16
+
+
+def test_worker_killed_twice_fails_with_cause_then_rerun_resumes(tmp_path, crash_setup):
+  inp, clean, script = crash_setup
+  out, marker = tmp_path / "out", tmp_path / "crashed"
+  r = _run_script(script, inp, out, "always", marker)
+  assert r.returncode == 2, r.stderr
+  last = r.stderr.strip().splitlines()[-1]
+  m = re.fullmatch(r"error: a worker process was killed by SIGKILL \(the out-of-memory "
+                   r"killer\?\), also when the unfinished shards were tried again; ([0-3]) of 4 "
+                   r"shards are finished and kept: run the same command again to resume "
+                   r"\(with fewer --num_workers or a smaller --max_side if memory ran out\)",
+                   last)
+  assert m, r.stderr
+  assert "Traceback" not in r.stderr
+  assert not (out / "dataset.json").exists()
+  finished = int(m.group(1))
+  r = _run_script(script, inp, out, "", marker)
+  assert r.returncode == 0, r.stderr
+  assert (f"resuming: {finished} of 4 shards" in r.stderr) == (finished > 0), r.stderr
+  assert _shard_bytes(out) == _shard_bytes(clean)
+  assert sorted(os.listdir(out)) == sorted(list(_shard_bytes(clean)) + ["dataset.json"])
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_script_without_main_guard_fails_clearly(tmp_path, method):
+  inp = _synthetic(tmp_path, num_images=8, size=8)
+  script = tmp_path / "unguarded.py"
+  script.write_text(
+      "from tfrecord_tools import convert_lib\n"
+      + (f"convert_lib.mp.get_all_start_methods = lambda: [{method!r}]\n")
+      + "print('top level ran', flush=True)\n"
+      f"convert_lib.convert(convert_lib.ConvertOptions(input_dir={str(inp)!r}, "
+      f"output_dir={str(tmp_path / 'out')!r}, num_shards=2, num_workers=2, quiet=True))\n")
+  r = _run_script(script)
+  assert r.returncode == 1
+  assert r.stderr.strip().splitlines()[-1] == (
+      f"tfrecord_tools.convert_lib.ConvertError: the worker processes re-ran {script}, which "
+      "called convert() again: put the code that calls convert() under "
+      "`if __name__ == \"__main__\":` (or use num_workers=1)"), r.stderr
+  assert "bootstrapping" not in r.stderr and r.stderr.count("Traceback") == 1
+  assert not (tmp_path / "out" / "dataset.json").exists()
+
+
+def test_death_cause_names_the_signal():
+  term = -signal.SIGTERM
+  assert convert_lib._death_cause([term, -signal.SIGKILL, 0]) == (
+      "was killed by SIGKILL (the out-of-memory killer?)")
+  assert convert_lib._death_cause([-signal.SIGSEGV]).startswith("was killed by SIGSEGV (a crash")
+  assert convert_lib._death_cause([3, term]) == "exited with status 3"
+  assert convert_lib._death_cause([term, term]) == "was terminated (SIGTERM)"
+  assert convert_lib._death_cause([term, convert_lib._EXIT_UNGUARDED_MAIN]) == (
+      convert_lib._UNGUARDED_MAIN)

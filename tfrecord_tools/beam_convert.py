@@ -47,7 +47,7 @@ import apache_beam as beam
 from apache_beam.metrics.metric import Metrics, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from tfrecord_tools import convert_lib
+from tfrecord_tools import convert_lib, storage
 
 COUNTER_NAMESPACE = "tfrecord_tools.convert"
 PLAN_NAME = "beam-plan.jsonl"
@@ -114,11 +114,11 @@ class WriteShard(beam.DoFn):
     meta = self.shards[file]
     final = convert_lib._join(self.output_dir, file)  # noqa: SLF001
     # A retried bundle may run beside the first try: a temp name per thread.
-    tmp = final if "://" in final else f"{final}.tmp-{os.getpid()}{threading.get_ident() % 10**6}"
+    tmp = final if storage.is_remote(final) else f"{final}.tmp-{os.getpid()}{threading.get_ident() % 10**6}"
     stats = convert_lib._Stats()  # noqa: SLF001
     class_counts: dict[str, int] = {}
     skipped, patients, converted = [], set(), 0
-    with convert_lib._open(tmp, "wb") as out:  # noqa: SLF001
+    with storage.open(tmp, "wb") as out:
       for _, record, info in sorted(values, key=lambda v: v[0]):   # plan order
         if record is None:
           skipped.append(info)
@@ -135,10 +135,10 @@ class WriteShard(beam.DoFn):
         "patients": sorted(patients), "stats": stats.d,
     }
     # Statistics first, then the shard: a shard under its final name always has them.
-    convert_lib.write_atomic(convert_lib._state_path(self.output_dir, file),  # noqa: SLF001
-                             json.dumps(result).encode())
+    storage.write_bytes(convert_lib._state_path(self.output_dir, file),  # noqa: SLF001
+                        json.dumps(result).encode())
     if tmp != final:
-      convert_lib._rename(tmp, final)  # noqa: SLF001
+      storage.rename(tmp, final)
     self.written.inc()
     yield file
 
@@ -162,7 +162,7 @@ def run_pipeline(tasks: Sequence[convert_lib.ShardTask], opts: convert_lib.Conve
   """Writes `tasks`' shards with a Beam pipeline; returns the pipeline's counters."""
   state_dir = convert_lib._join(opts.output_dir, convert_lib.STATE_DIR)  # noqa: SLF001
   plan_path = convert_lib._join(state_dir, PLAN_NAME)  # noqa: SLF001
-  convert_lib.write_atomic(plan_path, "".join(l + "\n" for l in _plan_lines(tasks)).encode())
+  storage.write_bytes(plan_path, "".join(l + "\n" for l in _plan_lines(tasks)).encode())
   shards = {t.file: {"split": t.split, "fingerprint": t.fingerprint} for t in tasks}
   options = PipelineOptions(list(args))
   log(f"beam: {sum(len(t.items) for t in tasks)} images into {len(tasks)} shards; "
@@ -186,7 +186,7 @@ def run_pipeline(tasks: Sequence[convert_lib.ShardTask], opts: convert_lib.Conve
   for c in result.metrics().query(MetricsFilter().with_namespace(COUNTER_NAMESPACE))["counters"]:
     name = c.key.metric.name
     counters[name] = counters.get(name, 0) + int(c.committed or c.attempted or 0)
-  convert_lib._remove(plan_path)  # noqa: SLF001
+  storage.remove(plan_path)
   return counters
 
 

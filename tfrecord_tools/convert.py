@@ -23,7 +23,7 @@ from typing import Sequence
 
 from absl import app, flags
 
-from tfrecord_tools import convert_lib, images
+from tfrecord_tools import convert_lib, images, storage
 
 _INPUT_DIR = flags.DEFINE_string("input_dir", None, "Folder of images: input/<class>/* or "
                                  "input/<split>/<class>/*; for keras_pair, the folder of the "
@@ -33,11 +33,13 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where shards and dataset.
 _INPUT_FORMAT = flags.DEFINE_enum("input_format", "folders", list(convert_lib.INPUT_FORMATS),
                                   "folders: image files, class per folder. keras_pair: the Keras "
                                   "TPU pneumonia example's images.tfrec + paths.tfrec.")
-_VAL_FRACTION = flags.DEFINE_float("val_fraction", 0.15, "Fraction drawn into val (stratified, "
-                                   "seeded) when the input has no val folder (0: no val split; "
-                                   "training then has no validation AUC).")
-_TEST_FRACTION = flags.DEFINE_float("test_fraction", 0.15, "Fraction drawn into test when the "
-                                    "input has no test folder (0: no test split).")
+_VAL_FRACTION = flags.DEFINE_float("val_fraction", convert_lib.DEFAULT_FRACTION, "Fraction drawn "
+                                   "into val (stratified, seeded) from train; by default only when "
+                                   "the input has no val folder, else the folder is the split "
+                                   "(0: no val split; training then has no validation AUC).")
+_TEST_FRACTION = flags.DEFINE_float("test_fraction", convert_lib.DEFAULT_FRACTION, "Fraction drawn "
+                                    "into test; by default only when the input has no test "
+                                    "folder (0: no test split).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the split and of the shard order.")
 _GROUP_REGEX = flags.DEFINE_string("group_regex", "", "Regex whose first group is the patient id, "
                                    "searched in the file name (in the relative path when it "
@@ -77,10 +79,13 @@ flags.mark_flags_as_required(["input_dir", "output_dir"])
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  def fraction(flag) -> float:   # not given: the input's own split folder wins
+    return flag.value if flags.FLAGS[flag.name].present else convert_lib.AUTO_FRACTION
+
   opts = convert_lib.ConvertOptions(
       input_dir=_INPUT_DIR.value, output_dir=_OUTPUT_DIR.value,
-      input_format=_INPUT_FORMAT.value, val_fraction=_VAL_FRACTION.value,
-      test_fraction=_TEST_FRACTION.value, seed=_SEED.value, group_regex=_GROUP_REGEX.value,
+      input_format=_INPUT_FORMAT.value, val_fraction=fraction(_VAL_FRACTION),
+      test_fraction=fraction(_TEST_FRACTION), seed=_SEED.value, group_regex=_GROUP_REGEX.value,
       class_map=_CLASS_MAP.value, max_side=_MAX_SIDE.value, image_format=_IMAGE_FORMAT.value,
       channels=_CHANNELS.value, jpeg_quality=_JPEG_QUALITY.value, num_shards=_NUM_SHARDS.value,
       num_workers=_NUM_WORKERS.value, max_skipped_fraction=_MAX_SKIPPED.value,
@@ -96,7 +101,7 @@ def main(argv: Sequence[str]) -> None:
       manifest = beam_convert.convert(opts, _BEAM_OPTIONS.value)
     else:
       manifest = convert_lib.convert(opts)
-  except convert_lib.ConvertError as e:
+  except (convert_lib.ConvertError, storage.StorageError) as e:
     print(f"convert: error: {e}", file=sys.stderr)
     sys.exit(2)
   print(convert_lib.summary_table(manifest))

@@ -47,13 +47,15 @@ import math
 import multiprocessing as mp
 import os
 import re
+import signal
 import struct
 import sys
+import threading
 import time
 from concurrent import futures
 from typing import Any, Callable, Iterable, Sequence
 
-from tfrecord_tools import __version__, images, schema
+from tfrecord_tools import __version__, images, schema, storage
 
 IMAGE_EXTENSIONS = frozenset({
     ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".tif", ".tiff",
@@ -72,14 +74,19 @@ class ConvertError(ValueError):
   """A user mistake or an unusable input: one clear line, no traceback."""
 
 
+AUTO_FRACTION = -1.0      # val/test fraction "auto": DEFAULT_FRACTION unless the input has the folder
+DEFAULT_FRACTION = 0.15
+
+
 @dataclasses.dataclass
 class ConvertOptions:
   """Arguments of one conversion (the flags of `python -m tfrecord_tools.convert`)."""
   input_dir: str
   output_dir: str
   input_format: str = "folders"      # "folders" | "keras_pair"
-  val_fraction: float = 0.0          # drawn from the data when the input has no val/ (CLI default 0.15)
-  test_fraction: float = 0.0         # drawn from the data when the input has no test/
+  val_fraction: float = 0.0          # drawn from the data when the input has no val/;
+  test_fraction: float = 0.0         # AUTO_FRACTION (the CLI default): DEFAULT_FRACTION, or
+                                     # the input's own folder when it has one
   seed: int = 0
   group_regex: str = ""              # first group = patient id, searched in the file name
   class_map: str = ""                # "NEW=OLD+OLD2,NEW2=OLD3"; order = label order
@@ -116,85 +123,12 @@ class Found:
   ignored: list[str]               # files that are not image-like, relative paths
 
 
-# --------------------------------------------------------------------------
-# Small file-system layer: local paths with os, gs:// (any "scheme://") with tf.io.gfile.
-# --------------------------------------------------------------------------
-
-
-def _remote(path: str) -> bool:
-  return "://" in path
-
-
-def _gfile():
-  import tensorflow as tf  # only for gs:// paths
-  return tf.io.gfile
-
-
-def _exists(path: str) -> bool:
-  return _gfile().exists(path) if _remote(path) else os.path.exists(path)
-
-
-def _isdir(path: str) -> bool:
-  return _gfile().isdir(path) if _remote(path) else os.path.isdir(path)
-
-
-def _listdir(path: str) -> list[str]:
-  if _remote(path):
-    return [p.rstrip("/") for p in _gfile().listdir(path)]
-  return os.listdir(path)
-
-
-def _makedirs(path: str) -> None:
-  if _remote(path):
-    _gfile().makedirs(path)
-  else:
-    os.makedirs(path, exist_ok=True)
-
-
-def _remove(path: str) -> None:
-  if _remote(path):
-    _gfile().remove(path)
-  else:
-    os.remove(path)
-
-
-def _open(path: str, mode: str):
-  return _gfile().GFile(path, mode) if _remote(path) else open(path, mode)
-
-
-def _rename(src: str, dst: str) -> None:
-  if _remote(src):
-    _gfile().rename(src, dst, overwrite=True)
-  else:
-    os.replace(src, dst)
+# Files (local, gs:// through google-cloud-storage, other schemes through
+# tf.io.gfile) are read and written through tfrecord_tools.storage.
 
 
 def _tmp_name(path: str) -> str:
   return f"{path}.tmp-{os.getpid()}"
-
-
-def write_atomic(path: str, data: bytes) -> None:
-  """Writes `data` to `path` so readers see the old file or the whole new one.
-
-  Local: a temporary file in the same folder, then os.replace. gs://: objects
-  appear only when their upload completes, so the object is written directly.
-  """
-  if _remote(path):
-    with _open(path, "wb") as f:
-      f.write(data)
-    return
-  tmp = _tmp_name(path)
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
-def _read_bytes(path: str, offset: int = -1, size: int = -1) -> bytes:
-  with _open(path, "rb") as f:
-    if offset >= 0:
-      f.seek(offset)
-      return f.read(size)
-    return f.read()
 
 
 # --------------------------------------------------------------------------
@@ -253,7 +187,7 @@ def iter_tfrecord_offsets(f) -> Iterable[tuple[int, int]]:
 
 def read_tfrecords(path: str) -> Iterable[bytes]:
   """Every record's data in a (local or gs://) TFRecord file, CRCs checked."""
-  with _open(path, "rb") as f:
+  with storage.open(path, "rb") as f:
     try:
       for offset, length in iter_tfrecord_offsets(f):   # header and its CRC checked there
         data = f.read(length)
@@ -338,37 +272,6 @@ def _walk_files(root: str) -> Iterable[str]:
   return sorted(out)
 
 
-_MAX_REMOTE_DEPTH = 8      # input/<split>/<class>/ + up to 5 levels of sub-folders
-_REMOTE_STAT_THREADS = 64  # object stores answer one stat per request
-
-
-def _remote_tree(root: str) -> tuple[list[str], set[str]]:
-  """(files, folders) under a gs:// root as sorted '/'-separated relative paths.
-
-  One glob per depth: on GCS each is a single prefix listing, where a walk
-  would ask "is this a folder?" once per object.
-  """
-  root = root.rstrip("/")
-  paths: set[str] = set()
-  for depth in range(1, _MAX_REMOTE_DEPTH + 1):
-    found = _gfile().glob(root + "/*" * depth)
-    if not found:
-      break
-    paths.update(p[len(root) + 1:].rstrip("/") for p in found)
-  paths = {p for p in paths if p and not any(part.startswith(".") for part in p.split("/"))}
-  folders = {p.rsplit("/", i)[0] for p in paths for i in range(1, p.count("/") + 1)}
-  return sorted(paths - folders), folders
-
-
-def _stat(path: str) -> tuple[int, int]:
-  """(size, mtime_ns) of a local or gs:// file."""
-  if _remote(path):
-    st = _gfile().stat(path)
-    return st.length, st.mtime_nsec
-  st = os.stat(path)
-  return st.st_size, st.st_mtime_ns
-
-
 def _is_image_name(name: str) -> bool:
   return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
@@ -399,13 +302,17 @@ def _split_layout(input_dir: str, dirs: Sequence[str]) -> bool:
 
 def find_files(input_dir: str) -> Found:
   """Lists the image-like files under a class-per-folder input, local or gs:// (see module doc)."""
-  if not _exists(input_dir):
+  if not storage.exists(input_dir):
     raise ConvertError(f"input folder {input_dir} does not exist")
-  if not _isdir(input_dir):
+  if not storage.isdir(input_dir):
     raise ConvertError(f"--input_dir {input_dir} is not a folder")
-  if _remote(input_dir):
-    files, folders = _remote_tree(input_dir)
-    dirs = sorted(f for f in folders if "/" not in f)
+  listed: dict[str, tuple[int, int]] = {}
+  if storage.is_remote(input_dir):
+    # One prefix listing gives names, sizes and times: no request per file.
+    listed = {rel: (size, mtime) for rel, size, mtime in storage.walk_files(input_dir)
+              if not any(part.startswith(".") for part in rel.split("/"))}
+    files = sorted(listed)
+    dirs = sorted({rel.split("/")[0] for rel in files if "/" in rel})
   else:
     files, dirs = _walk_files(input_dir), _top_level_dirs(input_dir)
   with_splits = _split_layout(input_dir, dirs)
@@ -414,16 +321,18 @@ def find_files(input_dir: str) -> Found:
   for rel in files:
     ok = rel.count("/") + 1 >= need and _is_image_name(rel.rsplit("/", 1)[-1])
     (wanted if ok else ignored).append(rel)
-  paths = [_join(input_dir, rel) if _remote(input_dir) else os.path.join(input_dir, *rel.split("/"))
+  paths = [_join(input_dir, rel) if storage.is_remote(input_dir) else os.path.join(input_dir, *rel.split("/"))
            for rel in wanted]
 
-  def stat(path):
+  def stat(rel, path):
+    if rel in listed:
+      return listed[rel]
     try:
-      return _stat(path)
-    except Exception as e:  # noqa: BLE001  (OSError locally, tf.errors.OpError on gs://)
+      st = os.stat(path)
+      return st.st_size, st.st_mtime_ns
+    except OSError as e:
       return e
-  with futures.ThreadPoolExecutor(_REMOTE_STAT_THREADS if _remote(input_dir) else 1) as pool:
-    stats = list(pool.map(stat, paths))
+  stats = [stat(rel, path) for rel, path in zip(wanted, paths)]
   sources = []
   for rel, path, st in zip(wanted, paths, stats):
     if isinstance(st, Exception):
@@ -447,7 +356,7 @@ def find_files(input_dir: str) -> Found:
 
 
 def _join(root: str, name: str) -> str:
-  return f"{root.rstrip('/')}/{name}" if _remote(root) else os.path.join(root, name)
+  return f"{root.rstrip('/')}/{name}" if storage.is_remote(root) else os.path.join(root, name)
 
 
 def find_keras_pair(input_dir: str) -> Found:
@@ -458,16 +367,16 @@ def find_keras_pair(input_dir: str) -> Found:
   image whose path is record i of paths.tfrec; the path's parent folder is the
   class. `Source.rel` is "<split>/<class>/<file name>" ("<class>/<file name>").
   """
-  if not _exists(input_dir):
+  if not storage.exists(input_dir):
     raise ConvertError(f"input folder {input_dir} does not exist")
-  names = set(_listdir(input_dir))
+  names = set(storage.listdir(input_dir))
   if set(KERAS_PAIR) <= names:
     pairs = [("", input_dir)]
   else:
     pairs = []
     for d in sorted(names):
       sub = _join(input_dir, d)
-      if d.lower() in SPLIT_ALIASES and _isdir(sub) and set(KERAS_PAIR) <= set(_listdir(sub)):
+      if d.lower() in SPLIT_ALIASES and storage.isdir(sub) and set(KERAS_PAIR) <= set(storage.listdir(sub)):
         pairs.append((SPLIT_ALIASES[d.lower()], sub))
     if not pairs:
       raise ConvertError(f"no images.tfrec + paths.tfrec in {input_dir} or its "
@@ -476,7 +385,7 @@ def find_keras_pair(input_dir: str) -> Found:
   for split, folder in pairs:
     img_path, paths_path = (_join(folder, n) for n in KERAS_PAIR)
     paths = [p.decode("utf-8", "replace") for p in read_tfrecords(paths_path)]
-    with _open(img_path, "rb") as f:
+    with storage.open(img_path, "rb") as f:
       offsets = list(iter_tfrecord_offsets(f))
     if len(paths) != len(offsets):
       raise ConvertError(f"{folder}: images.tfrec has {len(offsets)} records but paths.tfrec "
@@ -739,8 +648,22 @@ _PROGRESS = None  # multiprocessing.Value in workers; a callable in-process
 
 
 def _init_worker(counter) -> None:
+  """Starts a pool worker: `counter` is the shared progress Value `_tick` adds to.
+
+  The worker also ends itself when the converting process dies (SIGKILL, the
+  out-of-memory killer): it would otherwise wait on the pool's queue forever,
+  or finish its shard behind the back of a rerun.
+  """
   global _PROGRESS
   _PROGRESS = counter
+  parent = mp.parent_process()
+  if parent is not None:
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent) -> None:
+  parent.join()   # returns when the parent process is gone
+  os._exit(1)
 
 
 def _tick(n: int = 1) -> None:
@@ -820,7 +743,7 @@ def convert_one(source: Source, *, label: int, text: str, patient_id: str, max_s
   """
   s = source
   try:
-    data = _read_bytes(s.path, s.offset, s.size)
+    data = storage.read_bytes(s.path, s.offset, s.size)
     if s.offset >= 0 and len(data) != s.size:
       raise OSError("record shorter than its header says")
     prepared = images.prepare_image(data, max_side=max_side, channels=channels,
@@ -845,12 +768,12 @@ def write_shard(task: ShardTask) -> dict:
   decoded is skipped with the reason.
   """
   final = _join(task.output_dir, task.file)
-  tmp = final if _remote(final) else _tmp_name(final)
+  tmp = final if storage.is_remote(final) else _tmp_name(final)
   stats = _Stats()
   class_counts: dict[str, int] = {}
   skipped, patients = [], set()
   converted = 0
-  with _open(tmp, "wb") as out:
+  with storage.open(tmp, "wb") as out:
     for it in task.items:
       done = convert_one(it.source, label=it.label, text=it.text, patient_id=it.patient_id,
                          max_side=task.max_side, channels=task.channels,
@@ -872,19 +795,19 @@ def write_shard(task: ShardTask) -> dict:
       "patients": sorted(patients), "stats": stats.d,
   }
   # Statistics first, then the shard: a shard under its final name always has them.
-  write_atomic(_state_path(task.output_dir, task.file), json.dumps(result).encode())
+  storage.write_bytes(_state_path(task.output_dir, task.file), json.dumps(result).encode())
   if tmp != final:
-    _rename(tmp, final)
+    storage.rename(tmp, final)
   return result
 
 
 def _load_finished(task: ShardTask) -> dict | None:
   """The saved result of an identical shard finished by an earlier (killed) run."""
   state = _state_path(task.output_dir, task.file)
-  if not (_exists(state) and _exists(_join(task.output_dir, task.file))):
+  if not (storage.exists(state) and storage.exists(_join(task.output_dir, task.file))):
     return None
   try:
-    with _open(state, "rb") as f:
+    with storage.open(state, "rb") as f:
       result = json.loads(f.read())
   except (OSError, ValueError):
     return None
@@ -935,8 +858,122 @@ class Progress:
     return self.done / elapsed
 
 
-def _run_tasks(tasks: list[ShardTask], num_workers: int, progress: Progress) -> list[dict]:
-  """Writes the shards, each by one worker; the largest shards start first."""
+_UNGUARDED_MAIN = "re-ran an unguarded main script"   # a _death_cause
+# Exit status of a worker process that, while starting, re-ran the user's main
+# script and reached convert() again: the script has no __main__ guard.
+_EXIT_UNGUARDED_MAIN = 87
+
+
+def _exit_if_starting_worker() -> None:
+  """Quietly ends a worker process that is still starting up and got here.
+
+  spawn and forkserver workers first re-run the user's main script (as
+  `__mp_main__`); a script that calls convert() without an
+  `if __name__ == "__main__":` guard would convert everything again in every
+  worker, then fail to start a pool of its own (RuntimeError: "... before the
+  current process has finished its bootstrapping phase"), and the real run's
+  pool would wait forever. `_death_cause` recognises the exit status.
+  """
+  if getattr(mp.current_process(), "_inheriting", False):   # multiprocessing's own test
+    os._exit(_EXIT_UNGUARDED_MAIN)
+
+
+class _RecordingContext:
+  """A multiprocessing context that keeps the processes it makes: their exit
+  codes tell why a pool broke."""
+
+  def __init__(self, ctx):
+    self._ctx = ctx
+    self.processes: list = []
+
+  def __getattr__(self, name: str):
+    return getattr(self._ctx, name)
+
+  def Process(self, *args, **kwargs):  # noqa: N802 (multiprocessing's name)
+    p = self._ctx.Process(*args, **kwargs)
+    self.processes.append(p)
+    return p
+
+
+def _death_cause(exitcodes: Sequence[int | None]) -> str:
+  """Why a pool broke, from its workers' exit codes, e.g. "was killed by SIGKILL ...".
+
+  The worker that died is the one not ended by the pool's own SIGTERM.
+  """
+  dead = [c for c in exitcodes if c not in (None, 0, -signal.SIGTERM)]
+  if not dead:
+    return ("was terminated (SIGTERM)" if -signal.SIGTERM in exitcodes
+            else "stopped unexpectedly")
+  code = dead[0]
+  if code == _EXIT_UNGUARDED_MAIN:
+    return _UNGUARDED_MAIN
+  if code > 0:
+    return f"exited with status {code}"
+  try:
+    name = signal.Signals(-code).name
+  except ValueError:
+    name = f"signal {-code}"
+  crash = " (a crash in native code, e.g. an image decoder)"
+  hint = {"SIGKILL": " (the out-of-memory killer?)", "SIGSEGV": crash, "SIGBUS": crash,
+          "SIGABRT": crash, "SIGFPE": crash, "SIGILL": crash}.get(name, "")
+  return f"was killed by {name}{hint}"
+
+
+def _run_pool(tasks: list[ShardTask], num_workers: int, progress: Progress, ctx,
+              counter) -> tuple[list[dict], list[ShardTask], str]:
+  """Runs `tasks` (submitted in order) on a new pool of `num_workers` processes.
+
+  Returns (results of the finished shards, the unfinished tasks in their
+  order, why the pool broke: a `_death_cause`, "" when all finished). A
+  worker's exception (as opposed to its death) is re-raised here.
+  """
+  rec = _RecordingContext(ctx)
+  pool = futures.ProcessPoolExecutor(min(num_workers, len(tasks)), mp_context=rec,
+                                     initializer=_init_worker, initargs=(counter,))
+  results, unfinished = [], []
+  ok = False
+  try:
+    pending = {}
+    for i, t in enumerate(tasks):
+      try:
+        pending[pool.submit(write_shard, t)] = i
+      except futures.BrokenExecutor:
+        unfinished += range(i, len(tasks))
+        break
+    while pending:
+      done, _ = futures.wait(pending, timeout=0.25, return_when=futures.FIRST_COMPLETED)
+      for f in done:
+        i = pending.pop(f)
+        try:
+          results.append(f.result())   # re-raises a worker's unexpected error
+        except futures.BrokenExecutor:
+          unfinished.append(i)
+      progress.update(counter.value)
+    ok = True
+  finally:
+    pool.shutdown(wait=ok, cancel_futures=True)
+    if not ok:   # an error or KeyboardInterrupt: stop the other shards now
+      for p in rec.processes:
+        if p.is_alive():
+          p.terminate()
+      for p in rec.processes:
+        if p.pid is not None:   # started
+          p.join()
+  cause = _death_cause([p.exitcode for p in rec.processes]) if unfinished else ""
+  return results, [tasks[i] for i in sorted(unfinished)], cause
+
+
+def _run_tasks(tasks: list[ShardTask], num_workers: int, progress: Progress,
+               log: Callable[[str], None] = _log) -> list[dict]:
+  """Writes the shards, each by one worker; the largest shards start first.
+
+  Several workers: a process pool (forkserver, else spawn). A worker that
+  dies (the out-of-memory killer, a crash in an image decoder) breaks the
+  pool: the unfinished shards are tried once more on a new pool, then
+  ConvertError names the cause (finished shards are kept; a rerun reuses
+  them). Workers that re-ran a main script calling convert() without a
+  `__main__` guard -> ConvertError saying so.
+  """
   tasks = sorted(tasks, key=lambda t: -sum(it.source.size for it in t.items))
   global _PROGRESS
   if num_workers <= 1 or len(tasks) <= 1:
@@ -956,20 +993,26 @@ def _run_tasks(tasks: list[ShardTask], num_workers: int, progress: Progress) -> 
   if method == "forkserver":
     ctx.set_forkserver_preload(["tfrecord_tools.convert_lib"])
   value = ctx.Value("q", 0)
-  results = []
-  with ctx.Pool(min(num_workers, len(tasks)), initializer=_init_worker,
-                initargs=(value,)) as pool:
-    pending = [pool.apply_async(write_shard, (t,)) for t in tasks]
-    while pending:
-      pending[0].wait(0.25)
-      still = []
-      for r in pending:
-        if r.ready():
-          results.append(r.get())   # re-raises a worker's unexpected error
-        else:
-          still.append(r)
-      pending = still
-      progress.update(value.value)
+  results, todo = [], tasks
+  for attempt in (1, 2):
+    new, todo, cause = _run_pool(todo, num_workers, progress, ctx, value)
+    results += new
+    if not todo:
+      break
+    if cause == _UNGUARDED_MAIN:
+      main = getattr(sys.modules.get("__main__"), "__file__", None) or "the main module"
+      raise ConvertError(
+          f"the worker processes re-ran {main}, which called convert() again: put the code "
+          "that calls convert() under `if __name__ == \"__main__\":` (or use num_workers=1)")
+    if attempt == 2:
+      raise ConvertError(
+          f"a worker process {cause}, also when the unfinished shards were tried again; "
+          f"{len(tasks) - len(todo)} of {len(tasks)} shards are finished and kept: run the same "
+          "command again to resume (with fewer --num_workers or a smaller --max_side if "
+          "memory ran out)")
+    log(f"a worker process {cause}; trying the {len(todo)} unfinished "
+        f"shard{'s' if len(todo) > 1 else ''} again")
+    value.value = sum(len(t.items) for t in tasks) - sum(len(t.items) for t in todo)
   progress.update(value.value)
   return results
 
@@ -992,9 +1035,9 @@ def _check_options(o: ConvertOptions) -> None:
   if not 1 <= o.jpeg_quality <= 100:
     raise ConvertError("--jpeg_quality must be in 1..100")
   for name in ("val_fraction", "test_fraction"):
-    if not 0.0 <= getattr(o, name) < 1.0:
+    if getattr(o, name) != AUTO_FRACTION and not 0.0 <= getattr(o, name) < 1.0:
       raise ConvertError(f"--{name} must be in [0, 1)")
-  if o.val_fraction + o.test_fraction >= 1.0:
+  if sum(DEFAULT_FRACTION if f == AUTO_FRACTION else f for f in (o.val_fraction, o.test_fraction)) >= 1.0:
     raise ConvertError("--val_fraction + --test_fraction must be < 1 (train needs data)")
   if not 0.0 <= o.max_skipped_fraction <= 1.0:
     raise ConvertError("--max_skipped_fraction must be in [0, 1]")
@@ -1002,7 +1045,7 @@ def _check_options(o: ConvertOptions) -> None:
     raise ConvertError("--num_shards and --num_workers must be >= 0")
   if not o.output_dir:
     raise ConvertError("--output_dir is required")
-  if not _remote(o.input_dir) and not _remote(o.output_dir):
+  if not storage.is_remote(o.input_dir) and not storage.is_remote(o.output_dir):
     inp, out = os.path.realpath(o.input_dir), os.path.realpath(o.output_dir)
     if out == inp or out.startswith(inp.rstrip(os.sep) + os.sep):
       raise ConvertError(f"--output_dir {o.output_dir} is inside --input_dir {o.input_dir}: "
@@ -1050,6 +1093,8 @@ def _make_items(found: Found, classes: list[str], mapping: dict[str, str],
   # or from train (splits layout without val/ or test/).
   fractions = {}
   for name, frac in (("test", opts.test_fraction), ("val", opts.val_fraction)):
+    if frac == AUTO_FRACTION:   # the CLI default: the input's own folder wins
+      frac = 0.0 if name in found.splits else DEFAULT_FRACTION
     if frac > 0:
       if name in found.splits:
         raise ConvertError(f"the input already has a {name} folder: drop --{name}_fraction "
@@ -1080,16 +1125,16 @@ def _make_items(found: Found, classes: list[str], mapping: dict[str, str],
 def _check_output(opts: ConvertOptions) -> None:
   """Refuses a complete earlier output unless --overwrite, and foreign shards."""
   out = opts.output_dir
-  if _remote(out) and not _exists(out):
+  if storage.is_remote(out) and not storage.exists(out):
     return
-  if not _remote(out) and os.path.exists(out) and not os.path.isdir(out):
+  if not storage.is_remote(out) and os.path.exists(out) and not os.path.isdir(out):
     raise ConvertError(f"--output_dir {out} exists and is not a folder")
-  if not _exists(out):
+  if not storage.exists(out):
     return
-  if _exists(schema.manifest_path(out)) and not opts.overwrite:
+  if storage.exists(schema.manifest_path(out)) and not opts.overwrite:
     raise ConvertError(f"{out} already holds a converted data set ({schema.MANIFEST_NAME}): "
                        "pass --overwrite to replace it")
-  names = _listdir(out)
+  names = storage.listdir(out)
   shards = [n for n in names if _SHARD_RE.match(n)]
   if (shards and STATE_DIR not in names and schema.MANIFEST_NAME not in names
       and not opts.overwrite):
@@ -1103,16 +1148,16 @@ _TMP_RE = re.compile(r"\.tmp-\d+$")
 
 def _clean_output(out: str, keep: set[str]) -> None:
   """Removes temp files and shards not in `keep` (left by killed or earlier runs)."""
-  for name in _listdir(out):
+  for name in storage.listdir(out):
     if _SHARD_RE.match(name) and name not in keep:
-      _remove(_join(out, name))
+      storage.remove(_join(out, name))
     elif _TMP_RE.search(name) and name.startswith(schema.MANIFEST_NAME):
-      _remove(_join(out, name))
+      storage.remove(_join(out, name))
   state = _join(out, STATE_DIR)
-  if _exists(state):
-    for name in _listdir(state):
+  if storage.exists(state):
+    for name in storage.listdir(state):
       if name[:-len(".json")] not in keep or _TMP_RE.search(name):
-        _remove(_join(state, name))
+        storage.remove(_join(state, name))
 
 
 def _resolve_workers(n: int) -> int:
@@ -1137,8 +1182,11 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] | None = None,
     ConvertError: bad arguments or input (missing/empty folder, one class,
       classes differing across splits, ...), an existing complete output
       without overwrite, or more skipped files than max_skipped_fraction
-      (then the shards are kept for a rerun but no manifest is written).
+      (then the shards are kept for a rerun but no manifest is written),
+      a worker process that died twice, or a main script without
+      `if __name__ == "__main__":` that the workers re-ran.
   """
+  _exit_if_starting_worker()
   log = log or (lambda m: None if opts.quiet else _log(m))
   _check_options(opts)
   _check_output(opts)
@@ -1159,10 +1207,10 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] | None = None,
       + (f"; dropped by --class_map: {dropped}" if dropped else ""))
 
   out = opts.output_dir
-  _makedirs(out)
-  if _exists(schema.manifest_path(out)):   # --overwrite: no longer complete from here on
-    _remove(schema.manifest_path(out))
-  _makedirs(_join(out, STATE_DIR))
+  storage.makedirs(out)
+  if storage.exists(schema.manifest_path(out)):   # --overwrite: no longer complete from here on
+    storage.remove(schema.manifest_path(out))
+  storage.makedirs(_join(out, STATE_DIR))
   keep = {t.file for t in tasks}
   _clean_output(out, keep)
 
@@ -1187,7 +1235,7 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] | None = None,
       log(f"  ... and {n_skip - 20} more (all listed in {schema.MANIFEST_NAME})")
   if n_skip > opts.max_skipped_fraction * n_found:
     report = _join(out, "skipped.json")
-    write_atomic(report, json.dumps(manifest["skipped"], indent=1).encode())
+    storage.write_bytes(report, json.dumps(manifest["skipped"], indent=1).encode())
     raise ConvertError(
         f"{n_skip} of {n_found} files could not be converted ({n_skip / n_found:.1%} > "
         f"--max_skipped_fraction={opts.max_skipped_fraction:g}); they are listed in {report}. "
@@ -1195,33 +1243,23 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] | None = None,
         "(finished shards are reused)")
   manifest["elapsed_s"] = round(time.monotonic() - t0, 2)
   manifest["images_per_sec"] = round(rate, 1)
-  write_atomic(schema.manifest_path(out), (json.dumps(manifest, indent=2) + "\n").encode())
+  storage.write_bytes(schema.manifest_path(out), (json.dumps(manifest, indent=2) + "\n").encode())
   _clean_output(out, keep)
   for name in (STATE_DIR, "skipped.json"):
     p = _join(out, name)
-    if _exists(p):
-      (_remove(p) if name.endswith(".json") else _rmdir(p))
+    if storage.exists(p):
+      (storage.remove(p) if name.endswith(".json") else storage.rmtree(p))
   return manifest
 
 
 def run_locally(todo: list[ShardTask], opts: ConvertOptions, log) -> tuple[list, float, int, dict]:
   """Writes the unfinished shards with a local process pool (one shard per worker)."""
-  del log
   num_workers = _resolve_workers(opts.num_workers)
   if not opts.num_workers:   # default: no process pool for small jobs (start-up would dominate)
     num_workers = max(1, min(num_workers, sum(len(t.items) for t in todo) // 100))
   progress = Progress(sum(len(t.items) for t in todo), quiet=opts.quiet)
-  results = _run_tasks(todo, num_workers, progress)
+  results = _run_tasks(todo, num_workers, progress, log)
   return results, progress.close(), num_workers, {}
-
-
-def _rmdir(path: str) -> None:
-  if _remote(path):
-    _gfile().rmtree(path)
-  else:
-    for name in os.listdir(path):
-      os.remove(os.path.join(path, name))
-    os.rmdir(path)
 
 
 def _build_manifest(opts, found, classes, mapping, dropped, plan, results, split_info,
@@ -1249,6 +1287,9 @@ def _build_manifest(opts, found, classes, mapping, dropped, plan, results, split
   num_converted = sum(s["num_examples"] for s in splits.values())
   args = dataclasses.asdict(opts)
   args.pop("quiet")
+  for name, split in (("val_fraction", "val"), ("test_fraction", "test")):
+    if args[name] == AUTO_FRACTION:   # record what was applied
+      args[name] = 0.0 if split in found.splits else DEFAULT_FRACTION
   args["num_workers"] = num_workers
   args["num_shards"] = {sp: len(ts) for sp, ts in plan.items()}
   args["class_map_resolved"] = {c: sorted(s for s, t in mapping.items() if t == c)

@@ -18,13 +18,14 @@ printed on its own line), 2 for a usage error (e.g. no dataset.json).
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from typing import Callable, Sequence
 
 import numpy as np
 
-from tfrecord_tools import schema
+from tfrecord_tools import convert_lib, schema, storage
 
 
 class InspectError(ValueError):
@@ -75,16 +76,18 @@ def inspect_dataset(data_dir: str, *, grid_path: str | None = None, grid_per_cla
     info = manifest["splits"][split]
     split_counts = {c: 0 for c in classes}
     for shard in info["shards"]:
-      path = os.path.join(data_dir, shard["file"])
-      if not tf.io.gfile.exists(path):
+      path = storage.join(data_dir, shard["file"])
+      if not storage.exists(path):
         problems.append(f"{shard['file']}: missing")
         continue
       n = 0
-      ds = tf.data.TFRecordDataset(path)
+      # Records are read through tfrecord_tools.storage (gs:// with google-cloud-storage),
+      # framing and CRCs checked by the converter's own reader.
+      records = convert_lib.read_tfrecords(path)
       if max_per_shard:
-        ds = ds.take(max_per_shard)
+        records = itertools.islice(records, max_per_shard)
       try:
-        for raw in ds:
+        for raw in records:
           n += 1
           where = f"{shard['file']} record {n - 1}"
           try:
@@ -116,10 +119,10 @@ def inspect_dataset(data_dir: str, *, grid_path: str | None = None, grid_per_cla
           split_counts[text] += 1
           if grid_path and split == grid_split and len(samples[text]) < grid_per_class:
             samples[text].append((img, name))
-      except tf.errors.DataLossError as e:
-        problems.append(f"{shard['file']}: corrupt after {n} records ({e.message.splitlines()[0]})")
-      except tf.errors.OpError as e:
-        problems.append(f"{shard['file']}: cannot be read ({e.message.splitlines()[0]})")
+      except convert_lib.ConvertError as e:   # framing or checksum
+        problems.append(f"{shard['file']}: corrupt after {n} records ({str(e).split(': ', 1)[-1]})")
+      except (OSError, storage.StorageError) as e:
+        problems.append(f"{shard['file']}: cannot be read ({str(e).splitlines()[0]})")
       if not max_per_shard and n != shard["num_examples"]:
         problems.append(f"{shard['file']}: {n} records but the manifest says "
                         f"{shard['num_examples']}")
@@ -215,7 +218,7 @@ def write_grid(samples: dict[str, list[tuple[np.ndarray, str]]], path: str,
     data = buf.getvalue()
   except ImportError:
     data = _grid_pil(samples, rows, cols)
-  _write_bytes(path, data)
+  storage.write_bytes(path, data)
 
 
 def _grid_pil(samples, rows, cols, cell: int = 160) -> bytes:
@@ -233,19 +236,6 @@ def _grid_pil(samples, rows, cols, cell: int = 160) -> bytes:
   buf = io.BytesIO()
   canvas.save(buf, format="PNG")
   return buf.getvalue()
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-  if "://" in path:
-    import tensorflow as tf
-    with tf.io.gfile.GFile(path, "wb") as f:
-      f.write(data)
-    return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------
@@ -272,7 +262,7 @@ def main(argv: Sequence[str]) -> None:
   try:
     report = inspect_dataset(argv[1], grid_path=FLAGS.grid, grid_per_class=FLAGS.grid_per_class,
                              grid_split=FLAGS.grid_split, max_per_shard=FLAGS.max_per_shard)
-  except (schema.ManifestError, InspectError) as e:
+  except (schema.ManifestError, InspectError, storage.StorageError) as e:
     print(f"inspect: error: {e}", file=sys.stderr)
     sys.exit(2)
   sys.exit(0 if report["ok"] else 1)

@@ -27,6 +27,8 @@ import json
 import os
 from typing import Any
 
+from tfrecord_tools import storage
+
 MANIFEST_NAME = "dataset.json"
 MANIFEST_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -152,15 +154,12 @@ def shard_paths(data_dir: str, manifest: dict, split: str) -> list[str]:
 
 
 def _read_text(path: str) -> str:
-  if "://" in path:
-    import tensorflow as tf
-    if not tf.io.gfile.exists(path):
-      raise ManifestError(f"no manifest at {path}: convert the images first "
-                          "(python -m tfrecord_tools.convert)")
-    with tf.io.gfile.GFile(path, "r") as f:
-      return f.read()
-  if not os.path.exists(path):
+  try:
+    return storage.read_text(path)
+  except FileNotFoundError:
     raise ManifestError(f"no manifest at {path}: convert the images first "
-                        "(python -m tfrecord_tools.convert)")
-  with open(path, encoding="utf-8") as f:
-    return f.read()
+                        "(python -m tfrecord_tools.convert)") from None
+  except storage.StorageError as e:
+    raise ManifestError(str(e)) from None
+
+

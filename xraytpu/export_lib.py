@@ -34,6 +34,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from tfrecord_tools import storage
 from xraytpu import predict_lib
 
 METADATA_FILE = "xraytpu.json"
@@ -95,10 +96,9 @@ class ServingModule(tf.Module):
 
 def next_version(export_root: str) -> int:
   """1 + the highest integer sub-folder of export_root (1 if none)."""
-  if not tf.io.gfile.isdir(export_root):
+  if not storage.isdir(export_root):
     return 1
-  versions = [int(n.rstrip("/")) for n in tf.io.gfile.listdir(export_root)
-              if re.fullmatch(r"\d+/?", n)]
+  versions = [int(n) for n in storage.listdir(export_root) if re.fullmatch(r"\d+", n)]
   return max(versions, default=0) + 1
 
 
@@ -107,18 +107,19 @@ def export(model_dir: str, *, version: int = 0, export_dir: str = "") -> str:
 
   version 0 = the next free integer. An existing version is an error (TF
   Serving may be serving it). Locally the model is written to a hidden temp
-  folder and renamed, so a watcher never sees a half-written version.
+  folder and renamed, so a watcher never sees a half-written version; on gs://
+  it is written locally and uploaded with saved_model.pb last.
   """
   try:
     run = predict_lib.load(model_dir)
   except predict_lib.PredictError as e:
     raise ExportError(str(e)) from e
-  root = export_dir or os.path.join(model_dir, "export")
+  root = export_dir or storage.join(model_dir, "export")
   version = version or next_version(root)
   if version < 0:
     raise ExportError(f"--version must be a positive integer, got {version}")
-  target = os.path.join(root, str(version))
-  if tf.io.gfile.exists(target):
+  target = storage.join(root, str(version))
+  if storage.exists(target):
     raise ExportError(f"{target} already exists; pick another --version or leave it at 0 (next free)")
   op = run.operating_point or {}
   module = ServingModule(run.model, classes=run.classes, size=run.size, channels=run.channels,
@@ -127,10 +128,6 @@ def export(model_dir: str, *, version: int = 0, export_dir: str = "") -> str:
       "serving_default": module.serve_bytes.get_concrete_function(),
       "serving_pixels": module.serve_pixels.get_concrete_function(),
   }
-  remote = "://" in root
-  tmp = target if remote else os.path.join(root, f".tmp-{version}-{os.getpid()}")
-  tf.io.gfile.makedirs(root)
-  tf.saved_model.save(module, tmp, signatures=signatures)
   meta = {
       "format": "xraytpu SavedModel",
       "classes": run.classes,
@@ -147,22 +144,27 @@ def export(model_dir: str, *, version: int = 0, export_dir: str = "") -> str:
       "source_run": model_dir,
       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
   }
-  extra = os.path.join(tmp, "assets.extra")
-  tf.io.gfile.makedirs(extra)
-  with tf.io.gfile.GFile(os.path.join(extra, METADATA_FILE), "w") as f:
-    f.write(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-  if not remote:
-    os.replace(tmp, target)
+  meta_text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+  if storage.is_remote(root):
+    with storage.staged_output(target, last=("saved_model.pb",)) as out:   # gs:// -> local first
+      tf.saved_model.save(module, out, signatures=signatures)
+      storage.write_text(storage.join(out, "assets.extra", METADATA_FILE), meta_text)
+    return target
+  os.makedirs(root, exist_ok=True)
+  tmp = os.path.join(root, f".tmp-{version}-{os.getpid()}")
+  tf.saved_model.save(module, tmp, signatures=signatures)
+  storage.write_text(os.path.join(tmp, "assets.extra", METADATA_FILE), meta_text)
+  os.replace(tmp, target)
   return target
 
 
 def load_metadata(export_path: str) -> dict:
-  with tf.io.gfile.GFile(os.path.join(export_path, "assets.extra", METADATA_FILE)) as f:
-    return json.load(f)
+  return json.loads(storage.read_text(storage.join(export_path, "assets.extra", METADATA_FILE)))
 
 
 def serve(export_path: str, encoded_images: list[bytes]) -> np.ndarray:
   """Loads the SavedModel and returns probabilities [n, K] for encoded images (for checks)."""
-  loaded = tf.saved_model.load(export_path)
-  out = loaded.signatures["serving_default"](image_bytes=tf.constant(encoded_images))
+  with storage.local_copy(export_path) as local:
+    loaded = tf.saved_model.load(local)
+    out = loaded.signatures["serving_default"](image_bytes=tf.constant(encoded_images))
   return out["probabilities"].numpy()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from typing import Sequence
 
 import matplotlib
@@ -19,25 +18,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
+from tfrecord_tools import storage  # noqa: E402
+
 _DPI = 100
 
 
-def write_bytes(path: str, data: bytes) -> None:
-  """Writes `data` to `path` atomically (tmp file + rename); gs:// via tf.io.gfile."""
-  if "://" in path:
-    import tensorflow as tf  # lazy: only for remote paths
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(tmp, "wb") as f:
-      f.write(data)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-    return
-  d = os.path.dirname(path)
-  if d:
-    os.makedirs(d, exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
+# Atomic writes to local paths and gs:// (see tfrecord_tools.storage); used by
+# evaluate, predict and gradcam as plots.write_bytes.
+write_bytes = storage.write_bytes
 
 
 def save_figure(fig, path: str) -> str:
@@ -162,18 +150,8 @@ def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], path: str, *
 def read_history(history_csv: str) -> dict[str, np.ndarray] | None:
   """Columns of a Keras CSVLogger file as float arrays, or None if missing/empty."""
   try:
-    if "://" in history_csv:
-      import tensorflow as tf
-      if not tf.io.gfile.exists(history_csv):
-        return None
-      with tf.io.gfile.GFile(history_csv, "r") as f:
-        text = f.read()
-    else:
-      if not os.path.exists(history_csv):
-        return None
-      with open(history_csv, encoding="utf-8") as f:
-        text = f.read()
-  except OSError:
+    text = storage.read_text(history_csv)
+  except (OSError, storage.StorageError):
     return None
   rows = list(csv.DictReader(io.StringIO(text)))
   if not rows:

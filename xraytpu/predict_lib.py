@@ -25,6 +25,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from tfrecord_tools import storage
+
 OPERATING_POINT_FILE = "threshold.json"
 DEFAULT_THRESHOLD = 0.5
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
@@ -68,7 +70,7 @@ class InputError(ValueError):
 
 
 def read_operating_point(model_dir: str) -> dict[str, Any] | None:
-  path = os.path.join(model_dir, OPERATING_POINT_FILE)
+  path = storage.join(model_dir, OPERATING_POINT_FILE)
   text = _read_text(path)
   if text is None:
     return None
@@ -86,16 +88,11 @@ def write_operating_point(model_dir: str, op: dict[str, Any]) -> str:
 
 
 def _read_text(path: str) -> str | None:
-  if "://" in path:
-    import tensorflow as tf
-    if not tf.io.gfile.exists(path):
-      return None
-    with tf.io.gfile.GFile(path, "r") as f:
-      return f.read()
-  if not os.path.exists(path):
+  """The file's text, or None when it does not exist."""
+  try:
+    return storage.read_text(path)
+  except FileNotFoundError:
     return None
-  with open(path, encoding="utf-8") as f:
-    return f.read()
 
 
 # --------------------------------------------------------------------------
@@ -159,9 +156,8 @@ def prepare_args(manifest: dict) -> dict[str, Any]:
 
 def load(model_dir: str) -> LoadedRun:
   """Loads RUN (config.json, model.keras, the training manifest, threshold.json)."""
-  import tensorflow as tf
   from xraytpu import train_lib
-  if not tf.io.gfile.isdir(model_dir):
+  if not storage.isdir(model_dir):
     raise PredictError(f"--model_dir={model_dir}: no such run directory")
   try:
     cfg, manifest, model = train_lib.load_run(model_dir)
@@ -223,17 +219,22 @@ def expand_inputs(paths: Iterable[str]) -> list[tuple[str, str | None]]:
   """
   out: list[tuple[str, str | None]] = []
   for p in paths:
-    if os.path.isdir(p):
-      found = []
-      for root, dirs, files in os.walk(p):
-        dirs.sort()
-        for f in sorted(files):
-          if f.lower().endswith(IMAGE_EXTENSIONS + DICOM_EXTENSIONS):
-            found.append(os.path.join(root, f))
+    remote = storage.is_remote(p)
+    if storage.isdir(p) if remote else os.path.isdir(p):
+      if remote:   # one listing (gs://: google-cloud-storage)
+        found = [storage.join(p, rel) for rel, _, _ in storage.walk_files(p)
+                 if rel.lower().endswith(IMAGE_EXTENSIONS + DICOM_EXTENSIONS)]
+      else:
+        found = []
+        for root, dirs, files in os.walk(p):
+          dirs.sort()
+          for f in sorted(files):
+            if f.lower().endswith(IMAGE_EXTENSIONS + DICOM_EXTENSIONS):
+              found.append(os.path.join(root, f))
       if not found:
         out.append((p, "folder holds no image or DICOM files"))
       out.extend((f, None) for f in found)
-    elif "://" in p or os.path.isfile(p):
+    elif remote or os.path.isfile(p):
       out.append((p, None))
     else:
       out.append((p, "no such file or folder"))
@@ -352,12 +353,7 @@ def dicom_to_png(data: bytes, window: tuple[float, float] | None = None) -> byte
 
 def read_file(path: str) -> bytes:
   try:
-    if "://" in path:
-      import tensorflow as tf
-      with tf.io.gfile.GFile(path, "rb") as f:
-        return f.read()
-    with open(path, "rb") as f:
-      return f.read()
+    return storage.read_bytes(path)
   except Exception as e:  # noqa: BLE001 - permissions, missing, remote errors
     raise InputError(f"cannot read ({e})") from None
 
@@ -482,7 +478,7 @@ def _write_gradcams(cam, pixels, labels, paths, out_dir, run) -> list[str]:
     stem = os.path.splitext(os.path.basename(path))[0]
     target = os.path.join(out_dir, f"{stem}.gradcam-{run.classes[lab]}.png")
     n = 1
-    while target in out or os.path.exists(target):  # same file name in two folders
+    while target in out or storage.exists(target):  # same file name in two folders
       n += 1
       target = os.path.join(out_dir, f"{stem}-{n}.gradcam-{run.classes[lab]}.png")
     buf = io.BytesIO()

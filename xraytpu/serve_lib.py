@@ -69,6 +69,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from tfrecord_tools import storage
 from xraytpu import __version__, predict_lib
 
 MB = 1 << 20
@@ -154,11 +155,10 @@ def find_eval_report(run: predict_lib.LoadedRun) -> dict | None:
   Order: <training dataset>-test, any *-test, then any other report; the
   first that parses. None when the run has not been evaluated.
   """
-  import tensorflow as tf
   from xraytpu import evaluate_lib
   try:
-    paths = sorted(tf.io.gfile.glob(os.path.join(run.model_dir, "eval", "*", "report.json")))
-  except tf.errors.OpError:
+    paths = storage.glob(storage.join(run.model_dir, "eval", "*", "report.json"))
+  except (OSError, storage.StorageError):
     return None
   preferred = f"{evaluate_lib.dataset_name(run.cfg.data_dir or '', run.manifest)}-test"
 
@@ -168,9 +168,8 @@ def find_eval_report(run: predict_lib.LoadedRun) -> dict | None:
 
   for path in sorted(paths, key=rank):
     try:
-      with tf.io.gfile.GFile(path, "r") as f:
-        report = json.loads(f.read())
-    except (tf.errors.OpError, ValueError):
+      report = json.loads(storage.read_text(path))
+    except (OSError, ValueError):   # StorageError is a ValueError
       continue
     if isinstance(report, dict) and "auc" in report:
       return report
@@ -854,7 +853,7 @@ def is_loopback(host: str) -> bool:
 
 def load_run(opts: ServeOptions) -> predict_lib.LoadedRun:
   opts.validate()
-  if "://" not in opts.model_dir and not os.path.isdir(opts.model_dir):  # fail before importing TF
+  if not storage.is_remote(opts.model_dir) and not os.path.isdir(opts.model_dir):  # before importing TF
     raise ServeError(f"--model_dir={opts.model_dir}: no such run directory")
   try:
     return predict_lib.load(opts.model_dir)

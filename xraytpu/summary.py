@@ -9,11 +9,12 @@ eval/*/report.json); `make demo` ends with it.
 from __future__ import annotations
 
 import csv
-import glob
+import io
 import json
-import os
 import statistics
 import sys
+
+from tfrecord_tools import storage
 
 
 def _fmt_ci(value, ci) -> str:
@@ -26,17 +27,15 @@ def _fmt_ci(value, ci) -> str:
 
 def summarize(run_dir: str) -> str:
   """The headline text of one run directory."""
-  config_path = os.path.join(run_dir, "config.json")
-  if not os.path.exists(config_path):
+  config_path = storage.join(run_dir, "config.json")
+  if not storage.exists(config_path):
     raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json): train first")
-  with open(config_path) as f:
-    cfg = json.load(f)
+  cfg = json.loads(storage.read_text(config_path))
   lines = [f"run:      {run_dir}",
            f"model:    {cfg.get('model')} at {cfg.get('image_size')} px, data {cfg.get('data_dir')}"]
-  history_path = os.path.join(run_dir, "history.csv")
-  if os.path.exists(history_path):
-    with open(history_path) as f:
-      rows = list(csv.DictReader(f))
+  history_path = storage.join(run_dir, "history.csv")
+  if storage.exists(history_path):
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(history_path))))
     if rows:
       speeds = [float(r["images_per_sec"]) for r in rows if r.get("images_per_sec")]
       # Steady state: the first epoch also decodes and fills the cache.
@@ -44,16 +43,15 @@ def summarize(run_dir: str) -> str:
       best = max((float(r["val_auc"]), i + 1) for i, r in enumerate(rows) if r.get("val_auc"))
       speed = f"{steady:.1f} images/sec (median after epoch 1)" if steady else "n/a"
       lines.append(f"training: {len(rows)} epochs, {speed}, best val AUC {best[0]:.3f} (epoch {best[1]})")
-  for report_path in sorted(glob.glob(os.path.join(run_dir, "eval", "*", "report.json"))):
-    with open(report_path) as f:
-      r = json.load(f)
+  for report_path in storage.glob(storage.join(run_dir, "eval", "*", "report.json")):
+    r = json.loads(storage.read_text(report_path))
     where = f"{r.get('dataset')}/{r.get('split')}, {r.get('num_examples')} images"
     lines.append(f"eval:     {where}: AUC {_fmt_ci(r.get('auc'), r.get('auc_ci'))}")
     if r.get("threshold") is not None and r.get("sensitivity") is not None:
       lines.append(f"          at threshold {r['threshold']:.3f} ({r.get('threshold_policy')}, chosen on "
                    f"{r.get('threshold_source_split')}): sensitivity {_fmt_ci(r.get('sensitivity'), r.get('sensitivity_ci'))}, "
                    f"specificity {_fmt_ci(r.get('specificity'), r.get('specificity_ci'))}")
-    lines.append(f"          report {os.path.join(os.path.dirname(report_path), 'report.md')} (plots beside it)")
+    lines.append(f"          report {storage.join(storage.dirname(report_path), 'report.md')} (plots beside it)")
   return "\n".join(lines)
 
 

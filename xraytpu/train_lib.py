@@ -64,6 +64,7 @@ from xraytpu.data import input_pipeline
 from xraytpu.data import stats
 from xraytpu.models import applications
 from tfrecord_tools import schema
+from tfrecord_tools import storage
 
 CONFIG_NAME = "config.json"
 HISTORY_NAME = "history.csv"
@@ -92,7 +93,7 @@ class TrainingDiverged(RuntimeError):
 # Errors that are the user's to fix: entry points print the one-line message
 # and exit non-zero instead of showing a traceback.
 USAGE_ERRORS = (TrainError, distribute.StrategyError, models_lib.ModelError,
-                schema.ManifestError, DataError)
+                schema.ManifestError, DataError, storage.StorageError)
 
 
 @dataclasses.dataclass
@@ -110,28 +111,7 @@ class TrainResult:
 # ---------------------------------------------------------------------------
 
 def _join(*parts: str) -> str:
-  return os.path.join(*parts)
-
-
-def _exists(path: str) -> bool:
-  return tf.io.gfile.exists(path)
-
-
-def _read_text(path: str) -> str:
-  with tf.io.gfile.GFile(path, "r") as f:
-    return f.read()
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-  """Writes `path + .tmp-<pid>` then renames it over `path`."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    f.write(text)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
-def _makedirs(path: str) -> None:
-  tf.io.gfile.makedirs(path)
+  return storage.join(*parts)
 
 
 # ---------------------------------------------------------------------------
@@ -140,10 +120,10 @@ def _makedirs(path: str) -> None:
 
 def read_run_config(run_dir: str) -> dict | None:
   path = _join(run_dir, CONFIG_NAME)
-  if not _exists(path):
+  if not storage.exists(path):
     return None
   try:
-    return json.loads(_read_text(path))
+    return json.loads(storage.read_text(path))
   except json.JSONDecodeError as e:
     raise TrainError(f"{path} is not valid JSON ({e}); move the run directory away or pass --overwrite") from e
 
@@ -154,13 +134,7 @@ def _clear_run(run_dir: str) -> None:
   # be applied to the new one.
   for name in (CONFIG_NAME, HISTORY_NAME, MANIFEST_COPY, MODEL_NAME, "threshold.json", "logs",
                "checkpoints", "backup", "eval", "export"):
-    path = _join(run_dir, name)
-    if not _exists(path):
-      continue
-    if tf.io.gfile.isdir(path):
-      tf.io.gfile.rmtree(path)
-    else:
-      tf.io.gfile.remove(path)
+    storage.remove_any(_join(run_dir, name))
 
 
 def _config_differences(old: dict, new: Config) -> list[str]:
@@ -173,12 +147,14 @@ def _config_differences(old: dict, new: Config) -> list[str]:
   return diffs
 
 
-def prepare_run_dir(cfg: Config, chief: bool = True) -> str:
+def prepare_run_dir(cfg: Config, chief: bool = True, run_dir: str = "") -> str:
   """Decides fresh / resume / refuse. Returns "fresh" or "resume".
 
+  run_dir: where the files are (a gs:// run's local copy), default cfg.model_dir.
   Only the chief deletes an old run (--overwrite); other workers just go on.
   """
-  old = read_run_config(cfg.model_dir)
+  run_dir = run_dir or cfg.model_dir
+  old = read_run_config(run_dir)
   if old is None:
     return "fresh"
   if old.get("status") == "finished":
@@ -187,7 +163,7 @@ def prepare_run_dir(cfg: Config, chief: bool = True) -> str:
                        "replace it or choose another --model_dir")
     logging.warning("--overwrite: replacing the finished run in %s", cfg.model_dir)
     if chief:
-      _clear_run(cfg.model_dir)
+      _clear_run(run_dir)
     return "fresh"
   diffs = _config_differences(old, cfg)
   if diffs:
@@ -197,7 +173,7 @@ def prepare_run_dir(cfg: Config, chief: bool = True) -> str:
                        "--overwrite to start over, or choose another --model_dir")
     logging.warning("--overwrite: discarding the unfinished run in %s (%s)", cfg.model_dir, "; ".join(diffs))
     if chief:
-      _clear_run(cfg.model_dir)
+      _clear_run(run_dir)
     return "fresh"
   logging.info("Resuming the unfinished run in %s", cfg.model_dir)
   return "resume"
@@ -240,8 +216,7 @@ def validate_config(cfg: Config) -> None:
 
 
 def _manifest_digest(data_dir: str) -> str:
-  with tf.io.gfile.GFile(schema.manifest_path(data_dir), "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
+  return hashlib.sha256(storage.read_bytes(schema.manifest_path(data_dir))).hexdigest()
 
 
 def _versions() -> dict[str, str]:
@@ -465,10 +440,10 @@ class HistoryCSV(keras.callbacks.Callback):
 
 def read_history(path: str) -> list[dict]:
   """history.csv rows as dicts (epoch int, other columns float); [] when absent."""
-  if not _exists(path):
+  if not storage.exists(path):
     return []
   rows = []
-  for r in csv.DictReader(io.StringIO(_read_text(path))):
+  for r in csv.DictReader(io.StringIO(storage.read_text(path))):
     rows.append({k: (int(v) if k == "epoch" else float(v)) for k, v in r.items() if v not in ("", None)})
   return rows
 
@@ -480,7 +455,7 @@ def _write_history(path: str, rows: list[dict]) -> None:
   w.writeheader()
   for r in rows:
     w.writerow(r)
-  _write_text_atomic(path, out.getvalue())
+  storage.write_text(path, out.getvalue())
 
 
 class EpochScalars(keras.callbacks.Callback):
@@ -556,6 +531,27 @@ class SaveOnTrainEnd(keras.callbacks.Callback):
       _save_weights_atomic(self.model, self.path, self.chief)
 
 
+class PushRunDir(keras.callbacks.Callback):
+  """Uploads what changed in the local copy of a gs:// run directory after every
+  epoch and when a phase ends (see tfrecord_tools.storage.Mirror)."""
+
+  def __init__(self, mirror: storage.Mirror):
+    super().__init__()
+    self.mirror = mirror
+
+  def _push(self, when: str) -> None:
+    t = time.perf_counter()
+    up, gone = self.mirror.push()
+    logging.info("%s: pushed %d changed file(s), removed %d, to %s in %.1f s", when, up, gone,
+                 self.mirror.remote, time.perf_counter() - t)
+
+  def on_epoch_end(self, epoch, logs=None):
+    self._push(f"epoch {epoch + 1}")
+
+  def on_train_end(self, logs=None):
+    self._push("phase end")
+
+
 def _save_weights_atomic(model: keras.Model, path: str, chief: bool = True) -> None:
   """Every worker must save (reading sync-on-read variables is a collective op
   under MultiWorkerMirroredStrategy); only the chief's file is kept."""
@@ -568,14 +564,16 @@ def _save_weights_atomic(model: keras.Model, path: str, chief: bool = True) -> N
     return
   tmp = path[:-len(".weights.h5")] + f".tmp-{os.getpid()}.weights.h5"
   model.save_weights(tmp)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
+  storage.rename(tmp, path)
 
 
 def make_callbacks(cfg: Config, run_dir: str, *, chief: bool, monitor: str, phase: int,
                    global_batch: int, steps_per_epoch: int, total_epochs: int,
-                   best_so_far: float | None, nan: StopOnNaN) -> list:
-  """Order matters: summary (adds logs) -> CSV -> checkpoints -> ... -> backup last,
-  so a backup never exists for an epoch whose history row is missing."""
+                   best_so_far: float | None, nan: StopOnNaN,
+                   mirror: storage.Mirror | None = None) -> list:
+  """Order matters: summary (adds logs) -> CSV -> checkpoints -> ... -> backup,
+  so a backup never exists for an epoch whose history row is missing; then the
+  push of a gs:// run's local copy, so GCS gets each epoch's files together."""
   cbs: list = [nan, EpochSummary(global_batch=global_batch, steps_per_epoch=steps_per_epoch,
                                  total_epochs=total_epochs, phase=f"phase {phase}")]
   cbs.append(HistoryCSV(_join(run_dir, HISTORY_NAME), enabled=chief,
@@ -593,6 +591,8 @@ def make_callbacks(cfg: Config, run_dir: str, *, chief: bool, monitor: str, phas
   if phase == 1:
     cbs.append(SaveOnTrainEnd(_join(run_dir, PHASE1_WEIGHTS), chief, nan))
   cbs.append(keras.callbacks.BackupAndRestore(_join(run_dir, "backup", f"phase{phase}")))
+  if chief and mirror is not None and mirror.active:
+    cbs.append(PushRunDir(mirror))
   return cbs
 
 
@@ -615,12 +615,17 @@ def train_and_evaluate(cfg: Config, *, strategy: tf.distribute.Strategy | None =
                        verbose: int | str = 1) -> TrainResult:
   """Trains `cfg.model` on `cfg.data_dir` into `cfg.model_dir` (see the module docstring).
 
+  A gs:// run directory is trained in a local copy (storage.Mirror): pulled
+  first (a resume needs the backup), pushed by the chief after every epoch and
+  at the end, so Keras and TensorFlow only ever write local files.
+
   Args:
     cfg: the run's Config (augmentation preset already resolved by the caller).
     strategy: a started strategy; None builds `cfg.strategy` via xraytpu.distribute.
     verbose: Keras fit verbosity for the chief (progress bar = 1).
   Raises:
-    TrainError / StrategyError / ModelError / ManifestError (ValueErrors): usage problems.
+    TrainError / StrategyError / ModelError / ManifestError / StorageError
+    (ValueErrors): usage problems.
     TrainingDiverged: the loss became NaN/inf.
   """
   t_start = time.perf_counter()
@@ -628,6 +633,31 @@ def train_and_evaluate(cfg: Config, *, strategy: tf.distribute.Strategy | None =
   old = read_run_config(cfg.model_dir)
   if old is not None and old.get("status") == "finished" and not cfg.overwrite:
     prepare_run_dir(cfg, chief=False)  # raises the "finished run" error before any slow setup
+  mirror = storage.Mirror(cfg.model_dir)
+  if mirror.active:
+    t = time.perf_counter()
+    n = mirror.pull()
+    logging.info("Run directory %s: training in the local copy %s (%d file(s) pulled in %.1f s); "
+                 "changes are pushed after every epoch", cfg.model_dir, mirror.local, n,
+                 time.perf_counter() - t)
+  finished = False
+  try:
+    result = _train(cfg, strategy=strategy, verbose=verbose, mirror=mirror, t_start=t_start)
+    finished = True
+  finally:
+    try:
+      mirror.push()   # the chief's last files; a no-op elsewhere
+    except (OSError, storage.StorageError):
+      if finished:
+        raise
+      logging.exception("Could not push the run directory to %s", cfg.model_dir)
+    mirror.close()
+  return result
+
+
+def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int | str,
+           mirror: storage.Mirror, t_start: float) -> TrainResult:
+  """train_and_evaluate's body; files go to `mirror.local` (the run dir itself unless gs://)."""
   manifest = schema.read_manifest(cfg.data_dir)
   schema.split_info(manifest, "train")
   has_val = "val" in manifest["splits"] and manifest["splits"]["val"].get("num_examples", 0) > 0
@@ -651,7 +681,8 @@ def train_and_evaluate(cfg: Config, *, strategy: tf.distribute.Strategy | None =
   policy = distribute.mixed_precision_policy(cfg.mixed_precision, strategy)
   jit = bool(cfg.jit_compile or info.accelerator == "tpu")
   cfg = dataclasses.replace(cfg, channels=channels, steps_per_epoch=steps_per_epoch, jit_compile=jit)
-  mode = prepare_run_dir(cfg, info.is_chief)
+  mirror.read_only = not info.is_chief
+  mode = prepare_run_dir(cfg, info.is_chief, run_dir=mirror.local)
 
   logging.info("Batch: global %d = %d replica(s) x %d per replica; %d steps/epoch; policy %s; jit %s",
                global_batch, info.replicas, per_replica, steps_per_epoch, policy, jit)
@@ -677,7 +708,7 @@ def train_and_evaluate(cfg: Config, *, strategy: tf.distribute.Strategy | None =
   params = models_lib.common.count_params(model)
   logging.info("Parameters: %d total, %d trainable", params["total"], params["trainable"])
 
-  run_dir = cfg.model_dir
+  run_dir = mirror.local
   chief = info.is_chief
   run_info: dict[str, Any] = {
       "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -702,16 +733,16 @@ def train_and_evaluate(cfg: Config, *, strategy: tf.distribute.Strategy | None =
       "resumed": mode == "resume",
   }
   if chief:
-    _makedirs(_join(run_dir, "checkpoints"))
+    storage.makedirs(_join(run_dir, "checkpoints"))
     _write_json(cfg, run_dir, "running", run_info)
-    _write_text_atomic(_join(run_dir, MANIFEST_COPY), json.dumps(manifest, indent=2, sort_keys=True))
+    storage.write_text(_join(run_dir, MANIFEST_COPY), json.dumps(manifest, indent=2, sort_keys=True))
 
   total_epochs = cfg.epochs + (cfg.fine_tune_epochs if cfg.fine_tune_at >= 0 else 0)
   nan = StopOnNaN()
   fit_kw = dict(steps_per_epoch=steps_per_epoch, validation_data=val_ds,
                 validation_steps=_validation_steps(cfg, manifest, info, per_replica, has_val),
                 verbose=verbose if chief else 0)
-  phase1_done = _exists(_join(run_dir, PHASE1_WEIGHTS))
+  phase1_done = storage.exists(_join(run_dir, PHASE1_WEIGHTS))
 
   # ---- phase 1 ---------------------------------------------------------------
   if phase1_done:
@@ -720,9 +751,10 @@ def train_and_evaluate(cfg: Config, *, strategy: tf.distribute.Strategy | None =
   else:
     cbs = make_callbacks(cfg, run_dir, chief=chief, monitor=monitor, phase=1,
                          global_batch=global_batch, steps_per_epoch=steps_per_epoch,
-                         total_epochs=total_epochs, best_so_far=_best(run_dir, monitor), nan=nan)
+                         total_epochs=total_epochs, best_so_far=_best(run_dir, monitor), nan=nan,
+                         mirror=mirror)
     model.fit(train_ds, epochs=cfg.epochs, callbacks=cbs, **fit_kw)
-    _check_nan(nan, run_dir)
+    _check_nan(nan, cfg.model_dir)
 
   # ---- phase 2: fine-tune the backbone ----------------------------------------
   if cfg.fine_tune_at >= 0:
@@ -735,9 +767,10 @@ def train_and_evaluate(cfg: Config, *, strategy: tf.distribute.Strategy | None =
                  cfg.fine_tune_epochs, models_lib.common.count_params(model)["trainable"])
     cbs = make_callbacks(cfg, run_dir, chief=chief, monitor=monitor, phase=2,
                          global_batch=global_batch, steps_per_epoch=steps_per_epoch,
-                         total_epochs=total_epochs, best_so_far=_best(run_dir, monitor), nan=nan)
+                         total_epochs=total_epochs, best_so_far=_best(run_dir, monitor), nan=nan,
+                         mirror=mirror)
     model.fit(train_ds, initial_epoch=cfg.epochs, epochs=total_epochs, callbacks=cbs, **fit_kw)
-    _check_nan(nan, run_dir)
+    _check_nan(nan, cfg.model_dir)
 
   # ---- finish ------------------------------------------------------------------
   history = read_history(_join(run_dir, HISTORY_NAME)) if chief else []
@@ -745,10 +778,8 @@ def train_and_evaluate(cfg: Config, *, strategy: tf.distribute.Strategy | None =
   # Every worker saves (see _save_weights_atomic); non-chief copies go to a temp dir.
   _save_model_atomic(inference, _join(run_dir, MODEL_NAME), chief)
   if chief:
-    try:  # BackupAndRestore already removed its state; drop the phase marker and folder
-      tf.io.gfile.rmtree(_join(run_dir, "backup"))
-    except tf.errors.OpError:
-      pass
+    # BackupAndRestore already removed its state; drop the phase marker and folder
+    storage.rmtree(_join(run_dir, "backup"))
   best = _best(run_dir, monitor) if chief else None
   best_epoch = None
   if history and best is not None:
@@ -763,8 +794,8 @@ def train_and_evaluate(cfg: Config, *, strategy: tf.distribute.Strategy | None =
     _write_json(cfg, run_dir, "finished", run_info)
   logging.info("Done: %d epochs; best %s %s (epoch %s, counting from 1 as in the progress "
                "lines); run dir %s", len(history), monitor, "n/a" if best is None else f"{best:.4f}",
-               "n/a" if best_epoch is None else int(best_epoch) + 1, run_dir)
-  return TrainResult(model=model, history=history, run_dir=run_dir, config=cfg, strategy=info)
+               "n/a" if best_epoch is None else int(best_epoch) + 1, cfg.model_dir)
+  return TrainResult(model=model, history=history, run_dir=cfg.model_dir, config=cfg, strategy=info)
 
 
 def _validation_steps(cfg: Config, manifest: dict, info: distribute.StrategyInfo,
@@ -798,7 +829,7 @@ def _write_json(cfg: Config, run_dir: str, status: str, run_info: dict) -> None:
   doc = cfg.to_dict()
   doc["status"] = status
   doc["run"] = run_info
-  _write_text_atomic(_join(run_dir, CONFIG_NAME), json.dumps(doc, indent=2, sort_keys=True, default=str))
+  storage.write_text(_join(run_dir, CONFIG_NAME), json.dumps(doc, indent=2, sort_keys=True, default=str))
 
 
 def _save_model_atomic(model: keras.Model, path: str, chief: bool = True) -> None:
@@ -841,13 +872,14 @@ def load_run(run_dir: str, weights: str = "best") -> tuple[Config, dict, keras.M
                      "python -m xraytpu.train")
   cfg = Config.from_dict(doc)
   copy = _join(run_dir, MANIFEST_COPY)
-  manifest = json.loads(_read_text(copy)) if _exists(copy) else schema.read_manifest(cfg.data_dir)
+  manifest = json.loads(storage.read_text(copy)) if storage.exists(copy) else schema.read_manifest(cfg.data_dir)
   keras.mixed_precision.set_global_policy("float32")
   model_path, best_path = _join(run_dir, MODEL_NAME), _join(run_dir, BEST_WEIGHTS)
-  if _exists(model_path):
-    model = models_lib.load_model(model_path)
+  if storage.exists(model_path):
+    with storage.local_copy(model_path) as local:   # Keras reads local files (gs:// is copied)
+      model = models_lib.load_model(local)
   else:
-    if not _exists(best_path):
+    if not storage.exists(best_path):
       raise TrainError(f"{run_dir} has neither {MODEL_NAME} nor {BEST_WEIGHTS}: the run has not "
                        "finished an epoch")
     logging.warning("%s has no %s (unfinished run): rebuilding from config.json", run_dir, MODEL_NAME)
@@ -855,8 +887,9 @@ def load_run(run_dir: str, weights: str = "best") -> tuple[Config, dict, keras.M
         dataclasses.replace(cfg, weights="none"), num_classes=len(manifest["classes"]),
         channels=cfg.channels or stats.input_channels(manifest, cfg))
     weights = "best"
-  if weights == "best" and _exists(best_path):
-    model.load_weights(best_path)
+  if weights == "best" and storage.exists(best_path):
+    with storage.local_copy(best_path) as local:
+      model.load_weights(local)
   elif weights not in ("best", "final"):
     raise TrainError(f"weights must be 'best' or 'final', got {weights!r}")
   return cfg, manifest, model

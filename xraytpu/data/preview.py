@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 
 import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageDraw
 
-from tfrecord_tools import schema
+from tfrecord_tools import schema, storage
 from xraytpu.data import augment, input_pipeline
 
 _MIN_TILE = 128  # small images are scaled up so the preview stays readable
@@ -50,7 +49,7 @@ def write_augment_preview(data_dir: str, cfg, path: str, *, split: str = "train"
                "no augmentation" if layer is None else _describe(cfg))
   buf = io.BytesIO()
   grid.save(buf, format="PNG")
-  _atomic_write(path, buf.getvalue())
+  storage.write_bytes(path, buf.getvalue())
   return path
 
 
@@ -101,17 +100,3 @@ def _grid(before: np.ndarray, after: np.ndarray, names: list[str], columns: int,
       draw.text((x0 + 2, y0 + side + 1), names[i], fill=(255, 255, 255))
     y += rows * cell
   return canvas
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  if "://" in path:
-    with tf.io.gfile.GFile(tmp, "wb") as f:
-      f.write(data)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
-    return
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)

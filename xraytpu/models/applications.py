@@ -28,8 +28,7 @@ import dataclasses
 import functools
 from typing import Callable
 
-import tensorflow as tf
-
+from tfrecord_tools import storage
 from xraytpu._keras import keras
 from xraytpu.config import Config
 from xraytpu.models import common
@@ -80,10 +79,11 @@ def _backbone(name: str, spec: Backbone, cfg: Config) -> keras.Model:
 def _load_weights(net: keras.Model, path: str, name: str) -> None:
   if not (path.endswith(".h5") or path.endswith(".keras")):
     raise common.ModelError(f"--weights={path}: expected 'imagenet', 'none' or a .weights.h5/.h5 file")
-  if not tf.io.gfile.exists(path):
+  if not storage.exists(path):
     raise common.ModelError(f"--weights={path}: file not found")
   try:
-    net.load_weights(path)
+    with storage.local_copy(path) as local:   # gs:// weights are copied for h5py
+      net.load_weights(local)
   except Exception as e:  # noqa: BLE001 - h5py/keras raise many kinds on a wrong file
     raise common.ModelError(
         f"--weights={path}: not {name} no-top backbone weights at this input size "
