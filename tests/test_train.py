@@ -202,6 +202,47 @@ def test_two_phases_and_resume_in_phase_two(demo_data_dir, tmp_path, monkeypatch
   assert result.model.get_layer("backbone").layers[-1].trainable
 
 
+def test_resume_keeps_the_patience_counters(demo_data_dir, tmp_path, monkeypatch):
+  """EarlyStopping / ReduceLROnPlateau pick up where they were, not from zero."""
+  run = str(tmp_path / "run")
+  cfg = _cfg(demo_data_dir, run, epochs=6, early_stopping_patience=5, reduce_lr_patience=4,
+             learning_rate=1e-6)   # a near-frozen model: val AUC stops improving, counters grow
+  real_make_callbacks = train_lib.make_callbacks
+  at_crash, at_resume = {}, {}
+
+  def counters(cbs):
+    return {type(cb).__name__: (cb.wait, float(cb.best)) for cb in cbs
+            if isinstance(cb, (keras.callbacks.EarlyStopping, keras.callbacks.ReduceLROnPlateau))}
+
+  def crash_after_epoch_three(*args, **kw):
+    cbs = real_make_callbacks(*args, **kw)
+
+    class Crash(keras.callbacks.Callback):
+      def on_epoch_end(self, epoch, logs=None):
+        if epoch == 2:
+          at_crash.update(counters(cbs))
+          raise _Preempted()  # after BackupAndRestore and PlateauState saved this epoch
+    return cbs + [Crash()]
+
+  monkeypatch.setattr(train_lib, "make_callbacks", crash_after_epoch_three)
+  with pytest.raises(_Preempted):
+    train_lib.train_and_evaluate(cfg, verbose=0)
+  assert at_crash["EarlyStopping"][0] >= 1, at_crash   # something to lose on a restart
+
+  def spy(*args, **kw):
+    cbs = real_make_callbacks(*args, **kw)
+
+    class Spy(keras.callbacks.Callback):
+      def on_train_begin(self, logs=None):
+        at_resume.update(counters(cbs))
+    return cbs + [Spy()]
+
+  monkeypatch.setattr(train_lib, "make_callbacks", spy)
+  result = train_lib.train_and_evaluate(cfg, verbose=0)
+  assert at_resume == at_crash
+  assert len(result.history) <= 6
+
+
 # ---------------------------------------------------------------------------
 # The command line: kill -9, run again, same epoch count
 # ---------------------------------------------------------------------------

@@ -29,8 +29,9 @@ Run directory (`cfg.model_dir`, local or gs://):
 Preemption: kill the process at any moment and run the same command again;
 BackupAndRestore restores weights, optimizer and epoch of the last completed
 epoch, history.csv drops rows of epochs that will be redone, and the run ends
-with the configured number of epochs. (EarlyStopping / ReduceLROnPlateau
-patience counters restart on resume.)
+with the configured number of epochs; EarlyStopping / ReduceLROnPlateau keep
+their patience counters (PlateauState). A gs:// run directory is trained in a
+local copy that the chief pushes after every epoch (tfrecord_tools.storage.Mirror).
 """
 
 from __future__ import annotations
@@ -531,6 +532,39 @@ class SaveOnTrainEnd(keras.callbacks.Callback):
       _save_weights_atomic(self.model, self.path, self.chief)
 
 
+class PlateauState(keras.callbacks.Callback):
+  """Carries the EarlyStopping / ReduceLROnPlateau counters across a resume.
+
+  BackupAndRestore brings back weights, optimizer (learning rate included) and
+  the epoch, but those two callbacks reset their patience in on_train_begin.
+  This one saves their counters after every backup and puts them back when the
+  phase resumes; it must come after them and after BackupAndRestore in the list.
+  """
+
+  FIELDS = {"EarlyStopping": ("wait", "best", "best_epoch"),
+            "ReduceLROnPlateau": ("wait", "best", "cooldown_counter")}
+
+  def __init__(self, path: str, callbacks: list, enabled: bool):
+    super().__init__()
+    self.path, self.callbacks, self.enabled = path, callbacks, enabled
+
+  def on_train_begin(self, logs=None):
+    if not storage.exists(self.path):
+      return
+    state = json.loads(storage.read_text(self.path))
+    for cb in self.callbacks:
+      for field, value in state.get(type(cb).__name__, {}).items():
+        setattr(cb, field, value)
+    logging.info("Resumed the patience counters: %s", state)
+
+  def on_epoch_end(self, epoch, logs=None):
+    if self.enabled:
+      state = {type(cb).__name__: {f: float(getattr(cb, f)) if f == "best" else int(getattr(cb, f))
+                                   for f in self.FIELDS[type(cb).__name__] if hasattr(cb, f)}
+               for cb in self.callbacks}
+      storage.write_text(self.path, json.dumps(state))
+
+
 class PushRunDir(keras.callbacks.Callback):
   """Uploads what changed in the local copy of a gs:// run directory after every
   epoch and when a phase ends (see tfrecord_tools.storage.Mirror)."""
@@ -552,15 +586,20 @@ class PushRunDir(keras.callbacks.Callback):
     self._push("phase end")
 
 
+def _save_and_discard(save, name: str) -> None:
+  """A non-chief worker's save: into a temp folder that is removed again."""
+  tmp_dir = tempfile.mkdtemp(prefix="xraytpu-worker-")
+  try:
+    save(os.path.join(tmp_dir, name))
+  finally:
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
 def _save_weights_atomic(model: keras.Model, path: str, chief: bool = True) -> None:
   """Every worker must save (reading sync-on-read variables is a collective op
   under MultiWorkerMirroredStrategy); only the chief's file is kept."""
   if not chief:
-    tmp_dir = tempfile.mkdtemp(prefix="xraytpu-worker-")
-    try:
-      model.save_weights(os.path.join(tmp_dir, "w.weights.h5"))
-    finally:
-      shutil.rmtree(tmp_dir, ignore_errors=True)
+    _save_and_discard(model.save_weights, "w.weights.h5")
     return
   tmp = path[:-len(".weights.h5")] + f".tmp-{os.getpid()}.weights.h5"
   model.save_weights(tmp)
@@ -582,15 +621,19 @@ def make_callbacks(cfg: Config, run_dir: str, *, chief: bool, monitor: str, phas
       _join(run_dir, BEST_WEIGHTS), monitor=monitor, mode="max", save_best_only=True,
       save_weights_only=True, initial_value_threshold=best_so_far, verbose=0))
   cbs.append(EpochScalars(_join(run_dir, "logs"), enabled=chief))
+  plateau = []
   if cfg.early_stopping_patience > 0:
-    cbs.append(keras.callbacks.EarlyStopping(monitor=monitor, mode="max",
-                                             patience=cfg.early_stopping_patience, verbose=1))
+    plateau.append(keras.callbacks.EarlyStopping(monitor=monitor, mode="max",
+                                                 patience=cfg.early_stopping_patience, verbose=1))
   if cfg.reduce_lr_patience > 0:
-    cbs.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode="max", factor=0.5,
-                                                 patience=cfg.reduce_lr_patience, verbose=1))
+    plateau.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode="max", factor=0.5,
+                                                     patience=cfg.reduce_lr_patience, verbose=1))
+  cbs.extend(plateau)
   if phase == 1:
     cbs.append(SaveOnTrainEnd(_join(run_dir, PHASE1_WEIGHTS), chief, nan))
   cbs.append(keras.callbacks.BackupAndRestore(_join(run_dir, "backup", f"phase{phase}")))
+  if plateau:
+    cbs.append(PlateauState(_join(run_dir, "backup", f"phase{phase}_plateau.json"), plateau, chief))
   if chief and mirror is not None and mirror.active:
     cbs.append(PushRunDir(mirror))
   return cbs
@@ -834,11 +877,7 @@ def _write_json(cfg: Config, run_dir: str, status: str, run_info: dict) -> None:
 
 def _save_model_atomic(model: keras.Model, path: str, chief: bool = True) -> None:
   if not chief:
-    tmp_dir = tempfile.mkdtemp(prefix="xraytpu-worker-")
-    try:
-      model.save(os.path.join(tmp_dir, "model.keras"))
-    finally:
-      shutil.rmtree(tmp_dir, ignore_errors=True)
+    _save_and_discard(model.save, "model.keras")
     return
   if "://" in path:  # keras writes remote files through a local temp copy itself
     model.save(path)
