@@ -27,14 +27,14 @@ import dataclasses
 import http.client
 import json
 import os
-import queue
-import subprocess
 import sys
 import threading
 import time
 import urllib.parse
 
 from absl import app, flags
+
+from xraytpu import serve_lib
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", "", "Run directory to serve (omit with --url).")
 _URL = flags.DEFINE_string("url", "", "Benchmark an already running server on 127.0.0.1 instead.")
@@ -50,7 +50,6 @@ _GRADCAM = flags.DEFINE_bool("gradcam", False, "Ask for Grad-CAM overlays too (?
 _BASELINE = flags.DEFINE_bool("baseline", True, "Also run the no-batching setting (--max_batch=1).")
 _JSON = flags.DEFINE_string("json", "", "Also write the results here.")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 START_TIMEOUT = 300.0
 
@@ -209,42 +208,6 @@ def _r(x):
   return None if x is None else round(x, 1)
 
 
-class ServerProcess:
-  """`python -m xraytpu.serve --port=0` on 127.0.0.1; `url` once it serves; stop() ends it."""
-
-  def __init__(self, model_dir: str, *, max_batch: int, batch_timeout_ms: float):
-    cmd = [sys.executable, "-m", "xraytpu.serve", f"--model_dir={model_dir}", "--host=127.0.0.1",
-           "--port=0", f"--max_batch={max_batch}", f"--batch_timeout_ms={batch_timeout_ms}",
-           "--noaccess_log"]
-    self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 text=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(l) for l in self.proc.stdout] + [lines.put(None)],
-                     daemon=True).start()
-    seen, self.url, deadline = [], "", time.monotonic() + START_TIMEOUT
-    while not self.url and time.monotonic() < deadline:
-      try:
-        line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-      except queue.Empty:
-        break
-      if line is None:
-        break
-      seen.append(line)
-      if line.startswith("Serving on "):
-        self.url = line.split()[2]
-    if not self.url:
-      self.stop()
-      raise BenchmarkError("the server did not start:\n" + "".join(seen[-20:]))
-
-  def stop(self):
-    self.proc.terminate()
-    try:
-      self.proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-      self.proc.kill()
-      self.proc.wait(timeout=30)
-
-
 def table(results: list[Result]) -> str:
   head = (f"{'setting':<34} {'clients':>7} {'ok':>6} {'failed':>6} {'req/s':>8} {'p50 ms':>8} "
           f"{'p95 ms':>8} {'p99 ms':>8} {'img/call':>8}")
@@ -280,13 +243,11 @@ def benchmark(*, model_dir: str, url: str, images: list[bytes], clients: int, re
   results = []
   for name, mb, timeout_ms in settings:
     print(f"starting the server: {name} ...", file=out, flush=True)
-    server = ServerProcess(model_dir, max_batch=mb, batch_timeout_ms=timeout_ms)
-    try:
+    with serve_lib.ServeProcess(model_dir, [f"--max_batch={mb}", f"--batch_timeout_ms={timeout_ms}"],
+                                timeout=START_TIMEOUT) as server:
       print(f"  {clients} clients, up to {requests} requests or {max_seconds:g} s against {server.url}",
             file=out, flush=True)
       r = run_load(name, server.url, images, **kw)
-    finally:
-      server.stop()
     print(f"  {r.requests_ok} ok, {r.requests_failed} failed, {r.throughput} req/s, p50 {r.p50_ms} ms, "
           f"p95 {r.p95_ms} ms", file=out, flush=True)
     results.append(r)
@@ -307,7 +268,7 @@ def main(argv):
                         clients=_CLIENTS.value, requests=_REQUESTS.value, max_seconds=_MAX_SECONDS.value,
                         max_batch=max_batch, batch_timeout_ms=_BATCH_TIMEOUT_MS.value,
                         gradcam=_GRADCAM.value, baseline=_BASELINE.value)
-  except BenchmarkError as e:
+  except (BenchmarkError, serve_lib.ServeError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print()

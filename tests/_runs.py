@@ -3,7 +3,8 @@
 `trained_run(demo_data_dir, tmp_path_factory)` runs the real
 `xraytpu.train_lib.train_and_evaluate` once per test session (1 epoch,
 32x32 px, xray_cnn) and returns the run directory; tests that write into a
-run (threshold.json, eval/, export/) take a private copy with `copy_run`.
+run (threshold.json, eval/, export/) take a private copy with `copy_run`;
+`evaluated_copy` is such a copy already evaluated (the serving tests).
 """
 
 from __future__ import annotations
@@ -31,3 +32,15 @@ def copy_run(run_dir: str, tmp_path) -> str:
   shutil.copytree(run_dir, dst, ignore=shutil.ignore_patterns("eval", "export", "threshold.json",
                                                                "logs", "backup"))
   return dst
+
+
+def evaluated_copy(demo_data_dir: str, tmp_path_factory, name: str) -> tuple[str, dict]:
+  """A private copy of the shared run (in a fresh tmp folder `name`), evaluated on test.
+
+  Writes threshold.json (Youden's J on val) and eval/ into the copy (50 bootstrap
+  resamples, no plots: fast); returns (run_dir, the test report dict).
+  """
+  from xraytpu import evaluate_lib
+  run = copy_run(trained_run(demo_data_dir, tmp_path_factory), tmp_path_factory.mktemp(name))
+  report = evaluate_lib.evaluate(run, split="test", n_resamples=50, write_plots=False)
+  return run, report

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _runs import copy_run, trained_run
+from _runs import copy_run, evaluated_copy, trained_run
 from xraytpu import predict_lib, serve_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,10 +34,7 @@ TIMEOUT = 60  # seconds, per HTTP request
 @pytest.fixture(scope="module")
 def evaluated_run(demo_data_dir, tmp_path_factory):
   """A private copy of the shared tiny run, evaluated: threshold.json (youden on val) + test report."""
-  from xraytpu import evaluate_lib
-  run = copy_run(trained_run(demo_data_dir, tmp_path_factory), tmp_path_factory.mktemp("serve"))
-  report = evaluate_lib.evaluate(run, split="test", n_resamples=50, write_plots=False)
-  return run, report
+  return evaluated_copy(demo_data_dir, tmp_path_factory, "serve")
 
 
 @pytest.fixture(scope="module")
@@ -369,6 +366,12 @@ def test_entry_point_reports_a_missing_run_in_one_line(tmp_path):
   lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
   assert lines and "no such run directory" in lines[0]
   assert "Traceback" not in proc.stderr
+
+
+def test_serve_process_that_does_not_start_raises_with_its_output(tmp_path):
+  """serve_lib.ServeProcess (the browser test's and benchmarks/serve_load's server): the child's error comes back."""
+  with pytest.raises(serve_lib.ServeError, match=r"did not start \(exit code 2\)(.|\n)*no such run directory"):
+    serve_lib.ServeProcess(str(tmp_path / "nope"), timeout=120)
 
 
 def test_dicom_without_pydicom_or_broken_is_a_4xx(server):

@@ -12,21 +12,17 @@ Needs (installed by `make test` / .ci/run; nothing is downloaded from a browser 
 
 from __future__ import annotations
 
+import decimal
 import glob
 import os
-import queue
 import shutil
-import subprocess
-import sys
-import threading
-import time
 
 import numpy as np
 import pytest
 
-from _runs import copy_run, trained_run
+from _runs import evaluated_copy
+from xraytpu import serve_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 INSTALL = ("install Debian's chromium and the Playwright driver: `apt-get install -y chromium` and "
@@ -50,51 +46,24 @@ def _sync_playwright():
   return sync_playwright
 
 
+def _to_fixed(x, digits: int) -> str:
+  """`x` as the page shows it, JavaScript's Number(x).toFixed(digits): an exact tie rounds up
+  (AUC 9/16 = 0.5625 -> "0.563"), where Python's f"{x:.3f}" rounds to even ("0.562")."""
+  q = decimal.Decimal(1).scaleb(-digits)
+  return str(decimal.Decimal(x).quantize(q, rounding=decimal.ROUND_HALF_UP))
+
+
 @pytest.fixture(scope="module")
 def evaluated_run(demo_data_dir, tmp_path_factory):
-  from xraytpu import evaluate_lib
-  run = copy_run(trained_run(demo_data_dir, tmp_path_factory), tmp_path_factory.mktemp("serve_browser"))
-  report = evaluate_lib.evaluate(run, split="test", n_resamples=50, write_plots=False)
-  return run, report
+  return evaluated_copy(demo_data_dir, tmp_path_factory, "serve_browser")
 
 
 @pytest.fixture(scope="module")
 def server_url(evaluated_run):
   """The real `python -m xraytpu.serve` on 127.0.0.1, any free port; stopped afterwards."""
-  proc = subprocess.Popen(
-      [sys.executable, "-m", "xraytpu.serve", f"--model_dir={evaluated_run[0]}", "--host=127.0.0.1",
-       "--port=0", "--noaccess_log"],
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  lines: queue.Queue[str | None] = queue.Queue()
-
-  def pump():
-    for line in proc.stdout:
-      lines.put(line)
-    lines.put(None)
-
-  threading.Thread(target=pump, daemon=True).start()
-  seen, url, deadline = [], None, time.monotonic() + START_TIMEOUT
-  while url is None and time.monotonic() < deadline:
-    try:
-      line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-    except queue.Empty:
-      break
-    if line is None:
-      break
-    seen.append(line)
-    if line.startswith("Serving on "):
-      url = line.split()[2]
-  try:
-    assert url, "the server did not start:\n" + "".join(seen[-30:])
-    assert url.startswith("http://127.0.0.1:")
-    yield url
-  finally:
-    proc.terminate()
-    try:
-      proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-      proc.kill()
-      proc.wait(timeout=20)
+  with serve_lib.ServeProcess(evaluated_run[0], timeout=START_TIMEOUT) as server:
+    assert server.url.startswith("http://127.0.0.1:")
+    yield server.url
 
 
 @pytest.fixture(scope="module")
@@ -128,11 +97,11 @@ def test_page_predicts_real_films_like_xraytpu_predict(browser, server_url, eval
   assert "xray_cnn" in page.text_content("#model-name")
   assert "train 44" in page.text_content("#training-data")
   auc_text = page.text_content("#test-auc")
-  lo, hi = report["auc_ci"]
-  assert f"AUC {report['auc']:.3f} (95% CI {lo:.3f}–{hi:.3f})" in auc_text and "test" in auc_text
+  auc, lo, hi = (_to_fixed(x, 3) for x in (report["auc"], *report["auc_ci"]))
+  assert f"AUC {auc} (95% CI {lo}–{hi})" in auc_text and "test" in auc_text
   op = predict_lib.read_operating_point(run_dir)
   threshold_text = page.text_content("#threshold")
-  assert f"{op['threshold']:.4f}" in threshold_text and "youden" in threshold_text and "val" in threshold_text
+  assert _to_fixed(op["threshold"], 4) in threshold_text and "youden" in threshold_text and "val" in threshold_text
   assert "Not a diagnostic device" in page.text_content("#disclaimer")
 
   # Choose the films and a text file with the page's file chooser.

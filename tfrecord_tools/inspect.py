@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from tfrecord_tools import convert_lib, schema, storage
+from tfrecord_tools import _entry, convert_lib, schema, storage
 
 
 class InspectError(ValueError):
@@ -242,26 +242,24 @@ def _grid_pil(samples, rows, cols, cell: int = 160) -> bytes:
 # Entry point (flags defined in run(), so importing this module defines none).
 # --------------------------------------------------------------------------
 
-FLAGS = None
 
-
-def _define_flags():
+def _define_flags() -> None:
   from absl import flags
   flags.DEFINE_string("grid", None, "Write a labelled grid of sample images to this PNG.")
   flags.DEFINE_integer("grid_per_class", 6, "Sample images per class in the grid.")
   flags.DEFINE_string("grid_split", None, "Split to sample the grid from (default: train).")
   flags.DEFINE_integer("max_per_shard", 0, "Read at most this many records per shard "
                        "(0: all; counts are then not reconciled).")
-  return flags.FLAGS
 
 
 def main(argv: Sequence[str]) -> None:
-  from absl import app
+  from absl import app, flags
   if len(argv) != 2:
     raise app.UsageError("usage: python -m tfrecord_tools.inspect DATA_DIR [--grid=PATH.png]")
+  f = flags.FLAGS
   try:
-    report = inspect_dataset(argv[1], grid_path=FLAGS.grid, grid_per_class=FLAGS.grid_per_class,
-                             grid_split=FLAGS.grid_split, max_per_shard=FLAGS.max_per_shard)
+    report = inspect_dataset(argv[1], grid_path=f.grid, grid_per_class=f.grid_per_class,
+                             grid_split=f.grid_split, max_per_shard=f.max_per_shard)
   except (schema.ManifestError, InspectError, storage.StorageError) as e:
     print(f"inspect: error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -269,10 +267,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 def run() -> None:
-  global FLAGS
-  from absl import app
-  FLAGS = _define_flags()
-  app.run(main)
+  _entry.run_command(_define_flags, main)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from tfrecord_tools import _entry
+
 CLASS_NAMES = ("NORMAL", "PNEUMONIA", "COVID", "NODULE", "EFFUSION")
 SPLIT_FRACTIONS = (("train", 0.7), ("val", 0.15), ("test", 0.15))
 MARKER = "synthetic.json"
@@ -284,7 +286,8 @@ def generate(output_dir: str, *, num_images: int = 200, size: int = 256,
 # --------------------------------------------------------------------------
 
 
-def _define_flags():
+def _define_flags() -> None:
+  """Flags of the command; defined in run(), so importing this module defines none."""
   from absl import flags
   flags.DEFINE_string("output_dir", None, "Folder to write the class-per-folder images into.")
   flags.DEFINE_integer("num_images", 200, "Total number of images (classes balanced).")
@@ -298,14 +301,13 @@ def _define_flags():
   flags.DEFINE_float("size_jitter", 0.0, "Width = size * U(1 - jitter, 1): mixed image sizes.")
   flags.DEFINE_bool("overwrite", False, "Replace an earlier synthetic set in --output_dir.")
   flags.mark_flag_as_required("output_dir")
-  return flags.FLAGS
 
 
 def main(argv: Sequence[str]) -> None:
-  from absl import app
+  from absl import app, flags
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  f = FLAGS
+  f = flags.FLAGS
   try:
     summary = generate(f.output_dir, num_images=f.num_images, size=f.size,
                        bit_depth=int(f.bit_depth), num_classes=f.classes, seed=f.seed,
@@ -318,14 +320,8 @@ def main(argv: Sequence[str]) -> None:
         + json.dumps(summary["counts"]))
 
 
-FLAGS = None
-
-
 def run() -> None:
-  global FLAGS
-  from absl import app
-  FLAGS = _define_flags()
-  app.run(main)
+  _entry.run_command(_define_flags, main)
 
 
 if __name__ == "__main__":
