@@ -153,7 +153,7 @@ def test_default_num_shards():
 def test_counts_reconcile_and_bad_files_are_listed(covid_subset, covid_converted):
   out, m = covid_converted
   assert m == schema.read_manifest(str(out))
-  assert m["classes"] == ["COVID", "NonCOVID"]
+  assert m["classes"] == ["NonCOVID", "COVID"]   # the negative class is label 0
   assert m["num_converted"] + m["num_skipped"] + m["num_dropped"] == m["num_found"]
   assert m["num_skipped"] == 3 and m["num_dropped"] == 0 and m["num_ignored"] == 1
   reasons = {s["path"]: s["reason"] for s in m["skipped"]}
@@ -461,6 +461,29 @@ def test_cli_success_prints_summary(tmp_path):
   r = _cli(f"--input_dir={inp}", f"--output_dir={tmp_path / 'o'}", "--test_fraction=0.34")
   assert r.returncode == 0, r.stderr
   assert "converted 6 of 6 files" in r.stdout and "test" in r.stdout
+
+
+def test_negative_class_gets_label_zero(tmp_path):
+  """Label 1 is the positive class of sensitivity/PPV/ROC: the finding, not 'NonCOVID'."""
+  from tfrecord_tools.convert_lib import default_class_order
+  assert default_class_order(["NonCOVID", "COVID"]) == ["NonCOVID", "COVID"]
+  assert default_class_order(["COVID", "NonCOVID"]) == ["NonCOVID", "COVID"]
+  assert default_class_order(["PNEUMONIA", "NORMAL"]) == ["NORMAL", "PNEUMONIA"]
+  assert default_class_order(["Nodule", "Normal"]) == ["Normal", "Nodule"]
+  assert default_class_order(["pneumonia", "no_pneumonia"]) == ["no_pneumonia", "pneumonia"]
+  assert default_class_order(["Nodule", "Mass"]) == ["Mass", "Nodule"]          # no negative: sorted
+  assert default_class_order(["Normal", "Healthy", "X"]) == ["Healthy", "Normal", "X"]  # two: sorted
+  inp = _synthetic(tmp_path, num_images=8, size=8)
+  (inp / "NORMAL").rename(inp / "NonCOVID")
+  (inp / "PNEUMONIA").rename(inp / "COVID")
+  r = _cli(f"--input_dir={inp}", f"--output_dir={tmp_path / 'o'}", "--val_fraction=0",
+           "--test_fraction=0")
+  assert r.returncode == 0, r.stderr
+  assert schema.read_manifest(str(tmp_path / "o"))["classes"] == ["NonCOVID", "COVID"]
+  assert "positive class (label 1: sensitivity, PPV, ROC): COVID" in r.stderr
+  r = _cli(f"--input_dir={inp}", f"--output_dir={tmp_path / 'p'}", "--val_fraction=0",
+           "--test_fraction=0", "--class_map=COVID,NonCOVID")
+  assert schema.read_manifest(str(tmp_path / "p"))["classes"] == ["COVID", "NonCOVID"]
 
 
 def test_cli_default_fractions_yield_to_the_inputs_split_folders(tmp_path):

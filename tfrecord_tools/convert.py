@@ -47,7 +47,10 @@ _GROUP_REGEX = flags.DEFINE_string("group_regex", "", "Regex whose first group i
                                    "split.")
 _CLASS_MAP = flags.DEFINE_string("class_map", "", "Merge/rename/drop classes: "
                                  "NEW=OLD[+OLD...],NAME,...; its order is the label order; "
-                                 "source classes not named are dropped (and counted).")
+                                 "source classes not named are dropped (and counted). Default "
+                                 "order: sorted, a normal/negative class (Normal, Healthy, "
+                                 "NonX beside X, ...) first, so with two classes label 1, the "
+                                 "positive class of sensitivity and PPV, is the finding.")
 _MAX_SIDE = flags.DEFINE_integer("max_side", 0, "Shrink so the longer side is at most this many "
                                  "pixels (aspect kept); 0 keeps the size. The fast path for "
                                  "large X-rays.")

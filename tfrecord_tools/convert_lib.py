@@ -444,8 +444,38 @@ def parse_class_map(spec: str) -> list[tuple[str, list[str]]]:
   return out
 
 
+_NEGATIVE_NAMES = {"normal", "healthy", "negative", "benign", "control", "nofinding", "none"}
+
+
+def _is_negative_name(name: str, others: Sequence[str]) -> bool:
+  """Normal, Healthy, No_Finding, ...; or NonX / Non-X / No_X beside a class X."""
+  key = re.sub(r"[-_ ]", "", name.lower())
+  if key in _NEGATIVE_NAMES:
+    return True
+  others_keys = {re.sub(r"[-_ ]", "", o.lower()) for o in others if o != name}
+  return any(key == prefix + o for o in others_keys for prefix in ("non", "no", "not"))
+
+
+def default_class_order(names: Sequence[str]) -> list[str]:
+  """Label order without --class_map: sorted, but a normal/negative class first.
+
+  With two classes label 1 is the positive class of every clinical number
+  (sensitivity, PPV, ROC), so it must be the finding: NonCOVID/COVID gives
+  COVID = 1 although "COVID" sorts first. Only one class may look negative;
+  otherwise the order stays alphabetical.
+  """
+  names = sorted(names)
+  negative = [n for n in names if _is_negative_name(n, names)]
+  if len(negative) != 1:
+    return names
+  return negative + [n for n in names if n != negative[0]]
+
+
 def resolve_classes(found: Found, class_map: str) -> tuple[list[str], dict[str, str]]:
   """(class names in label order, source class -> class name; unmapped sources absent).
+
+  Without --class_map the order is `default_class_order` (a normal/negative
+  class first); --class_map's order is the label order.
 
   Raises ConvertError for a single class, for --class_map names that match no
   folder, and for splits whose classes differ.
@@ -460,7 +490,7 @@ def resolve_classes(found: Found, class_map: str) -> tuple[list[str], dict[str, 
     classes = [t for t, _ in spec]
     mapping = {s: t for t, srcs in spec for s in srcs}
   else:
-    classes = source_classes
+    classes = default_class_order(source_classes)
     mapping = {s: s for s in source_classes}
   if len(classes) < 2:
     if class_map:
@@ -1205,6 +1235,14 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] | None = None,
       + ", ".join(f"{sp}: {sum(len(t.items) for t in ts)} in {len(ts)} shards"
                   for sp, ts in plan.items())
       + (f"; dropped by --class_map: {dropped}" if dropped else ""))
+  if len(classes) == 2:
+    log(f"positive class (label 1: sensitivity, PPV, ROC): {classes[1]}; negative: {classes[0]}"
+        + ("" if opts.class_map else " (another order: --class_map="
+           f"{classes[1]},{classes[0]})"))
+  if "train" not in {it.split for it in items}:
+    log("warning: no train split (the input has only "
+        f"{', '.join(sorted({it.split for it in items}))} folders): this data set can be "
+        "evaluated on, not trained on")
 
   out = opts.output_dir
   storage.makedirs(out)
