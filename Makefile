@@ -13,9 +13,8 @@ STAMP := $(VENV)/.xraytpu-installed
 DEMO ?= demo
 DATA ?=
 DEMO_IMAGES := $(if $(DATA),$(DATA),$(DEMO)/images)
-# Small and quick on 2 CPU cores (~2 s an epoch). The from-scratch CNN sits on a plateau for the
-# first ~10 epochs before it finds the synthetic opacities, hence 25 epochs.
-DEMO_ARGS ?= --model=xray_cnn --image_size=64 --batch_size=16 --epochs=25 --learning_rate=3e-4
+# Small and quick on 2 CPU cores (~3 s an epoch): val AUC is ~0.97 after 2 epochs, 1.0 by 10.
+DEMO_ARGS ?= --model=xray_cnn --image_size=64 --batch_size=16 --epochs=10 --learning_rate=3e-4
 
 .PHONY: venv demo test clean-demo serve
 
