@@ -51,6 +51,7 @@ from typing import Any, Sequence
 import numpy as np
 from absl import logging
 
+from tfrecord_tools import storage
 from xraytpu import metrics, plots, predict_lib
 
 REPORT_VERSION = 1
@@ -439,9 +440,9 @@ def evaluate(model_dir: str, *, data_dir: str = "", split: str = "test",
     files.update(_write_plots(out_dir, run, preds, probs, pred, report))
   report["files"] = files
   report = metrics.to_jsonable(report)
-  plots.write_bytes(os.path.join(out_dir, "report.json"),
+  storage.write_bytes(os.path.join(out_dir, "report.json"),
                     (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
-  plots.write_bytes(os.path.join(out_dir, "report.md"),
+  storage.write_bytes(os.path.join(out_dir, "report.md"),
                     render_markdown(report, report_text).encode("utf-8"))
   report["report_dir"] = out_dir
   return report
@@ -453,7 +454,7 @@ def _write_predictions(path, classes, preds: SplitPredictions, probs, pred):
   w.writerow(["filename", "true_label", *[f"prob_{c}" for c in classes], "predicted_label", "correct"])
   for name, y, p, yhat in zip(preds.filenames, preds.labels, probs, pred):
     w.writerow([name, classes[y], *[f"{v:.6f}" for v in p], classes[yhat], int(y == yhat)])
-  plots.write_bytes(path, buf.getvalue().encode("utf-8"))
+  storage.write_bytes(path, buf.getvalue().encode("utf-8"))
 
 
 def _write_plots(out_dir, run, preds: SplitPredictions, probs, pred, report) -> dict[str, str]:

@@ -23,17 +23,12 @@ from tfrecord_tools import storage  # noqa: E402
 _DPI = 100
 
 
-# Atomic writes to local paths and gs:// (see tfrecord_tools.storage); used by
-# evaluate, predict and gradcam as plots.write_bytes.
-write_bytes = storage.write_bytes
-
-
 def save_figure(fig, path: str) -> str:
   buf = io.BytesIO()
   fig.tight_layout()
   fig.savefig(buf, format="png", dpi=_DPI)
   plt.close(fig)
-  write_bytes(path, buf.getvalue())
+  storage.write_bytes(path, buf.getvalue())
   return path
 
 

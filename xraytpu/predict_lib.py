@@ -81,9 +81,8 @@ def read_operating_point(model_dir: str) -> dict[str, Any] | None:
 
 
 def write_operating_point(model_dir: str, op: dict[str, Any]) -> str:
-  from xraytpu import plots
-  path = os.path.join(model_dir, OPERATING_POINT_FILE)
-  plots.write_bytes(path, (json.dumps(op, indent=2, sort_keys=True) + "\n").encode())
+  path = storage.join(model_dir, OPERATING_POINT_FILE)
+  storage.write_bytes(path, (json.dumps(op, indent=2, sort_keys=True) + "\n").encode())
   return path
 
 
@@ -471,7 +470,7 @@ def predict_files(run: LoadedRun, paths: Sequence[str], *, window: str = "auto",
 
 def _write_gradcams(cam, pixels, labels, paths, out_dir, run) -> list[str]:
   from PIL import Image
-  from xraytpu import gradcam, plots
+  from xraytpu import gradcam
   maps = cam(pixels, labels)
   out = []
   for img, m, path, lab in zip(pixels, maps, paths, labels):
@@ -483,14 +482,13 @@ def _write_gradcams(cam, pixels, labels, paths, out_dir, run) -> list[str]:
       target = os.path.join(out_dir, f"{stem}-{n}.gradcam-{run.classes[lab]}.png")
     buf = io.BytesIO()
     Image.fromarray(gradcam.overlay(img, m)).save(buf, format="PNG")
-    plots.write_bytes(target, buf.getvalue())
+    storage.write_bytes(target, buf.getvalue())
     out.append(target)
   return out
 
 
 def write_predictions(results: Sequence[Prediction], classes: Sequence[str], path: str) -> str:
   """FILE.csv (path, label, probability, prob_<class>..., threshold, gradcam, error) or FILE.jsonl."""
-  from xraytpu import plots
   if path.lower().endswith(".jsonl"):
     text = "".join(json.dumps(dataclasses.asdict(r), sort_keys=True) + "\n" for r in results)
   elif path.lower().endswith(".csv"):
@@ -506,7 +504,7 @@ def write_predictions(results: Sequence[Prediction], classes: Sequence[str], pat
     text = buf.getvalue()
   else:
     raise PredictError(f"--output={path}: the file name must end in .csv or .jsonl")
-  plots.write_bytes(path, text.encode("utf-8"))
+  storage.write_bytes(path, text.encode("utf-8"))
   return path
 
 

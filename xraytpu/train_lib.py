@@ -879,7 +879,7 @@ def _save_model_atomic(model: keras.Model, path: str, chief: bool = True) -> Non
   if not chief:
     _save_and_discard(model.save, "model.keras")
     return
-  if "://" in path:  # keras writes remote files through a local temp copy itself
+  if storage.is_remote(path):  # keras writes remote files through a local temp copy itself
     model.save(path)
     return
   fd, tmp = tempfile.mkstemp(suffix=".keras", prefix=".model.tmp-", dir=os.path.dirname(path) or ".")
