@@ -170,3 +170,15 @@ def test_train_resumes_from_the_gcs_copy(gcs_emulator, demo_data_dir, tmp_path):
   assert result.run_dir == run
   assert json.loads(storage.read_text(f"{run}/config.json"))["run"]["resumed"] is True
   assert storage.exists(f"{run}/model.keras")
+
+
+def test_beam_conversion_writes_to_gcs(gcs_emulator, demo_images_dir, tmp_path):
+  """--runner=beam (DirectRunner) writes the same shards to gs:// as the local converter."""
+  out = gcs_emulator.url(f"beam/{tmp_path.name}")
+  args = ["--num_shards=2", "--num_workers=1"]
+  _ok(_cli("tfrecord_tools.convert", "--runner=beam", f"--input_dir={demo_images_dir}",
+           f"--output_dir={out}", *args))
+  local = str(tmp_path / "local")
+  _ok(_cli("tfrecord_tools.convert", f"--input_dir={demo_images_dir}", f"--output_dir={local}", *args))
+  assert _records(out) == _records(local)
+  assert storage.listdir(out) == sorted([schema.MANIFEST_NAME, *_records(local)])
