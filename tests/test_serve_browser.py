@@ -12,7 +12,6 @@ Needs (installed by `make test` / .ci/run; nothing is downloaded from a browser 
 
 from __future__ import annotations
 
-import decimal
 import glob
 import os
 import shutil
@@ -44,13 +43,6 @@ def _sync_playwright():
   except ImportError:
     pytest.fail(f"the playwright Python package is missing: {INSTALL}")
   return sync_playwright
-
-
-def _to_fixed(x, digits: int) -> str:
-  """`x` as the page shows it, JavaScript's Number(x).toFixed(digits): an exact tie rounds up
-  (AUC 9/16 = 0.5625 -> "0.563"), where Python's f"{x:.3f}" rounds to even ("0.562")."""
-  q = decimal.Decimal(1).scaleb(-digits)
-  return str(decimal.Decimal(x).quantize(q, rounding=decimal.ROUND_HALF_UP))
 
 
 @pytest.fixture(scope="module")
@@ -97,11 +89,11 @@ def test_page_predicts_real_films_like_xraytpu_predict(browser, server_url, eval
   assert "xray_cnn" in page.text_content("#model-name")
   assert "train 44" in page.text_content("#training-data")
   auc_text = page.text_content("#test-auc")
-  auc, lo, hi = (_to_fixed(x, 3) for x in (report["auc"], *report["auc_ci"]))
+  auc, lo, hi = (f"{x:.3f}" for x in (report["auc"], *report["auc_ci"]))   # as report.md prints them
   assert f"AUC {auc} (95% CI {lo}–{hi})" in auc_text and "test" in auc_text
   op = predict_lib.read_operating_point(run_dir)
   threshold_text = page.text_content("#threshold")
-  assert _to_fixed(op["threshold"], 4) in threshold_text and "youden" in threshold_text and "val" in threshold_text
+  assert f"{op['threshold']:.4f}" in threshold_text and "youden" in threshold_text and "val" in threshold_text
   assert "Not a diagnostic device" in page.text_content("#disclaimer")
 
   # Choose the films and a text file with the page's file chooser.

@@ -10,8 +10,16 @@ let active = 0;
 
 function $(sel, root = document) { return root.querySelector(sel); }
 
+// Numbers as the reports print them (Python's f"{x:.3f}"): an exact tie rounds to
+// even, so AUC 9/16 = 0.5625 reads 0.562 here and in report.md (toFixed says 0.563).
 function fmt(x, digits = 3) {
-  return (x === null || x === undefined) ? "n/a" : Number(x).toFixed(digits);
+  if (x === null || x === undefined) return "n/a";
+  const v = Number(x);
+  const scaled = v * 10 ** digits;
+  if (Number.isFinite(scaled) && Math.abs(scaled % 1) === 0.5 && Math.ceil(Math.abs(scaled)) % 2 === 1) {
+    return (Math.sign(v) * Math.floor(Math.abs(scaled)) / 10 ** digits).toFixed(digits);
+  }
+  return v.toFixed(digits);
 }
 
 function fmtCi(value, ci) {
