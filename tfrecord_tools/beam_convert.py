@@ -112,7 +112,7 @@ class WriteShard(beam.DoFn):
   def process(self, kv: tuple[str, Iterable[tuple]]) -> Iterable[str]:
     file, values = kv
     meta = self.shards[file]
-    final = convert_lib._join(self.output_dir, file)  # noqa: SLF001
+    final = storage.join(self.output_dir, file)
     # A retried bundle may run beside the first try: a temp name per thread.
     tmp = final if storage.is_remote(final) else f"{final}.tmp-{os.getpid()}{threading.get_ident() % 10**6}"
     stats = convert_lib._Stats()  # noqa: SLF001
@@ -160,8 +160,8 @@ def _plan_lines(tasks: Sequence[convert_lib.ShardTask]) -> Iterable[str]:
 def run_pipeline(tasks: Sequence[convert_lib.ShardTask], opts: convert_lib.ConvertOptions,
                  args: Sequence[str], log: Callable[[str], None]) -> dict[str, int]:
   """Writes `tasks`' shards with a Beam pipeline; returns the pipeline's counters."""
-  state_dir = convert_lib._join(opts.output_dir, convert_lib.STATE_DIR)  # noqa: SLF001
-  plan_path = convert_lib._join(state_dir, PLAN_NAME)  # noqa: SLF001
+  state_dir = storage.join(opts.output_dir, convert_lib.STATE_DIR)
+  plan_path = storage.join(state_dir, PLAN_NAME)
   storage.write_bytes(plan_path, "".join(l + "\n" for l in _plan_lines(tasks)).encode())
   shards = {t.file: {"split": t.split, "fingerprint": t.fingerprint} for t in tasks}
   options = PipelineOptions(list(args))

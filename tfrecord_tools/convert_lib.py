@@ -321,7 +321,7 @@ def find_files(input_dir: str) -> Found:
   for rel in files:
     ok = rel.count("/") + 1 >= need and _is_image_name(rel.rsplit("/", 1)[-1])
     (wanted if ok else ignored).append(rel)
-  paths = [_join(input_dir, rel) if storage.is_remote(input_dir) else os.path.join(input_dir, *rel.split("/"))
+  paths = [storage.join(input_dir, rel) if storage.is_remote(input_dir) else os.path.join(input_dir, *rel.split("/"))
            for rel in wanted]
 
   def stat(rel, path):
@@ -355,10 +355,6 @@ def find_files(input_dir: str) -> Found:
                splits=splits, ignored=ignored)
 
 
-def _join(root: str, name: str) -> str:
-  return f"{root.rstrip('/')}/{name}" if storage.is_remote(root) else os.path.join(root, name)
-
-
 def find_keras_pair(input_dir: str) -> Found:
   """Lists the records of the Keras TPU example's images.tfrec + paths.tfrec pair(s).
 
@@ -375,7 +371,7 @@ def find_keras_pair(input_dir: str) -> Found:
   else:
     pairs = []
     for d in sorted(names):
-      sub = _join(input_dir, d)
+      sub = storage.join(input_dir, d)
       if d.lower() in SPLIT_ALIASES and storage.isdir(sub) and set(KERAS_PAIR) <= set(storage.listdir(sub)):
         pairs.append((SPLIT_ALIASES[d.lower()], sub))
     if not pairs:
@@ -383,7 +379,7 @@ def find_keras_pair(input_dir: str) -> Found:
                          "train/val/test folders (--input_format=keras_pair)")
   sources = []
   for split, folder in pairs:
-    img_path, paths_path = (_join(folder, n) for n in KERAS_PAIR)
+    img_path, paths_path = (storage.join(folder, n) for n in KERAS_PAIR)
     paths = [p.decode("utf-8", "replace") for p in read_tfrecords(paths_path)]
     with storage.open(img_path, "rb") as f:
       offsets = list(iter_tfrecord_offsets(f))
@@ -759,7 +755,7 @@ class _Stats:
 
 
 def _state_path(output_dir: str, file: str) -> str:
-  return _join(_join(output_dir, STATE_DIR), file + ".json")
+  return storage.join(storage.join(output_dir, STATE_DIR), file + ".json")
 
 
 def convert_one(source: Source, *, label: int, text: str, patient_id: str, max_side: int,
@@ -797,7 +793,7 @@ def write_shard(task: ShardTask) -> dict:
   validate, normalise), serialise, append. A file that cannot be read or
   decoded is skipped with the reason.
   """
-  final = _join(task.output_dir, task.file)
+  final = storage.join(task.output_dir, task.file)
   tmp = final if storage.is_remote(final) else _tmp_name(final)
   stats = _Stats()
   class_counts: dict[str, int] = {}
@@ -834,7 +830,7 @@ def write_shard(task: ShardTask) -> dict:
 def _load_finished(task: ShardTask) -> dict | None:
   """The saved result of an identical shard finished by an earlier (killed) run."""
   state = _state_path(task.output_dir, task.file)
-  if not (storage.exists(state) and storage.exists(_join(task.output_dir, task.file))):
+  if not (storage.exists(state) and storage.exists(storage.join(task.output_dir, task.file))):
     return None
   try:
     with storage.open(state, "rb") as f:
@@ -1180,14 +1176,14 @@ def _clean_output(out: str, keep: set[str]) -> None:
   """Removes temp files and shards not in `keep` (left by killed or earlier runs)."""
   for name in storage.listdir(out):
     if _SHARD_RE.match(name) and name not in keep:
-      storage.remove(_join(out, name))
+      storage.remove(storage.join(out, name))
     elif _TMP_RE.search(name) and name.startswith(schema.MANIFEST_NAME):
-      storage.remove(_join(out, name))
-  state = _join(out, STATE_DIR)
+      storage.remove(storage.join(out, name))
+  state = storage.join(out, STATE_DIR)
   if storage.exists(state):
     for name in storage.listdir(state):
       if name[:-len(".json")] not in keep or _TMP_RE.search(name):
-        storage.remove(_join(state, name))
+        storage.remove(storage.join(state, name))
 
 
 def _resolve_workers(n: int) -> int:
@@ -1248,7 +1244,7 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] | None = None,
   storage.makedirs(out)
   if storage.exists(schema.manifest_path(out)):   # --overwrite: no longer complete from here on
     storage.remove(schema.manifest_path(out))
-  storage.makedirs(_join(out, STATE_DIR))
+  storage.makedirs(storage.join(out, STATE_DIR))
   keep = {t.file for t in tasks}
   _clean_output(out, keep)
 
@@ -1272,7 +1268,7 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] | None = None,
     if n_skip > 20:
       log(f"  ... and {n_skip - 20} more (all listed in {schema.MANIFEST_NAME})")
   if n_skip > opts.max_skipped_fraction * n_found:
-    report = _join(out, "skipped.json")
+    report = storage.join(out, "skipped.json")
     storage.write_bytes(report, json.dumps(manifest["skipped"], indent=1).encode())
     raise ConvertError(
         f"{n_skip} of {n_found} files could not be converted ({n_skip / n_found:.1%} > "
@@ -1284,7 +1280,7 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] | None = None,
   storage.write_bytes(schema.manifest_path(out), (json.dumps(manifest, indent=2) + "\n").encode())
   _clean_output(out, keep)
   for name in (STATE_DIR, "skipped.json"):
-    p = _join(out, name)
+    p = storage.join(out, name)
     if storage.exists(p):
       (storage.remove(p) if name.endswith(".json") else storage.rmtree(p))
   return manifest

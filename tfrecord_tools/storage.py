@@ -69,7 +69,10 @@ def is_gcs(path: str) -> bool:
 
 
 def join(*parts: str) -> str:
-  return posixpath.join(*parts) if is_remote(parts[0]) else os.path.join(*parts)
+  """Joins with '/' for remote paths (a trailing '/' on the root is not doubled)."""
+  if is_remote(parts[0]):
+    return posixpath.join(parts[0].rstrip("/"), *parts[1:])
+  return os.path.join(*parts)
 
 
 def dirname(path: str) -> str:

@@ -108,19 +108,11 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------
-# Small file helpers (local paths and gs://)
-# ---------------------------------------------------------------------------
-
-def _join(*parts: str) -> str:
-  return storage.join(*parts)
-
-
-# ---------------------------------------------------------------------------
 # Run directory state
 # ---------------------------------------------------------------------------
 
 def read_run_config(run_dir: str) -> dict | None:
-  path = _join(run_dir, CONFIG_NAME)
+  path = storage.join(run_dir, CONFIG_NAME)
   if not storage.exists(path):
     return None
   try:
@@ -135,7 +127,7 @@ def _clear_run(run_dir: str) -> None:
   # be applied to the new one.
   for name in (CONFIG_NAME, HISTORY_NAME, MANIFEST_COPY, MODEL_NAME, "threshold.json", "logs",
                "checkpoints", "backup", "eval", "export"):
-    storage.remove_any(_join(run_dir, name))
+    storage.remove_any(storage.join(run_dir, name))
 
 
 def _config_differences(old: dict, new: Config) -> list[str]:
@@ -477,7 +469,7 @@ class EpochScalars(keras.callbacks.Callback):
 
   def _writer(self, name: str):
     if name not in self._writers:
-      self._writers[name] = tf.summary.create_file_writer(_join(self.log_dir, name))
+      self._writers[name] = tf.summary.create_file_writer(storage.join(self.log_dir, name))
     return self._writers[name]
 
   def on_epoch_end(self, epoch, logs=None):
@@ -615,12 +607,12 @@ def make_callbacks(cfg: Config, run_dir: str, *, chief: bool, monitor: str, phas
   push of a gs:// run's local copy, so GCS gets each epoch's files together."""
   cbs: list = [nan, EpochSummary(global_batch=global_batch, steps_per_epoch=steps_per_epoch,
                                  total_epochs=total_epochs, phase=f"phase {phase}")]
-  cbs.append(HistoryCSV(_join(run_dir, HISTORY_NAME), enabled=chief,
+  cbs.append(HistoryCSV(storage.join(run_dir, HISTORY_NAME), enabled=chief,
                         first_epoch=0 if phase == 1 else cfg.epochs))
   cbs.append(keras.callbacks.ModelCheckpoint(
-      _join(run_dir, BEST_WEIGHTS), monitor=monitor, mode="max", save_best_only=True,
+      storage.join(run_dir, BEST_WEIGHTS), monitor=monitor, mode="max", save_best_only=True,
       save_weights_only=True, initial_value_threshold=best_so_far, verbose=0))
-  cbs.append(EpochScalars(_join(run_dir, "logs"), enabled=chief))
+  cbs.append(EpochScalars(storage.join(run_dir, "logs"), enabled=chief))
   plateau = []
   if cfg.early_stopping_patience > 0:
     plateau.append(keras.callbacks.EarlyStopping(monitor=monitor, mode="max",
@@ -630,10 +622,10 @@ def make_callbacks(cfg: Config, run_dir: str, *, chief: bool, monitor: str, phas
                                                      patience=cfg.reduce_lr_patience, verbose=1))
   cbs.extend(plateau)
   if phase == 1:
-    cbs.append(SaveOnTrainEnd(_join(run_dir, PHASE1_WEIGHTS), chief, nan))
-  cbs.append(keras.callbacks.BackupAndRestore(_join(run_dir, "backup", f"phase{phase}")))
+    cbs.append(SaveOnTrainEnd(storage.join(run_dir, PHASE1_WEIGHTS), chief, nan))
+  cbs.append(keras.callbacks.BackupAndRestore(storage.join(run_dir, "backup", f"phase{phase}")))
   if plateau:
-    cbs.append(PlateauState(_join(run_dir, "backup", f"phase{phase}_plateau.json"), plateau, chief))
+    cbs.append(PlateauState(storage.join(run_dir, "backup", f"phase{phase}_plateau.json"), plateau, chief))
   if chief and mirror is not None and mirror.active:
     cbs.append(PushRunDir(mirror))
   return cbs
@@ -776,21 +768,21 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
       "resumed": mode == "resume",
   }
   if chief:
-    storage.makedirs(_join(run_dir, "checkpoints"))
+    storage.makedirs(storage.join(run_dir, "checkpoints"))
     _write_json(cfg, run_dir, "running", run_info)
-    storage.write_text(_join(run_dir, MANIFEST_COPY), json.dumps(manifest, indent=2, sort_keys=True))
+    storage.write_text(storage.join(run_dir, MANIFEST_COPY), json.dumps(manifest, indent=2, sort_keys=True))
 
   total_epochs = cfg.epochs + (cfg.fine_tune_epochs if cfg.fine_tune_at >= 0 else 0)
   nan = StopOnNaN()
   fit_kw = dict(steps_per_epoch=steps_per_epoch, validation_data=val_ds,
                 validation_steps=_validation_steps(cfg, manifest, info, per_replica, has_val),
                 verbose=verbose if chief else 0)
-  phase1_done = storage.exists(_join(run_dir, PHASE1_WEIGHTS))
+  phase1_done = storage.exists(storage.join(run_dir, PHASE1_WEIGHTS))
 
   # ---- phase 1 ---------------------------------------------------------------
   if phase1_done:
     logging.info("Phase 1 finished before the restart: loading its final weights.")
-    model.load_weights(_join(run_dir, PHASE1_WEIGHTS))
+    model.load_weights(storage.join(run_dir, PHASE1_WEIGHTS))
   else:
     cbs = make_callbacks(cfg, run_dir, chief=chief, monitor=monitor, phase=1,
                          global_batch=global_batch, steps_per_epoch=steps_per_epoch,
@@ -816,13 +808,13 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
     _check_nan(nan, cfg.model_dir)
 
   # ---- finish ------------------------------------------------------------------
-  history = read_history(_join(run_dir, HISTORY_NAME)) if chief else []
+  history = read_history(storage.join(run_dir, HISTORY_NAME)) if chief else []
   inference = keras.Model(model.inputs, model.outputs, name=model.name)
   # Every worker saves (see _save_weights_atomic); non-chief copies go to a temp dir.
-  _save_model_atomic(inference, _join(run_dir, MODEL_NAME), chief)
+  _save_model_atomic(inference, storage.join(run_dir, MODEL_NAME), chief)
   if chief:
     # BackupAndRestore already removed its state; drop the phase marker and folder
-    storage.rmtree(_join(run_dir, "backup"))
+    storage.rmtree(storage.join(run_dir, "backup"))
   best = _best(run_dir, monitor) if chief else None
   best_epoch = None
   if history and best is not None:
@@ -854,7 +846,7 @@ def _validation_steps(cfg: Config, manifest: dict, info: distribute.StrategyInfo
 
 
 def _best(run_dir: str, monitor: str) -> float | None:
-  values = [r[monitor] for r in read_history(_join(run_dir, HISTORY_NAME)) if monitor in r]
+  values = [r[monitor] for r in read_history(storage.join(run_dir, HISTORY_NAME)) if monitor in r]
   values = [v for v in values if np.isfinite(v)]
   return max(values) if values else None
 
@@ -872,7 +864,7 @@ def _write_json(cfg: Config, run_dir: str, status: str, run_info: dict) -> None:
   doc = cfg.to_dict()
   doc["status"] = status
   doc["run"] = run_info
-  storage.write_text(_join(run_dir, CONFIG_NAME), json.dumps(doc, indent=2, sort_keys=True, default=str))
+  storage.write_text(storage.join(run_dir, CONFIG_NAME), json.dumps(doc, indent=2, sort_keys=True, default=str))
 
 
 def _save_model_atomic(model: keras.Model, path: str, chief: bool = True) -> None:
@@ -910,10 +902,10 @@ def load_run(run_dir: str, weights: str = "best") -> tuple[Config, dict, keras.M
     raise TrainError(f"{run_dir} is not a run directory (no {CONFIG_NAME}); train first with "
                      "python -m xraytpu.train")
   cfg = Config.from_dict(doc)
-  copy = _join(run_dir, MANIFEST_COPY)
+  copy = storage.join(run_dir, MANIFEST_COPY)
   manifest = json.loads(storage.read_text(copy)) if storage.exists(copy) else schema.read_manifest(cfg.data_dir)
   keras.mixed_precision.set_global_policy("float32")
-  model_path, best_path = _join(run_dir, MODEL_NAME), _join(run_dir, BEST_WEIGHTS)
+  model_path, best_path = storage.join(run_dir, MODEL_NAME), storage.join(run_dir, BEST_WEIGHTS)
   if storage.exists(model_path):
     with storage.local_copy(model_path) as local:   # Keras reads local files (gs:// is copied)
       model = models_lib.load_model(local)
