@@ -205,17 +205,28 @@ def test_two_phases_and_resume_in_phase_two(demo_data_dir, tmp_path, monkeypatch
 def test_resume_keeps_the_patience_counters(demo_data_dir, tmp_path, monkeypatch):
   """EarlyStopping / ReduceLROnPlateau pick up where they were, not from zero."""
   run = str(tmp_path / "run")
-  cfg = _cfg(demo_data_dir, run, epochs=6, early_stopping_patience=5, reduce_lr_patience=4,
-             learning_rate=1e-6)   # a near-frozen model: val AUC stops improving, counters grow
+  cfg = _cfg(demo_data_dir, run, epochs=6, early_stopping_patience=5, reduce_lr_patience=4)
   real_make_callbacks = train_lib.make_callbacks
   at_crash, at_resume = {}, {}
+  plateau_types = (keras.callbacks.EarlyStopping, keras.callbacks.ReduceLROnPlateau)
+
+  class FlatValAuc(keras.callbacks.Callback):
+    """Shows the plateau callbacks a val_auc that never improves: their counters
+    then grow by one per epoch, whatever the model learns."""
+    def on_epoch_end(self, epoch, logs=None):
+      logs["val_auc"] = 0.5
 
   def counters(cbs):
     return {type(cb).__name__: (cb.wait, float(cb.best)) for cb in cbs
-            if isinstance(cb, (keras.callbacks.EarlyStopping, keras.callbacks.ReduceLROnPlateau))}
+            if isinstance(cb, plateau_types)}
+
+  def with_flat_val_auc(*args, **kw):
+    cbs = real_make_callbacks(*args, **kw)
+    first = next(i for i, cb in enumerate(cbs) if isinstance(cb, plateau_types))
+    return cbs[:first] + [FlatValAuc()] + cbs[first:]
 
   def crash_after_epoch_three(*args, **kw):
-    cbs = real_make_callbacks(*args, **kw)
+    cbs = with_flat_val_auc(*args, **kw)
 
     class Crash(keras.callbacks.Callback):
       def on_epoch_end(self, epoch, logs=None):
@@ -227,10 +238,10 @@ def test_resume_keeps_the_patience_counters(demo_data_dir, tmp_path, monkeypatch
   monkeypatch.setattr(train_lib, "make_callbacks", crash_after_epoch_three)
   with pytest.raises(_Preempted):
     train_lib.train_and_evaluate(cfg, verbose=0)
-  assert at_crash["EarlyStopping"][0] >= 1, at_crash   # something to lose on a restart
+  assert at_crash == {"EarlyStopping": (2, 0.5), "ReduceLROnPlateau": (2, 0.5)}
 
   def spy(*args, **kw):
-    cbs = real_make_callbacks(*args, **kw)
+    cbs = with_flat_val_auc(*args, **kw)
 
     class Spy(keras.callbacks.Callback):
       def on_train_begin(self, logs=None):
@@ -240,7 +251,8 @@ def test_resume_keeps_the_patience_counters(demo_data_dir, tmp_path, monkeypatch
   monkeypatch.setattr(train_lib, "make_callbacks", spy)
   result = train_lib.train_and_evaluate(cfg, verbose=0)
   assert at_resume == at_crash
-  assert len(result.history) <= 6
+  # Patience 5 counted from the restored 2: epochs 4-6 bring it to 5, the run stops at 6.
+  assert len(result.history) == 6
 
 
 # ---------------------------------------------------------------------------
