@@ -1023,6 +1023,11 @@ def _run_tasks(tasks: list[ShardTask], num_workers: int, progress: Progress,
   for attempt in (1, 2):
     new, todo, cause = _run_pool(todo, num_workers, progress, ctx, value)
     results += new
+    # A shard can finish on disk while the broken pool reports its future lost:
+    # take it as a rerun would (its saved statistics), instead of writing it again.
+    saved = {t.file: _load_finished(t) for t in todo}
+    results += [r for r in saved.values() if r is not None]
+    todo = [t for t in todo if saved[t.file] is None]
     if not todo:
       break
     if cause == _UNGUARDED_MAIN:
