@@ -343,18 +343,19 @@ def make_datasets(cfg: Config, strategy, manifest: dict, *, label_mode: str,
   batch must have the same shape).
   """
   num_classes = len(manifest["classes"])
+  spec = input_pipeline.InputSpec.from_config(cfg, manifest)
 
   def train_fn(ctx: tf.distribute.InputContext):
-    ds = input_pipeline.make_dataset(cfg.data_dir, "train", cfg, training=True, input_context=ctx,
-                                     label_mode=label_mode, manifest=manifest)
+    ds = input_pipeline.train_dataset(cfg.data_dir, spec, global_batch=cfg.batch_size,
+                                      input_context=ctx, label_mode=label_mode, manifest=manifest)
     if class_weights:
       ds = ds.map(_class_weight_fn(class_weights, num_classes),
                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds
 
   def val_fn(ctx: tf.distribute.InputContext):
-    return input_pipeline.make_dataset(cfg.data_dir, "val", cfg, training=False, input_context=ctx,
-                                       label_mode=label_mode, manifest=manifest,
+    return input_pipeline.eval_dataset(cfg.data_dir, "val", spec, batch_size=cfg.batch_size,
+                                       input_context=ctx, label_mode=label_mode, manifest=manifest,
                                        drop_remainder=eval_drop_remainder)
 
   train = strategy.distribute_datasets_from_function(train_fn)

@@ -112,7 +112,7 @@ def resize_image(image, size: int, aspect: str = "squash") -> tf.Tensor:
 def load_image(encoded, *, channels: int, size: int, aspect: str = "squash") -> tf.Tensor:
   """Encoded bytes -> uint8 [size, size, channels]: what the input pipeline feeds.
 
-  The one per-record code path: `make_dataset` maps it over every record and
+  The one per-record code path: `input_pipeline` maps it over every record and
   the export's serving function should call it on every request, so a served
   model sees the pixels training saw.
   """
