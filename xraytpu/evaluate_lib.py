@@ -130,7 +130,8 @@ def predict_split(run: predict_lib.LoadedRun, data_dir: str, split: str, *, mani
   spec = input_pipeline.InputSpec(image_size=run.size, channels=run.channels, aspect=run.aspect,
                                   private_threads=run.cfg.private_threads,
                                   ram_budget_mb=run.cfg.ram_budget_mb)
-  ds = input_pipeline.eval_dataset(data_dir, split, spec, batch_size=batch_size or run.cfg.batch_size or 32,
+  ds = input_pipeline.eval_dataset(data_dir, split, spec,
+                                   batch_size=batch_size or run.cfg.batch_size or 32,
                                    with_filenames=True, manifest=manifest)
   total = int(schema.split_info(manifest, split).get("num_examples", 0))
   raws, labels, names, images = [], [], [], {}

@@ -77,7 +77,8 @@ class InputSpec:
   channels: int             # C: 1 or 3; 0 = from the data set (stats.input_channels)
   aspect: str               # non-square -> square: squash | pad | center_crop
   cache: str = "off"        # decoded pixels: "memory", "off", or a file path prefix
-  shuffle_buffer: int = 0   # training: examples shuffled after the cache (capped at the split size)
+  shuffle_buffer: int = 0   # training: the after-cache shuffle buffer, in examples (capped at the
+                            # split size; 0 or 1 = none, only the file order is shuffled)
   deterministic: bool = False   # training: keep the input order (evaluation always does)
   private_threads: int = 0  # > 0: a private tf.data thread pool of this size
   ram_budget_mb: int = 0    # > 0: tf.data autotune's RAM budget, MiB
