@@ -340,7 +340,8 @@ def test_real_chest_xray_training_beats_chance(shared_data, tmp_path):
 
   _, manifest, model = train_lib.load_run(result.run_dir)  # best val_auc weights
   assert manifest["classes"] == ["NORMAL", "PNEUMONIA"]
-  ds = input_pipeline.make_dataset(data, "val", result.config, training=False, label_mode="int",
+  ds = input_pipeline.eval_dataset(data, "val", input_pipeline.InputSpec.from_config(result.config),
+                                   batch_size=result.config.batch_size, label_mode="int",
                                    manifest=manifest)
   labels, probs = [], []
   for x, y in ds:

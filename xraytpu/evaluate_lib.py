@@ -139,11 +139,13 @@ def predict_split(run: rundir.LoadedRun, data_dir: str, split: str, *, manifest:
   except schema.ManifestError as e:
     raise EvaluateError(str(e)) from e
   mapping = match_classes(run.classes, manifest["classes"], data_dir)
-  cfg = dataclasses.replace(run.cfg, data_dir=data_dir, channels=run.channels, image_size=run.size,
-                            aspect=run.aspect, cache="off", data_service_address="",
-                            batch_size=batch_size or run.cfg.batch_size or 32)
-  ds = input_pipeline.make_dataset(data_dir, split, cfg, training=False, with_filenames=True,
-                                   manifest=manifest)
+  # What the run's model sees; the run's tf.data thread and RAM settings, nothing cached.
+  spec = input_pipeline.InputSpec(image_size=run.size, channels=run.channels, aspect=run.aspect,
+                                  private_threads=run.cfg.private_threads,
+                                  ram_budget_mb=run.cfg.ram_budget_mb)
+  ds = input_pipeline.eval_dataset(data_dir, split, spec,
+                                   batch_size=batch_size or run.cfg.batch_size or 32,
+                                   with_filenames=True, manifest=manifest)
   total = int(schema.split_info(manifest, split).get("num_examples", 0))
   raws, labels, names, images = [], [], [], {}
   start, last_log, seen = time.time(), time.time(), 0
