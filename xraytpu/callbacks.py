@@ -2,7 +2,7 @@
 
   make_callbacks(cfg, run_dir, ...)  the list for one phase, in the order that matters
   EpochSummary     lr / images_per_sec / epoch_seconds in the logs, one log line per epoch
-  HistoryCSV       history.csv, rewritten each epoch, resume-aware (read_history reads it)
+  HistoryCSV       history.csv, rewritten each epoch, resume-aware (xraytpu.rundir reads and writes it)
   EpochScalars     TensorBoard scalars without the tensorboard package
   StopOnNaN        stops at the first NaN/inf loss and remembers where
   SaveOnTrainEnd   the phase's final weights, before BackupAndRestore deletes its state
@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import shutil
@@ -28,6 +26,7 @@ import tensorflow as tf
 from xraytpu._keras import keras
 from xraytpu.config import Config
 from tfrecord_tools import storage
+from xraytpu import rundir
 
 
 def current_learning_rate(model: keras.Model) -> float:
@@ -80,14 +79,14 @@ class HistoryCSV(keras.callbacks.Callback):
   """history.csv, rewritten atomically each epoch; on resume, rows from the
   restart epoch on are dropped (they will be trained again)."""
 
-  def __init__(self, path: str, enabled: bool = True, first_epoch: int = 0):
+  def __init__(self, run_dir: str, enabled: bool = True, first_epoch: int = 0):
     super().__init__()
-    self.path, self.enabled, self.first_epoch = path, enabled, first_epoch
+    self.run_dir, self.enabled, self.first_epoch = run_dir, enabled, first_epoch
     self.rows: list[dict] = []
     self._started = False
 
   def on_train_begin(self, logs=None):
-    self.rows = read_history(self.path)
+    self.rows = rundir.read_history(self.run_dir)
     self._started = False
 
   def on_epoch_begin(self, epoch, logs=None):
@@ -102,27 +101,7 @@ class HistoryCSV(keras.callbacks.Callback):
     row.update({k: float(v) for k, v in (logs or {}).items()})
     self.rows.append(row)
     if self.enabled:
-      _write_history(self.path, self.rows)
-
-
-def read_history(path: str) -> list[dict]:
-  """history.csv rows as dicts (epoch int, other columns float); [] when absent."""
-  if not storage.exists(path):
-    return []
-  rows = []
-  for r in csv.DictReader(io.StringIO(storage.read_text(path))):
-    rows.append({k: (int(v) if k == "epoch" else float(v)) for k, v in r.items() if v not in ("", None)})
-  return rows
-
-
-def _write_history(path: str, rows: list[dict]) -> None:
-  keys = sorted({k for r in rows for k in r} - {"epoch"})
-  out = io.StringIO()
-  w = csv.DictWriter(out, fieldnames=["epoch"] + keys, lineterminator="\n")
-  w.writeheader()
-  for r in rows:
-    w.writerow(r)
-  storage.write_text(path, out.getvalue())
+      rundir.write_history(self.run_dir, self.rows)
 
 
 class EpochScalars(keras.callbacks.Callback):
@@ -279,16 +258,14 @@ def make_callbacks(cfg: Config, run_dir: str, *, chief: bool, monitor: str, phas
   """Order matters: summary (adds logs) -> CSV -> checkpoints -> ... -> backup,
   so a backup never exists for an epoch whose history row is missing; then the
   push of a gs:// run's local copy, so GCS gets each epoch's files together."""
-  # The run directory's file names are train_lib's (which imports this module).
-  from xraytpu.train_lib import BEST_WEIGHTS, HISTORY_NAME, PHASE1_WEIGHTS  # noqa: PLC0415
   cbs: list = [nan, EpochSummary(global_batch=global_batch, steps_per_epoch=steps_per_epoch,
                                  total_epochs=total_epochs, phase=f"phase {phase}")]
-  cbs.append(HistoryCSV(storage.join(run_dir, HISTORY_NAME), enabled=chief,
+  cbs.append(HistoryCSV(run_dir, enabled=chief,
                         first_epoch=0 if phase == 1 else cfg.epochs))
   cbs.append(keras.callbacks.ModelCheckpoint(
-      storage.join(run_dir, BEST_WEIGHTS), monitor=monitor, mode="max", save_best_only=True,
+      rundir.path(run_dir, rundir.BEST_WEIGHTS), monitor=monitor, mode="max", save_best_only=True,
       save_weights_only=True, initial_value_threshold=best_so_far, verbose=0))
-  cbs.append(EpochScalars(storage.join(run_dir, "logs"), enabled=chief))
+  cbs.append(EpochScalars(rundir.path(run_dir, rundir.LOGS), enabled=chief))
   plateau = []
   if cfg.early_stopping_patience > 0:
     plateau.append(keras.callbacks.EarlyStopping(monitor=monitor, mode="max",
@@ -298,10 +275,10 @@ def make_callbacks(cfg: Config, run_dir: str, *, chief: bool, monitor: str, phas
                                                      patience=cfg.reduce_lr_patience, verbose=1))
   cbs.extend(plateau)
   if phase == 1:
-    cbs.append(SaveOnTrainEnd(storage.join(run_dir, PHASE1_WEIGHTS), chief, nan))
-  cbs.append(keras.callbacks.BackupAndRestore(storage.join(run_dir, "backup", f"phase{phase}")))
+    cbs.append(SaveOnTrainEnd(rundir.path(run_dir, rundir.PHASE1_WEIGHTS), chief, nan))
+  cbs.append(keras.callbacks.BackupAndRestore(rundir.backup_dir(run_dir, phase)))
   if plateau:
-    cbs.append(PlateauState(storage.join(run_dir, "backup", f"phase{phase}_plateau.json"), plateau, chief))
+    cbs.append(PlateauState(rundir.plateau_state(run_dir, phase), plateau, chief))
   if chief and mirror is not None and mirror.active:
     cbs.append(PushRunDir(mirror))
   return cbs

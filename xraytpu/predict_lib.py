@@ -21,7 +21,7 @@ import io
 import json
 import os
 import sys
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 

@@ -9,26 +9,14 @@
   4. build and compile the model inside `strategy.scope()`,
   5. fit phase 1 (backbones frozen when pretrained), then optionally phase 2
      (fine-tune from --fine_tune_at at --fine_tune_learning_rate),
-  6. write model.keras and mark the run finished in config.json.
+  6. write the final model and mark the run finished (xraytpu.rundir).
 
-Run directory (`cfg.model_dir`, local or gs://):
-
-  config.json        the resolved Config fields at top level (Config.from_dict reads it),
-                     "status": "running" | "finished", and "run": strategy, replicas,
-                     batch sizes, library versions, manifest sha256, parameter counts,
-                     and at the end the best validation AUC and epochs trained
-  dataset.json       copy of the data set's manifest (classes in label order)
-  history.csv        one row per epoch: epoch, loss and metrics, val_*, lr,
-                     images_per_sec, epoch_seconds (kept across resumes)
-  logs/              TensorBoard event files (train/, validation/)
-  checkpoints/best.weights.h5   weights of the epoch with the best val_auc
-  backup/            Keras BackupAndRestore state while a phase runs (resume point)
-  model.keras        the final model (architecture + weights, no optimizer);
-                     `xraytpu.models.load_model` or `load_run` reads it
+The run directory (`cfg.model_dir`, local or gs://): its layout, and every
+read and write of it, are `xraytpu.rundir`'s.
 
 Preemption: kill the process at any moment and run the same command again;
 BackupAndRestore restores weights, optimizer and epoch of the last completed
-epoch, history.csv drops rows of epochs that will be redone, and the run ends
+epoch, the history drops rows of epochs that will be redone, and the run ends
 with the configured number of epochs; EarlyStopping / ReduceLROnPlateau keep
 their patience counters (callbacks.PlateauState). A gs:// run directory is trained in a
 local copy that the chief pushes after every epoch (tfrecord_tools.storage.Mirror).
@@ -39,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
-import json
 import math
 import os
 import platform
@@ -54,9 +41,10 @@ import tensorflow as tf
 
 import xraytpu
 from xraytpu import distribute
+from xraytpu import rundir
 from xraytpu import models as models_lib
 from xraytpu._keras import keras
-from xraytpu.callbacks import StopOnNaN, _save_and_discard, make_callbacks, read_history
+from xraytpu.callbacks import StopOnNaN, _save_and_discard, make_callbacks
 from xraytpu.config import Config
 from xraytpu.data import DataError
 from xraytpu.data import input_pipeline
@@ -65,12 +53,6 @@ from xraytpu.models import applications
 from tfrecord_tools import schema
 from tfrecord_tools import storage
 
-CONFIG_NAME = "config.json"
-HISTORY_NAME = "history.csv"
-MANIFEST_COPY = "dataset.json"
-MODEL_NAME = "model.keras"
-BEST_WEIGHTS = os.path.join("checkpoints", "best.weights.h5")
-PHASE1_WEIGHTS = os.path.join("backup", "phase1_done.weights.h5")
 
 # Config fields that may differ when an unfinished run is resumed: where and
 # how it runs, not what it trains.
@@ -109,25 +91,6 @@ class TrainResult:
 # Run directory state
 # ---------------------------------------------------------------------------
 
-def read_run_config(run_dir: str) -> dict | None:
-  path = storage.join(run_dir, CONFIG_NAME)
-  if not storage.exists(path):
-    return None
-  try:
-    return json.loads(storage.read_text(path))
-  except json.JSONDecodeError as e:
-    raise TrainError(f"{path} is not valid JSON ({e}); move the run directory away or pass --overwrite") from e
-
-
-def _clear_run(run_dir: str) -> None:
-  """Removes what a previous run wrote (only the known entries, never the folder)."""
-  # threshold.json too: an operating point chosen for the old model must never
-  # be applied to the new one.
-  for name in (CONFIG_NAME, HISTORY_NAME, MANIFEST_COPY, MODEL_NAME, "threshold.json", "logs",
-               "checkpoints", "backup", "eval", "export"):
-    storage.remove_any(storage.join(run_dir, name))
-
-
 def _config_differences(old: dict, new: Config) -> list[str]:
   diffs = []
   for key, value in new.to_dict().items():
@@ -145,7 +108,7 @@ def prepare_run_dir(cfg: Config, chief: bool = True, run_dir: str = "") -> str:
   Only the chief deletes an old run (--overwrite); other workers just go on.
   """
   run_dir = run_dir or cfg.model_dir
-  old = read_run_config(run_dir)
+  old = rundir.read_config(run_dir)
   if old is None:
     return "fresh"
   if old.get("status") == "finished":
@@ -154,7 +117,7 @@ def prepare_run_dir(cfg: Config, chief: bool = True, run_dir: str = "") -> str:
                        "replace it or choose another --model_dir")
     logging.warning("--overwrite: replacing the finished run in %s", cfg.model_dir)
     if chief:
-      _clear_run(run_dir)
+      rundir.clear(run_dir)
     return "fresh"
   diffs = _config_differences(old, cfg)
   if diffs:
@@ -164,7 +127,7 @@ def prepare_run_dir(cfg: Config, chief: bool = True, run_dir: str = "") -> str:
                        "--overwrite to start over, or choose another --model_dir")
     logging.warning("--overwrite: discarding the unfinished run in %s (%s)", cfg.model_dir, "; ".join(diffs))
     if chief:
-      _clear_run(run_dir)
+      rundir.clear(run_dir)
     return "fresh"
   logging.info("Resuming the unfinished run in %s", cfg.model_dir)
   return "resume"
@@ -386,7 +349,7 @@ def train_and_evaluate(cfg: Config, *, strategy: tf.distribute.Strategy | None =
   """
   t_start = time.perf_counter()
   validate_config(cfg)
-  old = read_run_config(cfg.model_dir)
+  old = rundir.read_config(cfg.model_dir)
   if old is not None and old.get("status") == "finished" and not cfg.overwrite:
     prepare_run_dir(cfg, chief=False)  # raises the "finished run" error before any slow setup
   mirror = storage.Mirror(cfg.model_dir)
@@ -489,21 +452,21 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
       "resumed": mode == "resume",
   }
   if chief:
-    storage.makedirs(storage.join(run_dir, "checkpoints"))
+    storage.makedirs(rundir.path(run_dir, rundir.CHECKPOINTS))
     _write_json(cfg, run_dir, "running", run_info)
-    storage.write_text(storage.join(run_dir, MANIFEST_COPY), json.dumps(manifest, indent=2, sort_keys=True))
+    rundir.write_manifest_copy(run_dir, manifest)
 
   total_epochs = cfg.epochs + (cfg.fine_tune_epochs if cfg.fine_tune_at >= 0 else 0)
   nan = StopOnNaN()
   fit_kw = dict(steps_per_epoch=steps_per_epoch, validation_data=val_ds,
                 validation_steps=_validation_steps(cfg, manifest, info, per_replica, has_val),
                 verbose=verbose if chief else 0)
-  phase1_done = storage.exists(storage.join(run_dir, PHASE1_WEIGHTS))
+  phase1_done = storage.exists(rundir.path(run_dir, rundir.PHASE1_WEIGHTS))
 
   # ---- phase 1 ---------------------------------------------------------------
   if phase1_done:
     logging.info("Phase 1 finished before the restart: loading its final weights.")
-    model.load_weights(storage.join(run_dir, PHASE1_WEIGHTS))
+    model.load_weights(rundir.path(run_dir, rundir.PHASE1_WEIGHTS))
   else:
     cbs = make_callbacks(cfg, run_dir, chief=chief, monitor=monitor, phase=1,
                          global_batch=global_batch, steps_per_epoch=steps_per_epoch,
@@ -529,13 +492,13 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
     _check_nan(nan, cfg.model_dir)
 
   # ---- finish ------------------------------------------------------------------
-  history = read_history(storage.join(run_dir, HISTORY_NAME)) if chief else []
+  history = rundir.read_history(run_dir) if chief else []
   inference = keras.Model(model.inputs, model.outputs, name=model.name)
   # Every worker saves (see _save_weights_atomic); non-chief copies go to a temp dir.
-  _save_model_atomic(inference, storage.join(run_dir, MODEL_NAME), chief)
+  _save_model_atomic(inference, rundir.path(run_dir, rundir.MODEL), chief)
   if chief:
     # BackupAndRestore already removed its state; drop the phase marker and folder
-    storage.rmtree(storage.join(run_dir, "backup"))
+    storage.rmtree(rundir.path(run_dir, rundir.BACKUP))
   best = _best(run_dir, monitor) if chief else None
   best_epoch = None
   if history and best is not None:
@@ -567,7 +530,7 @@ def _validation_steps(cfg: Config, manifest: dict, info: distribute.StrategyInfo
 
 
 def _best(run_dir: str, monitor: str) -> float | None:
-  values = [r[monitor] for r in read_history(storage.join(run_dir, HISTORY_NAME)) if monitor in r]
+  values = [r[monitor] for r in rundir.read_history(run_dir) if monitor in r]
   values = [v for v in values if np.isfinite(v)]
   return max(values) if values else None
 
@@ -585,12 +548,12 @@ def _write_json(cfg: Config, run_dir: str, status: str, run_info: dict) -> None:
   doc = cfg.to_dict()
   doc["status"] = status
   doc["run"] = run_info
-  storage.write_text(storage.join(run_dir, CONFIG_NAME), json.dumps(doc, indent=2, sort_keys=True, default=str))
+  rundir.write_config(run_dir, doc)
 
 
 def _save_model_atomic(model: keras.Model, path: str, chief: bool = True) -> None:
   if not chief:
-    _save_and_discard(model.save, "model.keras")
+    _save_and_discard(model.save, rundir.MODEL)
     return
   if storage.is_remote(path):  # keras writes remote files through a local temp copy itself
     model.save(path)
@@ -604,44 +567,3 @@ def _save_model_atomic(model: keras.Model, path: str, chief: bool = True) -> Non
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
-
-
-# ---------------------------------------------------------------------------
-# Reading a run back
-# ---------------------------------------------------------------------------
-
-def load_run(run_dir: str, weights: str = "best") -> tuple[Config, dict, keras.Model]:
-  """(Config, manifest, model) of a run directory.
-
-  weights: "best" = checkpoints/best.weights.h5 when present (the epoch with the
-  best validation AUC), else the final weights; "final" = model.keras as saved.
-  The manifest is the run's copy of dataset.json (classes in label order).
-  The model is not compiled.
-  """
-  doc = read_run_config(run_dir)
-  if doc is None:
-    raise TrainError(f"{run_dir} is not a run directory (no {CONFIG_NAME}); train first with "
-                     "python -m xraytpu.train")
-  cfg = Config.from_dict(doc)
-  copy = storage.join(run_dir, MANIFEST_COPY)
-  manifest = json.loads(storage.read_text(copy)) if storage.exists(copy) else schema.read_manifest(cfg.data_dir)
-  keras.mixed_precision.set_global_policy("float32")
-  model_path, best_path = storage.join(run_dir, MODEL_NAME), storage.join(run_dir, BEST_WEIGHTS)
-  if storage.exists(model_path):
-    with storage.local_copy(model_path) as local:   # Keras reads local files (gs:// is copied)
-      model = models_lib.load_model(local)
-  else:
-    if not storage.exists(best_path):
-      raise TrainError(f"{run_dir} has neither {MODEL_NAME} nor {BEST_WEIGHTS}: the run has not "
-                       "finished an epoch")
-    logging.warning("%s has no %s (unfinished run): rebuilding from config.json", run_dir, MODEL_NAME)
-    model = models_lib.build_model(
-        dataclasses.replace(cfg, weights="none"), num_classes=len(manifest["classes"]),
-        channels=cfg.channels or stats.input_channels(manifest, cfg))
-    weights = "best"
-  if weights == "best" and storage.exists(best_path):
-    with storage.local_copy(best_path) as local:
-      model.load_weights(local)
-  elif weights not in ("best", "final"):
-    raise TrainError(f"weights must be 'best' or 'final', got {weights!r}")
-  return cfg, manifest, model
