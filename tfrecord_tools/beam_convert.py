@@ -13,7 +13,7 @@ of per shard so a runner can balance the load:
              shard, position, source, label; not the job graph, which has a
              size limit on Dataflow)
   pipeline   ReadFromText(plan) -> Reshuffle (spread the images over workers)
-             -> PrepareImage: read, sha256, images.prepare_image, serialise
+             -> PrepareImage: read, sha256, pixels.prepare_image, serialise
                 the record (convert_lib.serialize_example); a bad file becomes
                 a "skipped" entry and bumps the `images_skipped` counter
              -> GroupByKey(shard) -> WriteShard: records in plan order,

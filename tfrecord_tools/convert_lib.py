@@ -22,7 +22,7 @@
   4. shard     each split's files are shuffled (seeded hash order) and cut
                into `split-%05d-of-%05d.tfrecord` shards.
   5. write     one task per shard, run by a pool of worker processes: read,
-               `images.prepare_image` (decode = validate, normalise, resize),
+               `pixels.prepare_image` (decode = validate, normalise, resize),
                serialise a `tf.train.Example`, write. Bad files are skipped
                with a reason. A shard is written to `<name>.tmp-<pid>` and
                renamed when complete, with its statistics saved beside it in
@@ -55,7 +55,7 @@ import time
 from concurrent import futures
 from typing import Any, Callable, Iterable, Sequence
 
-from tfrecord_tools import __version__, images, schema, storage
+from tfrecord_tools import __version__, pixels, schema, storage
 
 IMAGE_EXTENSIONS = frozenset({
     ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".tif", ".tiff",
@@ -93,7 +93,7 @@ class ConvertOptions:
   max_side: int = 0                  # 0: keep the size
   image_format: str = "keep"         # keep | png | jpeg
   channels: str = "keep"             # keep | 1 | 3
-  jpeg_quality: int = images.JPEG_QUALITY
+  jpeg_quality: int = pixels.JPEG_QUALITY
   num_shards: int = 0                # 0: from the data size (see default_num_shards)
   num_workers: int = 0               # 0: all cores
   max_skipped_fraction: float = 0.05
@@ -658,7 +658,7 @@ def _fingerprint(task: ShardTask) -> str:
   h = hashlib.sha256()
   h.update(json.dumps([__version__, task.file, task.max_side, task.channels,
                        task.image_format, task.jpeg_quality,
-                       images.PNG_COMPRESS_LEVEL]).encode())
+                       pixels.PNG_COMPRESS_LEVEL, pixels.CONTRACT_VERSION]).encode())
   for it in task.items:
     s = it.source
     h.update(json.dumps([s.rel, s.path, s.size, s.mtime_ns, s.offset, it.label,
@@ -716,7 +716,7 @@ class _Stats:
     e = self.d.setdefault(key, {})
     e[str(v)] = e.get(str(v), 0) + n
 
-  def add(self, p: images.PreparedImage) -> None:
+  def add(self, p: pixels.PreparedImage) -> None:
     self.d["count"] += 1
     self.d["bytes"] += len(p.encoded)
     self._minmax("height", p.height)
@@ -760,7 +760,7 @@ def _state_path(output_dir: str, file: str) -> str:
 
 def convert_one(source: Source, *, label: int, text: str, patient_id: str, max_side: int,
                 channels: str, image_format: str, jpeg_quality: int
-                ) -> tuple[bytes, images.PreparedImage] | str:
+                ) -> tuple[bytes, pixels.PreparedImage] | str:
   """One source -> (serialised tf.train.Example, PreparedImage), or why it is skipped.
 
   Read the bytes, prepare_image (decode = validate, normalise, resize),
@@ -772,9 +772,9 @@ def convert_one(source: Source, *, label: int, text: str, patient_id: str, max_s
     data = storage.read_bytes(s.path, s.offset, s.size)
     if s.offset >= 0 and len(data) != s.size:
       raise OSError("record shorter than its header says")
-    prepared = images.prepare_image(data, max_side=max_side, channels=channels,
+    prepared = pixels.prepare_image(data, max_side=max_side, channels=channels,
                                     image_format=image_format, jpeg_quality=jpeg_quality)
-  except images.ImageError as e:
+  except pixels.ImageError as e:
     return e.reason
   except OSError as e:
     return f"unreadable: {e.strerror or e}"
@@ -1056,10 +1056,10 @@ def _run_tasks(tasks: list[ShardTask], num_workers: int, progress: Progress,
 def _check_options(o: ConvertOptions) -> None:
   if o.input_format not in INPUT_FORMATS:
     raise ConvertError(f"--input_format must be one of {', '.join(INPUT_FORMATS)}")
-  if str(o.channels) not in images.CHANNELS:
+  if str(o.channels) not in pixels.CHANNELS:
     raise ConvertError("--channels must be keep, 1 or 3")
   o.channels = str(o.channels)
-  if o.image_format not in images.IMAGE_FORMATS:
+  if o.image_format not in pixels.IMAGE_FORMATS:
     raise ConvertError("--image_format must be keep, png or jpeg")
   if o.max_side < 0:
     raise ConvertError("--max_side must be >= 0 (0 keeps the size)")
