@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from PIL import Image
 
 from tests.conftest import ROOT
 from tfrecord_tools import inspect as tfr_inspect
-from tfrecord_tools import records, schema
+from tfrecord_tools import records, schema, storage
 
 
 @pytest.fixture
@@ -116,4 +117,21 @@ def test_truncated_shard_is_named(data_copy):
   shard.write_bytes(shard.read_bytes()[:-7])
   report = tfr_inspect.inspect_dataset(str(data_copy), log=lambda _: None)
   assert any(p.startswith(f"{shard.name}: corrupt after ") for p in report["problems"]), (
+      report["problems"])
+
+
+def test_gcs_data_set_is_read_through_a_local_copy(gcs_emulator, demo_data_dir, tmp_path):
+  """TensorFlow's gs:// cannot reach the emulator: inspect reads each gs:// shard from a
+  temp copy, and names a corrupt one as it does locally."""
+  data = gcs_emulator.url(f"inspect/{tmp_path.name}")
+  for name in os.listdir(demo_data_dir):
+    storage.upload_file(os.path.join(demo_data_dir, name), f"{data}/{name}")
+  report = tfr_inspect.inspect_dataset(data, max_per_shard=3, log=lambda _: None)
+  assert report["ok"], report["problems"]
+  assert report["num_records"] == 18   # 3 per shard, 6 shards
+  m = schema.read_manifest(data)
+  name = m["splits"]["train"]["shards"][1]["file"]
+  storage.write_bytes(f"{data}/{name}", storage.read_bytes(f"{data}/{name}")[:-7])
+  report = tfr_inspect.inspect_dataset(data, log=lambda _: None)
+  assert any(p.startswith(f"{name}: corrupt after ") for p in report["problems"]), (
       report["problems"])

@@ -31,6 +31,9 @@ def test_table_is_complete_and_drives_the_spec():
   assert spec[records.LABEL] == tf.io.FixedLenFeature([], tf.int64, default_value=0)
   assert spec[records.ENCODED] == tf.io.FixedLenFeature([], tf.string, default_value="")
   # schema still offers the format's names (they are records' own objects).
+  for name in ("ENCODED", "FORMAT", "HEIGHT", "WIDTH", "CHANNELS", "BIT_DEPTH", "LABEL", "TEXT",
+               "FILENAME", "PATIENT_ID", "SHA256"):
+    assert getattr(schema, name) == getattr(records, name) in keys
   assert schema.LABEL is records.LABEL and schema.feature_spec is records.feature_spec
   assert schema.make_example is records.make_example
 

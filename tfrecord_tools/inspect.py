@@ -26,6 +26,7 @@ printed on its own line), 2 for a usage error (e.g. no dataset.json).
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Callable, Iterator, Sequence
 
@@ -60,8 +61,10 @@ def _read_shard(tf, path: str, limit: int = 0) -> Iterator[bytes]:
 
 
 def _first_line(e: Exception) -> str:
+  """An error's message, one line, without TensorFlow's op decorations."""
   text = getattr(e, "message", None) or str(e)
-  return text.splitlines()[0] if text else type(e).__name__
+  text = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", text.splitlines()[0] if text else "")
+  return re.sub(r"\s*\[Op:[^\]]*\].*$", "", text) or type(e).__name__
 
 
 def inspect_dataset(data_dir: str, *, grid_path: str | None = None, grid_per_class: int = 6,

@@ -20,7 +20,7 @@ from typing import Any
 from tfrecord_tools import storage
 # The record format is records.py's; its names are re-exported for the readers that use schema.
 from tfrecord_tools.records import (  # noqa: F401
-    BIT_DEPTH, CHANNELS, ENCODED, FILENAME, FORMAT, HEIGHT, LABEL, PATIENT_ID, SHA256, TEXT,
+    BIT_DEPTH, CHANNELS, ENCODED, FILENAME, FORMAT, HEIGHT, LABEL, PATIENT_ID, SHA256, TEXT, WIDTH,
     feature_spec, make_example)
 
 MANIFEST_NAME = "dataset.json"
