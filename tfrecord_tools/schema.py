@@ -7,8 +7,8 @@ defaults and meanings, and the TFRecord framing) is defined once, in
 
 Shards are named `<split>-%05d-of-%05d.tfrecord` and listed, with their record
 counts, in `dataset.json` (see `MANIFEST_NAME` and the manifest helpers below).
-This module imports TensorFlow lazily so the converter's workers and the
-manifest readers stay light.
+Importing this module does not import TensorFlow, so the converter's workers
+and the manifest readers stay light.
 """
 
 from __future__ import annotations
