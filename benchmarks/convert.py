@@ -26,13 +26,13 @@ from typing import Sequence
 
 from absl import app, flags
 
-from tfrecord_tools import convert_lib, images, schema, storage
+from tfrecord_tools import convert_lib, pixels, schema, storage
 
 _IMAGE_DIR = flags.DEFINE_string("image_dir", None, "Class-per-folder images to convert.")
 _MAX_SIDE = flags.DEFINE_integer("max_side", 0, "Resize at conversion (both methods).")
-_IMAGE_FORMAT = flags.DEFINE_enum("image_format", "keep", list(images.IMAGE_FORMATS),
+_IMAGE_FORMAT = flags.DEFINE_enum("image_format", "keep", list(pixels.IMAGE_FORMATS),
                                   "Output format (both methods).")
-_CHANNELS = flags.DEFINE_enum("channels", "keep", list(images.CHANNELS), "Output channels.")
+_CHANNELS = flags.DEFINE_enum("channels", "keep", list(pixels.CHANNELS), "Output channels.")
 _NUM_SHARDS = flags.DEFINE_integer("num_shards", 0, "Shards per split for the converter "
                                    "(0: 4 per core, so every worker has work).")
 _WORKERS = flags.DEFINE_integer("workers", 0, "Workers of the parallel run (0: all cores).")

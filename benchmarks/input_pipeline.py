@@ -26,7 +26,7 @@ the same augmentation semantics:
        prefetch; keras layers as in (2)
   (3c) the same as the example is published: `.cache()` of the float32
        pixels after the first epoch
-  (4)  xraytpu: `make_dataset` on the converted shards (decode, resize and
+  (4)  xraytpu: `train_dataset` on the converted shards (decode, resize and
        cache uint8 once; shuffle, repeat, batch, prefetch) and
        `xraytpu.data.augment` inside an XLA-compiled step; first epoch and
        steady state (after the cache) reported separately
@@ -294,7 +294,8 @@ def run_xraytpu(data_dir, size, batch, epochs, channels, seed, steps_fn) -> list
   cfg = Config(image_size=size, batch_size=batch, channels=channels, cache="memory", seed=seed,
                augment="tutorial").resolve_augment()
   manifest = schema.read_manifest(data_dir)
-  ds = input_pipeline.make_dataset(data_dir, "train", cfg, training=True, manifest=manifest)
+  ds = input_pipeline.train_dataset(data_dir, input_pipeline.InputSpec.from_config(cfg, manifest),
+                                    global_batch=batch, manifest=manifest)
   steps = stats.steps_per_epoch(manifest, "train", batch, drop_remainder=True)
   c = stats.input_channels(manifest, cfg)
   first = Result("xraytpu_first_epoch", f"(4) xraytpu, epoch 1 (decode + cache), {c} ch")

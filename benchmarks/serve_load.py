@@ -34,6 +34,7 @@ import urllib.parse
 
 from absl import app, flags
 
+from tests._serve_process import ServeProcess
 from xraytpu import serve_lib
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", "", "Run directory to serve (omit with --url).")
@@ -243,7 +244,7 @@ def benchmark(*, model_dir: str, url: str, images: list[bytes], clients: int, re
   results = []
   for name, mb, timeout_ms in settings:
     print(f"starting the server: {name} ...", file=out, flush=True)
-    with serve_lib.ServeProcess(model_dir, [f"--max_batch={mb}", f"--batch_timeout_ms={timeout_ms}"],
+    with ServeProcess(model_dir, [f"--max_batch={mb}", f"--batch_timeout_ms={timeout_ms}"],
                                 timeout=START_TIMEOUT) as server:
       print(f"  {clients} clients, up to {requests} requests or {max_seconds:g} s against {server.url}",
             file=out, flush=True)

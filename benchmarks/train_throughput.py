@@ -8,7 +8,7 @@ shards). For every --steps_per_execution value the same compiled model
 (`xraytpu.models.build_model` + `train_lib.compile_model`, exactly what
 `python -m xraytpu.train` runs, augmentation included) trains --steps steps on
 
-  (a) real       the training input: `train_lib.make_datasets` -> make_dataset on
+  (a) real       the training input: `train_lib.make_datasets` -> train_dataset on
                  the TFRecords (cached uint8, shuffle, repeat, batch, prefetch,
                  class weights) through strategy.distribute_datasets_from_function
   (b) synthetic  one batch of that same pipeline held in memory and repeated,
@@ -76,8 +76,9 @@ def measure(cfg, steps_per_execution: list[int], steps: int, repeats: int) -> di
 
   # (b): one per-replica batch of the real pipeline, repeated from memory.
   from xraytpu.data import input_pipeline  # noqa: PLC0415
-  one = input_pipeline.make_dataset(cfg.data_dir, "train", cfg, training=True, label_mode=label_mode,
-                                    manifest=manifest)
+  one = input_pipeline.train_dataset(cfg.data_dir, input_pipeline.InputSpec.from_config(cfg, manifest),
+                                     global_batch=cfg.batch_size, label_mode=label_mode,
+                                     manifest=manifest)
   if weights:
     one = one.map(train_lib._class_weight_fn(weights, num_classes))  # noqa: SLF001
   batch = next(iter(one))

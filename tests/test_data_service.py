@@ -1,4 +1,4 @@
-"""tf.data service: a dispatcher and two workers on 127.0.0.1 feed make_dataset.
+"""tf.data service: a dispatcher and two workers on 127.0.0.1 feed train_dataset.
 
 The workers are real `python -m xraytpu.data_service --role=worker` processes
 on fixed ports (one is killed with SIGKILL mid-epoch in the last test and, as a
@@ -91,10 +91,10 @@ def service():
     dispatcher._stop()  # noqa: SLF001
 
 
-def _config(address: str, seed: int) -> Config:
+def _spec(address: str, seed: int) -> input_pipeline.InputSpec:
   # Each test its own seed: the job name includes it, so the tests share no job.
-  return dataclasses.replace(Config(), data_service_address=address, image_size=16,
-                             batch_size=4, seed=seed, cache="memory")
+  return input_pipeline.InputSpec.from_config(dataclasses.replace(
+      Config(), data_service_address=address, image_size=16, batch_size=4, seed=seed, cache="memory"))
 
 
 def _recording(ds: tf.data.Dataset, seen: list) -> tf.data.Dataset:
@@ -122,8 +122,8 @@ def test_distributed_epoch_trains_on_every_example_once_per_epoch(service, data_
   files = _train_files(data_dir)
   assert len(files) == 44
   seen: list[str] = []
-  ds = input_pipeline.make_dataset(data_dir, "train", _config(address, seed=1),
-                                   training=True, label_mode="binary", with_filenames=True)
+  ds = input_pipeline.train_dataset(data_dir, _spec(address, seed=1), global_batch=4,
+                                    label_mode="binary", with_filenames=True)
   ds = _recording(ds, seen).map(lambda image, label, name: (image, label))
   model = keras.Sequential([keras.layers.Input((16, 16, 1)), keras.layers.Rescaling(1 / 255),
                             keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1)])
@@ -150,8 +150,8 @@ def test_worker_killed_mid_epoch_does_not_hang_the_trainer(service, data_dir):
   address, workers = service
   files = _train_files(data_dir)
   seen: list[str] = []
-  ds = input_pipeline.make_dataset(data_dir, "train", _config(address, seed=2),
-                                   training=True, with_filenames=True)
+  ds = input_pipeline.train_dataset(data_dir, _spec(address, seed=2), global_batch=4,
+                                    with_filenames=True)
   ds = _recording(ds, seen)
   started, done = threading.Event(), threading.Event()
   errors: list[BaseException] = []

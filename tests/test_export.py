@@ -63,7 +63,7 @@ def test_export_round_trip_equals_predict_on_real_bytes(run_dir, shared_data, tm
   assert out["label_index"].numpy().tolist() == [loaded_run.classes.index(r.label) for r in want]
 
   # The pixel signature takes what the input pipeline yields.
-  pixels = np.stack([predict_lib.encoded_to_pixels(loaded_run, open(f, "rb").read()) for f in files[:3]])
+  pixels = np.stack([predict_lib.file_pixels(loaded_run.module, open(f, "rb").read()) for f in files[:3]])
   out2 = served.signatures["serving_pixels"](image=tf.constant(pixels))
   np.testing.assert_allclose(out2["probabilities"].numpy(), expected[:3], atol=1e-5)
 

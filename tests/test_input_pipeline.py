@@ -107,6 +107,10 @@ def _cfg(**kw) -> Config:
   return Config(**base).resolve_augment()
 
 
+def _spec(**kw) -> input_pipeline.InputSpec:
+  return input_pipeline.InputSpec.from_config(_cfg(**kw))
+
+
 def _names(ds) -> list[str]:
   return [n.decode() for batch in ds for n in batch[-1].numpy()]
 
@@ -119,7 +123,10 @@ def _names(ds) -> list[str]:
 def test_shapes_and_dtypes_per_split(tiny_data, split):
   n = LAYOUT[split][0]
   for training in (True, False):
-    ds = input_pipeline.make_dataset(str(tiny_data), split, _cfg(), training=training)
+    if training:
+      ds = input_pipeline.train_dataset(str(tiny_data), _spec(), global_batch=4, split=split)
+    else:
+      ds = input_pipeline.eval_dataset(str(tiny_data), split, _spec(), batch_size=4)
     image_spec, label_spec = ds.element_spec
     assert image_spec.dtype == tf.uint8 and label_spec.dtype == tf.int32
     if training:  # fixed shapes: drop_remainder
@@ -132,8 +139,8 @@ def test_shapes_and_dtypes_per_split(tiny_data, split):
 
 
 def test_label_modes_and_filenames(tiny_data):
-  cfg = _cfg(channels=3)
-  ds = input_pipeline.make_dataset(str(tiny_data), "val", cfg, training=False, label_mode="binary",
+  spec = _spec(channels=3)
+  ds = input_pipeline.eval_dataset(str(tiny_data), "val", spec, batch_size=4, label_mode="binary",
                                    with_filenames=True)
   images, labels, names = next(iter(ds))
   assert images.shape == (4, SIZE, SIZE, 3) and images.dtype == tf.uint8
@@ -141,17 +148,17 @@ def test_label_modes_and_filenames(tiny_data):
   assert names.dtype == tf.string
   want = [float("PNEUMONIA" in n.decode()) for n in names.numpy()]
   np.testing.assert_array_equal(labels.numpy()[:, 0], want)
-  ds = input_pipeline.make_dataset(str(tiny_data), "val", cfg, training=False, label_mode="one_hot")
+  ds = input_pipeline.eval_dataset(str(tiny_data), "val", spec, batch_size=4, label_mode="one_hot")
   _, onehot = next(iter(ds))
   assert onehot.dtype == tf.float32 and onehot.shape == (4, 2)
   np.testing.assert_array_equal(onehot.numpy().sum(1), 1.0)
   with pytest.raises(ValueError):
-    input_pipeline.make_dataset(str(tiny_data), "val", cfg, training=False, label_mode="sparse")
+    input_pipeline.eval_dataset(str(tiny_data), "val", spec, batch_size=4, label_mode="sparse")
 
 
 def test_pixels_match_the_source_images(tiny_data):
   """16-bit PNG, 8-bit PNG and JPEG records all decode to the same brightness scale."""
-  ds = input_pipeline.make_dataset(str(tiny_data), "train", _cfg(aspect="pad"), training=False,
+  ds = input_pipeline.eval_dataset(str(tiny_data), "train", _spec(aspect="pad"), batch_size=4,
                                    with_filenames=True)
   for images, _, names in ds:
     for img, name in zip(images.numpy(), names.numpy()):
@@ -168,7 +175,7 @@ def test_pixels_match_the_source_images(tiny_data):
 def test_eval_every_example_exactly_once_in_manifest_order(tiny_data):
   want = manifest_order(tiny_data)
   for split in LAYOUT:
-    ds = input_pipeline.make_dataset(str(tiny_data), split, _cfg(), training=False,
+    ds = input_pipeline.eval_dataset(str(tiny_data), split, _spec(), batch_size=4,
                                      with_filenames=True)
     first, second = _names(ds), _names(ds)
     assert first == want[split]  # order kept, no drop, no duplicates
@@ -177,8 +184,7 @@ def test_eval_every_example_exactly_once_in_manifest_order(tiny_data):
 
 def test_training_epoch_is_a_permutation_and_repeats(tiny_data):
   n = LAYOUT["train"][0]
-  ds = input_pipeline.make_dataset(str(tiny_data), "train", _cfg(), training=True,
-                                   with_filenames=True)
+  ds = input_pipeline.train_dataset(str(tiny_data), _spec(), global_batch=4, with_filenames=True)
   names = [x.decode() for batch in ds.take(3 * n // 4) for x in batch[2].numpy()]
   epochs = [names[k * n:(k + 1) * n] for k in range(3)]
   for e in epochs:
@@ -188,7 +194,7 @@ def test_training_epoch_is_a_permutation_and_repeats(tiny_data):
 
 def test_cache_does_not_freeze_augmentation(tiny_data):
   """Two epochs: identical un-augmented batches (cached), different augmented ones."""
-  ds = input_pipeline.make_dataset(str(tiny_data), "val", _cfg(cache="memory"), training=False)
+  ds = input_pipeline.eval_dataset(str(tiny_data), "val", _spec(cache="memory"), batch_size=4)
   epoch1 = [b[0].numpy() for b in ds]
   epoch2 = [b[0].numpy() for b in ds]
   for a, b in zip(epoch1, epoch2):
@@ -199,7 +205,7 @@ def test_cache_does_not_freeze_augmentation(tiny_data):
   assert np.abs(out1 - out2).max() > 1.0
   # The training stream replays the same cached pixels each epoch.
   n = LAYOUT["train"][0]
-  train = input_pipeline.make_dataset(str(tiny_data), "train", _cfg(), training=True)
+  train = input_pipeline.train_dataset(str(tiny_data), _spec(), global_batch=4)
   pixels = np.concatenate([b[0].numpy() for b in train.take(2 * n // 4)])
   key = lambda arr: sorted(x.tobytes() for x in arr)  # noqa: E731
   assert key(pixels[:n]) == key(pixels[n:])
@@ -208,20 +214,20 @@ def test_cache_does_not_freeze_augmentation(tiny_data):
 def test_file_cache_is_keyed_and_read_back(tmp_path):
   data = write_tiny_dataset(tmp_path / "data", layout={"val": (6, 2)})
   prefix = tmp_path / "cache" / "c"
-  cfg = _cfg(cache=str(prefix))
-  first = [b[0].numpy() for b in input_pipeline.make_dataset(str(data), "val", cfg, training=False)]
+  spec = _spec(cache=str(prefix))
+  first = [b[0].numpy() for b in input_pipeline.eval_dataset(str(data), "val", spec, batch_size=4)]
   written = os.listdir(tmp_path / "cache")
   assert any(f.startswith("c-val-16px-squash-c1") for f in written), written
   for f in os.listdir(data):  # the shards are gone: a second run must read the cache
     if f.endswith(".tfrecord"):
       os.remove(data / f)
-  again = [b[0].numpy() for b in input_pipeline.make_dataset(str(data), "val", cfg, training=False)]
+  again = [b[0].numpy() for b in input_pipeline.eval_dataset(str(data), "val", spec, batch_size=4)]
   for a, b in zip(first, again):
     np.testing.assert_array_equal(a, b)
   # Other settings use another cache file (and so read the (missing) shards).
   with pytest.raises(tf.errors.NotFoundError):
-    list(input_pipeline.make_dataset(str(data), "val", _cfg(cache=str(prefix), image_size=8),
-                                     training=False))
+    list(input_pipeline.eval_dataset(str(data), "val", _spec(cache=str(prefix), image_size=8),
+                                     batch_size=4))
 
 
 # ---------------------------------------------------------------------------
@@ -234,7 +240,7 @@ def _ctx(i: int, n: int = 2):
 
 
 def test_shard_by_file_and_by_element(tiny_data, caplog):
-  cfg = _cfg(batch_size=4)
+  spec = _spec()
   want = manifest_order(tiny_data)
   # train: 3 shards >= 2 pipelines -> by file; test: 1 shard -> by element + a warning.
   for split in ("train", "test"):
@@ -242,7 +248,7 @@ def test_shard_by_file_and_by_element(tiny_data, caplog):
     with caplog.at_level(logging.WARNING):
       caplog.clear()
       for i in range(2):
-        ds = input_pipeline.make_dataset(str(tiny_data), split, cfg, training=False,
+        ds = input_pipeline.eval_dataset(str(tiny_data), split, spec, batch_size=4,
                                          input_context=_ctx(i), with_filenames=True)
         assert ds.element_spec[0].shape.as_list() == [None, SIZE, SIZE, 1]
         assert max(int(b[0].shape[0]) for b in ds) == 2  # per-replica batch = 4 // 2
@@ -266,8 +272,9 @@ from xraytpu.data import input_pipeline
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 cfg = Config(image_size=16, batch_size=8, cache="memory", augment="none").resolve_augment()
 dist = strategy.distribute_datasets_from_function(
-    lambda ctx: input_pipeline.make_dataset(sys.argv[1], "train", cfg, training=True,
-                                            input_context=ctx, label_mode="binary"))
+    lambda ctx: input_pipeline.train_dataset(sys.argv[1], input_pipeline.InputSpec.from_config(cfg),
+                                             global_batch=cfg.batch_size, input_context=ctx,
+                                             label_mode="binary"))
 images, labels = next(iter(dist))
 local = strategy.experimental_local_results(images)
 
@@ -311,8 +318,8 @@ def test_tf_data_service(tiny_data):
   dispatcher = service.DispatchServer()
   worker = service.WorkerServer(service.WorkerConfig(
       dispatcher_address=dispatcher.target.split("://")[1]))
-  cfg = _cfg(data_service_address=dispatcher.target)
-  ds = input_pipeline.make_dataset(str(tiny_data), "train", cfg, training=True, with_filenames=True)
+  spec = _spec(data_service_address=dispatcher.target)
+  ds = input_pipeline.train_dataset(str(tiny_data), spec, global_batch=4, with_filenames=True)
   n = LAYOUT["train"][0]
   batches = list(ds.take(2 * n // 4))
   assert all(b[0].shape == (4, SIZE, SIZE, 1) and b[0].dtype == tf.uint8 for b in batches)
@@ -323,25 +330,55 @@ def test_tf_data_service(tiny_data):
 
 
 def test_options_applied(tiny_data):
-  cfg = _cfg(private_threads=3, ram_budget_mb=64, deterministic=True)
-  ds = input_pipeline.make_dataset(str(tiny_data), "train", cfg, training=True)
+  spec = _spec(private_threads=3, ram_budget_mb=64, deterministic=True)
+  ds = input_pipeline.train_dataset(str(tiny_data), spec, global_batch=4)
   opts = ds.options()
   assert opts.threading.private_threadpool_size == 3
   assert opts.autotune.ram_budget == 64 << 20
   assert opts.deterministic is True
-  assert input_pipeline.make_dataset(str(tiny_data), "train", _cfg(),
-                                     training=True).options().deterministic is False
+  assert input_pipeline.train_dataset(str(tiny_data), _spec(),
+                                      global_batch=4).options().deterministic is False
+
+
+def test_input_spec_from_config(tiny_data):
+  """Every pipeline setting comes from the Config; channels=0 is resolved with the manifest."""
+  m = schema.read_manifest(str(tiny_data))
+  cfg = _cfg(channels=0, aspect="pad", cache="off", shuffle_buffer=7, deterministic=True,
+             private_threads=2, ram_budget_mb=5, data_service_address="grpc://h:1", seed=9)
+  spec = input_pipeline.InputSpec.from_config(cfg, m)
+  assert spec == input_pipeline.InputSpec(
+      image_size=SIZE, channels=1, aspect="pad", cache="off", shuffle_buffer=7, deterministic=True,
+      private_threads=2, ram_budget_mb=5, data_service_address="grpc://h:1", seed=9)
+  assert input_pipeline.InputSpec.from_config(cfg).channels == 0  # the pipeline resolves it
+  config_fields = {f.name for f in dataclasses.fields(Config)}
+  assert {f.name for f in dataclasses.fields(input_pipeline.InputSpec)} <= config_fields
+
+
+def test_eval_ignores_the_training_only_settings(tiny_data):
+  """A training spec (shuffle, seed, tf.data service) evaluates in order, in-process, and
+  gives the pixels of a plain spec built without a Config."""
+  spec = _spec(data_service_address="grpc://127.0.0.1:1", shuffle_buffer=64, seed=3)
+  ds = input_pipeline.eval_dataset(str(tiny_data), "val", spec, batch_size=4, with_filenames=True)
+  assert ds.options().deterministic is True
+  assert _names(ds) == manifest_order(tiny_data)["val"]
+  plain = input_pipeline.InputSpec(image_size=SIZE, channels=1, aspect="squash")
+  assert plain.cache == "off" and not plain.data_service_address
+  a = [b[0].numpy() for b in ds]
+  b = [b[0].numpy() for b in input_pipeline.eval_dataset(str(tiny_data), "val", plain, batch_size=4)]
+  assert len(a) == len(b) == 3
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
 
 
 def test_errors_are_clear(tiny_data, tmp_path):
   with pytest.raises(schema.ManifestError, match="no manifest"):
-    input_pipeline.make_dataset(str(tmp_path), "train", _cfg(), training=True)
+    input_pipeline.train_dataset(str(tmp_path), _spec(), global_batch=4)
   with pytest.raises(schema.ManifestError, match="not in the data set"):
-    input_pipeline.make_dataset(str(tiny_data), "validation", _cfg(), training=False)
+    input_pipeline.eval_dataset(str(tiny_data), "validation", _spec(), batch_size=4)
   three = write_tiny_dataset(tmp_path / "three", layout={"train": (6, 1)},
                              classes=["A", "B", "C"])
   with pytest.raises(DataError, match="2 classes"):
-    input_pipeline.make_dataset(str(three), "train", _cfg(), training=True, label_mode="binary")
+    input_pipeline.train_dataset(str(three), _spec(), global_batch=4, label_mode="binary")
 
 
 def test_real_converter_output(demo_data_dir):
@@ -349,11 +386,12 @@ def test_real_converter_output(demo_data_dir):
   m = schema.read_manifest(demo_data_dir)
   cfg = _cfg(image_size=32, batch_size=8)
   assert stats.input_channels(m, cfg) == 1
-  ds = input_pipeline.make_dataset(demo_data_dir, "val", cfg, training=False, with_filenames=True,
+  spec = input_pipeline.InputSpec.from_config(cfg, m)
+  ds = input_pipeline.eval_dataset(demo_data_dir, "val", spec, batch_size=8, with_filenames=True,
                                    manifest=m)
   n = sum(int(b[0].shape[0]) for b in ds)
   assert n == m["splits"]["val"]["num_examples"]
-  images, labels = next(iter(input_pipeline.make_dataset(demo_data_dir, "train", cfg, training=True)))
+  images, labels = next(iter(input_pipeline.train_dataset(demo_data_dir, spec, global_batch=8)))
   assert images.shape == (8, 32, 32, 1) and images.dtype == tf.uint8
   assert set(labels.numpy()) <= {0, 1}
 

@@ -22,7 +22,8 @@ import pytest
 from PIL import Image
 
 from _runs import copy_run, evaluated_copy, trained_run
-from xraytpu import predict_lib, serve_lib
+from _serve_process import ServeProcess
+from xraytpu import model_card, predict_lib, serve_batching, serve_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 60  # seconds, per HTTP request
@@ -319,11 +320,11 @@ def test_batcher_gathers_waiting_jobs_up_to_max_batch():
     for j in jobs:
       j.finish(result=len(j.pixels))
 
-  batcher = serve_lib.Batcher(fn, max_batch=4, timeout_s=0.2)
+  batcher = serve_batching.Batcher(fn, max_batch=4, timeout_s=0.2)
   try:
-    first = batcher.submit(serve_lib.Job(np.zeros((4, 2, 2, 1), np.uint8)))  # full batch: runs at once
+    first = batcher.submit(serve_batching.Job(np.zeros((4, 2, 2, 1), np.uint8)))  # full batch: runs at once
     assert started.wait(30)
-    rest = [batcher.submit(serve_lib.Job(np.zeros((1, 2, 2, 1), np.uint8))) for _ in range(6)]
+    rest = [batcher.submit(serve_batching.Job(np.zeros((1, 2, 2, 1), np.uint8))) for _ in range(6)]
     release.set()
     assert first.wait(30) == 4 and [j.wait(30) for j in rest] == [1] * 6
     assert calls == [[4], [1, 1, 1, 1], [1, 1]]
@@ -339,11 +340,11 @@ def test_a_failing_batch_fails_its_requests_and_the_worker_goes_on():
     for j in jobs:
       j.finish(result="ok")
 
-  batcher = serve_lib.Batcher(fn, max_batch=1, timeout_s=0.0)
+  batcher = serve_batching.Batcher(fn, max_batch=1, timeout_s=0.0)
   try:
     with pytest.raises(RuntimeError, match="boom"):
-      batcher.submit(serve_lib.Job(np.zeros((1, 1, 1, 1), np.uint8), gradcam=True)).wait(30)
-    assert batcher.submit(serve_lib.Job(np.zeros((1, 1, 1, 1), np.uint8))).wait(30) == "ok"
+      batcher.submit(serve_batching.Job(np.zeros((1, 1, 1, 1), np.uint8), gradcam=True)).wait(30)
+    assert batcher.submit(serve_batching.Job(np.zeros((1, 1, 1, 1), np.uint8))).wait(30) == "ok"
   finally:
     batcher.stop()
 
@@ -371,7 +372,7 @@ def test_entry_point_reports_a_missing_run_in_one_line(tmp_path):
 def test_serve_process_that_does_not_start_raises_with_its_output(tmp_path):
   """serve_lib.ServeProcess (the browser test's and benchmarks/serve_load's server): the child's error comes back."""
   with pytest.raises(serve_lib.ServeError, match=r"did not start \(exit code 2\)(.|\n)*no such run directory"):
-    serve_lib.ServeProcess(str(tmp_path / "nope"), timeout=120)
+    ServeProcess(str(tmp_path / "nope"), timeout=120)
 
 
 def test_dicom_without_pydicom_or_broken_is_a_4xx(server):
@@ -386,7 +387,7 @@ def test_dicom_without_pydicom_or_broken_is_a_4xx(server):
 
 def test_card_of_an_unevaluated_run_says_so(demo_data_dir, tmp_path_factory, tmp_path):
   run = predict_lib.load(copy_run(trained_run(demo_data_dir, tmp_path_factory), tmp_path))
-  card = serve_lib.model_card(run)
+  card = model_card.model_card(run)
   assert card["evaluation"] is None and card["threshold"] == 0.5
   assert card["threshold_policy"] == "fixed:0.5" and "xraytpu.evaluate" in card["threshold_note"]
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from _runs import evaluated_copy
-from xraytpu import serve_lib
+from _serve_process import ServeProcess
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -53,7 +53,7 @@ def evaluated_run(demo_data_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server_url(evaluated_run):
   """The real `python -m xraytpu.serve` on 127.0.0.1, any free port; stopped afterwards."""
-  with serve_lib.ServeProcess(evaluated_run[0], timeout=START_TIMEOUT) as server:
+  with ServeProcess(evaluated_run[0], timeout=START_TIMEOUT) as server:
     assert server.url.startswith("http://127.0.0.1:")
     yield server.url
 
@@ -71,7 +71,7 @@ def browser():
 
 def test_page_predicts_real_films_like_xraytpu_predict(browser, server_url, evaluated_run, shared_data,
                                                        tmp_path):
-  from xraytpu import predict_lib
+  from xraytpu import predict_lib, rundir
   run_dir, report = evaluated_run
   films = (sorted(glob.glob(str(shared_data / "chest_xray_400x300" / "Normal" / "*.jpeg")))[:1] +
            sorted(glob.glob(str(shared_data / "chest_xray_400x300" / "ViralPneumonia" / "*.jpeg")))[1:2])
@@ -91,7 +91,7 @@ def test_page_predicts_real_films_like_xraytpu_predict(browser, server_url, eval
   auc_text = page.text_content("#test-auc")
   auc, lo, hi = (f"{x:.3f}" for x in (report["auc"], *report["auc_ci"]))   # as report.md prints them
   assert f"AUC {auc} (95% CI {lo}–{hi})" in auc_text and "test" in auc_text
-  op = predict_lib.read_operating_point(run_dir)
+  op = rundir.read_operating_point(run_dir)
   threshold_text = page.text_content("#threshold")
   assert f"{op['threshold']:.4f}" in threshold_text and "youden" in threshold_text and "val" in threshold_text
   assert "Not a diagnostic device" in page.text_content("#disclaimer")

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from xraytpu import models, train_lib
+from xraytpu import models, rundir, train_lib
 from xraytpu._keras import keras
 from xraytpu.config import Config
 from xraytpu.models import applications
@@ -73,11 +73,12 @@ def test_run_dir_layout_config_and_load_run(demo_data_dir, tmp_path):
   assert float(rows[0]["images_per_sec"]) > 0
   assert float(rows[0]["lr"]) < float(rows[1]["lr"]) or float(rows[1]["lr"]) < cfg.learning_rate  # schedule moves
 
-  cfg2, manifest, model = train_lib.load_run(run, weights="final")
+  final = rundir.load(run, weights="final")
+  cfg2, manifest, model = final.cfg, final.manifest, final.model
   assert cfg2 == result.config and manifest["classes"] == ["NORMAL", "PNEUMONIA"]
   x = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 1), dtype=np.uint8)
   np.testing.assert_allclose(model.predict(x, verbose=0), result.model.predict(x, verbose=0), rtol=1e-5)
-  _, _, best = train_lib.load_run(run)  # weights of the best val_auc epoch
+  best = rundir.load(run).model  # weights of the best val_auc epoch
   assert best.predict(x, verbose=0).shape == (3, 1)
   assert isinstance(keras.models.load_model(os.path.join(run, "model.keras")), keras.Model)
 
@@ -338,9 +339,11 @@ def test_real_chest_xray_training_beats_chance(shared_data, tmp_path):
   cfg = _cfg(data, str(tmp_path / "run"), image_size=32, batch_size=32, epochs=4)
   result = train_lib.train_and_evaluate(cfg, verbose=0)
 
-  _, manifest, model = train_lib.load_run(result.run_dir)  # best val_auc weights
+  loaded = rundir.load(result.run_dir)  # best val_auc weights
+  manifest, model = loaded.manifest, loaded.model
   assert manifest["classes"] == ["NORMAL", "PNEUMONIA"]
-  ds = input_pipeline.make_dataset(data, "val", result.config, training=False, label_mode="int",
+  ds = input_pipeline.eval_dataset(data, "val", input_pipeline.InputSpec.from_config(result.config),
+                                   batch_size=result.config.batch_size, label_mode="int",
                                    manifest=manifest)
   labels, probs = [], []
   for x, y in ds:

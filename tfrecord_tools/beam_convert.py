@@ -15,7 +15,7 @@ own per-image and per-shard code (`tfrecord_tools.shards`):
              size limit on Dataflow)
   pipeline   ReadFromText(plan) -> Reshuffle (spread the images over workers)
              -> PrepareImage (shards.convert_item): read, sha256,
-                images.prepare_image, serialise the record; a bad file becomes
+                pixels.prepare_image, serialise the record; a bad file becomes
                 a "skipped" entry and bumps the `images_skipped` counter
              -> GroupByKey(shard) -> WriteShard (shards.write_records):
                 records in plan order, TFRecord framing, `<shard>.tmp-N` then

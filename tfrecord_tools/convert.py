@@ -23,7 +23,7 @@ from typing import Sequence
 
 from absl import app, flags
 
-from tfrecord_tools import convert_lib, images, storage
+from tfrecord_tools import convert_lib, pixels, storage
 
 _INPUT_DIR = flags.DEFINE_string("input_dir", None, "Folder of images: input/<class>/* or "
                                  "input/<split>/<class>/*; for keras_pair, the folder of the "
@@ -54,11 +54,11 @@ _CLASS_MAP = flags.DEFINE_string("class_map", "", "Merge/rename/drop classes: "
 _MAX_SIDE = flags.DEFINE_integer("max_side", 0, "Shrink so the longer side is at most this many "
                                  "pixels (aspect kept); 0 keeps the size. The fast path for "
                                  "large X-rays.")
-_IMAGE_FORMAT = flags.DEFINE_enum("image_format", "keep", list(images.IMAGE_FORMATS),
+_IMAGE_FORMAT = flags.DEFINE_enum("image_format", "keep", list(pixels.IMAGE_FORMATS),
                                   "keep: JPEG stays JPEG, other formats become PNG.")
-_CHANNELS = flags.DEFINE_enum("channels", "keep", list(images.CHANNELS),
+_CHANNELS = flags.DEFINE_enum("channels", "keep", list(pixels.CHANNELS),
                               "keep: grayscale stays 1 channel, color 3; or force 1 or 3.")
-_JPEG_QUALITY = flags.DEFINE_integer("jpeg_quality", images.JPEG_QUALITY,
+_JPEG_QUALITY = flags.DEFINE_integer("jpeg_quality", pixels.JPEG_QUALITY,
                                      "Quality of JPEGs the converter encodes.")
 _NUM_SHARDS = flags.DEFINE_integer("num_shards", 0, "Shards per split (at most one per image); "
                                    "0: from the data size (~150 MB per shard).")

@@ -23,7 +23,7 @@
                into `split-%05d-of-%05d.tfrecord` shards.
   5. write     one task per shard (`shards.write_shard`), run by a crash-
                tolerant pool of worker processes (`pool.run`): read,
-               `images.prepare_image` (decode = validate, normalise, resize),
+               `pixels.prepare_image` (decode = validate, normalise, resize),
                serialise a `tf.train.Example` (`records`), write. Bad files
                are skipped with a reason. A shard is written to
                `<name>.tmp-N` and renamed when complete, with its statistics
@@ -53,7 +53,7 @@ import sys
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-from tfrecord_tools import __version__, images, pool, records, schema, shards, storage
+from tfrecord_tools import __version__, pixels, pool, records, schema, shards, storage
 from tfrecord_tools.shards import STATE_DIR, Item, ShardTask, Source
 
 IMAGE_EXTENSIONS = frozenset({
@@ -91,7 +91,7 @@ class ConvertOptions:
   max_side: int = 0                  # 0: keep the size
   image_format: str = "keep"         # keep | png | jpeg
   channels: str = "keep"             # keep | 1 | 3
-  jpeg_quality: int = images.JPEG_QUALITY
+  jpeg_quality: int = pixels.JPEG_QUALITY
   num_shards: int = 0                # 0: from the data size (see default_num_shards)
   num_workers: int = 0               # 0: all cores
   max_skipped_fraction: float = 0.05
@@ -494,7 +494,7 @@ def _fingerprint(task: ShardTask) -> str:
   h = hashlib.sha256()
   h.update(json.dumps([__version__, task.file, task.max_side, task.channels,
                        task.image_format, task.jpeg_quality,
-                       images.PNG_COMPRESS_LEVEL]).encode())
+                       pixels.PNG_COMPRESS_LEVEL, pixels.CONTRACT_VERSION]).encode())
   for it in task.items:
     s = it.source
     h.update(json.dumps([s.rel, s.path, s.size, s.mtime_ns, s.offset, it.label,
@@ -584,10 +584,10 @@ def _run_tasks(tasks: list[ShardTask], num_workers: int, progress: Progress,
 def _check_options(o: ConvertOptions) -> None:
   if o.input_format not in INPUT_FORMATS:
     raise ConvertError(f"--input_format must be one of {', '.join(INPUT_FORMATS)}")
-  if str(o.channels) not in images.CHANNELS:
+  if str(o.channels) not in pixels.CHANNELS:
     raise ConvertError("--channels must be keep, 1 or 3")
   o.channels = str(o.channels)
-  if o.image_format not in images.IMAGE_FORMATS:
+  if o.image_format not in pixels.IMAGE_FORMATS:
     raise ConvertError("--image_format must be keep, png or jpeg")
   if o.max_side < 0:
     raise ConvertError("--max_side must be >= 0 (0 keeps the size)")

@@ -25,7 +25,7 @@ import os
 import threading
 from typing import Any, Iterable
 
-from tfrecord_tools import images, pool, records, storage
+from tfrecord_tools import pixels, pool, records, storage
 
 STATE_DIR = ".convert-state"   # in the output folder while a conversion runs
 
@@ -82,7 +82,7 @@ class Stats:
     e = self.d.setdefault(key, {})
     e[str(v)] = e.get(str(v), 0) + n
 
-  def add(self, p: images.PreparedImage) -> None:
+  def add(self, p: pixels.PreparedImage) -> None:
     self.d["count"] += 1
     self.d["bytes"] += len(p.encoded)
     self._minmax("height", p.height)
@@ -132,7 +132,7 @@ def state_path(output_dir: str, file: str) -> str:
 
 def convert_one(source: Source, *, label: int, text: str, patient_id: str, max_side: int,
                 channels: str, image_format: str, jpeg_quality: int
-                ) -> tuple[bytes, images.PreparedImage] | str:
+                ) -> tuple[bytes, pixels.PreparedImage] | str:
   """One source -> (serialised tf.train.Example, PreparedImage), or why it is skipped.
 
   Read the bytes, prepare_image (decode = validate, normalise, resize),
@@ -144,9 +144,9 @@ def convert_one(source: Source, *, label: int, text: str, patient_id: str, max_s
     data = storage.read_bytes(s.path, s.offset, s.size)
     if s.offset >= 0 and len(data) != s.size:
       raise OSError("record shorter than its header says")
-    prepared = images.prepare_image(data, max_side=max_side, channels=channels,
+    prepared = pixels.prepare_image(data, max_side=max_side, channels=channels,
                                     image_format=image_format, jpeg_quality=jpeg_quality)
-  except images.ImageError as e:
+  except pixels.ImageError as e:
     return e.reason
   except OSError as e:
     return f"unreadable: {e.strerror or e}"

@@ -3,7 +3,7 @@
 The service moves the input pipeline's work (read shards, decode, resize) off
 the training hosts onto any number of CPU machines. One dispatcher hands out
 work; each worker runs the pipeline's graph and streams finished batches to
-the trainers over gRPC. The trainer side is `make_dataset(...)` with
+the trainers over gRPC. The trainer side is `train_dataset(...)` with
 `Config.data_service_address = "grpc://DISPATCHER_HOST:PORT"`
 (`xraytpu.data.input_pipeline`).
 

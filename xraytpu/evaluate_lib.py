@@ -52,7 +52,7 @@ import numpy as np
 from absl import logging
 
 from tfrecord_tools import storage
-from xraytpu import metrics, plots, predict_lib
+from xraytpu import errors, metrics, plots, predict_lib, rundir
 
 REPORT_VERSION = 1
 DEFAULT_POLICY = "youden"
@@ -60,7 +60,7 @@ THRESHOLD_SPLIT = "val"
 _KEEP_IMAGES = 64  # images kept in memory for the sample grid
 
 
-class EvaluateError(ValueError):
+class EvaluateError(errors.UserError):
   """A user mistake (missing split, class mismatch, bad policy); one line for the user."""
 
 
@@ -69,16 +69,29 @@ class SplitPredictions:
   """Model outputs on one split, in record order.
 
   filenames [n] (record image/filename); labels int [n] in the RUN's class
-  order; probs float64 [n, K] before any temperature (binary: [1 - p, p]);
-  images: {row index: uint8 [S, S, C]} for the first few rows.
+  order; raw float32 [n, 1 | K] the model's outputs; probs float64 [n, K]
+  before any temperature (binary: [1 - p, p]); images: {row index: uint8
+  [S, S, C]} for the first few rows.
   """
   dataset: str
   data_dir: str
   split: str
   filenames: list[str]
   labels: np.ndarray
+  raw: np.ndarray
   probs: np.ndarray
   images: dict[int, np.ndarray]
+
+
+def class_probabilities(run: rundir.LoadedRun, raw: np.ndarray, *, temperature: float | None = None,
+                        threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Model outputs -> (probabilities float64 [n, K], label index [n]) through the run's
+  InferenceModule (the one calibration and decision; it is left set to these values)."""
+  import tensorflow as tf  # noqa: PLC0415
+  module = run.module
+  module.set_operating_point(threshold, temperature)
+  out = module.decide(tf.constant(np.asarray(raw, np.float32)))
+  return out["probabilities"].numpy().astype(np.float64), out["label_index"].numpy()
 
 
 # --------------------------------------------------------------------------
@@ -115,7 +128,7 @@ def match_classes(run_classes: Sequence[str], data_classes: Sequence[str], data_
   return np.array(out, dtype=np.int64)
 
 
-def predict_split(run: predict_lib.LoadedRun, data_dir: str, split: str, *, manifest: dict | None = None,
+def predict_split(run: rundir.LoadedRun, data_dir: str, split: str, *, manifest: dict | None = None,
                   batch_size: int = 0) -> SplitPredictions:
   """Runs the model over every record of `split` (input pipeline in eval mode, record order)."""
   from tfrecord_tools import schema
@@ -126,16 +139,18 @@ def predict_split(run: predict_lib.LoadedRun, data_dir: str, split: str, *, mani
   except schema.ManifestError as e:
     raise EvaluateError(str(e)) from e
   mapping = match_classes(run.classes, manifest["classes"], data_dir)
-  cfg = dataclasses.replace(run.cfg, data_dir=data_dir, channels=run.channels, image_size=run.size,
-                            aspect=run.aspect, cache="off", data_service_address="",
-                            batch_size=batch_size or run.cfg.batch_size or 32)
-  ds = input_pipeline.make_dataset(data_dir, split, cfg, training=False, with_filenames=True,
-                                   manifest=manifest)
+  # What the run's model sees; the run's tf.data thread and RAM settings, nothing cached.
+  spec = input_pipeline.InputSpec(image_size=run.size, channels=run.channels, aspect=run.aspect,
+                                  private_threads=run.cfg.private_threads,
+                                  ram_budget_mb=run.cfg.ram_budget_mb)
+  ds = input_pipeline.eval_dataset(data_dir, split, spec,
+                                   batch_size=batch_size or run.cfg.batch_size or 32,
+                                   with_filenames=True, manifest=manifest)
   total = int(schema.split_info(manifest, split).get("num_examples", 0))
   raws, labels, names, images = [], [], [], {}
   start, last_log, seen = time.time(), time.time(), 0
   for image, label, filename in ds:
-    raws.append(np.asarray(run.model(image, training=False), dtype=np.float32))
+    raws.append(run.module.raw(image).numpy())
     labels.append(mapping[label.numpy()])
     names.extend(f.decode("utf-8", "replace") for f in filename.numpy())
     img = image.numpy()
@@ -151,8 +166,8 @@ def predict_split(run: predict_lib.LoadedRun, data_dir: str, split: str, *, mani
   logging.info("%s: %d images predicted in %.1fs", split, seen, time.time() - start)
   return SplitPredictions(
       dataset=dataset_name(data_dir, manifest), data_dir=data_dir, split=split, filenames=names,
-      labels=np.concatenate(labels) if labels else np.zeros(0, np.int64),
-      probs=predict_lib.to_class_probabilities(raw, run.binary, None), images=images)
+      labels=np.concatenate(labels) if labels else np.zeros(0, np.int64), raw=raw,
+      probs=class_probabilities(run, raw)[0], images=images)
 
 
 # --------------------------------------------------------------------------
@@ -173,7 +188,7 @@ def _wants_new(existing: dict | None, policy: str | None, temperature_scaling: b
   return False
 
 
-def choose_operating_point(run: predict_lib.LoadedRun, val: SplitPredictions | None, policy: str,
+def choose_operating_point(run: rundir.LoadedRun, val: SplitPredictions | None, policy: str,
                            temperature_scaling: bool) -> dict[str, Any]:
   """Chooses threshold (binary) and temperature on `val`; returns the threshold.json dict."""
   op: dict[str, Any] = {
@@ -193,8 +208,7 @@ def choose_operating_point(run: predict_lib.LoadedRun, val: SplitPredictions | N
     op["temperature_fit"] = fit.to_dict()
     if fit.reason is None:
       op["temperature"] = fit.temperature
-      probs = predict_lib.to_class_probabilities(
-          probs[:, 1:] if run.binary else probs, run.binary, fit.temperature)
+      probs = class_probabilities(run, val.raw, temperature=fit.temperature)[0]
   if not run.binary:
     return op
   op["positive_class"] = run.classes[1]
@@ -205,15 +219,15 @@ def choose_operating_point(run: predict_lib.LoadedRun, val: SplitPredictions | N
     return op
   choice = metrics.choose_threshold(val.labels, probs[:, 1], policy)
   if choice.threshold is None:
-    op.update(threshold=predict_lib.DEFAULT_THRESHOLD, fallback_reason=choice.reason)
+    op.update(threshold=rundir.DEFAULT_THRESHOLD, fallback_reason=choice.reason)
     logging.warning("threshold policy %s failed on %s (%s): using %s", op["policy"], val.split,
-                    choice.reason, predict_lib.DEFAULT_THRESHOLD)
-    choice = metrics.choose_threshold(val.labels, probs[:, 1], f"fixed:{predict_lib.DEFAULT_THRESHOLD}")
+                    choice.reason, rundir.DEFAULT_THRESHOLD)
+    choice = metrics.choose_threshold(val.labels, probs[:, 1], f"fixed:{rundir.DEFAULT_THRESHOLD}")
   op.update(threshold=choice.threshold, sensitivity=choice.sensitivity, specificity=choice.specificity)
   return op
 
 
-def resolve_operating_point(run: predict_lib.LoadedRun, *, policy: str | None,
+def resolve_operating_point(run: rundir.LoadedRun, *, policy: str | None,
                             temperature_scaling: bool | None, batch_size: int = 0,
                             cache: dict | None = None) -> dict[str, Any]:
   """The run's threshold.json, (re)chosen on the training data's val split when needed.
@@ -230,7 +244,7 @@ def resolve_operating_point(run: predict_lib.LoadedRun, *, policy: str | None,
   existing = run.operating_point
   if not _wants_new(existing, policy, temperature_scaling, run.binary):
     logging.info("using the operating point in %s (policy %s, chosen on %s)",
-                 predict_lib.OPERATING_POINT_FILE, existing.get("policy"), existing.get("source_split"))
+                 rundir.OPERATING_POINT, existing.get("policy"), existing.get("source_split"))
     return existing
   policy = policy or (existing or {}).get("policy") or DEFAULT_POLICY
   if policy == "argmax":
@@ -254,7 +268,7 @@ def resolve_operating_point(run: predict_lib.LoadedRun, *, policy: str | None,
       if cache is not None:
         cache[key] = val
   op = choose_operating_point(run, val, policy, temperature_scaling)
-  path = predict_lib.write_operating_point(run.model_dir, op)
+  path = rundir.write_operating_point(run.model_dir, op)
   run.operating_point = op
   logging.info("operating point written to %s: threshold %s (%s on %s)", path, op["threshold"],
                op["policy"], op["source_split"])
@@ -418,11 +432,9 @@ def evaluate(model_dir: str, *, data_dir: str = "", split: str = "test",
   if op.get("fallback_reason"):
     notes.append(f"threshold policy {op['policy']} could not be applied on "
                  f"{op.get('source_split')}: {op['fallback_reason']}; threshold {op['threshold']} used")
-  temperature = op.get("temperature")
-  probs = preds.probs
-  if temperature is not None:
-    probs = predict_lib.to_class_probabilities(probs[:, 1:] if run.binary else probs, run.binary,
-                                               temperature)
+  # Calibrated probabilities at the operating point, by the one inference path.
+  probs, _ = class_probabilities(run, preds.raw, temperature=op.get("temperature"),
+                                 threshold=op.get("threshold"))
   rep = compute_report(run.classes, preds.labels, probs, op, raw_probs=preds.probs,
                        n_resamples=n_resamples, seed=seed)
   pred = rep.pop("_pred")
@@ -430,19 +442,19 @@ def evaluate(model_dir: str, *, data_dir: str = "", split: str = "test",
   missing = [c for c, n in rep["class_counts"].items() if n == 0]
   if missing:
     notes.append(f"no {split} examples of {', '.join(missing)}")
-  out_dir = out_dir or os.path.join(model_dir, "eval", f"{preds.dataset}-{split}")
+  out_dir = out_dir or rundir.eval_dir(model_dir, preds.dataset, split)
   report = {"report_version": REPORT_VERSION, "model_dir": model_dir, "data_dir": data_dir,
             "dataset": preds.dataset, "split": split, **rep, "notes": notes,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-  files = {"predictions": "predictions.csv", "report_json": "report.json", "report_md": "report.md"}
-  _write_predictions(os.path.join(out_dir, "predictions.csv"), run.classes, preds, probs, pred)
+  files = {k: rundir.EVAL_FILES[k] for k in ("predictions", "report_json", "report_md")}
+  _write_predictions(storage.join(out_dir, files["predictions"]), run.classes, preds, probs, pred)
   if write_plots:
     files.update(_write_plots(out_dir, run, preds, probs, pred, report))
   report["files"] = files
   report = metrics.to_jsonable(report)
-  storage.write_bytes(os.path.join(out_dir, "report.json"),
+  storage.write_bytes(storage.join(out_dir, files["report_json"]),
                     (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
-  storage.write_bytes(os.path.join(out_dir, "report.md"),
+  storage.write_bytes(storage.join(out_dir, files["report_md"]),
                     render_markdown(report, report_text).encode("utf-8"))
   report["report_dir"] = out_dir
   return report
@@ -469,23 +481,23 @@ def _write_plots(out_dir, run, preds: SplitPredictions, probs, pred, report) -> 
       op_point = None
       if report["sensitivity"] is not None and report["specificity"] is not None:
         op_point = (1 - report["specificity"], report["sensitivity"])
-      plots.roc({f"AUC {_fmt(report['auc'])}": curve}, os.path.join(out_dir, "roc.png"),
+      plots.roc({f"AUC {_fmt(report['auc'])}": curve}, storage.join(out_dir, rundir.EVAL_FILES["roc"]),
                 title=f"ROC, {tag}", operating_point=op_point,
                 op_label=f"threshold {report['threshold']:.3f} ({report['threshold_policy']} on "
                          f"{report['threshold_source_split'] or 'fixed'})")
-      files["roc"] = "roc.png"
+      files["roc"] = rundir.EVAL_FILES["roc"]
     pr = metrics.pr_curve(y, p)
     if pr is not None:
-      plots.precision_recall({f"AP {_fmt(report['pr_auc'])}": pr}, os.path.join(out_dir, "pr.png"),
+      plots.precision_recall({f"AP {_fmt(report['pr_auc'])}": pr}, storage.join(out_dir, rundir.EVAL_FILES["pr"]),
                              prevalence=float(y.mean()), title=f"Precision-recall, {tag}",
                              operating_point=(report["sensitivity"], report["ppv"]),
                              op_label=f"threshold {report['threshold']:.3f}")
-      files["pr"] = "pr.png"
+      files["pr"] = rundir.EVAL_FILES["pr"]
     bins = metrics.calibration_bins(y, p)
     extra = None
     if report.get("temperature") is not None:
       extra = {"before temperature scaling": metrics.calibration_bins(y, preds.probs[:, 1])}
-    plots.reliability(bins, os.path.join(out_dir, "calibration.png"),
+    plots.reliability(bins, storage.join(out_dir, rundir.EVAL_FILES["calibration"]),
                       title=f"Calibration, {tag} (ECE {_fmt(report['ece'])})",
                       xlabel=f"predicted P({classes[1]})", ylabel=f"observed fraction {classes[1]}",
                       extra=extra)
@@ -500,19 +512,19 @@ def _write_plots(out_dir, run, preds: SplitPredictions, probs, pred, report) -> 
       if pc is not None:
         prs[c] = pc
     if curves:
-      plots.roc(curves, os.path.join(out_dir, "roc.png"),
+      plots.roc(curves, storage.join(out_dir, rundir.EVAL_FILES["roc"]),
                 title=f"One-vs-rest ROC, {tag} (macro AUC {_fmt(report['auc'])})")
-      files["roc"] = "roc.png"
+      files["roc"] = rundir.EVAL_FILES["roc"]
     if prs:
-      plots.precision_recall(prs, os.path.join(out_dir, "pr.png"), title=f"One-vs-rest PR, {tag}")
-      files["pr"] = "pr.png"
-    plots.reliability(metrics.calibration_bins(y, probs), os.path.join(out_dir, "calibration.png"),
+      plots.precision_recall(prs, storage.join(out_dir, rundir.EVAL_FILES["pr"]), title=f"One-vs-rest PR, {tag}")
+      files["pr"] = rundir.EVAL_FILES["pr"]
+    plots.reliability(metrics.calibration_bins(y, probs), storage.join(out_dir, rundir.EVAL_FILES["calibration"]),
                       title=f"Calibration, {tag} (ECE {_fmt(report['ece'])})",
                       xlabel="top-class confidence", ylabel="accuracy")
-  files["calibration"] = "calibration.png"
+  files["calibration"] = rundir.EVAL_FILES["calibration"]
   plots.confusion_matrix(np.array(report["confusion_matrix"]), classes,
-                         os.path.join(out_dir, "confusion_matrix.png"), title=f"Confusion matrix, {tag}")
-  files["confusion_matrix"] = "confusion_matrix.png"
+                         storage.join(out_dir, rundir.EVAL_FILES["confusion_matrix"]), title=f"Confusion matrix, {tag}")
+  files["confusion_matrix"] = rundir.EVAL_FILES["confusion_matrix"]
   if preds.images:
     rows = sorted(preds.images)
     wrong = [i for i in rows if pred[i] != y[i]]
@@ -521,13 +533,13 @@ def _write_plots(out_dir, run, preds: SplitPredictions, probs, pred, report) -> 
     titles = [f"{os.path.basename(preds.filenames[i])[:24]}\ntrue {classes[y[i]]}\n"
               f"pred {classes[pred[i]]} {probs[i, pred[i]]:.2f}" for i in chosen]
     colors = ["forestgreen" if pred[i] == y[i] else "crimson" for i in chosen]
-    plots.image_grid([preds.images[i] for i in chosen], titles, os.path.join(out_dir, "samples.png"),
+    plots.image_grid([preds.images[i] for i in chosen], titles, storage.join(out_dir, rundir.EVAL_FILES["samples"]),
                      colors=colors, title=f"Samples, {tag}")
-    files["samples"] = "samples.png"
-  hist = plots.training_history(os.path.join(run.model_dir, "history.csv"),
-                                os.path.join(out_dir, "history.png"))
+    files["samples"] = rundir.EVAL_FILES["samples"]
+  hist = plots.training_history(rundir.read_history(run.model_dir),
+                                storage.join(out_dir, rundir.EVAL_FILES["history"]))
   if hist:
-    files["history"] = "history.png"
+    files["history"] = rundir.EVAL_FILES["history"]
   return files
 
 

@@ -7,7 +7,6 @@ No TensorFlow needed except for gs:// paths.
 
 from __future__ import annotations
 
-import csv
 import io
 from typing import Sequence
 
@@ -142,32 +141,20 @@ def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], path: str, *
   return save_figure(fig, path)
 
 
-def read_history(history_csv: str) -> dict[str, np.ndarray] | None:
-  """Columns of a Keras CSVLogger file as float arrays, or None if missing/empty."""
-  try:
-    text = storage.read_text(history_csv)
-  except (OSError, storage.StorageError):
-    return None
-  rows = list(csv.DictReader(io.StringIO(text)))
-  if not rows:
-    return None
-  out = {}
-  for key in rows[0]:
-    try:
-      out[key] = np.array([float(r[key]) if r[key] not in ("", None) else np.nan for r in rows])
-    except ValueError:
-      continue  # a non-numeric column
-  return out
+def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
+  """history rows (xraytpu.rundir.read_history) -> one float array per column (NaN where missing)."""
+  keys = sorted({k for r in rows for k in r})
+  return {k: np.array([float(r[k]) if k in r else np.nan for r in rows]) for k in keys}
 
 
-def training_history(history_csv: str, path: str) -> str | None:
+def training_history(rows: list[dict], path: str) -> str | None:
   """Loss and every other metric per epoch, training vs validation (val_*) side by side.
 
-  Returns None (and writes nothing) when the CSV is missing or empty.
+  rows: xraytpu.rundir.read_history(RUN). Returns None (and writes nothing) when empty.
   """
-  h = read_history(history_csv)
-  if not h:
+  if not rows:
     return None
+  h = _columns(rows)
   epochs = h.get("epoch", np.arange(len(next(iter(h.values())))))
   epochs = epochs + 1 if epochs.size and epochs.min() == 0 else epochs
   skip = ("epoch", "lr", "learning_rate", "epoch_seconds", "images_per_sec", "seconds")

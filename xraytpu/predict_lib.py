@@ -1,16 +1,16 @@
-"""Predict on image files with a trained run: the same pixels training saw.
-
-One code path from a file to the model, shared with training and export:
+"""Predict on image files with a trained run: the same pixels and the same model call
+as every other door.
 
   file bytes ─(DICOM only: pydicom -> windowed 16-bit PNG, see `dicom_to_png`)
-     └─ tfrecord_tools.images.prepare_image(**manifest["args"])   what the converter stored
-          └─ xraytpu.data.preprocess.load_image(channels, size, aspect)   what the input pipeline feeds
-               └─ model -> probabilities [K] (binary: [1 - p, p]), temperature from threshold.json
-                    └─ label: binary p >= frozen threshold (threshold.json, chosen on val by
-                       xraytpu.evaluate); multi-class argmax
+     └─ xraytpu.inference.InferenceModule.file_pixels     the pixel contract (tfrecord_tools.pixels):
+          │                                               the converter's steps replayed in the graph,
+          │                                               then what the input pipeline does to a record
+          └─ InferenceModule.predict_batches              model -> calibrated probabilities [K]
+               └─ label at the frozen operating point     (RUN/threshold.json, chosen on val by
+                                                          xraytpu.evaluate); multi-class argmax
 
-`LoadedRun` also carries the operating point used by xraytpu.evaluate and
-xraytpu.export (`read_operating_point` / `write_operating_point`).
+The exported SavedModel's serving_default is the same InferenceModule, so a
+client sending the file's bytes gets these numbers.
 """
 
 from __future__ import annotations
@@ -21,14 +21,15 @@ import io
 import json
 import os
 import sys
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
+from tfrecord_tools import pixels
 from tfrecord_tools import storage
+from xraytpu import errors
+from xraytpu import rundir
 
-OPERATING_POINT_FILE = "threshold.json"
-DEFAULT_THRESHOLD = 0.5
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 DICOM_EXTENSIONS = (".dcm", ".dicom", ".dic")
 
@@ -44,166 +45,12 @@ WINDOW_HELP = ("DICOM windowing: 'auto' (the file's VOI LUT or window, else the 
                f"a preset ({', '.join(WINDOWS)}), or 'CENTER,WIDTH'.")
 
 
-class PredictError(ValueError):
+class PredictError(errors.UserError):
   """A user mistake (missing run, bad flag); one line for the user."""
 
 
-class InputError(ValueError):
+class InputError(errors.UserError):
   """One input file cannot be predicted (reported per file, the others go on)."""
-
-
-# --------------------------------------------------------------------------
-# The operating point: RUN/threshold.json.
-# --------------------------------------------------------------------------
-#
-# {
-#   "threshold": 0.41,              # binary: P(positive) >= threshold -> positive; null for multi-class
-#   "policy": "youden",             # or "sensitivity:0.95", "fixed:0.5", "argmax" (multi-class)
-#   "source_split": "val",          # the split it was chosen on (null for fixed/argmax)
-#   "source_data_dir": "...", "source_dataset": "chest_xray",
-#   "positive_class": "PNEUMONIA",  # binary only
-#   "sensitivity": 0.95, "specificity": 0.71,   # achieved on the source split
-#   "temperature": null,            # or T fitted on the source split (--temperature_scaling)
-#   "fallback_reason": null,        # why the policy could not be applied (then threshold 0.5)
-#   "num_examples": 524, "created": "2026-11-23T18:00:00Z"
-# }
-
-
-def read_operating_point(model_dir: str) -> dict[str, Any] | None:
-  path = storage.join(model_dir, OPERATING_POINT_FILE)
-  text = _read_text(path)
-  if text is None:
-    return None
-  try:
-    return json.loads(text)
-  except json.JSONDecodeError as e:
-    raise PredictError(f"{path} is not valid JSON ({e}); delete it and rerun xraytpu.evaluate") from e
-
-
-def write_operating_point(model_dir: str, op: dict[str, Any]) -> str:
-  path = storage.join(model_dir, OPERATING_POINT_FILE)
-  storage.write_bytes(path, (json.dumps(op, indent=2, sort_keys=True) + "\n").encode())
-  return path
-
-
-def _read_text(path: str) -> str | None:
-  """The file's text, or None when it does not exist."""
-  try:
-    return storage.read_text(path)
-  except FileNotFoundError:
-    return None
-
-
-# --------------------------------------------------------------------------
-# A loaded run.
-# --------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class LoadedRun:
-  """A run directory ready to predict.
-
-  classes: label order (manifest["classes"]); binary when len == 2 (model
-  output [B, 1] = P(classes[1])). size/channels/aspect: the model input
-  (uint8 [B, size, size, channels]). prepare_args: the converter's
-  prepare_image arguments from the manifest. operating_point: threshold.json
-  or None.
-  """
-  model_dir: str
-  cfg: Any
-  manifest: dict
-  model: Any
-  classes: list[str]
-  size: int
-  channels: int
-  aspect: str
-  prepare_args: dict[str, Any]
-  operating_point: dict[str, Any] | None
-
-  @property
-  def binary(self) -> bool:
-    return len(self.classes) == 2
-
-  @property
-  def threshold(self) -> float | None:
-    """The frozen binary threshold (0.5 when evaluate has not chosen one); None for multi-class."""
-    if not self.binary:
-      return None
-    if self.operating_point and self.operating_point.get("threshold") is not None:
-      return float(self.operating_point["threshold"])
-    return DEFAULT_THRESHOLD
-
-  @property
-  def temperature(self) -> float | None:
-    t = (self.operating_point or {}).get("temperature")
-    return float(t) if t is not None else None
-
-
-def prepare_args(manifest: dict) -> dict[str, Any]:
-  """The converter's per-image arguments recorded in dataset.json (prepare_image kwargs)."""
-  args = manifest.get("args") or {}
-  out = {}
-  for key in ("max_side", "channels", "image_format", "jpeg_quality"):
-    if args.get(key) is not None:
-      out[key] = args[key]
-  if "max_side" in out:
-    out["max_side"] = int(out["max_side"] or 0)
-  if "channels" in out:
-    out["channels"] = str(out["channels"])
-  return out
-
-
-def load(model_dir: str) -> LoadedRun:
-  """Loads RUN (config.json, model.keras, the training manifest, threshold.json)."""
-  from xraytpu import train_lib
-  if not storage.isdir(model_dir):
-    raise PredictError(f"--model_dir={model_dir}: no such run directory")
-  try:
-    cfg, manifest, model = train_lib.load_run(model_dir)
-  except (OSError, ValueError) as e:
-    raise PredictError(f"cannot load the run in {model_dir}: {e}") from e
-  shape = model.inputs[0].shape
-  return LoadedRun(
-      model_dir=model_dir, cfg=cfg, manifest=manifest, model=model,
-      classes=list(manifest["classes"]), size=int(shape[1]), channels=int(shape[-1]),
-      aspect=getattr(cfg, "aspect", "squash"), prepare_args=prepare_args(manifest),
-      operating_point=read_operating_point(model_dir))
-
-
-def model_probabilities(run: LoadedRun, images, batch_size: int = 64) -> np.ndarray:
-  """uint8 [n, S, S, C] -> float64 [n, K] class probabilities (binary: [1 - p, p]).
-
-  Applies the run's temperature (threshold.json) when one was fitted.
-  """
-  images = np.asarray(images)
-  outs = []
-  for start in range(0, len(images), batch_size):
-    out = run.model(images[start:start + batch_size], training=False)
-    outs.append(np.asarray(out, dtype=np.float32))
-  raw = np.concatenate(outs) if outs else np.zeros((0, 1 if run.binary else len(run.classes)), np.float32)
-  return to_class_probabilities(raw, run.binary, run.temperature)
-
-
-def to_class_probabilities(raw: np.ndarray, binary: bool, temperature: float | None) -> np.ndarray:
-  """Model output -> [n, K] float64: binary [n, 1] P(positive) -> [1 - p, p]; optional temperature."""
-  from xraytpu import metrics
-  raw = np.asarray(raw, dtype=np.float64)
-  if binary:
-    p = raw.reshape(-1)
-    if temperature is not None:
-      p = metrics.apply_temperature(p, temperature)
-    return np.stack([1.0 - p, p], axis=1)
-  if temperature is not None:
-    raw = metrics.apply_temperature(raw, temperature)
-  return raw
-
-
-def decide(probs: np.ndarray, threshold: float | None) -> np.ndarray:
-  """[n, K] probabilities -> int [n] labels: binary p1 >= threshold, else argmax."""
-  probs = np.asarray(probs)
-  if probs.shape[1] == 2 and threshold is not None:
-    return (probs[:, 1] >= threshold).astype(np.int64)
-  return probs.argmax(axis=1).astype(np.int64)
 
 
 # --------------------------------------------------------------------------
@@ -357,28 +204,20 @@ def read_file(path: str) -> bytes:
     raise InputError(f"cannot read ({e})") from None
 
 
-def prepare_file(run: LoadedRun, path: str, window: tuple[float, float] | None = None) -> bytes:
-  """A file's bytes as the converter would have stored them (DICOM first becomes a PNG)."""
-  from tfrecord_tools import images as images_lib
+def file_bytes(path: str, window: tuple[float, float] | None = None) -> bytes:
+  """A file's bytes as the inference graph takes them (DICOM first becomes a PNG)."""
   data = read_file(path)
   if is_dicom(data, path):
     data = dicom_to_png(data, window)
+  return data
+
+
+def file_pixels(module, data: bytes) -> np.ndarray:
+  """Encoded file bytes -> uint8 [S, S, C] by the pixel contract; InputError when unusable."""
   try:
-    return images_lib.prepare_image(data, **run.prepare_args).encoded
-  except images_lib.ImageError as e:
+    return module.file_pixels(data)
+  except pixels.ImageError as e:
     raise InputError(e.reason) from None
-
-
-def encoded_to_pixels(run: LoadedRun, encoded: bytes) -> np.ndarray:
-  """Encoded PNG/JPEG -> uint8 [S, S, C]: the input pipeline's own load_image."""
-  import tensorflow as tf
-  from xraytpu.data import preprocess
-  try:
-    img = preprocess.load_image(tf.constant(encoded), channels=run.channels, size=run.size,
-                                aspect=run.aspect)
-    return img.numpy()
-  except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
-    raise InputError(f"cannot decode ({e.message.splitlines()[0] if e.message else e})") from None
 
 
 # --------------------------------------------------------------------------
@@ -415,7 +254,15 @@ class Prediction:
     return f"{self.path}\t{text}"
 
 
-def predict_files(run: LoadedRun, paths: Sequence[str], *, window: str = "auto",
+def load(model_dir: str) -> rundir.LoadedRun:
+  """The run (its `module` is the inference path); PredictError when it cannot be loaded."""
+  try:
+    return rundir.load(model_dir)
+  except rundir.RunError as e:
+    raise PredictError(str(e)) from e
+
+
+def predict_files(run: rundir.LoadedRun, paths: Sequence[str], *, window: str = "auto",
                   gradcam_dir: str | None = None, batch_size: int = 32,
                   progress=None) -> list[Prediction]:
   """Predicts every input (folders expanded); failures are per file, never raised.
@@ -433,8 +280,8 @@ def predict_files(run: LoadedRun, paths: Sequence[str], *, window: str = "auto",
     if not pending:
       return
     pix = np.stack([p for _, p in pending])
-    probs = model_probabilities(run, pix, batch_size)
-    labels = decide(probs, run.threshold)
+    out = run.module.predict_batches(pix, batch_size)
+    probs, labels = out["probabilities"].astype(np.float64), out["label_index"]
     cam_paths: list[str | None] = [None] * len(pending)
     if gradcam_dir:
       from xraytpu import gradcam
@@ -452,7 +299,7 @@ def predict_files(run: LoadedRun, paths: Sequence[str], *, window: str = "auto",
   for path, error in items:
     if error is None:
       try:
-        pending.append((path, encoded_to_pixels(run, prepare_file(run, path, win))))
+        pending.append((path, file_pixels(run.module, file_bytes(path, win))))
       except InputError as e:
         error = str(e)
     if error is not None:
@@ -518,8 +365,8 @@ def run_predict(model_dir: str, paths: Sequence[str], *, window: str = "auto",
     raise PredictError(f"--output={output}: the file name must end in .csv or .jsonl")
   parse_window(window)  # fail before loading the model
   run = load(model_dir)
-  if run.binary and not (run.operating_point and run.operating_point.get("threshold") is not None):
-    print(f"note: {model_dir} has no {OPERATING_POINT_FILE}; using threshold {DEFAULT_THRESHOLD}. "
+  if run.binary and not run.has_operating_point:
+    print(f"note: {model_dir} has no {rundir.OPERATING_POINT}; using threshold {rundir.DEFAULT_THRESHOLD}. "
           "Run `python -m xraytpu.evaluate` to choose one on the validation split.", file=err)
 
   def show(r: Prediction):

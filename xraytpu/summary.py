@@ -8,13 +8,12 @@ eval/*/report.json); `make demo` ends with it.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import statistics
 import sys
 
 from tfrecord_tools import storage
+from xraytpu import rundir
 
 
 def _fmt_ci(value, ci) -> str:
@@ -27,23 +26,20 @@ def _fmt_ci(value, ci) -> str:
 
 def summarize(run_dir: str) -> str:
   """The headline text of one run directory."""
-  config_path = storage.join(run_dir, "config.json")
-  if not storage.exists(config_path):
-    raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json): train first")
-  cfg = json.loads(storage.read_text(config_path))
+  cfg = rundir.read_config(run_dir)
+  if cfg is None:
+    raise FileNotFoundError(f"{run_dir} is not a run directory (no {rundir.CONFIG}): train first")
   lines = [f"run:      {run_dir}",
            f"model:    {cfg.get('model')} at {cfg.get('image_size')} px, data {cfg.get('data_dir')}"]
-  history_path = storage.join(run_dir, "history.csv")
-  if storage.exists(history_path):
-    rows = list(csv.DictReader(io.StringIO(storage.read_text(history_path))))
-    if rows:
-      speeds = [float(r["images_per_sec"]) for r in rows if r.get("images_per_sec")]
-      # Steady state: the first epoch also decodes and fills the cache.
-      steady = statistics.median(speeds[1:]) if len(speeds) > 1 else (speeds[0] if speeds else None)
-      best = max((float(r["val_auc"]), i + 1) for i, r in enumerate(rows) if r.get("val_auc"))
-      speed = f"{steady:.1f} images/sec (median after epoch 1)" if steady else "n/a"
-      lines.append(f"training: {len(rows)} epochs, {speed}, best val AUC {best[0]:.3f} (epoch {best[1]})")
-  for report_path in storage.glob(storage.join(run_dir, "eval", "*", "report.json")):
+  rows = rundir.read_history(run_dir)
+  if rows:
+    speeds = [float(r["images_per_sec"]) for r in rows if r.get("images_per_sec")]
+    # Steady state: the first epoch also decodes and fills the cache.
+    steady = statistics.median(speeds[1:]) if len(speeds) > 1 else (speeds[0] if speeds else None)
+    best = max((float(r["val_auc"]), i + 1) for i, r in enumerate(rows) if r.get("val_auc"))
+    speed = f"{steady:.1f} images/sec (median after epoch 1)" if steady else "n/a"
+    lines.append(f"training: {len(rows)} epochs, {speed}, best val AUC {best[0]:.3f} (epoch {best[1]})")
+  for report_path in rundir.eval_report_paths(run_dir):
     r = json.loads(storage.read_text(report_path))
     where = f"{r.get('dataset')}/{r.get('split')}, {r.get('num_examples')} images"
     lines.append(f"eval:     {where}: AUC {_fmt_ci(r.get('auc'), r.get('auc_ci'))}")
@@ -51,7 +47,7 @@ def summarize(run_dir: str) -> str:
       lines.append(f"          at threshold {r['threshold']:.3f} ({r.get('threshold_policy')}, chosen on "
                    f"{r.get('threshold_source_split')}): sensitivity {_fmt_ci(r.get('sensitivity'), r.get('sensitivity_ci'))}, "
                    f"specificity {_fmt_ci(r.get('specificity'), r.get('specificity_ci'))}")
-    lines.append(f"          report {storage.join(storage.dirname(report_path), 'report.md')} (plots beside it)")
+    lines.append(f"          report {storage.join(storage.dirname(report_path), rundir.EVAL_FILES['report_md'])} (plots beside it)")
   return "\n".join(lines)
 
 

@@ -9,43 +9,27 @@
   4. build and compile the model inside `strategy.scope()`,
   5. fit phase 1 (backbones frozen when pretrained), then optionally phase 2
      (fine-tune from --fine_tune_at at --fine_tune_learning_rate),
-  6. write model.keras and mark the run finished in config.json.
+  6. write the final model and mark the run finished (xraytpu.rundir).
 
-Run directory (`cfg.model_dir`, local or gs://):
-
-  config.json        the resolved Config fields at top level (Config.from_dict reads it),
-                     "status": "running" | "finished", and "run": strategy, replicas,
-                     batch sizes, library versions, manifest sha256, parameter counts,
-                     and at the end the best validation AUC and epochs trained
-  dataset.json       copy of the data set's manifest (classes in label order)
-  history.csv        one row per epoch: epoch, loss and metrics, val_*, lr,
-                     images_per_sec, epoch_seconds (kept across resumes)
-  logs/              TensorBoard event files (train/, validation/)
-  checkpoints/best.weights.h5   weights of the epoch with the best val_auc
-  backup/            Keras BackupAndRestore state while a phase runs (resume point)
-  model.keras        the final model (architecture + weights, no optimizer);
-                     `xraytpu.models.load_model` or `load_run` reads it
+The run directory (`cfg.model_dir`, local or gs://): its layout, and every
+read and write of it, are `xraytpu.rundir`'s.
 
 Preemption: kill the process at any moment and run the same command again;
 BackupAndRestore restores weights, optimizer and epoch of the last completed
-epoch, history.csv drops rows of epochs that will be redone, and the run ends
+epoch, the history drops rows of epochs that will be redone, and the run ends
 with the configured number of epochs; EarlyStopping / ReduceLROnPlateau keep
-their patience counters (PlateauState). A gs:// run directory is trained in a
+their patience counters (callbacks.PlateauState). A gs:// run directory is trained in a
 local copy that the chief pushes after every epoch (tfrecord_tools.storage.Mirror).
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import datetime
 import hashlib
-import io
-import json
 import math
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -57,8 +41,10 @@ import tensorflow as tf
 
 import xraytpu
 from xraytpu import distribute
+from xraytpu import rundir
 from xraytpu import models as models_lib
 from xraytpu._keras import keras
+from xraytpu.callbacks import StopOnNaN, _save_and_discard, make_callbacks
 from xraytpu.config import Config
 from xraytpu.data import DataError
 from xraytpu.data import input_pipeline
@@ -67,12 +53,6 @@ from xraytpu.models import applications
 from tfrecord_tools import schema
 from tfrecord_tools import storage
 
-CONFIG_NAME = "config.json"
-HISTORY_NAME = "history.csv"
-MANIFEST_COPY = "dataset.json"
-MODEL_NAME = "model.keras"
-BEST_WEIGHTS = os.path.join("checkpoints", "best.weights.h5")
-PHASE1_WEIGHTS = os.path.join("backup", "phase1_done.weights.h5")
 
 # Config fields that may differ when an unfinished run is resumed: where and
 # how it runs, not what it trains.
@@ -111,25 +91,6 @@ class TrainResult:
 # Run directory state
 # ---------------------------------------------------------------------------
 
-def read_run_config(run_dir: str) -> dict | None:
-  path = storage.join(run_dir, CONFIG_NAME)
-  if not storage.exists(path):
-    return None
-  try:
-    return json.loads(storage.read_text(path))
-  except json.JSONDecodeError as e:
-    raise TrainError(f"{path} is not valid JSON ({e}); move the run directory away or pass --overwrite") from e
-
-
-def _clear_run(run_dir: str) -> None:
-  """Removes what a previous run wrote (only the known entries, never the folder)."""
-  # threshold.json too: an operating point chosen for the old model must never
-  # be applied to the new one.
-  for name in (CONFIG_NAME, HISTORY_NAME, MANIFEST_COPY, MODEL_NAME, "threshold.json", "logs",
-               "checkpoints", "backup", "eval", "export"):
-    storage.remove_any(storage.join(run_dir, name))
-
-
 def _config_differences(old: dict, new: Config) -> list[str]:
   diffs = []
   for key, value in new.to_dict().items():
@@ -147,7 +108,7 @@ def prepare_run_dir(cfg: Config, chief: bool = True, run_dir: str = "") -> str:
   Only the chief deletes an old run (--overwrite); other workers just go on.
   """
   run_dir = run_dir or cfg.model_dir
-  old = read_run_config(run_dir)
+  old = rundir.read_config(run_dir)
   if old is None:
     return "fresh"
   if old.get("status") == "finished":
@@ -156,7 +117,7 @@ def prepare_run_dir(cfg: Config, chief: bool = True, run_dir: str = "") -> str:
                        "replace it or choose another --model_dir")
     logging.warning("--overwrite: replacing the finished run in %s", cfg.model_dir)
     if chief:
-      _clear_run(run_dir)
+      rundir.clear(run_dir)
     return "fresh"
   diffs = _config_differences(old, cfg)
   if diffs:
@@ -166,7 +127,7 @@ def prepare_run_dir(cfg: Config, chief: bool = True, run_dir: str = "") -> str:
                        "--overwrite to start over, or choose another --model_dir")
     logging.warning("--overwrite: discarding the unfinished run in %s (%s)", cfg.model_dir, "; ".join(diffs))
     if chief:
-      _clear_run(run_dir)
+      rundir.clear(run_dir)
     return "fresh"
   logging.info("Resuming the unfinished run in %s", cfg.model_dir)
   return "resume"
@@ -308,15 +269,6 @@ def compile_model(model: keras.Model, cfg: Config, *, learning_rate, num_classes
                 jit_compile=jit_compile)
 
 
-def current_learning_rate(model: keras.Model) -> float:
-  opt = model.optimizer
-  opt = getattr(opt, "inner_optimizer", opt)  # LossScaleOptimizer under float16
-  lr = opt.learning_rate
-  if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
-    lr = lr(opt.iterations)
-  return float(keras.backend.get_value(lr))
-
-
 # ---------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------
@@ -343,292 +295,24 @@ def make_datasets(cfg: Config, strategy, manifest: dict, *, label_mode: str,
   batch must have the same shape).
   """
   num_classes = len(manifest["classes"])
+  spec = input_pipeline.InputSpec.from_config(cfg, manifest)
 
   def train_fn(ctx: tf.distribute.InputContext):
-    ds = input_pipeline.make_dataset(cfg.data_dir, "train", cfg, training=True, input_context=ctx,
-                                     label_mode=label_mode, manifest=manifest)
+    ds = input_pipeline.train_dataset(cfg.data_dir, spec, global_batch=cfg.batch_size,
+                                      input_context=ctx, label_mode=label_mode, manifest=manifest)
     if class_weights:
       ds = ds.map(_class_weight_fn(class_weights, num_classes),
                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds
 
   def val_fn(ctx: tf.distribute.InputContext):
-    return input_pipeline.make_dataset(cfg.data_dir, "val", cfg, training=False, input_context=ctx,
-                                       label_mode=label_mode, manifest=manifest,
+    return input_pipeline.eval_dataset(cfg.data_dir, "val", spec, batch_size=cfg.batch_size,
+                                       input_context=ctx, label_mode=label_mode, manifest=manifest,
                                        drop_remainder=eval_drop_remainder)
 
   train = strategy.distribute_datasets_from_function(train_fn)
   val = strategy.distribute_datasets_from_function(val_fn) if has_val else None
   return train, val
-
-
-# ---------------------------------------------------------------------------
-# Callbacks
-# ---------------------------------------------------------------------------
-
-class EpochSummary(keras.callbacks.Callback):
-  """Adds lr / images_per_sec / epoch_seconds to the logs and prints one line per epoch."""
-
-  def __init__(self, *, global_batch: int, steps_per_epoch: int, total_epochs: int, phase: str):
-    super().__init__()
-    self.global_batch, self.steps_per_epoch = global_batch, steps_per_epoch
-    self.total_epochs, self.phase = total_epochs, phase
-    self._t0 = self._t_train = None
-
-  def on_epoch_begin(self, epoch, logs=None):
-    self._t0, self._t_train = time.perf_counter(), None
-
-  def on_test_begin(self, logs=None):
-    if self._t0 is not None and self._t_train is None:
-      self._t_train = time.perf_counter()
-
-  def on_epoch_end(self, epoch, logs=None):
-    logs = logs if logs is not None else {}
-    now = time.perf_counter()
-    train_s = (self._t_train or now) - self._t0
-    ips = self.steps_per_epoch * self.global_batch / max(train_s, 1e-9)
-    logs["lr"] = current_learning_rate(self.model)
-    logs["images_per_sec"] = ips
-    logs["epoch_seconds"] = now - self._t0
-    train = " ".join(f"{k}={_fmt(logs[k])}" for k in ("loss", "accuracy", "auc") if k in logs)
-    val = " ".join(f"{k}={_fmt(logs[k])}" for k in ("val_loss", "val_accuracy", "val_auc", "val_pr_auc")
-                   if k in logs)
-    logging.info("epoch %d/%d (%s): %.1fs, %.1f images/sec | %s | %s | lr=%.3g",
-                 epoch + 1, self.total_epochs, self.phase, now - self._t0, ips, train, val or "no val",
-                 logs["lr"])
-
-
-def _fmt(v) -> str:
-  return f"{float(v):.4f}"
-
-
-class HistoryCSV(keras.callbacks.Callback):
-  """history.csv, rewritten atomically each epoch; on resume, rows from the
-  restart epoch on are dropped (they will be trained again)."""
-
-  def __init__(self, path: str, enabled: bool = True, first_epoch: int = 0):
-    super().__init__()
-    self.path, self.enabled, self.first_epoch = path, enabled, first_epoch
-    self.rows: list[dict] = []
-    self._started = False
-
-  def on_train_begin(self, logs=None):
-    self.rows = read_history(self.path)
-    self._started = False
-
-  def on_epoch_begin(self, epoch, logs=None):
-    if not self._started:
-      self.rows = [r for r in self.rows if int(r["epoch"]) < epoch]
-      self._started = True
-      if epoch > self.first_epoch:
-        logging.info("Resuming at epoch %d: epochs 1..%d were restored from the backup", epoch + 1, epoch)
-
-  def on_epoch_end(self, epoch, logs=None):
-    row = {"epoch": epoch}
-    row.update({k: float(v) for k, v in (logs or {}).items()})
-    self.rows.append(row)
-    if self.enabled:
-      _write_history(self.path, self.rows)
-
-
-def read_history(path: str) -> list[dict]:
-  """history.csv rows as dicts (epoch int, other columns float); [] when absent."""
-  if not storage.exists(path):
-    return []
-  rows = []
-  for r in csv.DictReader(io.StringIO(storage.read_text(path))):
-    rows.append({k: (int(v) if k == "epoch" else float(v)) for k, v in r.items() if v not in ("", None)})
-  return rows
-
-
-def _write_history(path: str, rows: list[dict]) -> None:
-  keys = sorted({k for r in rows for k in r} - {"epoch"})
-  out = io.StringIO()
-  w = csv.DictWriter(out, fieldnames=["epoch"] + keys, lineterminator="\n")
-  w.writeheader()
-  for r in rows:
-    w.writerow(r)
-  storage.write_text(path, out.getvalue())
-
-
-class EpochScalars(keras.callbacks.Callback):
-  """TensorBoard scalars per epoch in logs/train and logs/validation.
-
-  Writes the same events as `tf.summary.scalar` (tag "epoch_<metric>", scalars
-  plugin) with TensorFlow core alone: TF 2.21 no longer ships the tensorboard
-  package that keras.callbacks.TensorBoard needs. View with `tensorboard --logdir RUN/logs`.
-  """
-
-  def __init__(self, log_dir: str, enabled: bool = True):
-    super().__init__()
-    self.log_dir, self.enabled = log_dir, enabled
-    self._writers: dict[str, Any] = {}
-    from tensorflow.core.framework import summary_pb2  # noqa: PLC0415
-    self._metadata = summary_pb2.SummaryMetadata(
-        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")).SerializeToString()
-
-  def _writer(self, name: str):
-    if name not in self._writers:
-      self._writers[name] = tf.summary.create_file_writer(storage.join(self.log_dir, name))
-    return self._writers[name]
-
-  def on_epoch_end(self, epoch, logs=None):
-    if not self.enabled:
-      return
-    groups: dict[str, dict[str, float]] = {"train": {}, "validation": {}}
-    for k, v in (logs or {}).items():
-      if k.startswith("val_"):
-        groups["validation"][k[4:]] = float(v)
-      else:
-        groups["train"][k] = float(v)
-    for name, values in groups.items():
-      if not values:
-        continue
-      with self._writer(name).as_default():
-        for k, v in values.items():
-          tf.summary.write(f"epoch_{k}", tf.constant(v, tf.float32), step=epoch, metadata=self._metadata)
-      self._writer(name).flush()
-
-  def on_train_end(self, logs=None):
-    for w in self._writers.values():
-      w.close()
-    self._writers = {}
-
-
-class StopOnNaN(keras.callbacks.Callback):
-  """Stops training at the first NaN/inf loss and remembers where."""
-
-  def __init__(self):
-    super().__init__()
-    self.epoch, self.where = 0, None
-
-  def on_epoch_begin(self, epoch, logs=None):
-    self.epoch = epoch
-
-  def on_train_batch_end(self, batch, logs=None):
-    loss = (logs or {}).get("loss")
-    if loss is not None and not np.isfinite(float(loss)):
-      self.where = (self.epoch, batch)
-      self.model.stop_training = True
-
-
-class SaveOnTrainEnd(keras.callbacks.Callback):
-  """Saves the weights when a phase completes, before BackupAndRestore deletes its state."""
-
-  def __init__(self, path: str, chief: bool, nan: StopOnNaN):
-    super().__init__()
-    self.path, self.chief, self.nan = path, chief, nan
-
-  def on_train_end(self, logs=None):
-    if self.nan.where is None:
-      _save_weights_atomic(self.model, self.path, self.chief)
-
-
-class PlateauState(keras.callbacks.Callback):
-  """Carries the EarlyStopping / ReduceLROnPlateau counters across a resume.
-
-  BackupAndRestore brings back weights, optimizer (learning rate included) and
-  the epoch, but those two callbacks reset their patience in on_train_begin.
-  This one saves their counters after every backup and puts them back when the
-  phase resumes; it must come after them and after BackupAndRestore in the list.
-  """
-
-  FIELDS = {"EarlyStopping": ("wait", "best", "best_epoch"),
-            "ReduceLROnPlateau": ("wait", "best", "cooldown_counter")}
-
-  def __init__(self, path: str, callbacks: list, enabled: bool):
-    super().__init__()
-    self.path, self.callbacks, self.enabled = path, callbacks, enabled
-
-  def on_train_begin(self, logs=None):
-    if not storage.exists(self.path):
-      return
-    state = json.loads(storage.read_text(self.path))
-    for cb in self.callbacks:
-      for field, value in state.get(type(cb).__name__, {}).items():
-        setattr(cb, field, value)
-    logging.info("Resumed the patience counters: %s", state)
-
-  def on_epoch_end(self, epoch, logs=None):
-    if self.enabled:
-      state = {type(cb).__name__: {f: float(getattr(cb, f)) if f == "best" else int(getattr(cb, f))
-                                   for f in self.FIELDS[type(cb).__name__] if hasattr(cb, f)}
-               for cb in self.callbacks}
-      storage.write_text(self.path, json.dumps(state))
-
-
-class PushRunDir(keras.callbacks.Callback):
-  """Uploads what changed in the local copy of a gs:// run directory after every
-  epoch and when a phase ends (see tfrecord_tools.storage.Mirror)."""
-
-  def __init__(self, mirror: storage.Mirror):
-    super().__init__()
-    self.mirror = mirror
-
-  def _push(self, when: str) -> None:
-    t = time.perf_counter()
-    up, gone = self.mirror.push()
-    logging.info("%s: pushed %d changed file(s), removed %d, to %s in %.1f s", when, up, gone,
-                 self.mirror.remote, time.perf_counter() - t)
-
-  def on_epoch_end(self, epoch, logs=None):
-    self._push(f"epoch {epoch + 1}")
-
-  def on_train_end(self, logs=None):
-    self._push("phase end")
-
-
-def _save_and_discard(save, name: str) -> None:
-  """A non-chief worker's save: into a temp folder that is removed again."""
-  tmp_dir = tempfile.mkdtemp(prefix="xraytpu-worker-")
-  try:
-    save(os.path.join(tmp_dir, name))
-  finally:
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
-def _save_weights_atomic(model: keras.Model, path: str, chief: bool = True) -> None:
-  """Every worker must save (reading sync-on-read variables is a collective op
-  under MultiWorkerMirroredStrategy); only the chief's file is kept."""
-  if not chief:
-    _save_and_discard(model.save_weights, "w.weights.h5")
-    return
-  tmp = path[:-len(".weights.h5")] + f".tmp-{os.getpid()}.weights.h5"
-  model.save_weights(tmp)
-  storage.rename(tmp, path)
-
-
-def make_callbacks(cfg: Config, run_dir: str, *, chief: bool, monitor: str, phase: int,
-                   global_batch: int, steps_per_epoch: int, total_epochs: int,
-                   best_so_far: float | None, nan: StopOnNaN,
-                   mirror: storage.Mirror | None = None) -> list:
-  """Order matters: summary (adds logs) -> CSV -> checkpoints -> ... -> backup,
-  so a backup never exists for an epoch whose history row is missing; then the
-  push of a gs:// run's local copy, so GCS gets each epoch's files together."""
-  cbs: list = [nan, EpochSummary(global_batch=global_batch, steps_per_epoch=steps_per_epoch,
-                                 total_epochs=total_epochs, phase=f"phase {phase}")]
-  cbs.append(HistoryCSV(storage.join(run_dir, HISTORY_NAME), enabled=chief,
-                        first_epoch=0 if phase == 1 else cfg.epochs))
-  cbs.append(keras.callbacks.ModelCheckpoint(
-      storage.join(run_dir, BEST_WEIGHTS), monitor=monitor, mode="max", save_best_only=True,
-      save_weights_only=True, initial_value_threshold=best_so_far, verbose=0))
-  cbs.append(EpochScalars(storage.join(run_dir, "logs"), enabled=chief))
-  plateau = []
-  if cfg.early_stopping_patience > 0:
-    plateau.append(keras.callbacks.EarlyStopping(monitor=monitor, mode="max",
-                                                 patience=cfg.early_stopping_patience, verbose=1))
-  if cfg.reduce_lr_patience > 0:
-    plateau.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode="max", factor=0.5,
-                                                     patience=cfg.reduce_lr_patience, verbose=1))
-  cbs.extend(plateau)
-  if phase == 1:
-    cbs.append(SaveOnTrainEnd(storage.join(run_dir, PHASE1_WEIGHTS), chief, nan))
-  cbs.append(keras.callbacks.BackupAndRestore(storage.join(run_dir, "backup", f"phase{phase}")))
-  if plateau:
-    cbs.append(PlateauState(storage.join(run_dir, "backup", f"phase{phase}_plateau.json"), plateau, chief))
-  if chief and mirror is not None and mirror.active:
-    cbs.append(PushRunDir(mirror))
-  return cbs
 
 
 # ---------------------------------------------------------------------------
@@ -665,7 +349,7 @@ def train_and_evaluate(cfg: Config, *, strategy: tf.distribute.Strategy | None =
   """
   t_start = time.perf_counter()
   validate_config(cfg)
-  old = read_run_config(cfg.model_dir)
+  old = rundir.read_config(cfg.model_dir)
   if old is not None and old.get("status") == "finished" and not cfg.overwrite:
     prepare_run_dir(cfg, chief=False)  # raises the "finished run" error before any slow setup
   mirror = storage.Mirror(cfg.model_dir)
@@ -768,21 +452,21 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
       "resumed": mode == "resume",
   }
   if chief:
-    storage.makedirs(storage.join(run_dir, "checkpoints"))
+    storage.makedirs(rundir.path(run_dir, rundir.CHECKPOINTS))
     _write_json(cfg, run_dir, "running", run_info)
-    storage.write_text(storage.join(run_dir, MANIFEST_COPY), json.dumps(manifest, indent=2, sort_keys=True))
+    rundir.write_manifest_copy(run_dir, manifest)
 
   total_epochs = cfg.epochs + (cfg.fine_tune_epochs if cfg.fine_tune_at >= 0 else 0)
   nan = StopOnNaN()
   fit_kw = dict(steps_per_epoch=steps_per_epoch, validation_data=val_ds,
                 validation_steps=_validation_steps(cfg, manifest, info, per_replica, has_val),
                 verbose=verbose if chief else 0)
-  phase1_done = storage.exists(storage.join(run_dir, PHASE1_WEIGHTS))
+  phase1_done = storage.exists(rundir.path(run_dir, rundir.PHASE1_WEIGHTS))
 
   # ---- phase 1 ---------------------------------------------------------------
   if phase1_done:
     logging.info("Phase 1 finished before the restart: loading its final weights.")
-    model.load_weights(storage.join(run_dir, PHASE1_WEIGHTS))
+    model.load_weights(rundir.path(run_dir, rundir.PHASE1_WEIGHTS))
   else:
     cbs = make_callbacks(cfg, run_dir, chief=chief, monitor=monitor, phase=1,
                          global_batch=global_batch, steps_per_epoch=steps_per_epoch,
@@ -808,13 +492,13 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
     _check_nan(nan, cfg.model_dir)
 
   # ---- finish ------------------------------------------------------------------
-  history = read_history(storage.join(run_dir, HISTORY_NAME)) if chief else []
+  history = rundir.read_history(run_dir) if chief else []
   inference = keras.Model(model.inputs, model.outputs, name=model.name)
   # Every worker saves (see _save_weights_atomic); non-chief copies go to a temp dir.
-  _save_model_atomic(inference, storage.join(run_dir, MODEL_NAME), chief)
+  _save_model_atomic(inference, rundir.path(run_dir, rundir.MODEL), chief)
   if chief:
     # BackupAndRestore already removed its state; drop the phase marker and folder
-    storage.rmtree(storage.join(run_dir, "backup"))
+    storage.rmtree(rundir.path(run_dir, rundir.BACKUP))
   best = _best(run_dir, monitor) if chief else None
   best_epoch = None
   if history and best is not None:
@@ -846,7 +530,7 @@ def _validation_steps(cfg: Config, manifest: dict, info: distribute.StrategyInfo
 
 
 def _best(run_dir: str, monitor: str) -> float | None:
-  values = [r[monitor] for r in read_history(storage.join(run_dir, HISTORY_NAME)) if monitor in r]
+  values = [r[monitor] for r in rundir.read_history(run_dir) if monitor in r]
   values = [v for v in values if np.isfinite(v)]
   return max(values) if values else None
 
@@ -864,12 +548,12 @@ def _write_json(cfg: Config, run_dir: str, status: str, run_info: dict) -> None:
   doc = cfg.to_dict()
   doc["status"] = status
   doc["run"] = run_info
-  storage.write_text(storage.join(run_dir, CONFIG_NAME), json.dumps(doc, indent=2, sort_keys=True, default=str))
+  rundir.write_config(run_dir, doc)
 
 
 def _save_model_atomic(model: keras.Model, path: str, chief: bool = True) -> None:
   if not chief:
-    _save_and_discard(model.save, "model.keras")
+    _save_and_discard(model.save, rundir.MODEL)
     return
   if storage.is_remote(path):  # keras writes remote files through a local temp copy itself
     model.save(path)
@@ -883,44 +567,3 @@ def _save_model_atomic(model: keras.Model, path: str, chief: bool = True) -> Non
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
-
-
-# ---------------------------------------------------------------------------
-# Reading a run back
-# ---------------------------------------------------------------------------
-
-def load_run(run_dir: str, weights: str = "best") -> tuple[Config, dict, keras.Model]:
-  """(Config, manifest, model) of a run directory.
-
-  weights: "best" = checkpoints/best.weights.h5 when present (the epoch with the
-  best validation AUC), else the final weights; "final" = model.keras as saved.
-  The manifest is the run's copy of dataset.json (classes in label order).
-  The model is not compiled.
-  """
-  doc = read_run_config(run_dir)
-  if doc is None:
-    raise TrainError(f"{run_dir} is not a run directory (no {CONFIG_NAME}); train first with "
-                     "python -m xraytpu.train")
-  cfg = Config.from_dict(doc)
-  copy = storage.join(run_dir, MANIFEST_COPY)
-  manifest = json.loads(storage.read_text(copy)) if storage.exists(copy) else schema.read_manifest(cfg.data_dir)
-  keras.mixed_precision.set_global_policy("float32")
-  model_path, best_path = storage.join(run_dir, MODEL_NAME), storage.join(run_dir, BEST_WEIGHTS)
-  if storage.exists(model_path):
-    with storage.local_copy(model_path) as local:   # Keras reads local files (gs:// is copied)
-      model = models_lib.load_model(local)
-  else:
-    if not storage.exists(best_path):
-      raise TrainError(f"{run_dir} has neither {MODEL_NAME} nor {BEST_WEIGHTS}: the run has not "
-                       "finished an epoch")
-    logging.warning("%s has no %s (unfinished run): rebuilding from config.json", run_dir, MODEL_NAME)
-    model = models_lib.build_model(
-        dataclasses.replace(cfg, weights="none"), num_classes=len(manifest["classes"]),
-        channels=cfg.channels or stats.input_channels(manifest, cfg))
-    weights = "best"
-  if weights == "best" and storage.exists(best_path):
-    with storage.local_copy(best_path) as local:
-      model.load_weights(local)
-  elif weights not in ("best", "final"):
-    raise TrainError(f"weights must be 'best' or 'final', got {weights!r}")
-  return cfg, manifest, model

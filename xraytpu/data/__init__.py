@@ -1,9 +1,10 @@
 """From dataset.json + TFRecord shards to device-ready batches.
 
-  preprocess     encoded bytes -> uint8 [S, S, C] (decode, 16-bit mapping, aspect policy);
-                 shared by tf.data, previews and the exported serving function
-  input_pipeline make_dataset(data_dir, split, cfg, training=...) -> tf.data.Dataset of
-                 (uint8 [b, S, S, C], label): the one commented tf.data chain
+  (pixels)       the pixel contract lives in tfrecord_tools.pixels: encoded bytes -> uint8
+                 [S, S, C], shared by the converter, tf.data, predict, serve and the export
+  input_pipeline InputSpec (what the model sees + pipeline settings, from_config(cfg, manifest));
+                 train_dataset(data_dir, spec, ...) / eval_dataset(data_dir, split, spec, ...)
+                 -> tf.data.Dataset of (uint8 [b, S, S, C], label): the one commented tf.data chain
   stats          class weights, initial output bias, steps per epoch, input channels,
                  all from the manifest's counts (records are never scanned)
   augment        keras layers that augment inside the model, on the device, in training only

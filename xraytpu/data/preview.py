@@ -34,8 +34,8 @@ def write_augment_preview(data_dir: str, cfg, path: str, *, split: str = "train"
   """
   manifest = schema.read_manifest(data_dir)
   # One ordered batch, nothing cached: a preview must not fill a file cache.
-  view_cfg = dataclasses.replace(cfg, batch_size=num_images, cache="off")
-  ds = input_pipeline.make_dataset(data_dir, split, view_cfg, training=False, manifest=manifest)
+  spec = dataclasses.replace(input_pipeline.InputSpec.from_config(cfg, manifest), cache="off")
+  ds = input_pipeline.eval_dataset(data_dir, split, spec, batch_size=num_images, manifest=manifest)
   images, labels = next(iter(ds))
   layer = augment.build_augmentation(cfg)
   if layer is None:

@@ -86,6 +86,8 @@ def steps_per_epoch(manifest: dict, split: str, global_batch: int, drop_remainde
 def input_channels(manifest: dict, cfg) -> int:
   """Channels the pipeline decodes to: cfg.channels if 1 or 3, else from the data.
 
+  cfg: anything with a `channels` field (a Config or an input_pipeline.InputSpec).
+
   With cfg.channels == 0, 1 when the manifest's image_stats say every image is
   single-channel (grayscale stays grayscale until the model needs RGB), else 3.
   Without image_stats (an older manifest) the converter's `channels` argument

@@ -3,7 +3,7 @@
 Every model built here has the same contract:
 
   input   "image": uint8 [B, S, S, C] raw pixels (C = 1 grayscale or 3 RGB), exactly
-          what `xraytpu.data.input_pipeline.make_dataset` yields;
+          what `xraytpu.data.input_pipeline`'s datasets yield;
   stem    uint8 -> float32 [0, 255] -> augmentation (training only, on the device)
           -> the architecture's pixel scaling (and 1 -> 3 channels for ImageNet
           backbones, with the backbone's own normalisation);

@@ -1,4 +1,4 @@
-"""xraytpu.data.preprocess: decoding (PNG 8/16-bit, JPEG) and the aspect policies.
+"""The pixel contract's TensorFlow half (tfrecord_tools.pixels): decoding (PNG 8/16-bit, JPEG) and the aspect policies.
 
 Each function is checked eagerly, inside tf.data, and inside a SavedModel
 serving function (the export path), on tiny synthetic images.
@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from xraytpu.data import preprocess
+from tfrecord_tools import pixels as preprocess
 
 
 def _png(array: np.ndarray) -> bytes:

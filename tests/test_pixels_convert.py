@@ -1,4 +1,4 @@
-"""tfrecord_tools.images.prepare_image: the one per-image normalisation."""
+"""tfrecord_tools.pixels.prepare_image: the converter's half of the pixel contract."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tfrecord_tools.images import ImageError, prepare_image
+from tfrecord_tools.pixels import ImageError, prepare_image
 
 
 def _encode(arr_or_img, fmt="PNG", **kw) -> bytes:

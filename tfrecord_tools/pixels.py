@@ -1,0 +1,685 @@
+"""The pixel contract: what the model sees, from file bytes to a uint8 tensor. ONE module.
+
+Every door applies this definition: the converter (numpy/PIL half, no
+TensorFlow), the tf.data input pipeline, predict, serve, evaluate and the
+exported SavedModel (TensorFlow half, the same steps as graph ops).
+
+  file bytes (PNG 8/16-bit, JPEG incl. CMYK, BMP/GIF; TIFF/WebP via `graph_input`;
+              DICOM is rendered to PNG before this, by the caller)
+   1 decode       JPEG: libjpeg's accurate integer IDCT (PIL's default; TF's
+                  `dct_method="INTEGER_ACCURATE"`: the two are bit-identical; TF's
+                  default fast IDCT is not, it differs by up to 5 grey levels).
+                  When --max_side will shrink the image, a JPEG is decoded at the
+                  coarsest DCT scale 1/2, 1/4, 1/8 that still covers the target
+                  (PIL's `draft` rule: s = min(W // tw, H // th) rounded down to 8/4/2/1).
+   2 orientation  the EXIF orientation tag (JPEG APP1) is applied.
+   3 modes        -> grey "L", RGB or 16-bit grey: alpha dropped (not composited),
+                  grey palettes -> L, other palettes -> RGB, CMYK -> RGB.
+   4 channels     the converter's --channels: keep | 1 (ITU-R 601 luma,
+                  (19595 R + 38470 G + 7471 B + 2^15) >> 16, PIL's "L") | 3 (replicated).
+                  16-bit grey becomes 8-bit, round(v / 257), only when the output
+                  needs 8 bits (JPEG or 3 channels).
+   5 downscale    --max_side: never enlarges; the longer side becomes max_side,
+                  aspect kept; AREA resampling (each output pixel is the exact
+                  overlap-weighted mean of the input pixels it covers), rounded
+                  half to even: `area_resize` here, `tf.image.resize(method="area")`
+                  in the graph. Equal within one grey level (float64 vs float32).
+   6 storage      the record bytes: unchanged sources are kept byte for byte
+                  (PNG minus metadata chunks); otherwise JPEG sources -> JPEG
+                  (quality --jpeg_quality) and the rest -> PNG. TF's JPEG encoder
+                  and PIL's give the same pixels (only the JFIF density differs).
+  ---------------------------------------------------------------- a record ---
+   7 decode       as step 1, at the coarsest DCT scale keeping the shorter side
+                  >= the model's size; 16-bit -> round(v / 257); to the model's
+                  channels (JPEG: libjpeg's own grey/RGB output; PNG: libpng's).
+   8 resize       to S x S by the aspect policy (squash | pad | center_crop),
+                  bilinear with antialiasing, rounded to uint8.
+  -> uint8 [S, S, C]: what the model sees. The model rescales.
+
+Steps 1-6 run once per file in the converter (`prepare_image`) and, for a file
+that never went through the converter, inside the graph (`prepare_in_graph`),
+so `load_file(original bytes)` = `load_image(converted record)` within one grey
+level. Steps 7-8 (`load_image`) run on every record in tf.data and on every
+request. The residual, measured in tests/test_pixel_contract.py: the area
+rounding (at most 1 grey level, before step 8's averaging); PNGs' EXIF
+orientation and 1/2/4-bit or 16-bit colour PNGs are normalised by PIL only
+(the graph decodes them as libpng does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import struct
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from tfrecord_tools import errors
+
+# Bumped whenever a step above changes the pixels (2: area downscale, accurate IDCT);
+# part of the converter's shard fingerprint, so a resume never mixes contracts.
+CONTRACT_VERSION = 2
+PNG_COMPRESS_LEVEL = 3    # ~3x faster than PIL's default 6, a few % larger
+JPEG_QUALITY = 95
+CHANNELS = ("keep", "1", "3")
+IMAGE_FORMATS = ("keep", "png", "jpeg")
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class ImageError(errors.UserError):
+  """The bytes are not a usable image; `reason` is a short human-readable cause."""
+
+  def __init__(self, reason: str):
+    super().__init__(reason)
+    self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedImage:
+  """An encoded image ready for a record, and what it holds."""
+  encoded: bytes         # PNG or JPEG bytes
+  image_format: str      # "png" or "jpeg"
+  height: int            # of the encoded image
+  width: int
+  channels: int          # 1 or 3
+  bit_depth: int         # 8, or 16 (grayscale PNG only)
+  source_format: str = ""   # PIL's name for the source format: "PNG", "JPEG", "BMP", ...
+  source_mode: str = ""     # PIL mode of the source: "L", "RGBA", "I;16", ...
+  source_height: int = 0    # before resizing (after EXIF orientation)
+  source_width: int = 0
+
+
+def _normalise_channels(value) -> str:
+  value = str(value)
+  if value not in CHANNELS:
+    raise ValueError(f"channels must be one of {CHANNELS}, got {value!r}")
+  return value
+
+
+def _to_canonical(im: Image.Image) -> Image.Image:
+  """Any PIL mode -> "L", "RGB" or "I;16" (16-bit grayscale)."""
+  mode = im.mode
+  if mode in ("L", "RGB", "I;16"):
+    return im
+  if mode == "1":
+    return im.convert("L")
+  if mode == "LA" or mode == "La":
+    return im.getchannel("L")
+  if mode in ("RGBA", "RGBa", "RGBX"):
+    return im.convert("RGB")  # drops alpha (no compositing), like tf.io.decode_png(channels=3)
+  if mode in ("P", "PA"):
+    rgb = im.convert("RGB")
+    a = np.asarray(rgb)
+    if np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 0], a[..., 2]):
+      return Image.fromarray(np.ascontiguousarray(a[..., 0]), mode="L")
+    return rgb
+  if mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+    return im.convert("RGB")
+  if mode in ("I;16B", "I;16L", "I;16N", "I"):
+    a = np.asarray(im)
+    if a.size and (a.min() < 0 or a.max() > 65535):
+      raise ImageError(f"unsupported pixel values for mode {mode} (outside 0..65535)")
+    return Image.fromarray(a.astype(np.uint16))
+  raise ImageError(f"unsupported image mode {mode}")
+
+
+def _to_8bit(im16: Image.Image) -> Image.Image:
+  a = np.asarray(im16).astype(np.uint32)
+  return Image.fromarray(((a + 128) // 257).astype(np.uint8), mode="L")  # round(v / 257)
+
+
+def area_resize(a: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Step 5 in numpy: AREA resampling of [H, W] or [H, W, C] to [height, width] (float64).
+
+  Each output pixel is the mean of the input pixels it covers, partly covered
+  ones weighted by the covered fraction: the definition of TensorFlow's
+  `tf.image.resize(method="area")` (which computes it in float32). Computed
+  separably from running sums, O(pixels).
+  """
+  return _area_1d(_area_1d(np.asarray(a, np.float64), height, 0), width, 1)
+
+
+def _area_1d(a: np.ndarray, n_out: int, axis: int) -> np.ndarray:
+  a = np.moveaxis(a, axis, 0)
+  n_in = a.shape[0]
+  if n_in == n_out:
+    return np.moveaxis(a, 0, axis)
+  scale = n_in / n_out
+  # c[k] = sum of a[:k]; the integral of the signal up to x is c[floor x] + frac(x) a[floor x].
+  c = np.concatenate([np.zeros((1,) + a.shape[1:]), np.cumsum(a, axis=0)], axis=0)
+  edges = np.arange(n_out + 1) * scale
+  k = np.minimum(np.floor(edges).astype(np.int64), n_in - 1)
+  frac = (edges - k).reshape((-1,) + (1,) * (a.ndim - 1))
+  integral = c[k] + frac * a[k]
+  return np.moveaxis((integral[1:] - integral[:-1]) / scale, 0, axis)
+
+
+def _resize(im: Image.Image, size: tuple[int, int]) -> Image.Image:
+  """Step 5 on a PIL image ("L", "RGB" or "I;16"): area_resize, rounded half to even."""
+  width, height = size
+  out = np.rint(area_resize(np.asarray(im), height, width))
+  if im.mode == "I;16":
+    return Image.fromarray(np.clip(out, 0, 65535).astype(np.uint16))
+  return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8), mode=im.mode)
+
+
+def _target_size(width: int, height: int, max_side: int) -> tuple[int, int] | None:
+  if not max_side or max(width, height) <= max_side:
+    return None
+  scale = max_side / max(width, height)
+  return (max(1, round(width * scale)), max(1, round(height * scale)))
+
+
+def _png_keepable(data: bytes) -> bool:
+  """True for 8-bit gray/RGB and 16-bit gray PNGs (decoders agree on those exactly)."""
+  if len(data) < 29 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
+    return False
+  bit_depth, color_type = data[24], data[25]
+  return (color_type == 0 and bit_depth in (8, 16)) or (color_type == 2 and bit_depth == 8)
+
+
+def _strip_png_metadata(data: bytes) -> bytes:
+  """The PNG with only its IHDR, IDAT and IEND chunks: same pixels, no ICC
+  profile (libpng warns about many), gamma, text or EXIF. Chunks are copied
+  whole, CRCs included, so nothing is re-encoded."""
+  out, pos = [_PNG_SIGNATURE], len(_PNG_SIGNATURE)
+  while pos + 12 <= len(data):
+    (length,) = struct.unpack(">I", data[pos:pos + 4])
+    kind = data[pos + 4:pos + 8]
+    end = pos + 12 + length
+    if kind in (b"IHDR", b"IDAT", b"IEND"):
+      out.append(data[pos:end])
+    pos = end
+    if kind == b"IEND":
+      break
+  return b"".join(out)
+
+
+def prepare_image(data: bytes, *, max_side: int = 0, channels: str = "keep",
+                  image_format: str = "keep", jpeg_quality: int = JPEG_QUALITY) -> PreparedImage:
+  """Decodes, validates and normalises one image file's bytes (see module doc).
+
+  Args:
+    data: the whole source file.
+    max_side: shrink so that max(height, width) <= max_side; 0 keeps the size.
+    channels: "keep", "1" or "3" (ints 1 and 3 are accepted too).
+    image_format: "keep" (JPEG stays JPEG, others become PNG), "png" or "jpeg".
+    jpeg_quality: quality for JPEGs this function encodes.
+
+  Returns:
+    PreparedImage with the encoded bytes and their height, width, channels
+    (1 or 3) and bit depth (8 or 16).
+
+  Raises:
+    ImageError: empty, truncated or corrupt file, not an image, an
+      unsupported mode; `e.reason` says which.
+  """
+  channels = _normalise_channels(channels)
+  if image_format not in IMAGE_FORMATS:
+    raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+  if max_side < 0:
+    raise ValueError("max_side must be >= 0")
+  if not data:
+    raise ImageError("empty file (0 bytes)")
+
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data", palette transparency notes
+      im = Image.open(io.BytesIO(data))
+      source_format, source_mode = im.format or "", im.mode
+      orientation = 1
+      if source_format in ("JPEG", "PNG", "TIFF", "WEBP", "MPO"):
+        orientation = im.getexif().get(0x0112, 1)
+        orientation = orientation if orientation in range(2, 9) else 1
+      size0 = im.size if orientation in (1, 2, 3, 4) else im.size[::-1]
+      target = _target_size(size0[0], size0[1], max_side)
+      if target and source_format == "JPEG" and source_mode in ("L", "RGB"):
+        # Decode at 1/2, 1/4 or 1/8 scale (never below the target): the fast path.
+        want = target if orientation in (1, 2, 3, 4) else target[::-1]
+        im.draft(source_mode, want)
+      im.load()
+      if orientation != 1:
+        im = ImageOps.exif_transpose(im)
+  except UnidentifiedImageError:
+    if data[128:132] == b"DICM":
+      raise ImageError("DICOM is not supported by the converter: export to PNG first "
+                       "(16-bit PNG keeps the full range)") from None
+    raise ImageError("not an image (unrecognised format)") from None
+  except Image.DecompressionBombError as e:
+    raise ImageError(f"image too large: {e}") from None
+  except (OSError, SyntaxError, ValueError, EOFError) as e:
+    reason = str(e) or type(e).__name__
+    if "truncated" in reason.lower() or isinstance(e, EOFError):
+      reason = f"truncated image ({reason})"
+    else:
+      reason = f"corrupt image ({reason})"
+    raise ImageError(reason) from None
+  except Exception as e:  # noqa: BLE001  (a malformed file must not stop the conversion)
+    raise ImageError(f"cannot decode ({type(e).__name__}: {e})") from None
+  if im.width < 1 or im.height < 1:
+    raise ImageError("image has no pixels")
+
+  canonical = _to_canonical(im)
+  changed = canonical is not im or orientation != 1
+  out_format = image_format
+  if out_format == "keep":
+    out_format = "jpeg" if source_format == "JPEG" else "png"
+
+  if channels == "1" and canonical.mode == "RGB":
+    canonical, changed = canonical.convert("L"), True
+  if canonical.mode == "I;16" and (channels == "3" or out_format == "jpeg"):
+    canonical, changed = _to_8bit(canonical), True
+  if channels == "3" and canonical.mode == "L":
+    canonical, changed = canonical.convert("RGB"), True
+
+  target = _target_size(canonical.width, canonical.height, max_side)
+  if target:
+    canonical, changed = _resize(canonical, target), True
+  # A draft decode (reduced DCT scale) changes the pixels even when no resize
+  # remains to be done.
+  if source_format == "JPEG" and canonical.size != size0:
+    changed = True
+
+  keep_bytes = not changed and (
+      (out_format == "jpeg" and source_format == "JPEG") or
+      (out_format == "png" and source_format == "PNG" and _png_keepable(data)))
+  if keep_bytes:
+    encoded = data if out_format == "jpeg" else _strip_png_metadata(data)
+  else:
+    canonical.info = {}  # no ICC profile, EXIF or text chunks in what we write
+    buf = io.BytesIO()
+    if out_format == "jpeg":
+      canonical.save(buf, format="JPEG", quality=jpeg_quality)
+    else:
+      canonical.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    encoded = buf.getvalue()
+
+  return PreparedImage(
+      encoded=encoded, image_format=out_format, height=canonical.height,
+      width=canonical.width, channels=3 if canonical.mode == "RGB" else 1,
+      bit_depth=16 if canonical.mode == "I;16" else 8, source_format=source_format,
+      source_mode=source_mode, source_height=size0[1], source_width=size0[0])
+
+
+# ==========================================================================
+# Doors that are not the converter: bytes a client sends -> the graph's input.
+# ==========================================================================
+
+_JPEG_SIGNATURE = b"\xff\xd8\xff"
+# Formats the graph decodes itself (tf.io.decode_png / decode_jpeg / decode_image).
+_GRAPH_SIGNATURES = (_PNG_SIGNATURE, _JPEG_SIGNATURE, b"BM", b"GIF87a", b"GIF89a")
+
+
+def graph_input(data: bytes) -> bytes:
+  """A file's bytes as the graph takes them: PNG/JPEG/BMP/GIF unchanged; any other
+  format PIL reads (TIFF, WebP, ...) decoded here (steps 1-3) and written as a
+  lossless PNG. Raises ImageError for bytes that are no image."""
+  if data.startswith(_GRAPH_SIGNATURES):
+    return data
+  return prepare_image(data, image_format="png").encoded
+
+
+def conversion_args(manifest_args: dict | None) -> dict:
+  """The converter's per-image arguments recorded in dataset.json ("args"),
+  as `prepare_image` / `prepare_in_graph` keyword arguments."""
+  args = manifest_args or {}
+  return {"max_side": int(args.get("max_side") or 0),
+          "channels": _normalise_channels(args.get("channels", "keep")),
+          "image_format": str(args.get("image_format") or "keep"),
+          "jpeg_quality": int(args.get("jpeg_quality") or JPEG_QUALITY)}
+
+
+# ==========================================================================
+# The TensorFlow half. TensorFlow is imported on first use, so the
+# converter's workers (numpy/PIL only) never load it.
+# ==========================================================================
+
+ASPECTS = ("squash", "pad", "center_crop")
+# A PNG starts with the 8-byte signature, then the IHDR chunk: 4 bytes length,
+# b"IHDR", 4 bytes width, 4 bytes height, 1 byte bit depth, 1 byte colour type.
+_PNG_BIT_DEPTH_OFFSET = 24
+_PNG_COLOR_TYPE_OFFSET = 25
+# libjpeg decodes at 1/2, 1/4 and 1/8 scale in the DCT domain, several times
+# cheaper than a full decode followed by a downscale.
+_JPEG_RATIOS = (1, 2, 4, 8)
+# Bit-identical to PIL (libjpeg's JDCT_ISLOW); TF's default fast IDCT is not.
+_DCT = "INTEGER_ACCURATE"
+_EXIF_SEARCH_BYTES = 1 << 16
+
+
+def _tf():
+  import tensorflow as tf  # noqa: PLC0415 - lazy: the converter's workers never need it
+  return tf
+
+
+def decode_image(encoded, channels: int, *, min_side: int = 0):
+  """Step 7: one encoded record image -> uint8 [H, W, channels].
+
+  Args:
+    encoded: tf.string scalar, a PNG (8- or 16-bit) or JPEG (other formats
+      tf.io.decode_image reads, e.g. BMP, also work).
+    channels: 1 (grayscale) or 3 (RGB); converted if needed.
+    min_side: 0 decodes at full size. Otherwise a JPEG whose shorter side is
+      at least 2x this many pixels is decoded at 1/2, 1/4 or 1/8 scale while
+      its shorter side stays >= min_side. `load_image` sets it to the output size.
+
+  Returns:
+    uint8 [H, W, channels]; a 16-bit PNG mapped by round(v / 257).
+  """
+  tf = _tf()
+  if channels not in (1, 3):
+    raise ValueError(f"channels must be 1 or 3, got {channels}")
+  encoded = tf.convert_to_tensor(encoded, tf.string)
+  is_png = tf.equal(tf.strings.substr(encoded, 0, len(_PNG_SIGNATURE)), _PNG_SIGNATURE)
+  is_jpeg = tf.equal(tf.strings.substr(encoded, 0, len(_JPEG_SIGNATURE)), _JPEG_SIGNATURE)
+
+  def png():
+    bit_depth = tf.strings.substr(encoded, _PNG_BIT_DEPTH_OFFSET, 1)
+    return tf.cond(tf.equal(bit_depth, b"\x10"),
+                   lambda: _uint16_to_uint8(tf.io.decode_png(encoded, channels, dtype=tf.uint16)),
+                   lambda: tf.io.decode_png(encoded, channels))
+
+  def jpeg():
+    if min_side <= 0:
+      return tf.io.decode_jpeg(encoded, channels, dct_method=_DCT)
+    return _decode_jpeg_scaled(encoded, channels, min_side)
+
+  def other():  # BMP, GIF: decode as stored, then convert the channels
+    return _to_channels(tf.io.decode_image(encoded, dtype=tf.uint8, expand_animations=False),
+                        channels)
+
+  image = tf.case([(is_png, png), (is_jpeg, jpeg)], default=other, exclusive=True)
+  image.set_shape([None, None, channels])
+  return image
+
+
+def resize_image(image, size: int, aspect: str = "squash"):
+  """Step 8: uint8 [H, W, C] -> uint8 [size, size, C].
+
+  Bilinear with antialiasing (a triangle filter when shrinking), rounded back
+  to uint8. aspect: squash (plain resize; a 400x300 film is stretched) | pad
+  (longer side to `size`, centred, black letterbox) | center_crop (the
+  central square of side min(H, W), then resize).
+  """
+  tf = _tf()
+  if aspect not in ASPECTS:
+    raise ValueError(f"aspect must be one of {ASPECTS}, got {aspect!r}")
+  image = tf.convert_to_tensor(image)
+  channels = image.shape[-1]
+  shape = tf.shape(image)
+  h, w = shape[0], shape[1]
+  if aspect == "squash":
+    out = _resize_to_uint8(image, [size, size])
+  elif aspect == "center_crop":
+    side = tf.minimum(h, w)
+    crop = tf.image.crop_to_bounding_box(image, (h - side) // 2, (w - side) // 2, side, side)
+    out = _resize_to_uint8(crop, [size, size])
+  else:  # pad
+    longer = tf.cast(tf.maximum(h, w), tf.float32)
+    scale = float(size) / longer
+    new_h = tf.maximum(1, tf.cast(tf.round(tf.cast(h, tf.float32) * scale), tf.int32))
+    new_w = tf.maximum(1, tf.cast(tf.round(tf.cast(w, tf.float32) * scale), tf.int32))
+    scaled = _resize_to_uint8(image, tf.stack([new_h, new_w]))
+    out = tf.image.pad_to_bounding_box(scaled, (size - new_h) // 2, (size - new_w) // 2, size, size)
+  out.set_shape([size, size, channels])
+  return out
+
+
+def load_image(encoded, *, channels: int, size: int, aspect: str = "squash"):
+  """Steps 7-8: a record's encoded bytes -> uint8 [size, size, channels].
+
+  What the input pipeline maps over every record and what every request
+  ends with (`load_file`).
+  """
+  return resize_image(decode_image(encoded, channels, min_side=size), size, aspect)
+
+
+def load_file(encoded, *, conversion: dict, channels: int, size: int, aspect: str = "squash"):
+  """Steps 1-8: the bytes of a file that never went through the converter ->
+  uint8 [size, size, channels], as if it had been converted with `conversion`
+  (`conversion_args(manifest["args"])`) and then read back as a record."""
+  return load_image(prepare_in_graph(encoded, **conversion), channels=channels, size=size,
+                    aspect=aspect)
+
+
+def prepare_in_graph(encoded, *, max_side: int = 0, channels: str = "keep",
+                     image_format: str = "keep", jpeg_quality: int = JPEG_QUALITY):
+  """Steps 1-6 as graph ops: the bytes `prepare_image(data, **same args).encoded`
+  would hold (same pixels within one grey level; see the module docstring)."""
+  tf = _tf()
+  channels = _normalise_channels(channels)
+  encoded = tf.convert_to_tensor(encoded, tf.string)
+  is_png = tf.equal(tf.strings.substr(encoded, 0, len(_PNG_SIGNATURE)), _PNG_SIGNATURE)
+  is_jpeg = tf.equal(tf.strings.substr(encoded, 0, len(_JPEG_SIGNATURE)), _JPEG_SIGNATURE)
+  out_for = lambda source: source if image_format == "keep" else image_format  # noqa: E731
+  finish = dict(max_side=max_side, channels=channels, quality=jpeg_quality, original=encoded)
+
+  def jpeg():
+    shape = tf.io.extract_jpeg_shape(encoded)               # stored [H, W, C]
+    orientation = _exif_orientation(encoded)
+    swap = orientation >= 5                                 # 5-8 turn the image by 90 degrees
+    ratio = _draft_ratio(shape[0], shape[1], swap, max_side)
+    image = _switch_ratio(encoded, ratio)                   # step 1: decode (native channels)
+    image = _orient(image, orientation)                     # step 2
+    changed = tf.logical_or(orientation != 1, ratio > 1)
+    return _finish_8bit(image, changed, keepable=True, out_format=out_for("jpeg"), **finish)
+
+  def png():
+    bit_depth = tf.strings.substr(encoded, _PNG_BIT_DEPTH_OFFSET, 1)
+    color_type = tf.strings.substr(encoded, _PNG_COLOR_TYPE_OFFSET, 1)
+    gray16 = tf.logical_and(tf.equal(bit_depth, b"\x10"), tf.equal(color_type, b"\x00"))
+    keepable = tf.logical_or(
+        tf.logical_and(tf.equal(color_type, b"\x00"), tf.equal(bit_depth, b"\x08")),
+        tf.logical_and(tf.equal(color_type, b"\x02"), tf.equal(bit_depth, b"\x08")))
+
+    def png16():
+      image = tf.io.decode_png(encoded, 1, dtype=tf.uint16)
+      out = out_for("png")
+      if channels == "3" or out == "jpeg":
+        return _finish_8bit(_uint16_to_uint8(image), tf.constant(True), keepable=False,
+                            out_format=out, **finish)
+      return _finish_16bit(image, **finish)
+
+    def png8():
+      image = tf.io.decode_png(encoded, 0)                  # native: 1, 2, 3 or 4 channels
+      n = tf.shape(image)[-1]
+      image = tf.cond(n == 2, lambda: image[..., :1],       # LA -> L (alpha dropped)
+                      lambda: tf.cond(n == 4, lambda: image[..., :3], lambda: image))
+      palette = tf.equal(color_type, b"\x03")
+      gray = tf.logical_and(
+          palette, tf.logical_and(tf.shape(image)[-1] == 3,
+                                  tf.reduce_all(tf.equal(image, image[..., :1]))))
+      image = tf.cond(gray, lambda: image[..., :1], lambda: image)   # grey palette -> L
+      return _finish_8bit(image, tf.logical_not(keepable), keepable=True, out_format=out_for("png"),
+                          **finish)
+
+    return tf.cond(gray16, png16, png8)
+
+  def other():   # BMP, GIF: PIL's converter writes them as PNG
+    image = tf.io.decode_image(encoded, dtype=tf.uint8, expand_animations=False)
+    n = tf.shape(image)[-1]
+    image = tf.cond(n >= 3, lambda: image[..., :3], lambda: image[..., :1])
+    return _finish_8bit(image, tf.constant(True), keepable=False, out_format=out_for("png"),
+                        **finish)
+
+  return tf.case([(is_jpeg, jpeg), (is_png, png)], default=other, exclusive=True)
+
+
+def _finish_8bit(image, changed, *, keepable: bool, out_format: str, max_side: int,
+                 channels: str, quality: int, original):
+  """Steps 4-6 for uint8 [H, W, 1|3]: channels, downscale, the stored bytes."""
+  tf = _tf()
+  n = tf.shape(image)[-1]
+  if channels == "1":
+    changed = tf.logical_or(changed, n == 3)
+    image = tf.cond(n == 3, lambda: _pil_luma(image), lambda: image)
+  elif channels == "3":
+    changed = tf.logical_or(changed, n == 1)
+    image = tf.cond(n == 1, lambda: tf.image.grayscale_to_rgb(image), lambda: image)
+  image, resized = _downscale(image, max_side, 255)
+  changed = tf.logical_or(changed, resized)
+  if out_format == "jpeg":
+    encode = lambda: tf.io.encode_jpeg(image, quality=quality)  # noqa: E731
+  else:
+    encode = lambda: tf.io.encode_png(image)  # noqa: E731
+  keep = tf.logical_and(tf.logical_not(changed), keepable)
+  return tf.cond(keep, lambda: original, encode)
+
+
+def _finish_16bit(image, *, max_side: int, channels: str, quality: int, original):
+  """Steps 5-6 for a 16-bit grey PNG that stays 16-bit."""
+  tf = _tf()
+  del channels, quality
+  image, resized = _downscale(image, max_side, 65535)
+  return tf.cond(resized, lambda: tf.io.encode_png(image), lambda: original)
+
+
+def _downscale(image, max_side: int, top: int):
+  """Step 5: area resampling so the longer side is max_side; (image, resized?)."""
+  tf = _tf()
+  if not max_side:
+    return image, tf.constant(False)
+  shape = tf.shape(image)
+  h, w = shape[0], shape[1]
+  longer = tf.maximum(h, w)
+  resized = longer > max_side
+  # Python's round(side * (max_side / longer)): float64, half to even, >= 1.
+  scale = tf.constant(float(max_side), tf.float64) / tf.cast(longer, tf.float64)
+  th = tf.maximum(1, tf.cast(tf.round(tf.cast(h, tf.float64) * scale), tf.int32))
+  tw = tf.maximum(1, tf.cast(tf.round(tf.cast(w, tf.float64) * scale), tf.int32))
+
+  def shrink():
+    out = tf.image.resize(tf.cast(image, tf.float32), tf.stack([th, tw]), method="area")
+    return tf.cast(tf.clip_by_value(tf.round(out), 0.0, float(top)), image.dtype)
+
+  return tf.cond(resized, shrink, lambda: image), resized
+
+
+def _draft_ratio(height, width, swap, max_side: int):
+  """PIL's `draft` rule for the JPEG DCT scale that still covers the max_side target."""
+  tf = _tf()
+  if not max_side:
+    return tf.constant(1)
+  h0 = tf.where(swap, width, height)        # as displayed (after orientation)
+  w0 = tf.where(swap, height, width)
+  longer = tf.maximum(h0, w0)
+  scale = tf.constant(float(max_side), tf.float64) / tf.cast(longer, tf.float64)
+  th = tf.maximum(1, tf.cast(tf.round(tf.cast(h0, tf.float64) * scale), tf.int32))
+  tw = tf.maximum(1, tf.cast(tf.round(tf.cast(w0, tf.float64) * scale), tf.int32))
+  want_h, want_w = tf.where(swap, tw, th), tf.where(swap, th, tw)    # back to stored orientation
+  s = tf.minimum(width // want_w, height // want_h)
+  ratio = tf.constant(1)
+  for r in _JPEG_RATIOS[1:]:
+    ratio = tf.where(s >= r, r, ratio)
+  return tf.where(longer > max_side, ratio, 1)
+
+
+def _switch_ratio(encoded, ratio):
+  """decode_jpeg at 1/ratio scale, native channels (grey stays grey)."""
+  tf = _tf()
+  index = tf.constant(0)
+  for i, r in enumerate(_JPEG_RATIOS):
+    index = tf.where(tf.equal(ratio, r), i, index)
+  branches = [lambda r=r: tf.io.decode_jpeg(encoded, 0, ratio=r, dct_method=_DCT) for r in _JPEG_RATIOS]
+  return tf.switch_case(index, branches)
+
+
+def _exif_orientation(encoded):
+  """The EXIF Orientation tag (0x0112) of a JPEG's APP1 segment, 1 when absent or invalid."""
+  tf = _tf()
+  head = tf.strings.substr(encoded, 0, _EXIF_SEARCH_BYTES)
+  parts = tf.strings.split(head, sep="Exif\x00\x00", maxsplit=1)
+  # Padding, so that reads past the end of a malformed segment stay in bounds.
+  padded = tf.strings.join([head, tf.constant(b"\x00" * (_EXIF_SEARCH_BYTES + 16))])
+
+  def read():
+    tiff_start = tf.strings.length(parts[0]) + 6
+    little = tf.equal(tf.strings.substr(padded, tiff_start, 2), b"II")
+
+    def uint(offsets, nbytes):
+      offsets = tf.clip_by_value(offsets, 0, _EXIF_SEARCH_BYTES)
+      raw = tf.io.decode_raw(tf.strings.substr(tf.fill(tf.shape(offsets), padded),
+                                               tiff_start + offsets, tf.fill(tf.shape(offsets), nbytes)),
+                             tf.uint8)
+      raw = tf.cast(raw, tf.int64)
+      weights_le = tf.constant([256 ** i for i in range(nbytes)], tf.int64)
+      weights_be = tf.constant([256 ** (nbytes - 1 - i) for i in range(nbytes)], tf.int64)
+      return tf.reduce_sum(raw * tf.where(little, weights_le, weights_be), axis=-1)
+
+    ifd = tf.cast(uint(tf.constant([4]), 4)[0], tf.int32)
+    count = tf.cast(tf.minimum(uint(tf.reshape(ifd, [1]), 2)[0], 64), tf.int32)
+    entries = ifd + 2 + 12 * tf.range(count)
+    tags = uint(entries, 2)
+    values = uint(entries + 8, 2)
+    found = tf.boolean_mask(values, tf.equal(tags, 0x0112))
+    value = tf.cond(tf.size(found) > 0, lambda: tf.cast(found[0], tf.int32), lambda: tf.constant(1))
+    return tf.where(tf.logical_and(value >= 2, value <= 8), value, 1)
+
+  return tf.cond(tf.size(parts) > 1, read, lambda: tf.constant(1))
+
+
+def _orient(image, orientation):
+  """Step 2: PIL's ImageOps.exif_transpose for orientation 1-8."""
+  tf = _tf()
+  transpose = lambda x: tf.transpose(x, [1, 0, 2])  # noqa: E731
+  branches = [
+      lambda: image,                                    # 1
+      lambda: image[:, ::-1],                           # 2 mirror
+      lambda: image[::-1, ::-1],                        # 3 rotate 180
+      lambda: image[::-1],                              # 4 flip
+      lambda: transpose(image),                         # 5 transpose
+      lambda: tf.image.rot90(image, 3),                 # 6 rotate 90 clockwise (PIL ROTATE_270)
+      lambda: transpose(image)[::-1, ::-1],             # 7 transverse
+      lambda: tf.image.rot90(image, 1),                 # 8 rotate 90 counter-clockwise
+  ]
+  return tf.switch_case(orientation - 1, branches)
+
+
+def _pil_luma(rgb):
+  """RGB -> grey exactly as PIL's convert("L"): (19595 R + 38470 G + 7471 B + 2^15) >> 16."""
+  tf = _tf()
+  x = tf.cast(rgb, tf.int32)
+  y = (x[..., 0] * 19595 + x[..., 1] * 38470 + x[..., 2] * 7471 + 32768) // 65536
+  return tf.cast(y, tf.uint8)[..., None]
+
+
+def _to_channels(image, channels: int):
+  """uint8 [H, W, 1|3|4] -> [H, W, channels] (alpha dropped, RGB -> luma, gray -> RGB)."""
+  tf = _tf()
+  have = tf.shape(image)[-1]
+  rgb = lambda: image[..., :3]  # noqa: E731
+  gray = lambda: image[..., :1]  # noqa: E731
+  if channels == 1:
+    return tf.cond(have >= 3, lambda: tf.image.rgb_to_grayscale(rgb()), gray)
+  return tf.cond(have >= 3, rgb, lambda: tf.image.grayscale_to_rgb(gray()))
+
+
+def _uint16_to_uint8(image16):
+  # round(v / 257) in integers: floor((v + 128) / 257) has no ties to break.
+  tf = _tf()
+  v = tf.cast(image16, tf.int32)
+  return tf.cast((v + 128) // 257, tf.uint8)
+
+
+def _resize_to_uint8(image, size):
+  tf = _tf()
+  resized = tf.image.resize(image, size, method="bilinear", antialias=True)
+  return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+
+
+def _decode_jpeg_scaled(encoded, channels: int, min_side: int):
+  """Decodes at the coarsest DCT scale keeping the shorter side >= min_side."""
+  tf = _tf()
+  shape = tf.io.extract_jpeg_shape(encoded)
+  shorter = tf.minimum(shape[0], shape[1])
+  # libjpeg's scaled size is ceil(side / ratio); pick the largest ratio that
+  # still leaves `min_side` pixels (index into _JPEG_RATIOS).
+  index = tf.constant(0)
+  for i, r in enumerate(_JPEG_RATIOS[1:], start=1):
+    index = tf.where((shorter + r - 1) // r >= min_side, i, index)
+  branches = [lambda r=r: tf.io.decode_jpeg(encoded, channels, ratio=r, dct_method=_DCT)
+              for r in _JPEG_RATIOS]
+  return tf.switch_case(index, branches)

@@ -1,0 +1,284 @@
+"""The Keras callbacks of a training run (`xraytpu.train_lib` builds the list).
+
+  make_callbacks(cfg, run_dir, ...)  the list for one phase, in the order that matters
+  EpochSummary     lr / images_per_sec / epoch_seconds in the logs, one log line per epoch
+  HistoryCSV       history.csv, rewritten each epoch, resume-aware (xraytpu.rundir reads and writes it)
+  EpochScalars     TensorBoard scalars without the tensorboard package
+  StopOnNaN        stops at the first NaN/inf loss and remembers where
+  SaveOnTrainEnd   the phase's final weights, before BackupAndRestore deletes its state
+  PlateauState     EarlyStopping / ReduceLROnPlateau counters across a resume
+  PushRunDir       uploads the local copy of a gs:// run directory after every epoch
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from xraytpu._keras import keras
+from xraytpu.config import Config
+from tfrecord_tools import storage
+from xraytpu import rundir
+
+
+def current_learning_rate(model: keras.Model) -> float:
+  """The optimizer's learning rate now (a schedule evaluated at the current step)."""
+  opt = model.optimizer
+  opt = getattr(opt, "inner_optimizer", opt)  # LossScaleOptimizer under float16
+  lr = opt.learning_rate
+  if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
+    lr = lr(opt.iterations)
+  return float(keras.backend.get_value(lr))
+
+
+class EpochSummary(keras.callbacks.Callback):
+  """Adds lr / images_per_sec / epoch_seconds to the logs and prints one line per epoch."""
+
+  def __init__(self, *, global_batch: int, steps_per_epoch: int, total_epochs: int, phase: str):
+    super().__init__()
+    self.global_batch, self.steps_per_epoch = global_batch, steps_per_epoch
+    self.total_epochs, self.phase = total_epochs, phase
+    self._t0 = self._t_train = None
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self._t0, self._t_train = time.perf_counter(), None
+
+  def on_test_begin(self, logs=None):
+    if self._t0 is not None and self._t_train is None:
+      self._t_train = time.perf_counter()
+
+  def on_epoch_end(self, epoch, logs=None):
+    logs = logs if logs is not None else {}
+    now = time.perf_counter()
+    train_s = (self._t_train or now) - self._t0
+    ips = self.steps_per_epoch * self.global_batch / max(train_s, 1e-9)
+    logs["lr"] = current_learning_rate(self.model)
+    logs["images_per_sec"] = ips
+    logs["epoch_seconds"] = now - self._t0
+    train = " ".join(f"{k}={_fmt(logs[k])}" for k in ("loss", "accuracy", "auc") if k in logs)
+    val = " ".join(f"{k}={_fmt(logs[k])}" for k in ("val_loss", "val_accuracy", "val_auc", "val_pr_auc")
+                   if k in logs)
+    logging.info("epoch %d/%d (%s): %.1fs, %.1f images/sec | %s | %s | lr=%.3g",
+                 epoch + 1, self.total_epochs, self.phase, now - self._t0, ips, train, val or "no val",
+                 logs["lr"])
+
+
+def _fmt(v) -> str:
+  return f"{float(v):.4f}"
+
+
+class HistoryCSV(keras.callbacks.Callback):
+  """history.csv, rewritten atomically each epoch; on resume, rows from the
+  restart epoch on are dropped (they will be trained again)."""
+
+  def __init__(self, run_dir: str, enabled: bool = True, first_epoch: int = 0):
+    super().__init__()
+    self.run_dir, self.enabled, self.first_epoch = run_dir, enabled, first_epoch
+    self.rows: list[dict] = []
+    self._started = False
+
+  def on_train_begin(self, logs=None):
+    self.rows = rundir.read_history(self.run_dir)
+    self._started = False
+
+  def on_epoch_begin(self, epoch, logs=None):
+    if not self._started:
+      self.rows = [r for r in self.rows if int(r["epoch"]) < epoch]
+      self._started = True
+      if epoch > self.first_epoch:
+        logging.info("Resuming at epoch %d: epochs 1..%d were restored from the backup", epoch + 1, epoch)
+
+  def on_epoch_end(self, epoch, logs=None):
+    row = {"epoch": epoch}
+    row.update({k: float(v) for k, v in (logs or {}).items()})
+    self.rows.append(row)
+    if self.enabled:
+      rundir.write_history(self.run_dir, self.rows)
+
+
+class EpochScalars(keras.callbacks.Callback):
+  """TensorBoard scalars per epoch in logs/train and logs/validation.
+
+  Writes the same events as `tf.summary.scalar` (tag "epoch_<metric>", scalars
+  plugin) with TensorFlow core alone: TF 2.21 no longer ships the tensorboard
+  package that keras.callbacks.TensorBoard needs. View with `tensorboard --logdir RUN/logs`.
+  """
+
+  def __init__(self, log_dir: str, enabled: bool = True):
+    super().__init__()
+    self.log_dir, self.enabled = log_dir, enabled
+    self._writers: dict[str, Any] = {}
+    from tensorflow.core.framework import summary_pb2  # noqa: PLC0415
+    self._metadata = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")).SerializeToString()
+
+  def _writer(self, name: str):
+    if name not in self._writers:
+      self._writers[name] = tf.summary.create_file_writer(storage.join(self.log_dir, name))
+    return self._writers[name]
+
+  def on_epoch_end(self, epoch, logs=None):
+    if not self.enabled:
+      return
+    groups: dict[str, dict[str, float]] = {"train": {}, "validation": {}}
+    for k, v in (logs or {}).items():
+      if k.startswith("val_"):
+        groups["validation"][k[4:]] = float(v)
+      else:
+        groups["train"][k] = float(v)
+    for name, values in groups.items():
+      if not values:
+        continue
+      with self._writer(name).as_default():
+        for k, v in values.items():
+          tf.summary.write(f"epoch_{k}", tf.constant(v, tf.float32), step=epoch, metadata=self._metadata)
+      self._writer(name).flush()
+
+  def on_train_end(self, logs=None):
+    for w in self._writers.values():
+      w.close()
+    self._writers = {}
+
+
+class StopOnNaN(keras.callbacks.Callback):
+  """Stops training at the first NaN/inf loss and remembers where."""
+
+  def __init__(self):
+    super().__init__()
+    self.epoch, self.where = 0, None
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self.epoch = epoch
+
+  def on_train_batch_end(self, batch, logs=None):
+    loss = (logs or {}).get("loss")
+    if loss is not None and not np.isfinite(float(loss)):
+      self.where = (self.epoch, batch)
+      self.model.stop_training = True
+
+
+class SaveOnTrainEnd(keras.callbacks.Callback):
+  """Saves the weights when a phase completes, before BackupAndRestore deletes its state."""
+
+  def __init__(self, path: str, chief: bool, nan: StopOnNaN):
+    super().__init__()
+    self.path, self.chief, self.nan = path, chief, nan
+
+  def on_train_end(self, logs=None):
+    if self.nan.where is None:
+      _save_weights_atomic(self.model, self.path, self.chief)
+
+
+class PlateauState(keras.callbacks.Callback):
+  """Carries the EarlyStopping / ReduceLROnPlateau counters across a resume.
+
+  BackupAndRestore brings back weights, optimizer (learning rate included) and
+  the epoch, but those two callbacks reset their patience in on_train_begin.
+  This one saves their counters after every backup and puts them back when the
+  phase resumes; it must come after them and after BackupAndRestore in the list.
+  """
+
+  FIELDS = {"EarlyStopping": ("wait", "best", "best_epoch"),
+            "ReduceLROnPlateau": ("wait", "best", "cooldown_counter")}
+
+  def __init__(self, path: str, callbacks: list, enabled: bool):
+    super().__init__()
+    self.path, self.callbacks, self.enabled = path, callbacks, enabled
+
+  def on_train_begin(self, logs=None):
+    if not storage.exists(self.path):
+      return
+    state = json.loads(storage.read_text(self.path))
+    for cb in self.callbacks:
+      for field, value in state.get(type(cb).__name__, {}).items():
+        setattr(cb, field, value)
+    logging.info("Resumed the patience counters: %s", state)
+
+  def on_epoch_end(self, epoch, logs=None):
+    if self.enabled:
+      state = {type(cb).__name__: {f: float(getattr(cb, f)) if f == "best" else int(getattr(cb, f))
+                                   for f in self.FIELDS[type(cb).__name__] if hasattr(cb, f)}
+               for cb in self.callbacks}
+      storage.write_text(self.path, json.dumps(state))
+
+
+class PushRunDir(keras.callbacks.Callback):
+  """Uploads what changed in the local copy of a gs:// run directory after every
+  epoch and when a phase ends (see tfrecord_tools.storage.Mirror)."""
+
+  def __init__(self, mirror: storage.Mirror):
+    super().__init__()
+    self.mirror = mirror
+
+  def _push(self, when: str) -> None:
+    t = time.perf_counter()
+    up, gone = self.mirror.push()
+    logging.info("%s: pushed %d changed file(s), removed %d, to %s in %.1f s", when, up, gone,
+                 self.mirror.remote, time.perf_counter() - t)
+
+  def on_epoch_end(self, epoch, logs=None):
+    self._push(f"epoch {epoch + 1}")
+
+  def on_train_end(self, logs=None):
+    self._push("phase end")
+
+
+def _save_and_discard(save, name: str) -> None:
+  """A non-chief worker's save: into a temp folder that is removed again."""
+  tmp_dir = tempfile.mkdtemp(prefix="xraytpu-worker-")
+  try:
+    save(os.path.join(tmp_dir, name))
+  finally:
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _save_weights_atomic(model: keras.Model, path: str, chief: bool = True) -> None:
+  """Every worker must save (reading sync-on-read variables is a collective op
+  under MultiWorkerMirroredStrategy); only the chief's file is kept."""
+  if not chief:
+    _save_and_discard(model.save_weights, "w.weights.h5")
+    return
+  tmp = path[:-len(".weights.h5")] + f".tmp-{os.getpid()}.weights.h5"
+  model.save_weights(tmp)
+  storage.rename(tmp, path)
+
+
+def make_callbacks(cfg: Config, run_dir: str, *, chief: bool, monitor: str, phase: int,
+                   global_batch: int, steps_per_epoch: int, total_epochs: int,
+                   best_so_far: float | None, nan: StopOnNaN,
+                   mirror: storage.Mirror | None = None) -> list:
+  """Order matters: summary (adds logs) -> CSV -> checkpoints -> ... -> backup,
+  so a backup never exists for an epoch whose history row is missing; then the
+  push of a gs:// run's local copy, so GCS gets each epoch's files together."""
+  cbs: list = [nan, EpochSummary(global_batch=global_batch, steps_per_epoch=steps_per_epoch,
+                                 total_epochs=total_epochs, phase=f"phase {phase}")]
+  cbs.append(HistoryCSV(run_dir, enabled=chief,
+                        first_epoch=0 if phase == 1 else cfg.epochs))
+  cbs.append(keras.callbacks.ModelCheckpoint(
+      rundir.path(run_dir, rundir.BEST_WEIGHTS), monitor=monitor, mode="max", save_best_only=True,
+      save_weights_only=True, initial_value_threshold=best_so_far, verbose=0))
+  cbs.append(EpochScalars(rundir.path(run_dir, rundir.LOGS), enabled=chief))
+  plateau = []
+  if cfg.early_stopping_patience > 0:
+    plateau.append(keras.callbacks.EarlyStopping(monitor=monitor, mode="max",
+                                                 patience=cfg.early_stopping_patience, verbose=1))
+  if cfg.reduce_lr_patience > 0:
+    plateau.append(keras.callbacks.ReduceLROnPlateau(monitor=monitor, mode="max", factor=0.5,
+                                                     patience=cfg.reduce_lr_patience, verbose=1))
+  cbs.extend(plateau)
+  if phase == 1:
+    cbs.append(SaveOnTrainEnd(rundir.path(run_dir, rundir.PHASE1_WEIGHTS), chief, nan))
+  cbs.append(keras.callbacks.BackupAndRestore(rundir.backup_dir(run_dir, phase)))
+  if plateau:
+    cbs.append(PlateauState(rundir.plateau_state(run_dir, phase), plateau, chief))
+  if chief and mirror is not None and mirror.active:
+    cbs.append(PushRunDir(mirror))
+  return cbs

@@ -1,0 +1,137 @@
+"""The one way of calling a trained model: bytes or pixels -> calibrated
+probabilities -> the label at the frozen operating point.
+
+  image bytes [B] ──pixels (tfrecord_tools.pixels.load_file: the pixel contract,
+        │                  conversion replayed in the graph)──▶ uint8 [B, S, S, C]
+        ▼
+  model(x, training=False) ──▶ raw [B, 1] (binary: P(positive)) or [B, K] (softmax)
+        ▼
+  calibrate: temperature (fitted on val by xraytpu.evaluate, logit space),
+             binary [1 - p, p]; label = p >= threshold (binary) or argmax
+        ▼
+  {"probabilities": float32 [B, K], "label": string [B], "label_index": int32 [B]}
+
+`InferenceModule` is a tf.Module: evaluate (records -> predict_pixels), predict
+and serve (files -> pixels -> predict_pixels) call it, and xraytpu.export saves
+it as the SavedModel (serving_default = predict_bytes). Threshold and
+temperature are variables, saved with it. Numpy temperature code remains only
+where the temperature is fitted (xraytpu.metrics.fit_temperature).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from tfrecord_tools import pixels
+from xraytpu import rundir
+
+# Probabilities are clipped this far from 0 and 1 before the logit.
+_EPS = 1e-7
+
+
+class InferenceModule(tf.Module):
+  """The model, the pixel contract and the operating point, as tf.functions."""
+
+  def __init__(self, model, *, classes: Sequence[str], size: int, channels: int, aspect: str,
+               conversion: dict, threshold: float | None = None, temperature: float | None = None):
+    super().__init__(name="xraytpu_inference")
+    self.model = model
+    self.classes = list(classes)
+    self.binary = len(self.classes) == 2
+    self.size, self.channels, self.aspect = int(size), int(channels), aspect
+    self.conversion = dict(conversion)
+    self._class_names = tf.constant(self.classes)
+    self.threshold = tf.Variable(rundir.DEFAULT_THRESHOLD if threshold is None else float(threshold),
+                                 trainable=False, dtype=tf.float32, name="threshold")
+    self.temperature = tf.Variable(1.0 if temperature is None else float(temperature),
+                                   trainable=False, dtype=tf.float32, name="temperature")
+    self.calibrated = tf.Variable(temperature is not None, trainable=False, name="calibrated")
+    bytes_spec = tf.TensorSpec([None], tf.string, name="image_bytes")
+    pixels_spec = tf.TensorSpec([None, self.size, self.size, self.channels], tf.uint8, name="image")
+    raw_width = 1 if self.binary else len(self.classes)
+    self.pixels = tf.function(self._pixels, input_signature=[bytes_spec])
+    self.raw = tf.function(self._raw, input_signature=[pixels_spec])
+    self.decide = tf.function(self._decide, input_signature=[tf.TensorSpec([None, raw_width],
+                                                                           tf.float32, name="raw")])
+    self.predict_pixels = tf.function(self._predict_pixels, input_signature=[pixels_spec])
+    self.predict_bytes = tf.function(self._predict_bytes, input_signature=[bytes_spec])
+
+  @classmethod
+  def from_run(cls, run: rundir.LoadedRun) -> "InferenceModule":
+    return cls(run.model, classes=run.classes, size=run.size, channels=run.channels,
+               aspect=run.aspect, conversion=run.conversion, threshold=run.threshold,
+               temperature=run.temperature)
+
+  # ---- the graph -------------------------------------------------------------
+
+  def _pixels(self, image_bytes):
+    return tf.map_fn(
+        lambda b: pixels.load_file(b, conversion=self.conversion, channels=self.channels,
+                                   size=self.size, aspect=self.aspect),
+        image_bytes,
+        fn_output_signature=tf.TensorSpec([self.size, self.size, self.channels], tf.uint8))
+
+  def _raw(self, images):
+    return tf.cast(self.model(images, training=False), tf.float32)
+
+  def _decide(self, raw):
+    if self.binary:
+      p = raw[:, 0]
+      p = tf.cond(self.calibrated, lambda: _scaled_sigmoid(p, self.temperature), lambda: p)
+      probs = tf.stack([1.0 - p, p], axis=1)
+      index = tf.cast(p >= self.threshold, tf.int32)
+    else:
+      probs = tf.cond(self.calibrated,
+                      lambda: tf.nn.softmax(tf.math.log(tf.clip_by_value(raw, _EPS, 1.0)) / self.temperature),
+                      lambda: raw)
+      index = tf.cast(tf.argmax(probs, axis=1), tf.int32)
+    return {"probabilities": probs, "label": tf.gather(self._class_names, index),
+            "label_index": index}
+
+  def _predict_pixels(self, image):
+    return self._decide(self._raw(image))
+
+  def _predict_bytes(self, image_bytes):
+    return self._predict_pixels(self._pixels(image_bytes))
+
+  # ---- eager helpers for the Python doors ---------------------------------------
+
+  def set_operating_point(self, threshold: float | None, temperature: float | None) -> None:
+    self.threshold.assign(rundir.DEFAULT_THRESHOLD if threshold is None else float(threshold))
+    self.temperature.assign(1.0 if temperature is None else float(temperature))
+    self.calibrated.assign(temperature is not None)
+
+  def file_pixels(self, data: bytes) -> np.ndarray:
+    """One file's bytes (any format `pixels.graph_input` takes) -> uint8 [S, S, C].
+
+    Raises pixels.ImageError with the converter's reason when the bytes are
+    not a usable image.
+    """
+    data = pixels.graph_input(data)
+    try:
+      return self.pixels(tf.constant([data]))[0].numpy()
+    except tf.errors.OpError:
+      pixels.prepare_image(data, **self.conversion)   # raises the converter's ImageError
+      raise pixels.ImageError("cannot decode (TensorFlow refused the image)") from None
+
+  def predict_batches(self, images: np.ndarray, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """uint8 [n, S, S, C] -> {"probabilities": float32 [n, K], "label_index": int [n], "raw": ...}."""
+    outs: dict[str, list] = {"probabilities": [], "label_index": [], "raw": []}
+    for start in range(0, len(images), batch_size):
+      raw = self.raw(tf.constant(images[start:start + batch_size]))
+      out = self.decide(raw)
+      outs["raw"].append(raw.numpy())
+      outs["probabilities"].append(out["probabilities"].numpy())
+      outs["label_index"].append(out["label_index"].numpy())
+    width = 1 if self.binary else len(self.classes)
+    empty = {"probabilities": np.zeros((0, len(self.classes)), np.float32),
+             "label_index": np.zeros(0, np.int32), "raw": np.zeros((0, width), np.float32)}
+    return {k: (np.concatenate(v) if v else empty[k]) for k, v in outs.items()}
+
+
+def _scaled_sigmoid(p, temperature):
+  q = tf.clip_by_value(p, _EPS, 1.0 - _EPS)
+  return tf.sigmoid((tf.math.log(q) - tf.math.log1p(-q)) / temperature)

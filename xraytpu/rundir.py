@@ -1,0 +1,304 @@
+"""The run directory: its layout, and the one way to read and write it.
+
+No other module spells a run-directory file name. Layout (`--model_dir`,
+local or gs://):
+
+  config.json        the resolved Config fields at top level (Config.from_dict reads it),
+                     "status": "running" | "finished", and "run": strategy, replicas,
+                     batch sizes, library versions, manifest sha256, parameter counts,
+                     and at the end the best validation AUC and epochs trained
+  dataset.json       copy of the data set's manifest (classes in label order)
+  history.csv        one row per epoch: epoch, loss and metrics, val_*, lr,
+                     images_per_sec, epoch_seconds (kept across resumes)
+  logs/              TensorBoard event files (train/, validation/)
+  checkpoints/best.weights.h5   weights of the epoch with the best val_auc
+  backup/            Keras BackupAndRestore state while a phase runs (resume point);
+                     phase1_done.weights.h5, phase<N>_plateau.json
+  model.keras        the final model (architecture + weights, no optimizer)
+  threshold.json     the operating point chosen by xraytpu.evaluate (see below)
+  eval/<dataset>-<split>/   report.json, report.md, predictions.csv, *.png
+  export/<version>/  SavedModel; assets.extra/xraytpu.json (metadata)
+
+threshold.json:
+  {"threshold": 0.41,              # binary: P(positive) >= threshold -> positive; null for multi-class
+   "policy": "youden",             # or "sensitivity:0.95", "fixed:0.5", "argmax" (multi-class)
+   "source_split": "val", "source_data_dir": "...", "source_dataset": "chest_xray",
+   "positive_class": "PNEUMONIA", "sensitivity": 0.95, "specificity": 0.71,
+   "temperature": null,            # or T fitted on the source split (--temperature_scaling)
+   "fallback_reason": null, "num_examples": 524, "created": "2026-11-23T18:00:00Z"}
+
+`load(run_dir)` gives a `LoadedRun` (config, manifest, model, operating
+point); `xraytpu.inference.InferenceModule.from_run` turns it into the one
+way of calling the model.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+from typing import Any
+
+from tfrecord_tools import pixels
+from tfrecord_tools import schema
+from tfrecord_tools import storage
+from xraytpu import errors
+
+CONFIG = "config.json"
+MANIFEST_COPY = schema.MANIFEST_NAME
+HISTORY = "history.csv"
+LOGS = "logs"
+CHECKPOINTS = "checkpoints"
+BEST_WEIGHTS = os.path.join(CHECKPOINTS, "best.weights.h5")
+BACKUP = "backup"
+PHASE1_WEIGHTS = os.path.join(BACKUP, "phase1_done.weights.h5")
+MODEL = "model.keras"
+OPERATING_POINT = "threshold.json"
+EVAL = "eval"
+EXPORT = "export"
+EXPORT_METADATA = os.path.join("assets.extra", "xraytpu.json")
+# Files of one evaluation report folder, eval/<dataset>-<split>/, by role.
+EVAL_FILES = {
+    "predictions": "predictions.csv", "report_json": "report.json", "report_md": "report.md",
+    "roc": "roc.png", "pr": "pr.png", "calibration": "calibration.png",
+    "confusion_matrix": "confusion_matrix.png", "samples": "samples.png", "history": "history.png",
+}
+# What a finished run holds; `clear` removes exactly these (never the folder).
+_ENTRIES = (CONFIG, HISTORY, MANIFEST_COPY, MODEL, OPERATING_POINT, LOGS, CHECKPOINTS, BACKUP,
+            EVAL, EXPORT)
+
+DEFAULT_THRESHOLD = 0.5
+
+
+class RunError(errors.UserError):
+  """The run directory is missing, unfinished or unreadable; one line for the user."""
+
+
+def path(run_dir: str, name: str) -> str:
+  """RUN/name (local or gs://)."""
+  return storage.join(run_dir, name)
+
+
+def backup_dir(run_dir: str, phase: int) -> str:
+  return storage.join(run_dir, BACKUP, f"phase{phase}")
+
+
+def plateau_state(run_dir: str, phase: int) -> str:
+  return storage.join(run_dir, BACKUP, f"phase{phase}_plateau.json")
+
+
+def eval_dir(run_dir: str, dataset: str, split: str) -> str:
+  return storage.join(run_dir, EVAL, f"{dataset}-{split}")
+
+
+def export_root(run_dir: str) -> str:
+  return storage.join(run_dir, EXPORT)
+
+
+# --------------------------------------------------------------------------
+# config.json
+# --------------------------------------------------------------------------
+
+def read_config(run_dir: str) -> dict | None:
+  """config.json as a dict, or None when the folder holds no run."""
+  p = path(run_dir, CONFIG)
+  if not storage.exists(p):
+    return None
+  try:
+    return json.loads(storage.read_text(p))
+  except json.JSONDecodeError as e:
+    raise RunError(f"{p} is not valid JSON ({e}); move the run directory away or pass --overwrite") from e
+
+
+def write_config(run_dir: str, doc: dict) -> None:
+  storage.write_text(path(run_dir, CONFIG), json.dumps(doc, indent=2, sort_keys=True, default=str))
+
+
+def write_manifest_copy(run_dir: str, manifest: dict) -> None:
+  storage.write_text(path(run_dir, MANIFEST_COPY), json.dumps(manifest, indent=2, sort_keys=True))
+
+
+def clear(run_dir: str) -> None:
+  """Removes what a previous run wrote (only the known entries, never the folder).
+
+  threshold.json too: an operating point chosen for the old model must never
+  be applied to the new one.
+  """
+  for name in _ENTRIES:
+    storage.remove_any(path(run_dir, name))
+
+
+# --------------------------------------------------------------------------
+# history.csv: the one reader and writer.
+# --------------------------------------------------------------------------
+
+def read_history(run_dir: str) -> list[dict]:
+  """history.csv rows as dicts (epoch int, other columns float); [] when absent."""
+  p = path(run_dir, HISTORY)
+  if not storage.exists(p):
+    return []
+  rows = []
+  for r in csv.DictReader(io.StringIO(storage.read_text(p))):
+    rows.append({k: (int(v) if k == "epoch" else float(v)) for k, v in r.items() if v not in ("", None)})
+  return rows
+
+
+def write_history(run_dir: str, rows: list[dict]) -> None:
+  keys = sorted({k for r in rows for k in r} - {"epoch"})
+  out = io.StringIO()
+  w = csv.DictWriter(out, fieldnames=["epoch"] + keys, lineterminator="\n")
+  w.writeheader()
+  for r in rows:
+    w.writerow(r)
+  storage.write_text(path(run_dir, HISTORY), out.getvalue())
+
+
+# --------------------------------------------------------------------------
+# threshold.json
+# --------------------------------------------------------------------------
+
+def read_operating_point(run_dir: str) -> dict[str, Any] | None:
+  p = path(run_dir, OPERATING_POINT)
+  try:
+    text = storage.read_text(p)
+  except FileNotFoundError:
+    return None
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as e:
+    raise RunError(f"{p} is not valid JSON ({e}); delete it and rerun xraytpu.evaluate") from e
+
+
+def write_operating_point(run_dir: str, op: dict[str, Any]) -> str:
+  p = path(run_dir, OPERATING_POINT)
+  storage.write_bytes(p, (json.dumps(op, indent=2, sort_keys=True) + "\n").encode())
+  return p
+
+
+# --------------------------------------------------------------------------
+# eval/*/report.json
+# --------------------------------------------------------------------------
+
+def eval_report_paths(run_dir: str) -> list[str]:
+  """RUN/eval/*/report.json (sorted); [] when none or unreadable."""
+  try:
+    return sorted(storage.glob(storage.join(run_dir, EVAL, "*", EVAL_FILES["report_json"])))
+  except (OSError, storage.StorageError):
+    return []
+
+
+# --------------------------------------------------------------------------
+# A loaded run.
+# --------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class LoadedRun:
+  """A run directory ready to predict.
+
+  classes: label order (manifest["classes"]); binary when len == 2 (model
+  output [B, 1] = P(classes[1])). size/channels/aspect: the model input
+  (uint8 [B, size, size, channels]). conversion: the converter's arguments
+  from the manifest (`pixels.conversion_args`), which the pixel contract
+  replays for files that were never converted. operating_point: threshold.json or None.
+  """
+  model_dir: str
+  cfg: Any
+  manifest: dict
+  model: Any
+  classes: list[str]
+  size: int
+  channels: int
+  aspect: str
+  conversion: dict[str, Any]
+  operating_point: dict[str, Any] | None
+  _module: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+  @property
+  def module(self):
+    """The run's `xraytpu.inference.InferenceModule` (built on first use): the one way to call the model."""
+    if self._module is None:
+      from xraytpu import inference  # noqa: PLC0415
+      self._module = inference.InferenceModule.from_run(self)
+    return self._module
+
+  @property
+  def binary(self) -> bool:
+    return len(self.classes) == 2
+
+  @property
+  def threshold(self) -> float | None:
+    """The frozen binary threshold (0.5 when evaluate has not chosen one); None for multi-class."""
+    if not self.binary:
+      return None
+    if self.operating_point and self.operating_point.get("threshold") is not None:
+      return float(self.operating_point["threshold"])
+    return DEFAULT_THRESHOLD
+
+  @property
+  def temperature(self) -> float | None:
+    t = (self.operating_point or {}).get("temperature")
+    return float(t) if t is not None else None
+
+  @property
+  def has_operating_point(self) -> bool:
+    return bool(self.operating_point) and self.operating_point.get("threshold") is not None
+
+
+def load(run_dir: str, weights: str = "best") -> LoadedRun:
+  """Loads RUN: config.json, the manifest copy, the model, threshold.json.
+
+  weights: "best" = checkpoints/best.weights.h5 when present (the epoch with the
+  best validation AUC), else the final weights; "final" = model.keras as saved.
+  The model is not compiled. Raises RunError for a missing or unfinished run.
+  """
+  if weights not in ("best", "final"):
+    raise RunError(f"weights must be 'best' or 'final', got {weights!r}")
+  if not storage.is_remote(run_dir) and not os.path.isdir(run_dir):
+    raise RunError(f"--model_dir={run_dir}: no such run directory")
+  doc = read_config(run_dir)
+  if doc is None:
+    raise RunError(f"{run_dir} is not a run directory (no {CONFIG}); train first with "
+                   "python -m xraytpu.train")
+  from absl import logging  # noqa: PLC0415
+  from xraytpu import models as models_lib  # noqa: PLC0415 - TensorFlow loads here
+  from xraytpu._keras import keras  # noqa: PLC0415
+  from xraytpu.config import Config  # noqa: PLC0415
+  from xraytpu.data import stats  # noqa: PLC0415
+  cfg = Config.from_dict(doc)
+  copy = path(run_dir, MANIFEST_COPY)
+  try:
+    manifest = (json.loads(storage.read_text(copy)) if storage.exists(copy)
+                else schema.read_manifest(cfg.data_dir))
+  except (OSError, ValueError) as e:
+    raise RunError(f"cannot read the data set manifest of the run in {run_dir}: {e}") from e
+  keras.mixed_precision.set_global_policy("float32")
+  model_path, best_path = path(run_dir, MODEL), path(run_dir, BEST_WEIGHTS)
+  try:
+    if storage.exists(model_path):
+      with storage.local_copy(model_path) as local:   # Keras reads local files (gs:// is copied)
+        model = models_lib.load_model(local)
+    else:
+      if not storage.exists(best_path):
+        raise RunError(f"{run_dir} has neither {MODEL} nor {BEST_WEIGHTS}: the run has not "
+                       "finished an epoch")
+      logging.warning("%s has no %s (unfinished run): rebuilding from %s", run_dir, MODEL, CONFIG)
+      model = models_lib.build_model(
+          dataclasses.replace(cfg, weights="none"), num_classes=len(manifest["classes"]),
+          channels=cfg.channels or stats.input_channels(manifest, cfg))
+      weights = "best"
+    if weights == "best" and storage.exists(best_path):
+      with storage.local_copy(best_path) as local:
+        model.load_weights(local)
+  except RunError:
+    raise
+  except (OSError, ValueError) as e:
+    raise RunError(f"cannot load the run in {run_dir}: {e}") from e
+  shape = model.inputs[0].shape
+  return LoadedRun(
+      model_dir=run_dir, cfg=cfg, manifest=manifest, model=model,
+      classes=list(manifest["classes"]), size=int(shape[1]), channels=int(shape[-1]),
+      aspect=getattr(cfg, "aspect", "squash"),
+      conversion=pixels.conversion_args(manifest.get("args")),
+      operating_point=read_operating_point(run_dir))

@@ -1,0 +1,207 @@
+"""What a prediction request does, independent of HTTP: uploaded bytes -> checked
+-> the run's InferenceModule -> the JSON answer.
+
+Predictions are those of `python -m xraytpu.predict`: the same run
+(`xraytpu.rundir.load`), the same pixel contract and model call
+(`LoadedRun.module`, the InferenceModule that export saves), the same
+per-file DICOM step (`predict_lib.dicom_to_png`) and the same Grad-CAM.
+Uploads are checked from their header first (pixel count), so a
+decompression bomb is refused before anything is decoded.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import threading
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+
+from tfrecord_tools import pixels
+from xraytpu import model_card as card_lib
+from xraytpu import predict_lib, rundir
+from xraytpu.serve_batching import Batcher, BatchTimeout, Job
+
+
+class RequestError(Exception):
+  """A bad request: HTTP `status` (4xx) and a one-line `message` for the client."""
+
+  def __init__(self, status: int, message: str, **extra: Any):
+    super().__init__(message)
+    self.status, self.message, self.extra = int(status), message, extra
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+  """(width, height) from the file's header only (PIL's lazy open; DICOM: Rows/Columns).
+
+  Raises RequestError: 415 not an image, 400 unreadable header, 413 PIL's own bomb limit.
+  """
+  from PIL import Image, UnidentifiedImageError
+  if predict_lib.is_dicom(data):
+    try:
+      import pydicom
+    except ImportError:
+      raise RequestError(415, "DICOM input needs pydicom on the server: "
+                              "pip install 'xraytpu[dicom]' (or send PNG/JPEG)") from None
+    try:
+      ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+      return int(ds.Columns), int(ds.Rows)
+    except Exception as e:  # noqa: BLE001 - pydicom raises many types for corrupt files
+      raise RequestError(400, f"unreadable DICOM header ({type(e).__name__}: {e})") from None
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # DecompressionBombWarning: the limit below decides
+      with Image.open(io.BytesIO(data)) as im:  # reads the header, decodes no pixels
+        return im.size
+  except Image.DecompressionBombError as e:
+    raise RequestError(413, f"image too large ({e})") from None
+  except UnidentifiedImageError:
+    raise RequestError(415, "not an image (unrecognised format): send PNG or JPEG") from None
+  except Exception as e:  # noqa: BLE001 - PIL raises many types for broken headers
+    kind = "truncated" if "truncated" in str(e).lower() else "corrupt"
+    raise RequestError(400, f"{kind} image ({type(e).__name__}: {e})") from None
+
+
+def prepare_upload(run: rundir.LoadedRun, data: bytes, *, max_pixels: int,
+                   window: tuple[float, float] | None = None) -> np.ndarray:
+  """An uploaded file's bytes -> uint8 [S, S, C], exactly as xraytpu.predict prepares a file
+  (`predict_lib.file_bytes` then `predict_lib.file_pixels`, on bytes instead of a path).
+
+  The pixel count is checked from the header first, so a decompression bomb
+  is refused before anything is decoded. Raises RequestError (4xx).
+  """
+  if not data:
+    raise RequestError(400, "empty file (0 bytes)")
+  width, height = image_size(data)
+  if width * height > max_pixels:
+    raise RequestError(413, f"image is {width}x{height} = {width * height} pixels, more than the "
+                            f"server's limit of {max_pixels} (--max_pixels)")
+  try:
+    if predict_lib.is_dicom(data):
+      data = predict_lib.dicom_to_png(data, window)
+    return run.module.file_pixels(data)
+  except pixels.ImageError as e:
+    status = 413 if e.reason.startswith("image too large") else (
+        415 if e.reason.startswith(("not an image", "DICOM")) else 400)
+    raise RequestError(status, e.reason) from None
+  except predict_lib.InputError as e:
+    raise RequestError(415 if "pydicom" in str(e) else 400, str(e)) from None
+
+
+@dataclasses.dataclass
+class ImageResult:
+  """The model's answer for one image: probabilities float64 [K], label index, Grad-CAM map or None."""
+  probabilities: np.ndarray
+  label_index: int
+  cam: np.ndarray | None = None
+
+
+class App:
+  """Everything a request needs; shared by the handler threads."""
+
+  def __init__(self, run: rundir.LoadedRun, opts, static: dict[str, tuple[bytes, str]] | None = None):
+    self.run, self.opts = run, opts
+    self.module = run.module
+    self.card = card_lib.model_card(run, opts)
+    self.static = static or {}
+    self.batcher = Batcher(self._predict_batch, max_batch=opts.max_batch,
+                           timeout_s=opts.batch_timeout_ms / 1000.0)
+    self.inflight = threading.BoundedSemaphore(opts.max_inflight)
+    self.requests = 0
+    self._requests_lock = threading.Lock()
+    self._cam = None
+    self._cam_error: str | None = None
+
+  def close(self) -> None:
+    self.batcher.stop()
+
+  def _gradcam(self):
+    """Built on first use, in the worker thread (the only thread that runs the model)."""
+    if self._cam is None and self._cam_error is None:
+      from xraytpu import gradcam
+      try:
+        self._cam = gradcam.GradCam(self.run.model)
+      except ValueError as e:
+        self._cam_error = str(e)
+    return self._cam
+
+  def _predict_batch(self, jobs: list[Job]) -> None:
+    batch = np.concatenate([j.pixels for j in jobs])
+    out = self.module.predict_batches(batch, self.opts.max_batch)
+    probs, labels = out["probabilities"].astype(np.float64), out["label_index"]
+    want = np.concatenate([np.full(len(j.pixels), j.gradcam) for j in jobs])
+    cams: list[np.ndarray | None] = [None] * len(batch)
+    if want.any() and self._gradcam() is not None:
+      idx = np.flatnonzero(want)
+      for i, m in zip(idx, self._cam(batch[idx], labels[idx])):
+        cams[i] = m
+    start = 0
+    for job in jobs:
+      n = len(job.pixels)
+      job.finish([ImageResult(probs[i], int(labels[i]), cams[i]) for i in range(start, start + n)])
+      start += n
+
+  def predict(self, files: Sequence[tuple[str, bytes]], *, gradcam: bool = False,
+              window: tuple[float, float] | None = None) -> dict[str, Any]:
+    """[(filename, bytes)] -> the POST /v1/predict JSON. Raises RequestError (all or nothing)."""
+    run = self.run
+    images = []
+    for i, (name, data) in enumerate(files):
+      try:
+        images.append(prepare_upload(run, data, max_pixels=self.opts.max_pixels, window=window))
+      except RequestError as e:
+        where = f"file {i + 1} of {len(files)}" + (f" ({name})" if name else "")
+        where = where if len(files) > 1 else (name or "the image")
+        raise RequestError(e.status, f"{where}: {e.message}", file=name, index=i) from None
+    try:
+      results = self.batcher.submit(Job(np.stack(images), gradcam)).wait(self.opts.request_timeout_s)
+    except BatchTimeout as e:
+      raise RequestError(503, str(e)) from None
+    predictions = []
+    for i, ((name, _), r, pix) in enumerate(zip(files, results, images)):
+      p = predict_lib.Prediction(
+          path=name, label=run.classes[r.label_index], probability=float(r.probabilities[r.label_index]),
+          probabilities={c: float(v) for c, v in zip(run.classes, r.probabilities)},
+          threshold=run.threshold)
+      item = {"index": i, "filename": name, "label": p.label, "label_index": r.label_index,
+              "probability": p.probability, "probabilities": p.probabilities,
+              "threshold": p.threshold, "summary": p.line(run.classes).split("\t", 1)[1]}
+      if gradcam:
+        item["gradcam_png_base64"] = None if r.cam is None else overlay_png_base64(pix, r.cam)
+        if r.cam is None:
+          item["gradcam_error"] = self._cam_error or "Grad-CAM unavailable for this model"
+      predictions.append(item)
+    card = self.card
+    return {"model": card["model"], "classes": run.classes, "positive_class": card["positive_class"],
+            "threshold": run.threshold, "threshold_policy": card["threshold_policy"],
+            "threshold_source_split": card["threshold_source_split"], "disclaimer": card_lib.DISCLAIMER,
+            "predictions": predictions}
+
+  def count_request(self) -> None:
+    with self._requests_lock:
+      self.requests += 1
+
+  def warm_up(self) -> None:
+    """Traces the inference graph once (a black PNG of the model's input size)."""
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("L", (self.run.size, self.run.size)).save(buf, format="PNG")
+    self.module.predict_batches(self.module.file_pixels(buf.getvalue())[None], 1)
+
+  def health(self) -> dict[str, Any]:
+    b = self.batcher
+    return {"status": "ok", "model": self.card["model"], "requests": self.requests,
+            "images": b.images, "batches": b.batches,
+            "mean_batch": round(b.images / b.batches, 2) if b.batches else None}
+
+
+def overlay_png_base64(pixels: np.ndarray, cam: np.ndarray) -> str:
+  """uint8 [S, S, C] + map [S, S] -> base64 PNG of gradcam.overlay (what predict --gradcam writes)."""
+  from PIL import Image
+  from xraytpu import gradcam
+  buf = io.BytesIO()
+  Image.fromarray(gradcam.overlay(pixels, cam)).save(buf, format="PNG")
+  return base64.b64encode(buf.getvalue()).decode("ascii")
