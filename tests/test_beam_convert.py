@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tfrecord_tools import beam_convert, convert_lib, schema
+from tfrecord_tools import beam_convert, convert_lib, records, schema
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Two Beam worker processes: the multi-process path a real runner takes.
@@ -54,7 +54,7 @@ def _options(images: pathlib.Path, out: pathlib.Path, **kw) -> convert_lib.Conve
 
 def _records(out: pathlib.Path) -> collections.Counter:
   return collections.Counter(r for f in sorted(out.glob("*.tfrecord"))
-                             for r in convert_lib.read_tfrecords(str(f)))
+                             for r in records.read_records(str(f)))
 
 
 def _stable(manifest: dict) -> dict:

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import ROOT
-from tfrecord_tools import convert_lib, schema, synthetic
+from tfrecord_tools import convert_lib, pool, records, schema, shards, synthetic
 from tfrecord_tools.convert_lib import ConvertError, ConvertOptions, convert
 
 
@@ -116,10 +116,10 @@ def test_hand_serialised_example_equals_schema_make_example():
   kw = dict(encoded=bytes(range(256)) * 3, image_format="jpeg", height=1234, width=7,
             channels=3, bit_depth=8, label=2, text="Bacterial Pneumonie é", filename="a/b é.jpg",
             patient_id="p1", sha256="0" * 64)
-  assert (convert_lib.serialize_example(**kw)
+  assert (records.serialize_example(**kw)
           == schema.make_example(**kw).SerializeToString(deterministic=True))
   kw.update(label=0, patient_id="", height=0)
-  assert (convert_lib.serialize_example(**kw)
+  assert (records.serialize_example(**kw)
           == schema.make_example(**kw).SerializeToString(deterministic=True))
 
 
@@ -127,14 +127,14 @@ def test_tfrecord_framing_reads_back(tmp_path):
   import tensorflow as tf
   path = tmp_path / "x.tfrecord"
   recs = [b"", b"a", os.urandom(70000)]
-  path.write_bytes(b"".join(convert_lib.tfrecord_frame(r) for r in recs))
+  path.write_bytes(b"".join(records.frame(r) for r in recs))
   assert [r.numpy() for r in tf.data.TFRecordDataset(str(path))] == recs
-  assert list(convert_lib.read_tfrecords(str(path))) == recs
+  assert list(records.read_records(str(path))) == recs
   data = bytearray(path.read_bytes())
   data[-10] ^= 1
   path.write_bytes(bytes(data))
-  with pytest.raises(ConvertError, match="checksum"):
-    list(convert_lib.read_tfrecords(str(path)))
+  with pytest.raises(records.RecordFileError, match="checksum"):
+    list(records.read_records(str(path)))
 
 
 def test_default_num_shards():
@@ -233,7 +233,7 @@ def test_too_many_skipped_fails_then_resumes(covid_subset, tmp_path):
                     quiet=False), log=logs.append)
   assert any("resuming: 6 of 6 shards" in line for line in logs)
   assert m["num_skipped"] == 3 and not (out / "skipped.json").exists()
-  assert not (out / convert_lib.STATE_DIR).exists()
+  assert not (out / shards.STATE_DIR).exists()
 
 
 # --------------------------------------------------------------------------
@@ -297,7 +297,7 @@ def test_leftover_temp_and_stale_shards_are_replaced(tmp_path):
   convert(_opts(inp, out, num_shards=2))
   os.remove(out / "dataset.json")
   # A finished shard from a run over *different* content, a temp file, a stray old shard.
-  state = out / convert_lib.STATE_DIR
+  state = out / shards.STATE_DIR
   state.mkdir()
   name = "train-00000-of-00002.tfrecord"
   (out / name).write_bytes(b"garbage from another run")
@@ -412,8 +412,8 @@ def test_keras_pair_input(tmp_path):
     for i in names:
       cls = "NORMAL" if i % 2 == 0 else "PNEUMONIA"
       p = inp / cls / f"p{i:05d}_0.jpeg"
-      imgs.append(convert_lib.tfrecord_frame(p.read_bytes()))
-      paths.append(convert_lib.tfrecord_frame(
+      imgs.append(records.frame(p.read_bytes()))
+      paths.append(records.frame(
           f"gs://bucket/chest_xray/{split}/{cls}/p{i:05d}_0.jpeg".encode()))
     (pair / split / "images.tfrec").write_bytes(b"".join(imgs))
     (pair / split / "paths.tfrec").write_bytes(b"".join(paths))
@@ -536,9 +536,9 @@ def test_remote_filesystem_output_and_keras_pair_input(tmp_path):
   tf.io.gfile.makedirs(pair)
   files = sorted(p for p in inp.rglob("*.jpeg"))
   with tf.io.gfile.GFile(pair + "/images.tfrec", "wb") as f:
-    f.write(b"".join(convert_lib.tfrecord_frame(p.read_bytes()) for p in files))
+    f.write(b"".join(records.frame(p.read_bytes()) for p in files))
   with tf.io.gfile.GFile(pair + "/paths.tfrec", "wb") as f:
-    f.write(b"".join(convert_lib.tfrecord_frame(str(p).encode()) for p in files))
+    f.write(b"".join(records.frame(str(p).encode()) for p in files))
   m = convert(_opts(pair, tmp_path / "from_pair", input_format="keras_pair", val_fraction=0.25))
   assert m["num_converted"] == 8 and m["splits"]["val"]["class_counts"] == {
       "NORMAL": 1, "PNEUMONIA": 1}
@@ -570,9 +570,9 @@ def test_benchmark_runs_all_methods(tmp_path):
 # what the workers call. argv: input output crash-mode(""|once|always) marker.
 _CRASHING_SCRIPT = '''
 import os, signal, sys
-from tfrecord_tools import convert_lib
+from tfrecord_tools import convert_lib, shards
 
-_original = convert_lib.convert_one
+_original = shards.convert_one
 
 
 def convert_one(source, **kw):
@@ -588,7 +588,7 @@ def convert_one(source, **kw):
   return _original(source, **kw)
 
 
-convert_lib.convert_one = convert_one
+shards.convert_one = convert_one
 
 if __name__ == "__main__":
   try:
@@ -661,7 +661,7 @@ def test_script_without_main_guard_fails_clearly(tmp_path, method):
   script = tmp_path / "unguarded.py"
   script.write_text(
       "from tfrecord_tools import convert_lib\n"
-      + (f"convert_lib.mp.get_all_start_methods = lambda: [{method!r}]\n")
+      + (f"import multiprocessing; multiprocessing.get_all_start_methods = lambda: [{method!r}]\n")
       + "print('top level ran', flush=True)\n"
       f"convert_lib.convert(convert_lib.ConvertOptions(input_dir={str(inp)!r}, "
       f"output_dir={str(tmp_path / 'out')!r}, num_shards=2, num_workers=2, quiet=True))\n")
@@ -677,10 +677,9 @@ def test_script_without_main_guard_fails_clearly(tmp_path, method):
 
 def test_death_cause_names_the_signal():
   term = -signal.SIGTERM
-  assert convert_lib._death_cause([term, -signal.SIGKILL, 0]) == (
+  assert pool.death_cause([term, -signal.SIGKILL, 0]) == (
       "was killed by SIGKILL (the out-of-memory killer?)")
-  assert convert_lib._death_cause([-signal.SIGSEGV]).startswith("was killed by SIGSEGV (a crash")
-  assert convert_lib._death_cause([3, term]) == "exited with status 3"
-  assert convert_lib._death_cause([term, term]) == "was terminated (SIGTERM)"
-  assert convert_lib._death_cause([term, convert_lib._EXIT_UNGUARDED_MAIN]) == (
-      convert_lib._UNGUARDED_MAIN)
+  assert pool.death_cause([-signal.SIGSEGV]).startswith("was killed by SIGSEGV (a crash")
+  assert pool.death_cause([3, term]) == "exited with status 3"
+  assert pool.death_cause([term, term]) == "was terminated (SIGTERM)"
+  assert pool.death_cause([term, pool.EXIT_UNGUARDED_MAIN]) == pool.UNGUARDED_MAIN

@@ -20,7 +20,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from tfrecord_tools import convert_lib, schema, storage
+from tfrecord_tools import records, schema, storage
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +78,7 @@ def test_convert_inspect_train_evaluate_export_predict_on_gcs(gcs_emulator, demo
   insp = _ok(_cli("tfrecord_tools.inspect", data, f"--grid={grid}"))
   assert f"read {n_images} records from {data}: OK" in insp.stdout
   assert storage.read_bytes(grid)[:8] == b"\x89PNG\r\n\x1a\n"
-  assert sum(1 for _ in convert_lib.read_tfrecords(f"{data}/{next(iter(remote_shards))}")) > 0
+  assert sum(1 for _ in records.read_records(f"{data}/{next(iter(remote_shards))}")) > 0
 
   # ---- train into gs://: TFRecords read locally (TF's own gs:// cannot reach an emulator) --
   with storage.local_copy(data) as train_data:

@@ -3,7 +3,8 @@
   convert    folders (or the Keras TPU example's tfrec pair) -> shards + manifest
   inspect    read every record back, check counts, draw a sample grid
   synthetic  deterministic chest-radiograph-like demo data set
-  schema     the one definition of the record format and the manifest
+  records    the one definition of the record format (feature table, TFRecord framing)
+  schema     the manifest (dataset.json); re-exports the record format's names
 """
 
 import os as _os

@@ -6,19 +6,21 @@
 Everything but the image work is `tfrecord_tools.convert_lib`, unchanged:
 finding the files, the class mapping, the seeded split, the shard plan, the
 manifest and the resume state. Beam runs step 5 ("write"), per image instead
-of per shard so a runner can balance the load:
+of per shard so a runner can balance the load, with the local converter's
+own per-image and per-shard code (`tfrecord_tools.shards`):
 
   launcher   convert_lib: find -> classes -> split -> plan_shards; the plan
              goes to OUT/.convert-state/beam-plan.jsonl (one line per image:
              shard, position, source, label; not the job graph, which has a
              size limit on Dataflow)
   pipeline   ReadFromText(plan) -> Reshuffle (spread the images over workers)
-             -> PrepareImage: read, sha256, pixels.prepare_image, serialise
-                the record (convert_lib.serialize_example); a bad file becomes
+             -> PrepareImage (shards.convert_item): read, sha256,
+                pixels.prepare_image, serialise the record; a bad file becomes
                 a "skipped" entry and bumps the `images_skipped` counter
-             -> GroupByKey(shard) -> WriteShard: records in plan order,
-                TFRecord framing, `<shard>.tmp-N` then rename; its statistics
-                to `.convert-state/<shard>.json` (what convert_lib's resume reads)
+             -> GroupByKey(shard) -> WriteShard (shards.write_records):
+                records in plan order, TFRecord framing, `<shard>.tmp-N` then
+                rename; its statistics to `.convert-state/<shard>.json` (what
+                the resume reads)
   launcher   convert_lib's manifest from the shards' statistics -> dataset.json
 
 Because the plan is the local converter's, the output is the local
@@ -37,9 +39,7 @@ and output on gs://.
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import threading
 import time
 from typing import Callable, Iterable, Sequence
 
@@ -47,7 +47,7 @@ import apache_beam as beam
 from apache_beam.metrics.metric import Metrics, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from tfrecord_tools import convert_lib, storage
+from tfrecord_tools import convert_lib, shards, storage
 
 COUNTER_NAMESPACE = "tfrecord_tools.convert"
 PLAN_NAME = "beam-plan.jsonl"
@@ -71,7 +71,7 @@ def pipeline_args(options: str, num_workers: int = 0) -> list[str]:
 
 
 class PrepareImage(beam.DoFn):
-  """plan line (dict) -> (shard file, (position, record or None, stats or skip entry))."""
+  """plan line (dict) -> (shard file, (position, `shards.convert_item`'s outcome))."""
 
   def __init__(self, max_side: int, channels: str, image_format: str, jpeg_quality: int):
     self.args = dict(max_side=max_side, channels=channels, image_format=image_format,
@@ -80,65 +80,33 @@ class PrepareImage(beam.DoFn):
     self.skipped = Metrics.counter(COUNTER_NAMESPACE, "images_skipped")
 
   def process(self, e: dict) -> Iterable[tuple[str, tuple]]:
-    source = convert_lib.Source(rel=e["rel"], split=e["split"], source_class="",
-                                path=e["path"], size=e["size"], offset=e["offset"])
-    out = convert_lib.convert_one(source, label=e["label"], text=e["text"],
-                                  patient_id=e["patient_id"], **self.args)
-    if isinstance(out, str):
-      self.skipped.inc()
-      yield e["shard"], (e["pos"], None, {"path": e["rel"], "reason": out,
-                                          "split": e["split"]})
-      return
-    record, prepared = out
-    stats = convert_lib._Stats()  # noqa: SLF001
-    stats.add(prepared)
-    self.converted.inc()
-    yield e["shard"], (e["pos"], record, {"stats": stats.d, "text": e["text"],
-                                          "patient_id": e["patient_id"]})
+    source = shards.Source(rel=e["rel"], split=e["split"], source_class="",
+                           path=e["path"], size=e["size"], offset=e["offset"])
+    item = shards.Item(source=source, split=e["split"], label=e["label"], text=e["text"],
+                       patient_id=e["patient_id"])
+    record, info = shards.convert_item(item, **self.args)
+    (self.skipped if record is None else self.converted).inc()
+    yield e["shard"], (e["pos"], record, info)
 
 
 class WriteShard(beam.DoFn):
-  """(shard file, images) -> the shard, written atomically, and its statistics.
+  """(shard file, images) -> the shard, written by `shards.write_records` like a local one.
 
-  The statistics dict is `convert_lib.write_shard`'s, saved where its resume
-  logic finds it; the launcher reads them back to build the manifest.
+  Its statistics are saved where the resume logic (`shards.load_finished`)
+  finds them; the launcher reads them back to build the manifest.
   """
 
-  def __init__(self, output_dir: str, shards: dict[str, dict]):
+  def __init__(self, output_dir: str, shard_meta: dict[str, dict]):
     self.output_dir = output_dir
-    self.shards = shards       # file -> {"split", "fingerprint"}
+    self.shards = shard_meta   # file -> {"split", "fingerprint"}
     self.written = Metrics.counter(COUNTER_NAMESPACE, "shards_written")
 
   def process(self, kv: tuple[str, Iterable[tuple]]) -> Iterable[str]:
     file, values = kv
     meta = self.shards[file]
-    final = storage.join(self.output_dir, file)
-    # A retried bundle may run beside the first try: a temp name per thread.
-    tmp = final if storage.is_remote(final) else f"{final}.tmp-{os.getpid()}{threading.get_ident() % 10**6}"
-    stats = convert_lib._Stats()  # noqa: SLF001
-    class_counts: dict[str, int] = {}
-    skipped, patients, converted = [], set(), 0
-    with storage.open(tmp, "wb") as out:
-      for _, record, info in sorted(values, key=lambda v: v[0]):   # plan order
-        if record is None:
-          skipped.append(info)
-          continue
-        out.write(convert_lib.tfrecord_frame(record))
-        converted += 1
-        stats.merge(info["stats"])
-        class_counts[info["text"]] = class_counts.get(info["text"], 0) + 1
-        if info["patient_id"]:
-          patients.add(info["patient_id"])
-    result = {
-        "file": file, "split": meta["split"], "fingerprint": meta["fingerprint"],
-        "num_examples": converted, "class_counts": class_counts, "skipped": skipped,
-        "patients": sorted(patients), "stats": stats.d,
-    }
-    # Statistics first, then the shard: a shard under its final name always has them.
-    storage.write_bytes(convert_lib._state_path(self.output_dir, file),  # noqa: SLF001
-                        json.dumps(result).encode())
-    if tmp != final:
-      storage.rename(tmp, final)
+    in_plan_order = ((record, info) for _, record, info in sorted(values, key=lambda v: v[0]))
+    shards.write_records(self.output_dir, file, meta["split"], meta["fingerprint"],
+                         in_plan_order)
     self.written.inc()
     yield file
 
@@ -148,7 +116,7 @@ class WriteShard(beam.DoFn):
 # --------------------------------------------------------------------------
 
 
-def _plan_lines(tasks: Sequence[convert_lib.ShardTask]) -> Iterable[str]:
+def _plan_lines(tasks: Sequence[shards.ShardTask]) -> Iterable[str]:
   for t in tasks:
     for pos, it in enumerate(t.items):
       s = it.source
@@ -157,13 +125,13 @@ def _plan_lines(tasks: Sequence[convert_lib.ShardTask]) -> Iterable[str]:
                         "label": it.label, "text": it.text, "patient_id": it.patient_id})
 
 
-def run_pipeline(tasks: Sequence[convert_lib.ShardTask], opts: convert_lib.ConvertOptions,
+def run_pipeline(tasks: Sequence[shards.ShardTask], opts: convert_lib.ConvertOptions,
                  args: Sequence[str], log: Callable[[str], None]) -> dict[str, int]:
   """Writes `tasks`' shards with a Beam pipeline; returns the pipeline's counters."""
-  state_dir = storage.join(opts.output_dir, convert_lib.STATE_DIR)
+  state_dir = storage.join(opts.output_dir, shards.STATE_DIR)
   plan_path = storage.join(state_dir, PLAN_NAME)
   storage.write_bytes(plan_path, "".join(l + "\n" for l in _plan_lines(tasks)).encode())
-  shards = {t.file: {"split": t.split, "fingerprint": t.fingerprint} for t in tasks}
+  shard_meta = {t.file: {"split": t.split, "fingerprint": t.fingerprint} for t in tasks}
   options = PipelineOptions(list(args))
   log(f"beam: {sum(len(t.items) for t in tasks)} images into {len(tasks)} shards; "
       f"pipeline options: {' '.join(args)}")
@@ -176,7 +144,7 @@ def run_pipeline(tasks: Sequence[convert_lib.ShardTask], opts: convert_lib.Conve
        | "PrepareImage" >> beam.ParDo(PrepareImage(opts.max_side, opts.channels,
                                                    opts.image_format, opts.jpeg_quality))
        | "GroupByShard" >> beam.GroupByKey()
-       | "WriteShard" >> beam.ParDo(WriteShard(opts.output_dir, shards)))
+       | "WriteShard" >> beam.ParDo(WriteShard(opts.output_dir, shard_meta)))
   result = p.run()
   result.wait_until_finish()
   state = str(result.state)
@@ -214,7 +182,7 @@ def convert(opts: convert_lib.ConvertOptions, pipeline_options: str = "",
     if todo:
       counters = run_pipeline(todo, opts, args, log)
       for t in todo:
-        r = convert_lib._load_finished(t)  # noqa: SLF001
+        r = shards.load_finished(t)
         if r is None:
           raise convert_lib.ConvertError(f"the Beam pipeline finished without writing {t.file}")
         results.append(r)

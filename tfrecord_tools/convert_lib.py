@@ -21,20 +21,23 @@
                go to one split.
   4. shard     each split's files are shuffled (seeded hash order) and cut
                into `split-%05d-of-%05d.tfrecord` shards.
-  5. write     one task per shard, run by a pool of worker processes: read,
+  5. write     one task per shard (`shards.write_shard`), run by a crash-
+               tolerant pool of worker processes (`pool.run`): read,
                `pixels.prepare_image` (decode = validate, normalise, resize),
-               serialise a `tf.train.Example`, write. Bad files are skipped
-               with a reason. A shard is written to `<name>.tmp-<pid>` and
-               renamed when complete, with its statistics saved beside it in
-               `.convert-state/`, so a killed run started again reuses the
-               finished shards and redoes the rest.
+               serialise a `tf.train.Example` (`records`), write. Bad files
+               are skipped with a reason. A shard is written to
+               `<name>.tmp-N` and renamed when complete, with its statistics
+               saved beside it in `.convert-state/`, so a killed run started
+               again reuses the finished shards and redoes the rest. Only
+               this step is pluggable (`run_tasks`; beam_convert runs it
+               with Beam, through the same `shards` writer).
   6. manifest  dataset.json (format in `schema.py`) is written last, atomically:
                its presence marks a complete output.
 
 Same input + same arguments -> byte-identical shards (the Example is
 serialised with sorted feature keys; encoders are deterministic; no times or
-process ids go into shards). Workers need no TensorFlow for local output: the
-TFRecord framing (length, masked CRC32C) is written here, with `google_crc32c`.
+process ids go into shards). Workers need no TensorFlow for local output:
+`records` serialises the Example and frames the TFRecords by hand.
 """
 
 from __future__ import annotations
@@ -44,25 +47,20 @@ import datetime
 import hashlib
 import json
 import math
-import multiprocessing as mp
 import os
 import re
-import signal
-import struct
 import sys
-import threading
 import time
-from concurrent import futures
 from typing import Any, Callable, Iterable, Sequence
 
-from tfrecord_tools import __version__, pixels, schema, storage
+from tfrecord_tools import __version__, pixels, pool, records, schema, shards, storage
+from tfrecord_tools.shards import STATE_DIR, Item, ShardTask, Source
 
 IMAGE_EXTENSIONS = frozenset({
     ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".tif", ".tiff",
     ".webp", ".pgm", ".ppm", ".pnm", ".dcm", ".dicom"})
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "test": "test", "testing": "test"}
-STATE_DIR = ".convert-state"
 TARGET_SHARD_BYTES = 150 * 2**20    # ~100-200 MB per shard at scale
 MIN_EXAMPLES_PER_SHARD = 256        # small sets: no more shards than this implies
 MAX_MIN_SHARDS = 8                  # ... but up to 8 shards so hosts can read in parallel
@@ -102,18 +100,6 @@ class ConvertOptions:
   quiet: bool = False                # no progress line / log lines
 
 
-@dataclasses.dataclass(frozen=True)
-class Source:
-  """One image found in the input: a file, or a record of a keras_pair images.tfrec."""
-  rel: str              # image/filename: path relative to the input root, '/'-separated
-  split: str            # split given by the layout, "" when none
-  source_class: str     # class folder name as found
-  path: str             # absolute file path (or the images.tfrec path)
-  size: int             # bytes
-  mtime_ns: int = 0     # for the resume fingerprint
-  offset: int = -1      # >= 0: byte offset of the record's data in `path`
-
-
 @dataclasses.dataclass
 class Found:
   root: str                        # the input folder
@@ -125,133 +111,6 @@ class Found:
 
 # Files (local, gs:// through google-cloud-storage, other schemes through
 # tf.io.gfile) are read and written through tfrecord_tools.storage.
-
-
-def _tmp_name(path: str) -> str:
-  return f"{path}.tmp-{os.getpid()}"
-
-
-# --------------------------------------------------------------------------
-# TFRecord framing and tf.train.Example serialisation without TensorFlow.
-# --------------------------------------------------------------------------
-
-try:
-  import google_crc32c as _crc_mod
-
-  def _crc32c(data: bytes) -> int:
-    return _crc_mod.value(data)
-except ImportError:  # pragma: no cover - slow pure-Python fallback
-  _crc_mod = None
-  _CRC_TABLE = []
-  for _n in range(256):
-    _c = _n
-    for _ in range(8):
-      _c = (_c >> 1) ^ 0x82F63B78 if _c & 1 else _c >> 1
-    _CRC_TABLE.append(_c)
-
-  def _crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for b in data:
-      crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-  crc = _crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecord_frame(record: bytes) -> bytes:
-  """One TFRecord: uint64 length, masked crc32c(length), data, masked crc32c(data)."""
-  length = struct.pack("<Q", len(record))
-  return (length + struct.pack("<I", _masked_crc(length)) + record
-          + struct.pack("<I", _masked_crc(record)))
-
-
-def iter_tfrecord_offsets(f) -> Iterable[tuple[int, int]]:
-  """(data offset, data length) of each record in an open binary TFRecord file."""
-  pos = 0
-  while True:
-    header = f.read(12)
-    if not header:
-      return
-    if len(header) < 12:
-      raise ConvertError(f"truncated TFRecord file (record header at byte {pos})")
-    (length,) = struct.unpack("<Q", header[:8])
-    if struct.unpack("<I", header[8:])[0] != _masked_crc(header[:8]):
-      raise ConvertError(f"corrupt TFRecord file (bad length checksum at byte {pos})")
-    yield pos + 12, length
-    pos += 12 + length + 4
-    f.seek(pos)
-
-
-def read_tfrecords(path: str) -> Iterable[bytes]:
-  """Every record's data in a (local or gs://) TFRecord file, CRCs checked."""
-  with storage.open(path, "rb") as f:
-    try:
-      for offset, length in iter_tfrecord_offsets(f):   # header and its CRC checked there
-        data = f.read(length)
-        footer = f.read(4)
-        if len(data) < length or len(footer) < 4:
-          raise ConvertError(f"truncated TFRecord file (record data at byte {offset})")
-        if struct.unpack("<I", footer)[0] != _masked_crc(data):
-          raise ConvertError(f"corrupt TFRecord file (bad data checksum at byte {offset})")
-        yield data
-    except ConvertError as e:
-      raise ConvertError(f"{path}: {e}") from None
-
-
-def _varint(n: int) -> bytes:
-  out = bytearray()
-  while True:
-    b = n & 0x7F
-    n >>= 7
-    if n:
-      out.append(b | 0x80)
-    else:
-      out.append(b)
-      return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-  """A length-delimited protobuf field."""
-  return _varint((number << 3) | 2) + _varint(len(payload)) + payload
-
-
-def _bytes_feature(value: bytes) -> bytes:
-  return _field(1, _field(1, value))            # Feature.bytes_list -> BytesList.value
-
-
-def _int64_feature(value: int) -> bytes:
-  if value < 0:
-    raise ValueError("negative int64 features are not used by this format")
-  return _field(3, _field(1, _varint(value)))   # Feature.int64_list -> packed Int64List.value
-
-
-def serialize_example(*, encoded: bytes, image_format: str, height: int, width: int,
-                      channels: int, bit_depth: int, label: int, text: str,
-                      filename: str, patient_id: str = "", sha256: str = "") -> bytes:
-  """The bytes of `schema.make_example(...).SerializeToString(deterministic=True)`.
-
-  Written by hand so worker processes need no TensorFlow; tests check the
-  equality with schema.make_example.
-  """
-  features = {
-      schema.ENCODED: _bytes_feature(encoded),
-      schema.FORMAT: _bytes_feature(image_format.encode()),
-      schema.HEIGHT: _int64_feature(height),
-      schema.WIDTH: _int64_feature(width),
-      schema.CHANNELS: _int64_feature(channels),
-      schema.BIT_DEPTH: _int64_feature(bit_depth),
-      schema.LABEL: _int64_feature(label),
-      schema.TEXT: _bytes_feature(text.encode("utf-8")),
-      schema.FILENAME: _bytes_feature(filename.encode("utf-8")),
-      schema.PATIENT_ID: _bytes_feature(patient_id.encode("utf-8")),
-      schema.SHA256: _bytes_feature(sha256.encode()),
-  }
-  entries = b"".join(_field(1, _field(1, key.encode()) + _field(2, value))
-                     for key, value in sorted(features.items()))
-  return _field(1, entries)                     # Example.features -> Features.feature map
 
 
 # --------------------------------------------------------------------------
@@ -380,9 +239,12 @@ def find_keras_pair(input_dir: str) -> Found:
   sources = []
   for split, folder in pairs:
     img_path, paths_path = (storage.join(folder, n) for n in KERAS_PAIR)
-    paths = [p.decode("utf-8", "replace") for p in read_tfrecords(paths_path)]
-    with storage.open(img_path, "rb") as f:
-      offsets = list(iter_tfrecord_offsets(f))
+    try:
+      paths = [p.decode("utf-8", "replace") for p in records.read_records(paths_path)]
+      with storage.open(img_path, "rb") as f:
+        offsets = list(records.iter_offsets(f))
+    except records.RecordFileError as e:
+      raise ConvertError(str(e)) from None
     if len(paths) != len(offsets):
       raise ConvertError(f"{folder}: images.tfrec has {len(offsets)} records but paths.tfrec "
                          f"has {len(paths)}: not a matching pair")
@@ -580,32 +442,6 @@ def assign_splits(keys: Sequence[str], labels: Sequence[int], groups: Sequence[s
 # --------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Item:
-  """A source with its final split, label and patient id."""
-  source: Source
-  split: str
-  label: int
-  text: str
-  patient_id: str
-
-
-@dataclasses.dataclass
-class ShardTask:
-  """Everything one worker needs to write one shard (picklable)."""
-  split: str
-  index: int
-  num_shards: int
-  file: str
-  output_dir: str
-  items: list[Item]
-  max_side: int
-  channels: str
-  image_format: str
-  jpeg_quality: int
-  fingerprint: str = ""
-
-
 def default_num_shards(num_examples: int, estimated_bytes: int) -> int:
   """About TARGET_SHARD_BYTES per shard; small sets get a power of two, one
   shard per MIN_EXAMPLES_PER_SHARD examples, at most MAX_MIN_SHARDS."""
@@ -667,181 +503,8 @@ def _fingerprint(task: ShardTask) -> str:
 
 
 # --------------------------------------------------------------------------
-# 5. Write (runs in worker processes).
-# --------------------------------------------------------------------------
-
-_PROGRESS = None  # multiprocessing.Value in workers; a callable in-process
-
-
-def _init_worker(counter) -> None:
-  """Starts a pool worker: `counter` is the shared progress Value `_tick` adds to.
-
-  The worker also ends itself when the converting process dies (SIGKILL, the
-  out-of-memory killer): it would otherwise wait on the pool's queue forever,
-  or finish its shard behind the back of a rerun.
-  """
-  global _PROGRESS
-  _PROGRESS = counter
-  parent = mp.parent_process()
-  if parent is not None:
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
-
-
-def _exit_with_parent(parent) -> None:
-  parent.join()   # returns when the parent process is gone
-  os._exit(1)
-
-
-def _tick(n: int = 1) -> None:
-  if _PROGRESS is None:
-    return
-  if callable(_PROGRESS):
-    _PROGRESS(n)
-  else:
-    with _PROGRESS.get_lock():
-      _PROGRESS.value += n
-
-
-class _Stats:
-  """Image statistics that merge across shards."""
-
-  def __init__(self):
-    self.d: dict[str, Any] = {"count": 0, "bytes": 0}
-
-  def _minmax(self, key: str, v: int) -> None:
-    e = self.d.setdefault(key, {"min": v, "max": v, "sum": 0})
-    e["min"], e["max"], e["sum"] = min(e["min"], v), max(e["max"], v), e["sum"] + v
-
-  def _inc(self, key: str, v: Any, n: int = 1) -> None:
-    e = self.d.setdefault(key, {})
-    e[str(v)] = e.get(str(v), 0) + n
-
-  def add(self, p: pixels.PreparedImage) -> None:
-    self.d["count"] += 1
-    self.d["bytes"] += len(p.encoded)
-    self._minmax("height", p.height)
-    self._minmax("width", p.width)
-    self._minmax("source_height", p.source_height)
-    self._minmax("source_width", p.source_width)
-    self._inc("channels", p.channels)
-    self._inc("bit_depth", p.bit_depth)
-    self._inc("format", p.image_format)
-    self._inc("source_mode", p.source_mode)
-
-  def merge(self, other: dict) -> None:
-    for k, v in other.items():
-      if k in ("count", "bytes"):
-        self.d[k] += v
-      elif isinstance(v, dict) and "sum" in v:
-        self._minmax(k, v["min"])
-        self._minmax(k, v["max"])
-        self.d[k]["sum"] += v["sum"] - v["min"] - v["max"]
-      else:
-        for kk, n in v.items():
-          self._inc(k, kk, n)
-
-  def summary(self) -> dict:
-    n = self.d["count"]
-    out: dict[str, Any] = {}
-    for k in ("height", "width", "source_height", "source_width"):
-      if k in self.d:
-        e = self.d[k]
-        out[k] = {"min": e["min"], "max": e["max"], "mean": round(e["sum"] / max(n, 1), 1)}
-    for k in ("channels", "bit_depth", "format", "source_mode"):
-      if k in self.d:
-        out[k] = dict(sorted(self.d[k].items()))
-    out["bytes"] = self.d["bytes"]
-    return out
-
-
-def _state_path(output_dir: str, file: str) -> str:
-  return storage.join(storage.join(output_dir, STATE_DIR), file + ".json")
-
-
-def convert_one(source: Source, *, label: int, text: str, patient_id: str, max_side: int,
-                channels: str, image_format: str, jpeg_quality: int
-                ) -> tuple[bytes, pixels.PreparedImage] | str:
-  """One source -> (serialised tf.train.Example, PreparedImage), or why it is skipped.
-
-  Read the bytes, prepare_image (decode = validate, normalise, resize),
-  serialise with the sha256 of the source. The one per-image code path of the
-  local converter (write_shard) and of tfrecord_tools.beam_convert.
-  """
-  s = source
-  try:
-    data = storage.read_bytes(s.path, s.offset, s.size)
-    if s.offset >= 0 and len(data) != s.size:
-      raise OSError("record shorter than its header says")
-    prepared = pixels.prepare_image(data, max_side=max_side, channels=channels,
-                                    image_format=image_format, jpeg_quality=jpeg_quality)
-  except pixels.ImageError as e:
-    return e.reason
-  except OSError as e:
-    return f"unreadable: {e.strerror or e}"
-  record = serialize_example(
-      encoded=prepared.encoded, image_format=prepared.image_format,
-      height=prepared.height, width=prepared.width, channels=prepared.channels,
-      bit_depth=prepared.bit_depth, label=label, text=text, filename=s.rel,
-      patient_id=patient_id, sha256=hashlib.sha256(data).hexdigest())
-  return record, prepared
-
-
-def write_shard(task: ShardTask) -> dict:
-  """Converts and writes one shard; returns its statistics (also saved to the state dir).
-
-  Per image: read the bytes, sha256 of the source, prepare_image (decode,
-  validate, normalise), serialise, append. A file that cannot be read or
-  decoded is skipped with the reason.
-  """
-  final = storage.join(task.output_dir, task.file)
-  tmp = final if storage.is_remote(final) else _tmp_name(final)
-  stats = _Stats()
-  class_counts: dict[str, int] = {}
-  skipped, patients = [], set()
-  converted = 0
-  with storage.open(tmp, "wb") as out:
-    for it in task.items:
-      done = convert_one(it.source, label=it.label, text=it.text, patient_id=it.patient_id,
-                         max_side=task.max_side, channels=task.channels,
-                         image_format=task.image_format, jpeg_quality=task.jpeg_quality)
-      _tick()
-      if isinstance(done, str):
-        skipped.append({"path": it.source.rel, "reason": done, "split": task.split})
-        continue
-      record, prepared = done
-      out.write(tfrecord_frame(record))
-      converted += 1
-      stats.add(prepared)
-      class_counts[it.text] = class_counts.get(it.text, 0) + 1
-      if it.patient_id:
-        patients.add(it.patient_id)
-  result = {
-      "file": task.file, "split": task.split, "fingerprint": task.fingerprint,
-      "num_examples": converted, "class_counts": class_counts, "skipped": skipped,
-      "patients": sorted(patients), "stats": stats.d,
-  }
-  # Statistics first, then the shard: a shard under its final name always has them.
-  storage.write_bytes(_state_path(task.output_dir, task.file), json.dumps(result).encode())
-  if tmp != final:
-    storage.rename(tmp, final)
-  return result
-
-
-def _load_finished(task: ShardTask) -> dict | None:
-  """The saved result of an identical shard finished by an earlier (killed) run."""
-  state = _state_path(task.output_dir, task.file)
-  if not (storage.exists(state) and storage.exists(storage.join(task.output_dir, task.file))):
-    return None
-  try:
-    with storage.open(state, "rb") as f:
-      result = json.loads(f.read())
-  except (OSError, ValueError):
-    return None
-  return result if result.get("fingerprint") == task.fingerprint else None
-
-
-# --------------------------------------------------------------------------
-# Progress.
+# 5. Write: each shard by tfrecord_tools.shards.write_shard, on a crash-
+#    tolerant process pool (tfrecord_tools.pool), with a progress line.
 # --------------------------------------------------------------------------
 
 
@@ -884,168 +547,33 @@ class Progress:
     return self.done / elapsed
 
 
-_UNGUARDED_MAIN = "re-ran an unguarded main script"   # a _death_cause
-# Exit status of a worker process that, while starting, re-ran the user's main
-# script and reached convert() again: the script has no __main__ guard.
-_EXIT_UNGUARDED_MAIN = 87
-
-
-def _exit_if_starting_worker() -> None:
-  """Quietly ends a worker process that is still starting up and got here.
-
-  spawn and forkserver workers first re-run the user's main script (as
-  `__mp_main__`); a script that calls convert() without an
-  `if __name__ == "__main__":` guard would convert everything again in every
-  worker, then fail to start a pool of its own (RuntimeError: "... before the
-  current process has finished its bootstrapping phase"), and the real run's
-  pool would wait forever. `_death_cause` recognises the exit status.
-  """
-  if getattr(mp.current_process(), "_inheriting", False):   # multiprocessing's own test
-    os._exit(_EXIT_UNGUARDED_MAIN)
-
-
-class _RecordingContext:
-  """A multiprocessing context that keeps the processes it makes: their exit
-  codes tell why a pool broke."""
-
-  def __init__(self, ctx):
-    self._ctx = ctx
-    self.processes: list = []
-
-  def __getattr__(self, name: str):
-    return getattr(self._ctx, name)
-
-  def Process(self, *args, **kwargs):  # noqa: N802 (multiprocessing's name)
-    p = self._ctx.Process(*args, **kwargs)
-    self.processes.append(p)
-    return p
-
-
-def _death_cause(exitcodes: Sequence[int | None]) -> str:
-  """Why a pool broke, from its workers' exit codes, e.g. "was killed by SIGKILL ...".
-
-  The worker that died is the one not ended by the pool's own SIGTERM.
-  """
-  dead = [c for c in exitcodes if c not in (None, 0, -signal.SIGTERM)]
-  if not dead:
-    return ("was terminated (SIGTERM)" if -signal.SIGTERM in exitcodes
-            else "stopped unexpectedly")
-  code = dead[0]
-  if code == _EXIT_UNGUARDED_MAIN:
-    return _UNGUARDED_MAIN
-  if code > 0:
-    return f"exited with status {code}"
-  try:
-    name = signal.Signals(-code).name
-  except ValueError:
-    name = f"signal {-code}"
-  crash = " (a crash in native code, e.g. an image decoder)"
-  hint = {"SIGKILL": " (the out-of-memory killer?)", "SIGSEGV": crash, "SIGBUS": crash,
-          "SIGABRT": crash, "SIGFPE": crash, "SIGILL": crash}.get(name, "")
-  return f"was killed by {name}{hint}"
-
-
-def _run_pool(tasks: list[ShardTask], num_workers: int, progress: Progress, ctx,
-              counter) -> tuple[list[dict], list[ShardTask], str]:
-  """Runs `tasks` (submitted in order) on a new pool of `num_workers` processes.
-
-  Returns (results of the finished shards, the unfinished tasks in their
-  order, why the pool broke: a `_death_cause`, "" when all finished). A
-  worker's exception (as opposed to its death) is re-raised here.
-  """
-  rec = _RecordingContext(ctx)
-  pool = futures.ProcessPoolExecutor(min(num_workers, len(tasks)), mp_context=rec,
-                                     initializer=_init_worker, initargs=(counter,))
-  results, unfinished = [], []
-  ok = False
-  try:
-    pending = {}
-    for i, t in enumerate(tasks):
-      try:
-        pending[pool.submit(write_shard, t)] = i
-      except futures.BrokenExecutor:
-        unfinished += range(i, len(tasks))
-        break
-    while pending:
-      done, _ = futures.wait(pending, timeout=0.25, return_when=futures.FIRST_COMPLETED)
-      for f in done:
-        i = pending.pop(f)
-        try:
-          results.append(f.result())   # re-raises a worker's unexpected error
-        except futures.BrokenExecutor:
-          unfinished.append(i)
-      progress.update(counter.value)
-    ok = True
-  finally:
-    pool.shutdown(wait=ok, cancel_futures=True)
-    if not ok:   # an error or KeyboardInterrupt: stop the other shards now
-      for p in rec.processes:
-        if p.is_alive():
-          p.terminate()
-      for p in rec.processes:
-        if p.pid is not None:   # started
-          p.join()
-  cause = _death_cause([p.exitcode for p in rec.processes]) if unfinished else ""
-  return results, [tasks[i] for i in sorted(unfinished)], cause
-
-
 def _run_tasks(tasks: list[ShardTask], num_workers: int, progress: Progress,
                log: Callable[[str], None] = _log) -> list[dict]:
   """Writes the shards, each by one worker; the largest shards start first.
 
-  Several workers: a process pool (forkserver, else spawn). A worker that
-  dies (the out-of-memory killer, a crash in an image decoder) breaks the
-  pool: the unfinished shards are tried once more on a new pool, then
-  ConvertError names the cause (finished shards are kept; a rerun reuses
-  them). Workers that re-ran a main script calling convert() without a
-  `__main__` guard -> ConvertError saying so.
+  Several workers: a `pool.run` process pool. A worker that dies (the
+  out-of-memory killer, a crash in an image decoder) breaks the pool: the
+  unfinished shards are tried once more on a new pool, then ConvertError
+  names the cause (finished shards are kept; a rerun reuses them). Workers
+  that re-ran a main script calling convert() without a `__main__` guard ->
+  ConvertError saying so.
   """
   tasks = sorted(tasks, key=lambda t: -sum(it.source.size for it in t.items))
-  global _PROGRESS
-  if num_workers <= 1 or len(tasks) <= 1:
-    counter = [0]
-
-    def bump(n):
-      counter[0] += n
-      progress.update(counter[0])
-    _PROGRESS = bump
-    try:
-      return [write_shard(t) for t in tasks]
-    finally:
-      _PROGRESS = None
-
-  method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-  ctx = mp.get_context(method)
-  if method == "forkserver":
-    ctx.set_forkserver_preload(["tfrecord_tools.convert_lib"])
-  value = ctx.Value("q", 0)
-  results, todo = [], tasks
-  for attempt in (1, 2):
-    new, todo, cause = _run_pool(todo, num_workers, progress, ctx, value)
-    results += new
-    # A shard can finish on disk while the broken pool reports its future lost:
-    # take it as a rerun would (its saved statistics), instead of writing it again.
-    saved = {t.file: _load_finished(t) for t in todo}
-    results += [r for r in saved.values() if r is not None]
-    todo = [t for t in todo if saved[t.file] is None]
-    if not todo:
-      break
-    if cause == _UNGUARDED_MAIN:
-      main = getattr(sys.modules.get("__main__"), "__file__", None) or "the main module"
-      raise ConvertError(
-          f"the worker processes re-ran {main}, which called convert() again: put the code "
-          "that calls convert() under `if __name__ == \"__main__\":` (or use num_workers=1)")
-    if attempt == 2:
-      raise ConvertError(
-          f"a worker process {cause}, also when the unfinished shards were tried again; "
-          f"{len(tasks) - len(todo)} of {len(tasks)} shards are finished and kept: run the same "
-          "command again to resume (with fewer --num_workers or a smaller --max_side if "
-          "memory ran out)")
-    log(f"a worker process {cause}; trying the {len(todo)} unfinished "
-        f"shard{'s' if len(todo) > 1 else ''} again")
-    value.value = sum(len(t.items) for t in tasks) - sum(len(t.items) for t in todo)
-  progress.update(value.value)
-  return results
+  try:
+    return pool.run(shards.write_shard, tasks, num_workers, progress=progress.update,
+                    size=lambda t: len(t.items), recover=shards.load_finished, log=log,
+                    noun="shard")
+  except pool.UnguardedMain as e:
+    raise ConvertError(
+        f"the worker processes re-ran {e.main}, which called convert() again: put the code "
+        "that calls convert() under `if __name__ == \"__main__\":` (or use num_workers=1)"
+    ) from None
+  except pool.WorkersDied as e:
+    raise ConvertError(
+        f"a worker process {e.cause}, also when the unfinished shards were tried again; "
+        f"{e.num_finished} of {e.num_tasks} shards are finished and kept: run the same "
+        "command again to resume (with fewer --num_workers or a smaller --max_side if "
+        "memory ran out)") from None
 
 
 # --------------------------------------------------------------------------
@@ -1217,7 +745,7 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] | None = None,
       a worker process that died twice, or a main script without
       `if __name__ == "__main__":` that the workers re-ran.
   """
-  _exit_if_starting_worker()
+  pool.exit_if_starting_worker()
   log = log or (lambda m: None if opts.quiet else _log(m))
   _check_options(opts)
   _check_output(opts)
@@ -1255,7 +783,7 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] | None = None,
 
   results, todo = [], []
   for t in tasks:
-    r = _load_finished(t)
+    r = shards.load_finished(t)
     (results.append(r) if r is not None else todo.append(t))
   if results:
     log(f"resuming: {len(results)} of {len(tasks)} shards were finished by an earlier run")
@@ -1304,7 +832,7 @@ def run_locally(todo: list[ShardTask], opts: ConvertOptions, log) -> tuple[list,
 def _build_manifest(opts, found, classes, mapping, dropped, plan, results, split_info,
                     num_workers) -> dict:
   by_file = {r["file"]: r for r in results}
-  stats = _Stats()
+  stats = shards.Stats()
   splits, skipped = {}, []
   for split, tasks in plan.items():
     rs = [by_file[t.file] for t in tasks]

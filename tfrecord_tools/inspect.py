@@ -4,13 +4,20 @@
                                             --grid_split=train --max_per_shard=0]
 
 Reads every record of every shard listed in DATA_DIR/dataset.json with
-TensorFlow's own reader (so CRC errors surface), parses it with
-`schema.feature_spec()`, decodes the image the way the input pipeline does and
+TensorFlow's own reader (`tf.data.TFRecordDataset`, so framing and CRC errors
+surface, and a bug in the converter's hand-written framing or serialisation
+cannot hide behind the code that wrote it), parses it with
+`tf.io.parse_single_example` and the record table's `records.feature_spec()`,
+decodes the image the way the input pipeline does and
 checks it against the record's height/width/channels/bit depth and the label
 against the class list. Then it reconciles record counts with the manifest
 (per shard, per split and class), flags images whose sha256 or patient id
 occurs in more than one split (leakage), prints a split x class table and,
 with --grid, writes a labelled grid of sample images (rows: classes).
+
+TensorFlow's gs:// file system cannot reach a GCS emulator (it has no endpoint
+setting), so a gs:// shard is first downloaded, one at a time, to a temp file
+through tfrecord_tools.storage.
 
 Exit status: 0 when everything checks out, 1 when problems were found (each
 printed on its own line), 2 for a usage error (e.g. no dataset.json).
@@ -18,14 +25,14 @@ printed on its own line), 2 for a usage error (e.g. no dataset.json).
 
 from __future__ import annotations
 
-import itertools
 import os
+import re
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from tfrecord_tools import _entry, convert_lib, schema, storage
+from tfrecord_tools import _entry, records, schema, storage
 
 
 class InspectError(ValueError):
@@ -38,6 +45,26 @@ def _decode(tf, encoded: bytes, fmt: str, bit_depth: int) -> np.ndarray:
   if fmt == "png":
     return tf.io.decode_png(encoded, dtype=tf.uint16 if bit_depth == 16 else tf.uint8).numpy()
   raise ValueError(f"unknown image/format {fmt!r}")
+
+
+def _read_shard(tf, path: str, limit: int = 0) -> Iterator[bytes]:
+  """The records of one shard (the first `limit`; 0: all), read by TensorFlow.
+
+  `tf.data.TFRecordDataset` checks the framing and both CRCs itself and
+  raises `tf.errors.DataLossError` on a corrupt or truncated record.
+  """
+  with storage.local_copy(path) as local:   # gs://: a temp copy (see the module doc)
+    dataset = tf.data.TFRecordDataset(local)
+    if limit:
+      dataset = dataset.take(limit)
+    yield from dataset.as_numpy_iterator()
+
+
+def _first_line(e: Exception) -> str:
+  """An error's message, one line, without TensorFlow's op decorations."""
+  text = getattr(e, "message", None) or str(e)
+  text = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", text.splitlines()[0] if text else "")
+  return re.sub(r"\s*\[Op:[^\]]*\].*$", "", text) or type(e).__name__
 
 
 def inspect_dataset(data_dir: str, *, grid_path: str | None = None, grid_per_class: int = 6,
@@ -58,7 +85,7 @@ def inspect_dataset(data_dir: str, *, grid_path: str | None = None, grid_per_cla
   manifest = schema.read_manifest(data_dir)   # fails fast, before importing TensorFlow
   import tensorflow as tf
   classes = manifest["classes"]
-  spec = schema.feature_spec()
+  spec = records.feature_spec()
   problems: list[str] = []
   counts: dict[str, dict[str, int]] = {}
   sha_splits: dict[str, set] = {}
@@ -81,13 +108,8 @@ def inspect_dataset(data_dir: str, *, grid_path: str | None = None, grid_per_cla
         problems.append(f"{shard['file']}: missing")
         continue
       n = 0
-      # Records are read through tfrecord_tools.storage (gs:// with google-cloud-storage),
-      # framing and CRCs checked by the converter's own reader.
-      records = convert_lib.read_tfrecords(path)
-      if max_per_shard:
-        records = itertools.islice(records, max_per_shard)
       try:
-        for raw in records:
+        for raw in _read_shard(tf, path, max_per_shard):
           n += 1
           where = f"{shard['file']} record {n - 1}"
           try:
@@ -96,33 +118,33 @@ def inspect_dataset(data_dir: str, *, grid_path: str | None = None, grid_per_cla
             problems.append(f"{where}: does not parse as an Example ({e.message.splitlines()[0]})")
             continue
           ex = {k: v.numpy() for k, v in ex.items()}
-          label, text = int(ex[schema.LABEL]), ex[schema.TEXT].decode("utf-8", "replace")
-          fmt = ex[schema.FORMAT].decode()
-          name = ex[schema.FILENAME].decode("utf-8", "replace")
+          label, text = int(ex[records.LABEL]), ex[records.TEXT].decode("utf-8", "replace")
+          fmt = ex[records.FORMAT].decode()
+          name = ex[records.FILENAME].decode("utf-8", "replace")
           where += f" ({name})"
           if not 0 <= label < len(classes) or classes[label] != text:
             problems.append(f"{where}: label {label} / text {text!r} do not match the classes "
                             f"{classes}")
             continue
           try:
-            img = _decode(tf, ex[schema.ENCODED], fmt, int(ex[schema.BIT_DEPTH]))
+            img = _decode(tf, ex[records.ENCODED], fmt, int(ex[records.BIT_DEPTH]))
           except (tf.errors.InvalidArgumentError, ValueError) as e:
             problems.append(f"{where}: image does not decode ({str(e).splitlines()[0]})")
             continue
-          want = (int(ex[schema.HEIGHT]), int(ex[schema.WIDTH]), int(ex[schema.CHANNELS]))
+          want = (int(ex[records.HEIGHT]), int(ex[records.WIDTH]), int(ex[records.CHANNELS]))
           if img.shape != want:
             problems.append(f"{where}: decoded shape {img.shape} but the record says {want}")
-          if ex[schema.SHA256]:
-            sha_splits.setdefault(ex[schema.SHA256].decode(), set()).add(split)
-          if ex[schema.PATIENT_ID]:
-            pid_splits.setdefault(ex[schema.PATIENT_ID].decode(), set()).add(split)
+          if ex[records.SHA256]:
+            sha_splits.setdefault(ex[records.SHA256].decode(), set()).add(split)
+          if ex[records.PATIENT_ID]:
+            pid_splits.setdefault(ex[records.PATIENT_ID].decode(), set()).add(split)
           split_counts[text] += 1
           if grid_path and split == grid_split and len(samples[text]) < grid_per_class:
             samples[text].append((img, name))
-      except convert_lib.ConvertError as e:   # framing or checksum
-        problems.append(f"{shard['file']}: corrupt after {n} records ({str(e).split(': ', 1)[-1]})")
-      except (OSError, storage.StorageError) as e:
-        problems.append(f"{shard['file']}: cannot be read ({str(e).splitlines()[0]})")
+      except tf.errors.DataLossError as e:   # framing or checksum
+        problems.append(f"{shard['file']}: corrupt after {n} records ({_first_line(e)})")
+      except (OSError, storage.StorageError, tf.errors.OpError) as e:
+        problems.append(f"{shard['file']}: cannot be read ({_first_line(e)})")
       if not max_per_shard and n != shard["num_examples"]:
         problems.append(f"{shard['file']}: {n} records but the manifest says "
                         f"{shard['num_examples']}")

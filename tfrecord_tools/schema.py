@@ -1,24 +1,14 @@
-"""The one definition of the record format and of the manifest file.
+"""The manifest file, and the record format's names for the rest of the code.
 
-A shard holds one `tf.train.Example` per image. Feature names follow
-TensorFlow's own image tools so other readers understand the files:
-
-  image/encoded       bytes   PNG or JPEG, exactly as written by the converter
-  image/format        bytes   b"png" or b"jpeg"
-  image/height        int64   pixels of the encoded image
-  image/width         int64
-  image/channels      int64   1 (grayscale) or 3 (RGB)
-  image/bit_depth     int64   8, or 16 (16-bit grayscale PNG)
-  image/class/label   int64   index into the manifest's `classes`
-  image/class/text    bytes   class name (utf-8)
-  image/filename      bytes   path relative to the input root (utf-8, '/' separated)
-  image/patient_id    bytes   first group of --group_regex, or b"" when not grouped
-  image/sha256        bytes   hex sha256 of the *source* file, for dedup and audit
+The record format (a `tf.train.Example` per image: its features, their types,
+defaults and meanings, and the TFRecord framing) is defined once, in
+`tfrecord_tools.records`; its feature-key constants, `make_example` and
+`feature_spec` are importable from here too.
 
 Shards are named `<split>-%05d-of-%05d.tfrecord` and listed, with their record
 counts, in `dataset.json` (see `MANIFEST_NAME` and the manifest helpers below).
-This module imports TensorFlow lazily so the converter's workers and the
-manifest readers stay light.
+Importing this module does not import TensorFlow, so the converter's workers
+and the manifest readers stay light.
 """
 
 from __future__ import annotations
@@ -28,65 +18,19 @@ import os
 from typing import Any
 
 from tfrecord_tools import storage
+# The record format is records.py's; its names are re-exported for the readers that use schema.
+from tfrecord_tools.records import (  # noqa: F401
+    BIT_DEPTH, CHANNELS, ENCODED, FILENAME, FORMAT, HEIGHT, LABEL, PATIENT_ID, SHA256, TEXT, WIDTH,
+    feature_spec, make_example)
 
 MANIFEST_NAME = "dataset.json"
 MANIFEST_VERSION = 1
 SPLITS = ("train", "val", "test")
 
-# Feature keys, one constant each so a typo is a NameError, not a silent miss.
-ENCODED = "image/encoded"
-FORMAT = "image/format"
-HEIGHT = "image/height"
-WIDTH = "image/width"
-CHANNELS = "image/channels"
-BIT_DEPTH = "image/bit_depth"
-LABEL = "image/class/label"
-TEXT = "image/class/text"
-FILENAME = "image/filename"
-PATIENT_ID = "image/patient_id"
-SHA256 = "image/sha256"
-
 
 def shard_name(split: str, index: int, num_shards: int) -> str:
   """`train-00003-of-00016.tfrecord`."""
   return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord"
-
-
-def make_example(*, encoded: bytes, image_format: str, height: int, width: int,
-                 channels: int, bit_depth: int, label: int, text: str,
-                 filename: str, patient_id: str = "", sha256: str = ""):
-  """Builds the `tf.train.Example` for one image (serialise with .SerializeToString())."""
-  import tensorflow as tf  # lazy: keep `import tfrecord_tools.schema` cheap
-
-  def _b(v: bytes):
-    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
-
-  def _i(v: int):
-    return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v)]))
-
-  return tf.train.Example(features=tf.train.Features(feature={
-      ENCODED: _b(encoded),
-      FORMAT: _b(image_format.encode()),
-      HEIGHT: _i(height),
-      WIDTH: _i(width),
-      CHANNELS: _i(channels),
-      BIT_DEPTH: _i(bit_depth),
-      LABEL: _i(label),
-      TEXT: _b(text.encode("utf-8")),
-      FILENAME: _b(filename.encode("utf-8")),
-      PATIENT_ID: _b(patient_id.encode("utf-8")),
-      SHA256: _b(sha256.encode()),
-  }))
-
-
-def feature_spec() -> dict:
-  """The parsing spec for `tf.io.parse_single_example` / `parse_example`."""
-  import tensorflow as tf
-  s = tf.io.FixedLenFeature([], tf.string, default_value="")
-  i = tf.io.FixedLenFeature([], tf.int64, default_value=0)
-  return {ENCODED: s, FORMAT: s, HEIGHT: i, WIDTH: i, CHANNELS: i,
-          BIT_DEPTH: i, LABEL: i, TEXT: s, FILENAME: s, PATIENT_ID: s,
-          SHA256: s}
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,250 @@
+"""One shard: its planned images, how each becomes a record, how it is written and resumed.
+
+The one shard writer of both runners. The local converter calls
+`write_shard(task)` in its worker processes; the Beam runner converts each
+image on any worker (`convert_item`) and hands a shard's outcomes, in plan
+order, to `write_records` (the function `write_shard` is built on):
+
+  convert_item    a planned image -> (serialised Example, its statistics),
+                  or (None, why it is skipped)
+  write_records   the outcomes -> TFRecord framing into `<shard>.tmp-N`, the
+                  statistics to `.convert-state/<shard>.json`, then the rename
+                  to `<shard>`: a shard under its final name always has them
+  load_finished   those statistics of an identical shard an earlier (killed)
+                  run finished, for the resume
+
+Same plan -> the same bytes, whichever runner and however many workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import threading
+from typing import Any, Iterable
+
+from tfrecord_tools import pixels, pool, records, storage
+
+STATE_DIR = ".convert-state"   # in the output folder while a conversion runs
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One image found in the input: a file, or a record of a keras_pair images.tfrec."""
+  rel: str              # image/filename: path relative to the input root, '/'-separated
+  split: str            # split given by the layout, "" when none
+  source_class: str     # class folder name as found
+  path: str             # absolute file path (or the images.tfrec path)
+  size: int             # bytes
+  mtime_ns: int = 0     # for the resume fingerprint
+  offset: int = -1      # >= 0: byte offset of the record's data in `path`
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+  """A source with its final split, label and patient id."""
+  source: Source
+  split: str
+  label: int
+  text: str
+  patient_id: str
+
+
+@dataclasses.dataclass
+class ShardTask:
+  """Everything one worker needs to write one shard (picklable)."""
+  split: str
+  index: int
+  num_shards: int
+  file: str
+  output_dir: str
+  items: list[Item]
+  max_side: int
+  channels: str
+  image_format: str
+  jpeg_quality: int
+  fingerprint: str = ""
+
+
+class Stats:
+  """Image statistics that merge across images and shards (the manifest's image_stats)."""
+
+  def __init__(self):
+    self.d: dict[str, Any] = {"count": 0, "bytes": 0}
+
+  def _minmax(self, key: str, v: int) -> None:
+    e = self.d.setdefault(key, {"min": v, "max": v, "sum": 0})
+    e["min"], e["max"], e["sum"] = min(e["min"], v), max(e["max"], v), e["sum"] + v
+
+  def _inc(self, key: str, v: Any, n: int = 1) -> None:
+    e = self.d.setdefault(key, {})
+    e[str(v)] = e.get(str(v), 0) + n
+
+  def add(self, p: pixels.PreparedImage) -> None:
+    self.d["count"] += 1
+    self.d["bytes"] += len(p.encoded)
+    self._minmax("height", p.height)
+    self._minmax("width", p.width)
+    self._minmax("source_height", p.source_height)
+    self._minmax("source_width", p.source_width)
+    self._inc("channels", p.channels)
+    self._inc("bit_depth", p.bit_depth)
+    self._inc("format", p.image_format)
+    self._inc("source_mode", p.source_mode)
+
+  def merge(self, other: dict) -> None:
+    for k, v in other.items():
+      if k in ("count", "bytes"):
+        self.d[k] += v
+      elif isinstance(v, dict) and "sum" in v:
+        self._minmax(k, v["min"])
+        self._minmax(k, v["max"])
+        self.d[k]["sum"] += v["sum"] - v["min"] - v["max"]
+      else:
+        for kk, n in v.items():
+          self._inc(k, kk, n)
+
+  def summary(self) -> dict:
+    n = self.d["count"]
+    out: dict[str, Any] = {}
+    for k in ("height", "width", "source_height", "source_width"):
+      if k in self.d:
+        e = self.d[k]
+        out[k] = {"min": e["min"], "max": e["max"], "mean": round(e["sum"] / max(n, 1), 1)}
+    for k in ("channels", "bit_depth", "format", "source_mode"):
+      if k in self.d:
+        out[k] = dict(sorted(self.d[k].items()))
+    out["bytes"] = self.d["bytes"]
+    return out
+
+
+def state_path(output_dir: str, file: str) -> str:
+  """Where a finished shard's statistics are saved during the conversion."""
+  return storage.join(storage.join(output_dir, STATE_DIR), file + ".json")
+
+
+# --------------------------------------------------------------------------
+# One image.
+# --------------------------------------------------------------------------
+
+
+def convert_one(source: Source, *, label: int, text: str, patient_id: str, max_side: int,
+                channels: str, image_format: str, jpeg_quality: int
+                ) -> tuple[bytes, pixels.PreparedImage] | str:
+  """One source -> (serialised tf.train.Example, PreparedImage), or why it is skipped.
+
+  Read the bytes, prepare_image (decode = validate, normalise, resize),
+  serialise with the sha256 of the source: the one per-image code path of
+  both runners.
+  """
+  s = source
+  try:
+    data = storage.read_bytes(s.path, s.offset, s.size)
+    if s.offset >= 0 and len(data) != s.size:
+      raise OSError("record shorter than its header says")
+    prepared = pixels.prepare_image(data, max_side=max_side, channels=channels,
+                                    image_format=image_format, jpeg_quality=jpeg_quality)
+  except pixels.ImageError as e:
+    return e.reason
+  except OSError as e:
+    return f"unreadable: {e.strerror or e}"
+  record = records.serialize_example(
+      encoded=prepared.encoded, image_format=prepared.image_format,
+      height=prepared.height, width=prepared.width, channels=prepared.channels,
+      bit_depth=prepared.bit_depth, label=label, text=text, filename=s.rel,
+      patient_id=patient_id, sha256=hashlib.sha256(data).hexdigest())
+  return record, prepared
+
+
+def convert_item(item: Item, *, max_side: int, channels: str, image_format: str,
+                 jpeg_quality: int) -> tuple[bytes | None, dict]:
+  """A planned image -> its outcome for `write_records` (small and picklable):
+
+  (record, {"stats": the image's Stats.d, "text": class name, "patient_id": ...})
+  or (None, {"path": rel, "reason": why it is skipped, "split": ...}).
+  """
+  done = convert_one(item.source, label=item.label, text=item.text,
+                     patient_id=item.patient_id, max_side=max_side, channels=channels,
+                     image_format=image_format, jpeg_quality=jpeg_quality)
+  if isinstance(done, str):
+    return None, {"path": item.source.rel, "reason": done, "split": item.split}
+  record, prepared = done
+  stats = Stats()
+  stats.add(prepared)
+  return record, {"stats": stats.d, "text": item.text, "patient_id": item.patient_id}
+
+
+# --------------------------------------------------------------------------
+# One shard.
+# --------------------------------------------------------------------------
+
+
+def write_records(output_dir: str, file: str, split: str, fingerprint: str,
+                  outcomes: Iterable[tuple[bytes | None, dict]]) -> dict:
+  """Writes one shard atomically from its images' outcomes (`convert_item`), in order.
+
+  Returns the shard's statistics, also saved to `state_path` before the rename
+  (what `load_finished` and the manifest read):
+  {"file", "split", "fingerprint", "num_examples", "class_counts", "skipped",
+   "patients", "stats"}.
+  """
+  final = storage.join(output_dir, file)
+  # A retried Beam bundle may run beside the first try: a temp name per process and thread.
+  tmp = (final if storage.is_remote(final)
+         else f"{final}.tmp-{os.getpid()}{threading.get_ident() % 10**6}")
+  stats = Stats()
+  class_counts: dict[str, int] = {}
+  skipped, patients, converted = [], set(), 0
+  with storage.open(tmp, "wb") as out:
+    for record, info in outcomes:
+      if record is None:
+        skipped.append(info)
+        continue
+      out.write(records.frame(record))
+      converted += 1
+      stats.merge(info["stats"])
+      class_counts[info["text"]] = class_counts.get(info["text"], 0) + 1
+      if info["patient_id"]:
+        patients.add(info["patient_id"])
+  result = {
+      "file": file, "split": split, "fingerprint": fingerprint,
+      "num_examples": converted, "class_counts": class_counts, "skipped": skipped,
+      "patients": sorted(patients), "stats": stats.d,
+  }
+  # Statistics first, then the shard: a shard under its final name always has them.
+  storage.write_bytes(state_path(output_dir, file), json.dumps(result).encode())
+  if tmp != final:
+    storage.rename(tmp, final)
+  return result
+
+
+def write_shard(task: ShardTask) -> dict:
+  """Converts and writes one planned shard (`write_records`); returns its statistics.
+
+  Runs in the local converter's worker processes; each image done is a
+  `pool.tick()` of progress.
+  """
+  args = dict(max_side=task.max_side, channels=task.channels, image_format=task.image_format,
+              jpeg_quality=task.jpeg_quality)
+
+  def outcomes():
+    for it in task.items:
+      done = convert_item(it, **args)
+      pool.tick()
+      yield done
+  return write_records(task.output_dir, task.file, task.split, task.fingerprint, outcomes())
+
+
+def load_finished(task: ShardTask) -> dict | None:
+  """The saved statistics of an identical shard finished by an earlier (killed) run."""
+  state = state_path(task.output_dir, task.file)
+  if not (storage.exists(state) and storage.exists(storage.join(task.output_dir, task.file))):
+    return None
+  try:
+    with storage.open(state, "rb") as f:
+      result = json.loads(f.read())
+  except (OSError, ValueError):
+    return None
+  return result if result.get("fingerprint") == task.fingerprint else None
