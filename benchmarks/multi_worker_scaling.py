@@ -34,6 +34,8 @@ from typing import Sequence
 
 from absl import app, flags
 
+from xraytpu import rundir
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "launch" / "multi_worker.sh"
 
@@ -82,8 +84,7 @@ def run_workers(n: int, data_dir: str, run_dir: str, *, model: str, image_size: 
   if proc.returncode != 0:
     raise BenchmarkError(f"{n} worker(s) failed (logs in {log_dir}): "
                          + (proc.stdout + proc.stderr).strip().splitlines()[-1])
-  with open(os.path.join(run_dir, "history.csv"), newline="") as f:
-    rows = list(csv.DictReader(f))
+  rows = rundir.read_history(run_dir)
   rates = [float(r["images_per_sec"]) for r in rows]
   steady = rates[1:] or rates
   total = statistics.mean(steady)

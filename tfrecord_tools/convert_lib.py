@@ -867,6 +867,7 @@ def _build_manifest(opts, found, classes, mapping, dropped, plan, results, split
       "name": opts.name or os.path.basename(opts.output_dir.rstrip("/")) or "dataset",
       "tool": "tfrecord_tools.convert",
       "tool_version": __version__,
+      "pixel_contract": pixels.CONTRACT_VERSION,   # tfrecord_tools.pixels: what the records hold
       "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
       "args": args,
       "classes": classes,
