@@ -21,7 +21,6 @@ machines against 1 (efficiency = that ratio; 1.0 is perfect scaling).
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import pathlib
