@@ -50,6 +50,8 @@ TEXT = "image/class/text"
 FILENAME = "image/filename"
 PATIENT_ID = "image/patient_id"
 SHA256 = "image/sha256"
+MULTI_HOT = "image/class/multi_hot"
+MASK = "image/class/mask"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +78,11 @@ FEATURES: tuple[Feature, ...] = (
     Feature(PATIENT_ID, "patient_id", BYTES, "",
             'first group of --group_regex, or b"" when not grouped'),
     Feature(SHA256, "sha256", BYTES, "", "hex sha256 of the *source* file, for dedup and audit"),
+    # Multi-label tasks (manifest "task": "multi_label"; `classes` are then the K findings):
+    Feature(MULTI_HOT, "multi_hot", FLOAT_LIST, (),
+            "K floats in `classes` order: 1.0 finding present, 0.0 absent (empty for single-label)"),
+    Feature(MASK, "mask", FLOAT_LIST, (),
+            "K floats: 1.0 where the label is known, 0.0 where it is ignored (uncertain / blank)"),
 )
 
 
@@ -95,7 +102,10 @@ def _values(features: tuple[Feature, ...], given: dict[str, Any], caller: str) -
   missing = [f.arg for f in features if f.arg not in given and f.default is None]
   if missing:
     raise TypeError(f"{caller}() missing required keyword arguments: {', '.join(missing)}")
-  return [(f, given[f.arg] if f.arg in given else f.default) for f in features]
+  out = [(f, given[f.arg] if f.arg in given else f.default) for f in features]
+  # An empty list is not written at all (it parses back to its empty default), so
+  # single-label records carry no multi-label fields.
+  return [(f, v) for f, v in out if not (f.kind == FLOAT_LIST and len(v) == 0)]
 
 
 def _as_bytes(value: bytes | str) -> bytes:
