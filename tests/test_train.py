@@ -113,6 +113,7 @@ def test_unfinished_run_with_other_settings_is_refused(tmp_path):
     (dict(model="resnet50", fine_tune_at=10), "fine-tuning needs both"),
     (dict(reduce_lr_patience=2, lr_schedule="cosine"), "needs --lr_schedule=constant"),
     (dict(label_smoothing=1.0), "label_smoothing"),
+    (dict(steps_per_epoch=-1), "steps_per_epoch must be >= 0"),
 ])
 def test_bad_flag_combinations(kw, message):
   cfg = dataclasses.replace(Config(data_dir="d", model_dir="m"), **kw)

@@ -38,6 +38,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from tfrecord_tools import errors
+
 PNG_COMPRESS_LEVEL = 3    # ~3x faster than PIL's default 6, a few % larger
 JPEG_QUALITY = 95
 CHANNELS = ("keep", "1", "3")
@@ -46,7 +48,7 @@ IMAGE_FORMATS = ("keep", "png", "jpeg")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-class ImageError(ValueError):
+class ImageError(errors.UserError):
   """The bytes are not a usable image; `reason` is a short human-readable cause."""
 
   def __init__(self, reason: str):

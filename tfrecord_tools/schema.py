@@ -27,7 +27,7 @@ import json
 import os
 from typing import Any
 
-from tfrecord_tools import storage
+from tfrecord_tools import errors, storage
 
 MANIFEST_NAME = "dataset.json"
 MANIFEST_VERSION = 1
@@ -119,7 +119,7 @@ def feature_spec() -> dict:
 # --------------------------------------------------------------------------
 
 
-class ManifestError(ValueError):
+class ManifestError(errors.UserError):
   """dataset.json is missing or does not describe the requested data."""
 
 

@@ -52,7 +52,7 @@ import numpy as np
 from absl import logging
 
 from tfrecord_tools import storage
-from xraytpu import metrics, plots, predict_lib
+from xraytpu import errors, metrics, plots, predict_lib
 
 REPORT_VERSION = 1
 DEFAULT_POLICY = "youden"
@@ -60,7 +60,7 @@ THRESHOLD_SPLIT = "val"
 _KEEP_IMAGES = 64  # images kept in memory for the sample grid
 
 
-class EvaluateError(ValueError):
+class EvaluateError(errors.UserError):
   """A user mistake (missing split, class mismatch, bad policy); one line for the user."""
 
 

@@ -35,12 +35,12 @@ import numpy as np
 import tensorflow as tf
 
 from tfrecord_tools import storage
-from xraytpu import predict_lib
+from xraytpu import errors, predict_lib
 
 METADATA_FILE = "xraytpu.json"
 
 
-class ExportError(ValueError):
+class ExportError(errors.UserError):
   """A user mistake (missing run, existing version); one line for the user."""
 
 

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from tfrecord_tools import storage
+from xraytpu import errors
 
 OPERATING_POINT_FILE = "threshold.json"
 DEFAULT_THRESHOLD = 0.5
@@ -44,11 +45,11 @@ WINDOW_HELP = ("DICOM windowing: 'auto' (the file's VOI LUT or window, else the 
                f"a preset ({', '.join(WINDOWS)}), or 'CENTER,WIDTH'.")
 
 
-class PredictError(ValueError):
+class PredictError(errors.UserError):
   """A user mistake (missing run, bad flag); one line for the user."""
 
 
-class InputError(ValueError):
+class InputError(errors.UserError):
   """One input file cannot be predicted (reported per file, the others go on)."""
 
 
