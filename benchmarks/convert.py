@@ -120,7 +120,7 @@ def run_benchmark(image_dir: str, work_dir: str, *, max_side: int = 0,
     opts = convert_lib.ConvertOptions(
         input_dir=image_dir, output_dir=out, max_side=max_side, image_format=image_format,
         channels=channels, num_shards=num_shards, num_workers=w, quiet=True,
-        max_skipped_fraction=1.0)
+        max_skipped_fraction=1.0, val_fraction=0.0, test_fraction=0.0)
     t = time.perf_counter()
     m = convert_lib.convert(opts)
     secs = time.perf_counter() - t

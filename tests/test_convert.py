@@ -54,6 +54,8 @@ def _shard_bytes(out) -> dict[str, str]:
 def _opts(inp, out, **kw) -> ConvertOptions:
   kw.setdefault("num_workers", 1)
   kw.setdefault("quiet", True)
+  kw.setdefault("val_fraction", 0.0)    # these tests draw no split unless they say so
+  kw.setdefault("test_fraction", 0.0)
   return ConvertOptions(input_dir=str(inp), output_dir=str(out), **kw)
 
 
