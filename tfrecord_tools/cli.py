@@ -8,16 +8,11 @@ each help text is written once, in the dataclass the library takes; library
 code never reads flags. A field without a default is a required flag.
 
 `run(main)` starts a command (absl's `app.run`) and is the one place that
-turns a user's mistake into one line and an exit code (README, "Exit codes"):
-
-  0  success
-  1  predict / inspect: some inputs failed (the others were done)
-  2  a user error: `tfrecord_tools.errors.UserError` (xraytpu's errors subclass
-     it), a bad or missing flag, or unexpected arguments. One line on stderr,
-     `<prog>: error: <message>`, and no traceback.
-  3  training diverged (an exception whose class sets `exit_code = 3`)
-
-Anything else is a bug and keeps its traceback.
+turns a user's mistake into one line, `<prog>: error: <message>`, and exit
+code 2: a `tfrecord_tools.errors.UserError` (xraytpu's errors subclass it), a
+bad or missing flag, unexpected arguments. An exception whose class sets an
+integer `exit_code` (train's TrainingDiverged: 3) exits with that. Anything
+else is a bug and keeps its traceback. README's "Exit codes" lists them all.
 """
 
 from __future__ import annotations
