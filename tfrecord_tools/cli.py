@@ -59,36 +59,39 @@ def fields(cls: type, names: Iterable[str] | None = None) -> list[dataclasses.Fi
   return [by_name[n] for n in names]
 
 
-def define_flags(cls: type, names: Iterable[str] | None = None) -> None:
+def define_flags(cls: type, names: Iterable[str] | None = None,
+                 flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """Defines one absl flag per field of the dataclass `cls` (or per field in `names`)."""
+  fv = dict(flag_values=flag_values)
   for f in fields(cls, names):
     required = f.default is dataclasses.MISSING
     default = None if required else f.default
     help_, choices, kind = f.metadata["help"], f.metadata["choices"], _type_of(f)
     if choices:
-      flags.DEFINE_enum(f.name, default, list(choices), help_)
+      flags.DEFINE_enum(f.name, default, list(choices), help_, **fv)
     elif kind is bool:
-      flags.DEFINE_bool(f.name, default, help_)
+      flags.DEFINE_bool(f.name, default, help_, **fv)
     elif kind is int:
-      flags.DEFINE_integer(f.name, default, help_)
+      flags.DEFINE_integer(f.name, default, help_, **fv)
     elif kind is float:
-      flags.DEFINE_float(f.name, default, help_)
+      flags.DEFINE_float(f.name, default, help_, **fv)
     else:
-      flags.DEFINE_string(f.name, default, help_)
+      flags.DEFINE_string(f.name, default, help_, **fv)
     if required:
-      flags.mark_flag_as_required(f.name)
+      flags.mark_flag_as_required(f.name, **fv)
 
 
-def from_flags(cls: Callable[..., T], names: Iterable[str] | None = None, **overrides) -> T:
+def from_flags(cls: Callable[..., T], names: Iterable[str] | None = None,
+               flag_values: flags.FlagValues = flags.FLAGS, **overrides) -> T:
   """Builds the dataclass from the parsed flags of its fields (or of `names`); overrides win."""
-  values = {f.name: flags.FLAGS[f.name].value for f in fields(cls, names)}
+  values = {f.name: flag_values[f.name].value for f in fields(cls, names)}
   values.update(overrides)
   return cls(**values)
 
 
-def explicit(names: Iterable[str]) -> set[str]:
+def explicit(names: Iterable[str], flag_values: flags.FlagValues = flags.FLAGS) -> set[str]:
   """The flags among `names` the user set (command line or flagfile), not left at their default."""
-  return {n for n in names if flags.FLAGS[n].present}
+  return {n for n in names if flag_values[n].present}
 
 
 def no_arguments(argv: Sequence[str]) -> None:
