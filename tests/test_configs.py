@@ -2,8 +2,9 @@
 
 The recipe's own flags come first (--flagfile), then overrides that make it
 fast on a CPU: no ImageNet download, tiny images (the applications models at
-the smallest size keras.applications accepts), one step of one epoch (and one
-of fine-tuning, where the recipe fine-tunes). So a flag renamed in
+the smallest size keras.applications accepts), one step of one epoch, no
+fine-tuning phase (tests/test_train.py covers it; the recipe's own fine-tuning
+settings are checked by train_lib.validate_config). So a flag renamed in
 xraytpu.config, a value a model rejects, or a bad combination fails here.
 """
 
@@ -16,6 +17,9 @@ import subprocess
 import sys
 
 import pytest
+from absl import flags
+
+from xraytpu import flags as xflags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.flags"))
@@ -47,15 +51,28 @@ def test_the_seed_recipes_have_flagfiles():
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_flagfile_as_written_is_a_valid_config(path):
+  from xraytpu import train_lib
+  fv = flags.FlagValues()
+  xflags.define_config_flags(flag_values=fv)
+  fv(["train", f"--flagfile={path}", "--data_dir=d", "--model_dir=m"])
+  cfg = xflags.config_from_flags(flag_values=fv)
+  train_lib.validate_config(cfg)
+  recipe = _recipe(path)
+  assert cfg.model == recipe["model"] and cfg.image_size == int(recipe["image_size"])
+  if recipe.get("augment") == "none":   # the preset, then the recipe's own augmentation flags
+    assert cfg.horizontal_flip == (recipe.get("horizontal_flip") == "true") and cfg.rotation_range == 0
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_flagfile_trains_one_step(path, demo_data_dir, tmp_path):
   recipe = _recipe(path)
   run_dir = tmp_path / "run"
   size = SMALL_SIZE.get(recipe["model"], 32)
   fast = [f"--data_dir={demo_data_dir}", f"--model_dir={run_dir}", "--weights=none",
           f"--image_size={size}", "--epochs=1", "--steps_per_epoch=1", "--batch_size=4",
-          "--strategy=default", "--steps_per_execution=1", "--early_stopping_patience=0"]
-  if int(recipe.get("fine_tune_epochs", "0")) > 0:
-    fast.append("--fine_tune_epochs=1")
+          "--strategy=default", "--steps_per_execution=1", "--early_stopping_patience=0",
+          "--fine_tune_at=-1", "--fine_tune_epochs=0"]
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
   r = subprocess.run([sys.executable, "-m", "xraytpu.train", f"--flagfile={path}", *fast],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

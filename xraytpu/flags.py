@@ -23,17 +23,20 @@ AUGMENT_FLAG_FIELDS = ("augment",) + AUGMENT_FIELDS
 ALL_FIELDS = tuple(f.name for f in cli.fields(Config))
 
 
-def define_config_flags(names: Iterable[str] = ALL_FIELDS, required: Iterable[str] = ()) -> None:
+def define_config_flags(names: Iterable[str] = ALL_FIELDS, required: Iterable[str] = (),
+                        flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """Defines one absl flag per named Config field (type, default and help from the field)."""
-  cli.define_flags(Config, names)
+  cli.define_flags(Config, names, flag_values=flag_values)
   for name in required:
-    flags.mark_flag_as_required(name)
+    flags.mark_flag_as_required(name, flag_values=flag_values)
 
 
-def config_from_flags(names: Iterable[str] = ALL_FIELDS, **overrides) -> Config:
+def config_from_flags(names: Iterable[str] = ALL_FIELDS, flag_values: flags.FlagValues = flags.FLAGS,
+                      **overrides) -> Config:
   """Builds the Config from parsed flags; explicit augmentation flags beat the preset."""
   names = tuple(names)
-  cfg = cli.from_flags(Config, names, **overrides)
+  cfg = cli.from_flags(Config, names, flag_values=flag_values, **overrides)
   if "augment" in names:
-    cfg = cfg.resolve_augment(cli.explicit(n for n in AUGMENT_FIELDS if n in names))
+    explicit = cli.explicit((n for n in AUGMENT_FIELDS if n in names), flag_values=flag_values)
+    cfg = cfg.resolve_augment(explicit)
   return cfg
