@@ -26,7 +26,7 @@ from typing import Sequence
 
 from absl import app, flags
 
-from tfrecord_tools import convert_lib, pixels, schema, storage
+from tfrecord_tools import convert_lib, pixels, records, storage
 
 _IMAGE_DIR = flags.DEFINE_string("image_dir", None, "Class-per-folder images to convert.")
 _MAX_SIDE = flags.DEFINE_integer("max_side", 0, "Resize at conversion (both methods).")
@@ -75,7 +75,7 @@ def naive_convert(sources: Sequence[convert_lib.Source], classes: list[str],
         encoded = (tf.io.encode_jpeg(img, quality=95) if fmt == "jpeg"
                    else tf.io.encode_png(img)).numpy()
       label = classes.index(mapping[s.source_class])
-      ex = schema.make_example(encoded=encoded, image_format=fmt, height=h, width=w,
+      ex = records.make_example(encoded=encoded, image_format=fmt, height=h, width=w,
                                channels=c, bit_depth=8, label=label, text=classes[label],
                                filename=s.rel)
       writer.write(ex.SerializeToString())
@@ -120,7 +120,7 @@ def run_benchmark(image_dir: str, work_dir: str, *, max_side: int = 0,
     opts = convert_lib.ConvertOptions(
         input_dir=image_dir, output_dir=out, max_side=max_side, image_format=image_format,
         channels=channels, num_shards=num_shards, num_workers=w, quiet=True,
-        max_skipped_fraction=1.0)
+        max_skipped_fraction=1.0, val_fraction=0.0, test_fraction=0.0)
     t = time.perf_counter()
     m = convert_lib.convert(opts)
     secs = time.perf_counter() - t

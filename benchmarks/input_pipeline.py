@@ -144,7 +144,7 @@ def convert(folder: str, work_dir: str, max_side: int) -> tuple[str, float]:
   out = os.path.join(work_dir, "tfrecords")
   t0 = time.perf_counter()
   convert_lib.convert(convert_lib.ConvertOptions(input_dir=folder, output_dir=out, max_side=max_side,
-                                                 overwrite=True, quiet=True))
+                                                 val_fraction=0.0, test_fraction=0.0, overwrite=True, quiet=True))
   return out, time.perf_counter() - t0
 
 

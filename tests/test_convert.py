@@ -54,6 +54,8 @@ def _shard_bytes(out) -> dict[str, str]:
 def _opts(inp, out, **kw) -> ConvertOptions:
   kw.setdefault("num_workers", 1)
   kw.setdefault("quiet", True)
+  kw.setdefault("val_fraction", 0.0)    # these tests draw no split unless they say so
+  kw.setdefault("test_fraction", 0.0)
   return ConvertOptions(input_dir=str(inp), output_dir=str(out), **kw)
 
 
@@ -117,10 +119,10 @@ def test_hand_serialised_example_equals_schema_make_example():
             channels=3, bit_depth=8, label=2, text="Bacterial Pneumonie é", filename="a/b é.jpg",
             patient_id="p1", sha256="0" * 64)
   assert (records.serialize_example(**kw)
-          == schema.make_example(**kw).SerializeToString(deterministic=True))
+          == records.make_example(**kw).SerializeToString(deterministic=True))
   kw.update(label=0, patient_id="", height=0)
   assert (records.serialize_example(**kw)
-          == schema.make_example(**kw).SerializeToString(deterministic=True))
+          == records.make_example(**kw).SerializeToString(deterministic=True))
 
 
 def test_tfrecord_framing_reads_back(tmp_path):
@@ -180,19 +182,19 @@ def test_counts_reconcile_and_bad_files_are_listed(covid_subset, covid_converted
 def test_records_hold_exact_source_pixels(covid_subset, covid_converted):
   out, m = covid_converted
   rows = _records(out)
-  assert {r[schema.FORMAT] for r in rows} == {b"png", b"jpeg"}
+  assert {r[records.FORMAT] for r in rows} == {b"png", b"jpeg"}
   for r in rows:
-    rel = r[schema.FILENAME].decode()
+    rel = r[records.FILENAME].decode()
     src = covid_subset / rel
     data = src.read_bytes()
-    assert r[schema.SHA256].decode() == hashlib.sha256(data).hexdigest()
-    assert r[schema.TEXT].decode() == rel.split("/")[1]
-    assert m["classes"][r[schema.LABEL]] == r[schema.TEXT].decode()
+    assert r[records.SHA256].decode() == hashlib.sha256(data).hexdigest()
+    assert r[records.TEXT].decode() == rel.split("/")[1]
+    assert m["classes"][r[records.LABEL]] == r[records.TEXT].decode()
     assert rel.split("/")[0] == r["split"]
-    decoded = np.asarray(Image.open(io.BytesIO(r[schema.ENCODED])))
-    assert decoded.shape[:2] == (r[schema.HEIGHT], r[schema.WIDTH])
-    if r[schema.FORMAT] == b"jpeg":
-      assert r[schema.ENCODED] == data       # kept as is: no re-encoding loss
+    decoded = np.asarray(Image.open(io.BytesIO(r[records.ENCODED])))
+    assert decoded.shape[:2] == (r[records.HEIGHT], r[records.WIDTH])
+    if r[records.FORMAT] == b"jpeg":
+      assert r[records.ENCODED] == data       # kept as is: no re-encoding loss
     else:
       np.testing.assert_array_equal(decoded, _source_pixels(src))
 
@@ -324,7 +326,7 @@ def test_drawn_split_is_stratified_seeded_and_deterministic(tmp_path):
                     "test": {"NORMAL": 2, "PNEUMONIA": 2}}
   def files(out):
     rows = _records(out)
-    return {sp: sorted(r[schema.FILENAME] for r in rows if r["split"] == sp)
+    return {sp: sorted(r[records.FILENAME] for r in rows if r["split"] == sp)
             for sp in ("train", "val", "test")}
   a = files(tmp_path / "a")
   convert(_opts(inp, tmp_path / "b", val_fraction=0.2, test_fraction=0.1, seed=1))
@@ -341,8 +343,8 @@ def test_group_regex_keeps_each_patient_in_one_split(tmp_path):
   rows = _records(tmp_path / "o")
   split_of = {}
   for r in rows:
-    pid = r[schema.PATIENT_ID].decode()
-    assert pid and r[schema.FILENAME].decode().split("/")[-1].startswith(pid + "_")
+    pid = r[records.PATIENT_ID].decode()
+    assert pid and r[records.FILENAME].decode().split("/")[-1].startswith(pid + "_")
     split_of.setdefault(pid, set()).add(r["split"])
   assert len(split_of) == 20 and all(len(s) == 1 for s in split_of.values())
   assert sum(m["splits"][sp]["num_groups"] for sp in m["splits"]) == 20
@@ -369,7 +371,7 @@ def test_class_map_merges_renames_and_drops(tmp_path):
   m = convert(_opts(inp, tmp_path / "o", class_map="Sick=PNEUMONIA+COVID,Healthy=NORMAL"))
   assert m["classes"] == ["Sick", "Healthy"]
   assert m["splits"]["train"]["class_counts"] == {"Sick": 20, "Healthy": 10}
-  assert {(r[schema.LABEL], r[schema.TEXT]) for r in _records(tmp_path / "o")} == {
+  assert {(r[records.LABEL], r[records.TEXT]) for r in _records(tmp_path / "o")} == {
       (0, b"Sick"), (1, b"Healthy")}
   m = convert(_opts(inp, tmp_path / "d", class_map="NORMAL,PNEUMONIA"))
   assert m["classes"] == ["NORMAL", "PNEUMONIA"]
@@ -398,9 +400,9 @@ def test_16bit_png_records_stay_16bit(tmp_path):
   m = convert(_opts(inp, tmp_path / "o"))
   assert m["image_stats"]["bit_depth"] == {"16": 4}
   for r in _records(tmp_path / "o"):
-    assert r[schema.BIT_DEPTH] == 16
-    t = tf.io.decode_png(r[schema.ENCODED], dtype=tf.uint16).numpy()[..., 0]
-    np.testing.assert_array_equal(t, np.asarray(Image.open(inp / r[schema.FILENAME].decode())))
+    assert r[records.BIT_DEPTH] == 16
+    t = tf.io.decode_png(r[records.ENCODED], dtype=tf.uint16).numpy()[..., 0]
+    np.testing.assert_array_equal(t, np.asarray(Image.open(inp / r[records.FILENAME].decode())))
 
 
 def test_keras_pair_input(tmp_path):
@@ -421,9 +423,9 @@ def test_keras_pair_input(tmp_path):
   assert m["classes"] == ["NORMAL", "PNEUMONIA"]
   assert {sp: i["num_examples"] for sp, i in m["splits"].items()} == {"train": 8, "test": 4}
   for r in _records(tmp_path / "o"):
-    split, cls, name = r[schema.FILENAME].decode().split("/")
-    assert (split, cls) == (r["split"], r[schema.TEXT].decode())
-    assert r[schema.ENCODED] == (inp / cls / name).read_bytes()
+    split, cls, name = r[records.FILENAME].decode().split("/")
+    assert (split, cls) == (r["split"], r[records.TEXT].decode())
+    assert r[records.ENCODED] == (inp / cls / name).read_bytes()
   (pair / "test" / "paths.tfrec").write_bytes(b"".join(paths[:-1]))
   with pytest.raises(ConvertError, match="not a matching pair"):
     convert(_opts(pair, tmp_path / "x", input_format="keras_pair"))

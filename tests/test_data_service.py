@@ -23,7 +23,7 @@ import threading
 import pytest
 import tensorflow as tf
 
-from tfrecord_tools import convert_lib, schema
+from tfrecord_tools import convert_lib, records, schema
 from xraytpu import data_service_lib
 from xraytpu._keras import keras
 from xraytpu.config import Config
@@ -112,8 +112,8 @@ def _train_files(data_dir: str) -> list[str]:
 
 
 def _names(path: str) -> list[str]:
-  feature = {schema.FILENAME: schema.feature_spec()[schema.FILENAME]}
-  return [tf.io.parse_single_example(r, feature)[schema.FILENAME].numpy().decode()
+  feature = {records.FILENAME: records.feature_spec()[records.FILENAME]}
+  return [tf.io.parse_single_example(r, feature)[records.FILENAME].numpy().decode()
           for r in tf.data.TFRecordDataset(path)]
 
 

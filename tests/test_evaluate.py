@@ -123,7 +123,7 @@ def test_other_dataset_classes_matched_by_name(run_dir, demo_data_dir, tmp_path)
   synthetic.generate(three, num_images=6, size=16, num_classes=3, with_splits=False)
   three_tfr = str(tmp_path / "three")
   convert_lib.convert(convert_lib.ConvertOptions(input_dir=three, output_dir=three_tfr,
-                                                 test_fraction=0.5, num_workers=1, quiet=True))
+                                                 val_fraction=0.0, test_fraction=0.5, num_workers=1, quiet=True))
   with pytest.raises(evaluate_lib.EvaluateError, match="class mismatch.*COVID"):
     evaluate_lib.evaluate(run, data_dir=three_tfr, split="test", **FAST)
   with pytest.raises(evaluate_lib.EvaluateError, match="split 'nope'"):

@@ -1,6 +1,6 @@
 """xraytpu.data.input_pipeline and xraytpu.data.stats on tiny hand-made TFRecords.
 
-`tiny_data` writes shards with `tfrecord_tools.schema.make_example` and a
+`tiny_data` writes shards with `tfrecord_tools.records.make_example` and a
 hand-written dataset.json: non-square images in three encodings (8-bit PNG,
 16-bit PNG, JPEG), each image's pixels telling its index, so tests can follow
 single examples through the pipeline. The real converter's output is covered
@@ -25,7 +25,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tfrecord_tools import schema
+from tfrecord_tools import records, schema
 from xraytpu.config import Config
 from xraytpu.data import DataError, augment, input_pipeline, stats
 
@@ -68,7 +68,7 @@ def write_tiny_dataset(root: pathlib.Path, layout=LAYOUT, classes=CLASSES) -> pa
           encoded, fmt, depth = _encode(i, i % 3)
           label = _label(split, i) % len(classes)
           counts[classes[label]] += 1
-          w.write(schema.make_example(
+          w.write(records.make_example(
               encoded=encoded, image_format=fmt, height=24, width=40, channels=1,
               bit_depth=depth, label=label, text=classes[label],
               filename=f"{split}/{classes[label]}/img{i:03d}.{fmt}").SerializeToString())
@@ -89,8 +89,8 @@ def manifest_order(data_dir) -> list[str]:
     names = []
     for path in schema.shard_paths(str(data_dir), m, split):
       for rec in tf.data.TFRecordDataset(path):
-        ex = tf.io.parse_single_example(rec, schema.feature_spec())
-        names.append(ex[schema.FILENAME].numpy().decode())
+        ex = tf.io.parse_single_example(rec, records.feature_spec())
+        names.append(ex[records.FILENAME].numpy().decode())
     out[split] = names
   return out
 

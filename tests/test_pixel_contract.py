@@ -151,7 +151,7 @@ def full_size_run(shared_data, tmp_path_factory):
 @pytest.mark.slow
 def test_export_serve_and_evaluate_answer_as_predict_on_original_bytes(full_size_run, tmp_path):
   import tensorflow as tf
-  from tfrecord_tools import schema
+  from tfrecord_tools import records, schema
   from xraytpu import export_lib, predict_lib, rundir, serve_app, serve_lib
   data_dir, run_dir, originals = full_size_run
   rundir.write_operating_point(run_dir, {"threshold": 0.5, "policy": "fixed:0.5", "temperature": 1.3})
@@ -184,17 +184,17 @@ def test_export_serve_and_evaluate_answer_as_predict_on_original_bytes(full_size
   # evaluation reads the converted record: the same pixels within one grey level, so
   # (nearly) the same probabilities.
   manifest = schema.read_manifest(data_dir)
-  records = {}
+  stored = {}
   for split in manifest["splits"]:
     for shard in schema.shard_paths(data_dir, manifest, split):
       for raw in tf.data.TFRecordDataset(shard):
-        ex = tf.io.parse_single_example(raw, schema.feature_spec())
-        records[ex[schema.FILENAME].numpy().decode()] = ex[schema.ENCODED]
+        ex = tf.io.parse_single_example(raw, records.feature_spec())
+        stored[ex[records.FILENAME].numpy().decode()] = ex[records.ENCODED]
   module = loaded.module
   worst_pixel, worst_prob = 0, 0.0
   for rel, path in originals.items():
     from_file = module.pixels(tf.constant([open(path, "rb").read()]))[0].numpy().astype(int)
-    from_record = pixels.load_image(records[rel], channels=loaded.channels, size=loaded.size,
+    from_record = pixels.load_image(stored[rel], channels=loaded.channels, size=loaded.size,
                                     aspect=loaded.aspect).numpy().astype(int)
     worst_pixel = max(worst_pixel, int(np.abs(from_file - from_record).max()))
     p_file = module.predict_batches(from_file[None].astype(np.uint8))["probabilities"]

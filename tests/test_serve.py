@@ -364,7 +364,7 @@ def test_entry_point_reports_a_missing_run_in_one_line(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "xraytpu.serve", f"--model_dir={tmp_path}/nope"],
                         cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
-  lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("xraytpu.serve: error:")]
   assert lines and "no such run directory" in lines[0]
   assert "Traceback" not in proc.stderr
 

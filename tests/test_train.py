@@ -114,6 +114,7 @@ def test_unfinished_run_with_other_settings_is_refused(tmp_path):
     (dict(model="resnet50", fine_tune_at=10), "fine-tuning needs both"),
     (dict(reduce_lr_patience=2, lr_schedule="cosine"), "needs --lr_schedule=constant"),
     (dict(label_smoothing=1.0), "label_smoothing"),
+    (dict(steps_per_epoch=-1), "steps_per_epoch must be >= 0"),
 ])
 def test_bad_flag_combinations(kw, message):
   cfg = dataclasses.replace(Config(data_dir="d", model_dir="m"), **kw)
@@ -334,7 +335,7 @@ def test_real_chest_xray_training_beats_chance(shared_data, tmp_path):
     pytest.skip(f"{src} not found")
   data = str(tmp_path / "tfrecords")
   convert_lib.convert(convert_lib.ConvertOptions(
-      input_dir=str(src), output_dir=data, val_fraction=0.2, seed=0, max_side=64, num_workers=2,
+      input_dir=str(src), output_dir=data, val_fraction=0.2, test_fraction=0.0, seed=0, max_side=64, num_workers=2,
       class_map="NORMAL=Normal,PNEUMONIA=BacterialPneumonia+ViralPneumonia", quiet=True))
   cfg = _cfg(data, str(tmp_path / "run"), image_size=32, batch_size=32, epochs=4)
   result = train_lib.train_and_evaluate(cfg, verbose=0)

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 
 def run_command(define_flags: Callable[[], None], main: Callable[[Sequence[str]], None]) -> None:
-  """Defines the command's flags, then `absl.app.run(main)`; main reads them from `flags.FLAGS`."""
-  from absl import app
+  """Defines the command's flags, then runs `main` with the shared runner (`tfrecord_tools.cli.run`)."""
+  from tfrecord_tools import cli
   define_flags()
-  app.run(main)
+  cli.run(main)

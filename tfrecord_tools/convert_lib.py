@@ -53,7 +53,7 @@ import sys
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-from tfrecord_tools import __version__, pixels, pool, records, schema, shards, storage
+from tfrecord_tools import __version__, cli, errors, pixels, pool, records, schema, shards, storage
 from tfrecord_tools.shards import STATE_DIR, Item, ShardTask, Source
 
 IMAGE_EXTENSIONS = frozenset({
@@ -68,7 +68,7 @@ INPUT_FORMATS = ("folders", "keras_pair")
 KERAS_PAIR = ("images.tfrec", "paths.tfrec")
 
 
-class ConvertError(ValueError):
+class ConvertError(errors.UserError):
   """A user mistake or an unusable input: one clear line, no traceback."""
 
 
@@ -78,26 +78,44 @@ DEFAULT_FRACTION = 0.15
 
 @dataclasses.dataclass
 class ConvertOptions:
-  """Arguments of one conversion (the flags of `python -m tfrecord_tools.convert`)."""
-  input_dir: str
-  output_dir: str
-  input_format: str = "folders"      # "folders" | "keras_pair"
-  val_fraction: float = 0.0          # drawn from the data when the input has no val/;
-  test_fraction: float = 0.0         # AUTO_FRACTION (the CLI default): DEFAULT_FRACTION, or
-                                     # the input's own folder when it has one
-  seed: int = 0
-  group_regex: str = ""              # first group = patient id, searched in the file name
-  class_map: str = ""                # "NEW=OLD+OLD2,NEW2=OLD3"; order = label order
-  max_side: int = 0                  # 0: keep the size
-  image_format: str = "keep"         # keep | png | jpeg
-  channels: str = "keep"             # keep | 1 | 3
-  jpeg_quality: int = pixels.JPEG_QUALITY
-  num_shards: int = 0                # 0: from the data size (see default_num_shards)
-  num_workers: int = 0               # 0: all cores
-  max_skipped_fraction: float = 0.05
-  overwrite: bool = False
-  name: str = ""                     # data set name; default: the output folder's name
-  quiet: bool = False                # no progress line / log lines
+  """Arguments of one conversion: the flags of `python -m tfrecord_tools.convert`, defaults and help."""
+  input_dir: str = cli.field(help="Folder of images: input/<class>/* or input/<split>/<class>/*; for "
+                             "keras_pair, the folder of the images.tfrec + paths.tfrec pair (or of "
+                             "train/, test/ with one).")
+  output_dir: str = cli.field(help="Where shards and dataset.json go (local path or gs://bucket/path).")
+  input_format: str = cli.field("folders", "folders: image files, class per folder. keras_pair: the "
+                                "Keras TPU pneumonia example's images.tfrec + paths.tfrec.", INPUT_FORMATS)
+  val_fraction: float = cli.field(AUTO_FRACTION, "Fraction drawn into val (stratified, seeded) from "
+                                  f"train. {AUTO_FRACTION:g} (auto): {DEFAULT_FRACTION} when the input "
+                                  "has no val folder, else the folder is the split. 0: no val split "
+                                  "(training then has no validation AUC).")
+  test_fraction: float = cli.field(AUTO_FRACTION, f"Fraction drawn into test. {AUTO_FRACTION:g} (auto): "
+                                   f"{DEFAULT_FRACTION} when the input has no test folder, else the "
+                                   "folder is the split. 0: no test split.")
+  seed: int = cli.field(0, "Seed of the split and of the shard order.")
+  group_regex: str = cli.field("", "Regex whose first group is the patient id, searched in the file "
+                               "name (in the relative path when it contains '/'); drawn splits then "
+                               "keep each patient in one split.")
+  class_map: str = cli.field("", "Merge/rename/drop classes: NEW=OLD[+OLD...],NAME,...; its order is "
+                             "the label order; source classes not named are dropped (and counted). "
+                             "Default order: sorted, a normal/negative class (Normal, Healthy, NonX "
+                             "beside X, ...) first, so with two classes label 1, the positive class "
+                             "of sensitivity and PPV, is the finding.")
+  max_side: int = cli.field(0, "Shrink so the longer side is at most this many pixels (aspect kept); "
+                            "0 keeps the size. The fast path for large X-rays.")
+  image_format: str = cli.field("keep", "keep: JPEG stays JPEG, other formats become PNG.",
+                                pixels.IMAGE_FORMATS)
+  channels: str = cli.field("keep", "keep: grayscale stays 1 channel, color 3; or force 1 or 3.",
+                            pixels.CHANNELS)
+  jpeg_quality: int = cli.field(pixels.JPEG_QUALITY, "Quality of JPEGs the converter encodes.")
+  num_shards: int = cli.field(0, "Shards per split (at most one per image); 0: from the data size "
+                              "(~150 MB per shard).")
+  num_workers: int = cli.field(0, "Worker processes; 0: all cores.")
+  max_skipped_fraction: float = cli.field(0.05, "Fail (no manifest) when more than this fraction of "
+                                          "the files found cannot be converted.")
+  overwrite: bool = cli.field(False, "Replace a complete earlier output.")
+  name: str = cli.field("", "Data set name in the manifest (default: output folder).")
+  quiet: bool = cli.field(False, "No progress line.")
 
 
 @dataclasses.dataclass

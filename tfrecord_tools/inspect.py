@@ -32,10 +32,10 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from tfrecord_tools import _entry, records, schema, storage
+from tfrecord_tools import _entry, errors, records, schema, storage
 
 
-class InspectError(ValueError):
+class InspectError(errors.UserError):
   """Unusable arguments (one line, no traceback)."""
 
 
@@ -275,16 +275,13 @@ def _define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-  from absl import app, flags
+  from absl import flags
   if len(argv) != 2:
-    raise app.UsageError("usage: python -m tfrecord_tools.inspect DATA_DIR [--grid=PATH.png]")
+    raise InspectError("expected one argument, the data folder: "
+                       "python -m tfrecord_tools.inspect DATA_DIR [--grid=PATH.png]")
   f = flags.FLAGS
-  try:
-    report = inspect_dataset(argv[1], grid_path=f.grid, grid_per_class=f.grid_per_class,
-                             grid_split=f.grid_split, max_per_shard=f.max_per_shard)
-  except (schema.ManifestError, InspectError, storage.StorageError) as e:
-    print(f"inspect: error: {e}", file=sys.stderr)
-    sys.exit(2)
+  report = inspect_dataset(argv[1], grid_path=f.grid, grid_per_class=f.grid_per_class,
+                           grid_split=f.grid_split, max_per_shard=f.max_per_shard)
   sys.exit(0 if report["ok"] else 1)
 
 

@@ -17,11 +17,7 @@ import json
 import os
 from typing import Any
 
-from tfrecord_tools import storage
-# The record format is records.py's; its names are re-exported for the readers that use schema.
-from tfrecord_tools.records import (  # noqa: F401
-    BIT_DEPTH, CHANNELS, ENCODED, FILENAME, FORMAT, HEIGHT, LABEL, PATIENT_ID, SHA256, TEXT, WIDTH,
-    feature_spec, make_example)
+from tfrecord_tools import errors, storage
 
 MANIFEST_NAME = "dataset.json"
 MANIFEST_VERSION = 1
@@ -63,7 +59,7 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
 # --------------------------------------------------------------------------
 
 
-class ManifestError(ValueError):
+class ManifestError(errors.UserError):
   """dataset.json is missing or does not describe the requested data."""
 
 

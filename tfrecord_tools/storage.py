@@ -47,10 +47,12 @@ import tempfile
 import threading
 from typing import IO, Iterator
 
+from tfrecord_tools import errors
+
 GCS_PREFIX = "gs://"
 
 
-class StorageError(ValueError):
+class StorageError(errors.UserError):
   """A storage problem the user can fix (credentials, missing bucket, access)."""
 
 

@@ -35,14 +35,14 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from tfrecord_tools import _entry
+from tfrecord_tools import _entry, errors
 
 CLASS_NAMES = ("NORMAL", "PNEUMONIA", "COVID", "NODULE", "EFFUSION")
 SPLIT_FRACTIONS = (("train", 0.7), ("val", 0.15), ("test", 0.15))
 MARKER = "synthetic.json"
 
 
-class SyntheticError(ValueError):
+class SyntheticError(errors.UserError):
   """Bad arguments for the generator (shown as one line, no traceback)."""
 
 
@@ -304,18 +304,15 @@ def _define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-  from absl import app, flags
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from absl import flags
+  from tfrecord_tools import cli
+  cli.no_arguments(argv)
   f = flags.FLAGS
-  try:
-    summary = generate(f.output_dir, num_images=f.num_images, size=f.size,
-                       bit_depth=int(f.bit_depth), num_classes=f.classes, seed=f.seed,
-                       with_splits=f.with_splits, images_per_patient=f.images_per_patient,
-                       image_format=f.image_format, size_jitter=f.size_jitter,
-                       overwrite=f.overwrite)
-  except SyntheticError as e:
-    raise app.UsageError(str(e)) from None
+  summary = generate(f.output_dir, num_images=f.num_images, size=f.size,
+                     bit_depth=int(f.bit_depth), num_classes=f.classes, seed=f.seed,
+                     with_splits=f.with_splits, images_per_patient=f.images_per_patient,
+                     image_format=f.image_format, size_jitter=f.size_jitter,
+                     overwrite=f.overwrite)
   print(f"wrote {summary['num_images']} images to {f.output_dir}: "
         + json.dumps(summary["counts"]))
 

@@ -1,14 +1,18 @@
-"""One readable config for a run: every knob, its default and why.
+"""One readable config module: every option of every xraytpu command, its default and why.
 
-`Config` is a flat dataclass. Entry points build it from absl flags
-(`xraytpu.flags.define_config_flags` defines one flag per field, with the help
-text below; `config_from_flags` reads them back), it is logged at start and
-written to `RUN/config.json`. Library code takes a `Config` (or plain values)
-and never reads flags.
+`Config` is a run's (train): a flat dataclass, logged at start and written to
+`RUN/config.json`. `EvalConfig`, `PredictConfig`, `ExportConfig` and
+`ServeOptions` are the options of evaluate, predict, export and serve. Each
+field carries its flag help text; entry points define one absl flag per field
+(`tfrecord_tools.cli.define_flags`, or `xraytpu.flags` for `Config`) and read
+them back into the dataclass, so every default is written here once. Library
+code takes these dataclasses (or plain values) and never reads flags.
 
 Example run (the demo's settings):
   python -m xraytpu.train --data_dir=demo/tfrecords --model_dir=demo/run \
       --model=xray_cnn --image_size=128 --batch_size=32 --epochs=5
+
+Ready flagfiles for the seed recipes are in configs/ (`--flagfile=configs/chexnet.flags`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from typing import Any
+
+from tfrecord_tools import cli
+from xraytpu import errors
 
 # Augmentation presets. Names mirror keras' ImageDataGenerator arguments so
 # notebook settings carry over (rotation in degrees, shifts/zoom as fractions).
@@ -35,9 +42,13 @@ AUGMENT_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _f(default, help: str, choices: tuple | None = None):  # noqa: A002
-  """A dataclass field carrying its flag help text (and enum choices)."""
-  return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+DEFAULT_AUGMENT = "light"
+_f = cli.field   # a dataclass field with its flag help text (and choices); no default = required
+
+
+def _aug(name: str, help: str):  # noqa: A002
+  """An augmentation field; its default is the default preset's value (written once, above)."""
+  return _f(AUGMENT_PRESETS[DEFAULT_AUGMENT][name], help)
 
 
 @dataclasses.dataclass
@@ -56,16 +67,16 @@ class Config:
   ram_budget_mb: int = _f(0, "RAM budget for tf.data autotuning in MiB (0 = TensorFlow's default).")
   data_service_address: str = _f("", "grpc://host:port of a tf.data service dispatcher; empty = preprocess in this process.")
   # ---- augmentation (runs inside the model, on the device, training only) ---
-  augment: str = _f("light", "Augmentation preset; the individual flags below override it.", tuple(AUGMENT_PRESETS))
-  rotation_range: float = _f(10.0, "Random rotation, +- degrees (ImageDataGenerator semantics).")
-  width_shift_range: float = _f(0.05, "Random horizontal shift, fraction of width.")
-  height_shift_range: float = _f(0.05, "Random vertical shift, fraction of height.")
-  zoom_range: float = _f(0.1, "Random zoom, +- fraction.")
-  shear_range: float = _f(0.0, "Random shear, +- degrees.")
-  horizontal_flip: bool = _f(False, "Random left-right flips (off for chest films: anatomy is not symmetric).")
-  vertical_flip: bool = _f(False, "Random up-down flips.")
-  brightness_range: float = _f(0.1, "Random brightness change, +- fraction of the full range.")
-  contrast_range: float = _f(0.1, "Random contrast change, +- fraction.")
+  augment: str = _f(DEFAULT_AUGMENT, "Augmentation preset; the individual flags below override it.", tuple(AUGMENT_PRESETS))
+  rotation_range: float = _aug("rotation_range", "Random rotation, +- degrees (ImageDataGenerator semantics).")
+  width_shift_range: float = _aug("width_shift_range", "Random horizontal shift, fraction of width.")
+  height_shift_range: float = _aug("height_shift_range", "Random vertical shift, fraction of height.")
+  zoom_range: float = _aug("zoom_range", "Random zoom, +- fraction.")
+  shear_range: float = _aug("shear_range", "Random shear, +- degrees.")
+  horizontal_flip: bool = _aug("horizontal_flip", "Random left-right flips (off for chest films: anatomy is not symmetric).")
+  vertical_flip: bool = _aug("vertical_flip", "Random up-down flips.")
+  brightness_range: float = _aug("brightness_range", "Random brightness change, +- fraction of the full range.")
+  contrast_range: float = _aug("contrast_range", "Random contrast change, +- fraction.")
   # ---- model ---------------------------------------------------------------
   model: str = _f("xray_cnn", "Architecture name from xraytpu.models.MODELS.")
   weights: str = _f("none", "Backbone weights: 'imagenet', 'none', or a path to a .weights.h5/.h5 file.")
@@ -79,7 +90,7 @@ class Config:
   tpu: str = _f("local", "With --strategy=tpu: TPU name, grpc:// address, or 'local' on a TPU VM.")
   batch_size: int = _f(32, "Global batch size (per-replica batch = this / replicas).")
   epochs: int = _f(10, "Training epochs (first phase).")
-  steps_per_epoch: int = _f(0, "Steps per epoch (0 = one pass over the training split, from the manifest).")
+  steps_per_epoch: int = _f(0, "Steps per epoch, >= 0 (0 = one pass over the training split, from the manifest).")
   optimizer: str = _f("adam", "Optimizer.", ("adam", "adamw", "sgd", "rmsprop"))
   learning_rate: float = _f(1e-3, "Peak learning rate.")
   lr_schedule: str = _f("constant", "Learning-rate schedule after warmup.", ("constant", "exponential", "cosine"))
@@ -115,3 +126,89 @@ class Config:
 
 
 AUGMENT_FIELDS = tuple(AUGMENT_PRESETS["none"])
+
+
+# ---- the other commands ------------------------------------------------------
+RUN_DIR_HELP = "Run directory written by xraytpu.train."
+
+
+@dataclasses.dataclass
+class EvalConfig:
+  """What `python -m xraytpu.evaluate` takes (see xraytpu.evaluate_lib.evaluate)."""
+  model_dir: str = _f(help=RUN_DIR_HELP)
+  data_dir: str = _f("", "Converted data set to evaluate (default: the run's training data). "
+                     "Its classes must be known to the model (matched by name).")
+  split: str = _f("test", "Split to evaluate (train, val or test).")
+  threshold_policy: str | None = _f(None, "How to choose the binary threshold on the val split: youden | "
+                                    "sensitivity:X | specificity:X | fixed:X. Default: keep RUN/threshold.json, "
+                                    "or youden when there is none.")
+  temperature_scaling: bool | None = _f(None, "Fit a temperature on val and calibrate the probabilities "
+                                        "(default: keep what RUN/threshold.json says; off when there is none).")
+  bootstrap_resamples: int = _f(1000, "Bootstrap resamples for the 95% CIs.")
+  bootstrap_seed: int = _f(0, "Seed of the bootstrap.")
+  batch_size: int = _f(0, "Evaluation batch size (0 = the run's).")
+  plots: bool = _f(True, "Write the PNG plots (--noplots: numbers only, faster).")
+  out_dir: str = _f("", "Report folder (default RUN/eval/<dataset>-<split>).")
+
+
+@dataclasses.dataclass
+class PredictConfig:
+  """What `python -m xraytpu.predict` takes besides the paths (see xraytpu.predict_lib.run_predict)."""
+  model_dir: str = _f(help=RUN_DIR_HELP)
+  output: str = _f("", "Also write the predictions to FILE.csv or FILE.jsonl.")
+  gradcam: str = _f("", "Write a Grad-CAM overlay PNG per image to this folder.")
+  window: str = _f("auto", "DICOM windowing: auto (the file's VOI LUT / window, else the full range), lung, "
+                   "mediastinum, soft_tissue, bone, brain, or CENTER,WIDTH in rescaled units (HU for CT).")
+  batch_size: int = _f(32, "Images per model call.")
+
+
+@dataclasses.dataclass
+class ExportConfig:
+  """What `python -m xraytpu.export` takes (see xraytpu.export_lib.export)."""
+  model_dir: str = _f(help=RUN_DIR_HELP)
+  version: int = _f(0, "Integer version folder (0 = the next free one).")
+  export_dir: str = _f("", "Parent folder of the version folders (default RUN/export), e.g. a TF Serving "
+                       "model base path.")
+
+
+class ServeError(errors.UserError):
+  """A user mistake at start-up (missing run, bad option, port in use); one line for the user."""
+
+
+@dataclasses.dataclass
+class ServeOptions:
+  """What `python -m xraytpu.serve` takes (see xraytpu.serve_lib.serve); fields without help are not flags."""
+  model_dir: str = _f(help="Run directory written by xraytpu.train (and xraytpu.evaluate).")
+  host: str = _f("127.0.0.1", "Address to listen on (0.0.0.0 = every interface: no authentication!).")
+  port: int = _f(8080, "Port to listen on (0 = any free port, printed at start-up).")
+  max_upload_mb: float = _f(32.0, "Largest request body in MiB (checked from Content-Length before reading).")
+  max_files: int = _f(16, "Most images in one request.")
+  max_pixels: int = _f(50_000_000, "Most pixels (width x height) per image, read from the file header "
+                       "before decoding.")
+  batch_timeout_ms: float = _f(5.0, "How long the model waits for more concurrent requests after the "
+                               "first, ms.")
+  max_batch: int = _f(8, "Most images per model call. GPU/TPU: try 32+. CPU: measure with "
+                      "benchmarks/serve_load.py; 1 (no batching) can be faster for 224-px models.")
+  max_inflight: int = 256          # requests decoded / waiting for the model at once; more wait
+  request_timeout_s: float = 60.0  # socket reads and the wait for the model
+  access_log: bool = _f(True, "Log one line per request on stderr.")
+
+  def validate(self) -> None:
+    if not self.model_dir:
+      raise ServeError("--model_dir is required: a run directory written by xraytpu.train")
+    if not 0 <= self.port <= 65535:
+      raise ServeError(f"--port={self.port}: must be 0..65535 (0 = any free port)")
+    checks = [(self.max_upload_mb > 0, f"--max_upload_mb={self.max_upload_mb}: must be > 0"),
+              (self.max_files >= 1, f"--max_files={self.max_files}: must be >= 1"),
+              (self.max_pixels >= 1, f"--max_pixels={self.max_pixels}: must be >= 1"),
+              (self.batch_timeout_ms >= 0, f"--batch_timeout_ms={self.batch_timeout_ms}: must be >= 0"),
+              (self.max_batch >= 1, f"--max_batch={self.max_batch}: must be >= 1"),
+              (self.max_inflight >= 1, f"max_inflight={self.max_inflight}: must be >= 1"),
+              (self.request_timeout_s > 0, f"request_timeout_s={self.request_timeout_s}: must be > 0")]
+    for ok, message in checks:
+      if not ok:
+        raise ServeError(message)
+
+  @property
+  def max_upload_bytes(self) -> int:
+    return int(self.max_upload_mb * (1 << 20))

@@ -20,7 +20,10 @@ from __future__ import annotations
 import signal
 from typing import Sequence
 
-from absl import app, flags
+from absl import flags
+
+from tfrecord_tools import cli
+from xraytpu import errors
 
 _ROLE = flags.DEFINE_enum("role", None, ["dispatcher", "worker"], "Which server to run.")
 _PORT = flags.DEFINE_integer("port", 5050, "TCP port to serve on (0: any free port, printed).")
@@ -39,34 +42,30 @@ flags.mark_flag_as_required("role")
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.no_arguments(argv)
   if _ROLE.value == "worker" and not _DISPATCHER.value:
-    raise app.UsageError("--role=worker needs --dispatcher_address=HOST:PORT")
+    raise errors.UserError("--role=worker needs --dispatcher_address=HOST:PORT")
   if _ROLE.value == "dispatcher" and (_DISPATCHER.value or _WORKER_ADDRESS.value):
-    raise app.UsageError("--dispatcher_address and --worker_address are worker flags")
+    raise errors.UserError("--dispatcher_address and --worker_address are worker flags")
   # Ctrl-C / SIGTERM (docker stop, kubectl delete, kill) end the process: they are
   # blocked in every thread (the servers' threads inherit this) and taken below.
   stop_signals = {signal.SIGINT, signal.SIGTERM}
   signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
   from xraytpu import data_service_lib as lib  # TensorFlow: after the flags are checked
-  try:
-    if _ROLE.value == "dispatcher":
-      server = lib.start_dispatcher(_PORT.value, work_dir=_WORK_DIR.value,
-                                    job_gc_timeout_ms=_JOB_GC.value)
-    else:
-      server = lib.start_worker(_DISPATCHER.value, _PORT.value,
-                                worker_address=_WORKER_ADDRESS.value,
-                                heartbeat_interval_ms=_HEARTBEAT.value)
-  except lib.ServiceError as e:
-    raise app.UsageError(str(e)) from None
+  if _ROLE.value == "dispatcher":
+    server = lib.start_dispatcher(_PORT.value, work_dir=_WORK_DIR.value,
+                                  job_gc_timeout_ms=_JOB_GC.value)
+  else:
+    server = lib.start_worker(_DISPATCHER.value, _PORT.value,
+                              worker_address=_WORKER_ADDRESS.value,
+                              heartbeat_interval_ms=_HEARTBEAT.value)
   print(f"{_ROLE.value} listening on grpc://{lib.server_address(server)}", flush=True)
   received = signal.sigwait(stop_signals)
   print(f"{_ROLE.value}: stopping ({signal.Signals(received).name})", flush=True)
 
 
 def run() -> None:
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

@@ -34,12 +34,14 @@ import re
 
 import tensorflow as tf
 
+from xraytpu import errors
+
 ROLES = ("dispatcher", "worker")
 PROTOCOL = "grpc"
 _HOST_PORT = re.compile(r"^(?:grpc://)?([^/:\s]+|\[[0-9a-fA-F:]+\]):(\d{1,5})$")
 
 
-class ServiceError(ValueError):
+class ServiceError(errors.UserError):
   """A bad address or setting for the tf.data service: one clear line."""
 
 
@@ -49,12 +51,6 @@ def split_address(address: str) -> tuple[str, int]:
   if not m or not 0 < int(m.group(2)) < 65536:
     raise ServiceError(f"dispatcher address {address!r} is not host:port or grpc://host:port")
   return m.group(1), int(m.group(2))
-
-
-def service_url(address: str) -> str:
-  """The form `tf.data.experimental.service.distribute` takes: grpc://host:port."""
-  host, port = split_address(address)
-  return f"{PROTOCOL}://{host}:{port}"
 
 
 def start_dispatcher(port: int, *, work_dir: str = "",

@@ -29,10 +29,12 @@ import os
 from absl import logging
 import tensorflow as tf
 
+from xraytpu import errors
+
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 
 
-class StrategyError(ValueError):
+class StrategyError(errors.UserError):
   """The requested strategy cannot start (one line, shown to the user as-is)."""
 
 

@@ -9,26 +9,17 @@ xraytpu.export_lib for the signatures and layout.
 
 from __future__ import annotations
 
-import sys
+from tfrecord_tools import cli
+from xraytpu.config import ExportConfig
 
-from absl import app, flags
-
-_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Run directory written by xraytpu.train.")
-_VERSION = flags.DEFINE_integer("version", 0, "Integer version folder (0 = the next free one).")
-_EXPORT_DIR = flags.DEFINE_string("export_dir", "", "Parent folder of the version folders "
-                                  "(default RUN/export), e.g. a TF Serving model base path.")
-flags.mark_flag_as_required("model_dir")
+cli.define_flags(ExportConfig)
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.no_arguments(argv)
+  opts = cli.from_flags(ExportConfig)
   from xraytpu import export_lib
-  try:
-    path = export_lib.export(_MODEL_DIR.value, version=_VERSION.value, export_dir=_EXPORT_DIR.value)
-  except export_lib.ExportError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  path = export_lib.export(opts.model_dir, version=opts.version, export_dir=opts.export_dir)
   meta = export_lib.load_metadata(path)
   print(f"SavedModel written to {path}")
   print(f"  classes {meta['classes']}, input {meta['image_size']}x{meta['image_size']}x"
@@ -38,7 +29,7 @@ def main(argv):
 
 
 def run():
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

@@ -14,32 +14,23 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from tfrecord_tools import cli
+from xraytpu.config import PredictConfig
 
-_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Run directory written by xraytpu.train.")
-_OUTPUT = flags.DEFINE_string("output", "", "Also write the predictions to FILE.csv or FILE.jsonl.")
-_GRADCAM = flags.DEFINE_string("gradcam", "", "Write a Grad-CAM overlay PNG per image to this folder.")
-_WINDOW = flags.DEFINE_string("window", "auto", "DICOM windowing: auto (the file's VOI LUT / window, "
-                              "else the full range), lung, mediastinum, soft_tissue, bone, brain, "
-                              "or CENTER,WIDTH in rescaled units (HU for CT).")
-_BATCH = flags.DEFINE_integer("batch_size", 32, "Images per model call.")
-flags.mark_flag_as_required("model_dir")
+cli.define_flags(PredictConfig)
 
 
 def main(argv):
+  opts = cli.from_flags(PredictConfig)
   from xraytpu import predict_lib
-  try:
-    failed = predict_lib.run_predict(_MODEL_DIR.value, argv[1:], window=_WINDOW.value,
-                                     output=_OUTPUT.value or None, gradcam_dir=_GRADCAM.value or None,
-                                     batch_size=_BATCH.value)
-  except predict_lib.PredictError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  failed = predict_lib.run_predict(opts.model_dir, argv[1:], window=opts.window,
+                                   output=opts.output or None, gradcam_dir=opts.gradcam or None,
+                                   batch_size=opts.batch_size)
   sys.exit(1 if failed else 0)
 
 
 def run():
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

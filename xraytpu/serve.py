@@ -17,50 +17,21 @@ same frozen RUN/threshold.json). See xraytpu.serve_lib for the API. Binds
 
 from __future__ import annotations
 
-import sys
+from tfrecord_tools import cli
+from xraytpu.config import ServeOptions
 
-from absl import app, flags
-
-_MODEL_DIR = flags.DEFINE_string("model_dir", None,
-                                 "Run directory written by xraytpu.train (and xraytpu.evaluate).")
-_HOST = flags.DEFINE_string("host", "127.0.0.1",
-                            "Address to listen on (0.0.0.0 = every interface: no authentication!).")
-_PORT = flags.DEFINE_integer("port", 8080, "Port to listen on (0 = any free port, printed at start-up).")
-_MAX_UPLOAD_MB = flags.DEFINE_float("max_upload_mb", 32.0,
-                                    "Largest request body in MiB (checked from Content-Length before reading).")
-_MAX_FILES = flags.DEFINE_integer("max_files", 16, "Most images in one request.")
-_MAX_PIXELS = flags.DEFINE_integer("max_pixels", 50_000_000,
-                                   "Most pixels (width x height) per image, read from the file header "
-                                   "before decoding.")
-_BATCH_TIMEOUT_MS = flags.DEFINE_float("batch_timeout_ms", 5.0,
-                                       "How long the model waits for more concurrent requests after the "
-                                       "first, ms.")
-_MAX_BATCH = flags.DEFINE_integer("max_batch", 8,
-                                  "Most images per model call. GPU/TPU: try 32+. CPU: measure with "
-                                  "benchmarks/serve_load.py; 1 (no batching) can be faster for 224-px models.")
-_ACCESS_LOG = flags.DEFINE_bool("access_log", True, "Log one line per request on stderr.")
-flags.mark_flag_as_required("model_dir")
+cli.define_flags(ServeOptions)
 
 
 def main(argv):
-  if len(argv) > 1:
-    print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
-    sys.exit(2)
+  cli.no_arguments(argv)
+  opts = cli.from_flags(ServeOptions)
   from xraytpu import serve_lib
-  opts = serve_lib.ServeOptions(
-      model_dir=_MODEL_DIR.value, host=_HOST.value, port=_PORT.value,
-      max_upload_mb=_MAX_UPLOAD_MB.value, max_files=_MAX_FILES.value, max_pixels=_MAX_PIXELS.value,
-      batch_timeout_ms=_BATCH_TIMEOUT_MS.value, max_batch=_MAX_BATCH.value,
-      access_log=_ACCESS_LOG.value)
-  try:
-    serve_lib.serve(opts)
-  except serve_lib.ServeError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  serve_lib.serve(opts)
 
 
 def run():
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ file system path: the page's three files are read from the package at start-up.
 
 from __future__ import annotations
 
-import dataclasses
 import email.message
 import email.parser
 import email.policy
@@ -59,7 +58,8 @@ from typing import Any
 
 
 from tfrecord_tools import storage
-from xraytpu import __version__, errors, predict_lib, rundir
+from xraytpu import __version__, predict_lib, rundir
+from xraytpu.config import ServeError, ServeOptions  # noqa: F401 - defined with the other options
 from xraytpu.serve_app import App, RequestError
 
 MB = 1 << 20
@@ -76,46 +76,6 @@ PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 's
 _FILE_FIELDS = ("file", "files", "image", "images")
 _QUERY_PARAMS = ("gradcam", "window")
 _MAX_FILENAME = 200
-
-
-class ServeError(errors.UserError):
-  """A user mistake at start-up (missing run, bad option, port in use); one line for the user."""
-
-
-@dataclasses.dataclass
-class ServeOptions:
-  """What `python -m xraytpu.serve` takes (see xraytpu/serve.py for the flags)."""
-  model_dir: str
-  host: str = "127.0.0.1"
-  port: int = 8080                 # 0 = any free port (printed at start-up)
-  max_upload_mb: float = 32.0      # request body limit (Content-Length), MiB
-  max_files: int = 16              # files per request
-  max_pixels: int = 50_000_000     # width * height per image, read from the header before decoding
-  batch_timeout_ms: float = 5.0    # how long the model waits for more requests after the first
-  max_batch: int = 8               # images per model call (see benchmarks/serve_load.py)
-  max_inflight: int = 256          # requests decoded / waiting for the model at once; more wait
-  request_timeout_s: float = 60.0  # socket reads and the wait for the model
-  access_log: bool = True          # one stderr line per request
-
-  def validate(self) -> None:
-    if not self.model_dir:
-      raise ServeError("--model_dir is required: a run directory written by xraytpu.train")
-    if not 0 <= self.port <= 65535:
-      raise ServeError(f"--port={self.port}: must be 0..65535 (0 = any free port)")
-    checks = [(self.max_upload_mb > 0, f"--max_upload_mb={self.max_upload_mb}: must be > 0"),
-              (self.max_files >= 1, f"--max_files={self.max_files}: must be >= 1"),
-              (self.max_pixels >= 1, f"--max_pixels={self.max_pixels}: must be >= 1"),
-              (self.batch_timeout_ms >= 0, f"--batch_timeout_ms={self.batch_timeout_ms}: must be >= 0"),
-              (self.max_batch >= 1, f"--max_batch={self.max_batch}: must be >= 1"),
-              (self.max_inflight >= 1, f"max_inflight={self.max_inflight}: must be >= 1"),
-              (self.request_timeout_s > 0, f"request_timeout_s={self.request_timeout_s}: must be > 0")]
-    for ok, message in checks:
-      if not ok:
-        raise ServeError(message)
-
-  @property
-  def max_upload_bytes(self) -> int:
-    return int(self.max_upload_mb * MB)
 
 
 

@@ -10,10 +10,20 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 
-from tfrecord_tools import storage
-from xraytpu import rundir
+from tfrecord_tools import cli, storage
+from xraytpu import errors, rundir
+
+
+class SummaryError(errors.UserError):
+  """The folder is not a run directory, or one of its files cannot be read."""
+
+
+def _read_json(path: str) -> dict:
+  try:
+    return json.loads(storage.read_text(path))
+  except json.JSONDecodeError as e:
+    raise SummaryError(f"{path}: not valid JSON ({e})") from None
 
 
 def _fmt_ci(value, ci) -> str:
@@ -28,7 +38,7 @@ def summarize(run_dir: str) -> str:
   """The headline text of one run directory."""
   cfg = rundir.read_config(run_dir)
   if cfg is None:
-    raise FileNotFoundError(f"{run_dir} is not a run directory (no {rundir.CONFIG}): train first")
+    raise SummaryError(f"{run_dir} is not a run directory (no {rundir.CONFIG}): train first")
   lines = [f"run:      {run_dir}",
            f"model:    {cfg.get('model')} at {cfg.get('image_size')} px, data {cfg.get('data_dir')}"]
   rows = rundir.read_history(run_dir)
@@ -36,11 +46,13 @@ def summarize(run_dir: str) -> str:
     speeds = [float(r["images_per_sec"]) for r in rows if r.get("images_per_sec")]
     # Steady state: the first epoch also decodes and fills the cache.
     steady = statistics.median(speeds[1:]) if len(speeds) > 1 else (speeds[0] if speeds else None)
-    best = max((float(r["val_auc"]), i + 1) for i, r in enumerate(rows) if r.get("val_auc"))
+    best = max(((float(r["val_auc"]), i + 1) for i, r in enumerate(rows) if "val_auc" in r),
+               default=None)
     speed = f"{steady:.1f} images/sec (median after epoch 1)" if steady else "n/a"
-    lines.append(f"training: {len(rows)} epochs, {speed}, best val AUC {best[0]:.3f} (epoch {best[1]})")
+    auc = f"best val AUC {best[0]:.3f} (epoch {best[1]})" if best else "no val AUC (no val split)"
+    lines.append(f"training: {len(rows)} epochs, {speed}, {auc}")
   for report_path in rundir.eval_report_paths(run_dir):
-    r = json.loads(storage.read_text(report_path))
+    r = _read_json(report_path)
     where = f"{r.get('dataset')}/{r.get('split')}, {r.get('num_examples')} images"
     lines.append(f"eval:     {where}: AUC {_fmt_ci(r.get('auc'), r.get('auc_ci'))}")
     if r.get("threshold") is not None and r.get("sensitivity") is not None:
@@ -51,17 +63,15 @@ def summarize(run_dir: str) -> str:
   return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-  if len(argv) != 1:
-    print("usage: python -m xraytpu.summary RUN_DIR", file=sys.stderr)
-    return 2
-  try:
-    print(summarize(argv[0]))
-  except (FileNotFoundError, json.JSONDecodeError, KeyError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+def main(argv: list[str]) -> None:
+  if len(argv) != 2:
+    raise SummaryError("expected one argument, the run directory: python -m xraytpu.summary RUN_DIR")
+  print(summarize(argv[1]))
+
+
+def run() -> None:
+  cli.run(main)
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))
+  run()

@@ -19,12 +19,10 @@ of training images before/after augmentation and exits without training.
 
 from __future__ import annotations
 
-import sys
-
-from absl import app
 from absl import flags
 from absl import logging
 
+from tfrecord_tools import cli
 from xraytpu import flags as xflags
 
 xflags.define_config_flags(xflags.ALL_FIELDS)
@@ -33,41 +31,27 @@ _AUGMENT_PREVIEW = flags.DEFINE_string(
     "Write a PNG grid of one training batch before/after augmentation to this path and exit "
     "(no training).")
 
-# Exit codes: 2 = usage problem (message on stderr), 3 = training diverged (NaN loss).
-EXIT_USAGE, EXIT_DIVERGED = 2, 3
-
-
-def _fail(message: str, code: int) -> None:
-  print(f"xraytpu.train: error: {message}", file=sys.stderr, flush=True)
-  sys.exit(code)
-
 
 def main(argv):
-  if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]} (flags are --name=value)", EXIT_USAGE)
+  cli.no_arguments(argv)
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.INFO)
   cfg = xflags.config_from_flags(xflags.ALL_FIELDS)
   # Imported here so `--help` stays fast (TensorFlow loads in these).
   from xraytpu import train_lib  # noqa: PLC0415
-  try:
-    if _AUGMENT_PREVIEW.value:
-      from xraytpu.data import preview  # noqa: PLC0415
-      if not cfg.data_dir:
-        raise train_lib.TrainError("--augment_preview needs --data_dir")
-      path = preview.write_augment_preview(cfg.data_dir, cfg, _AUGMENT_PREVIEW.value)
-      logging.info("Wrote the augmentation preview to %s", path or _AUGMENT_PREVIEW.value)
-      return
-    logging.info("Config:\n%s", cfg.to_json())
-    train_lib.train_and_evaluate(cfg)
-  except train_lib.TrainingDiverged as e:
-    _fail(str(e), EXIT_DIVERGED)
-  except train_lib.USAGE_ERRORS as e:
-    _fail(str(e), EXIT_USAGE)
+  if _AUGMENT_PREVIEW.value:
+    from xraytpu.data import preview  # noqa: PLC0415
+    if not cfg.data_dir:
+      raise train_lib.TrainError("--augment_preview needs --data_dir")
+    path = preview.write_augment_preview(cfg.data_dir, cfg, _AUGMENT_PREVIEW.value)
+    logging.info("Wrote the augmentation preview to %s", path or _AUGMENT_PREVIEW.value)
+    return
+  logging.info("Config:\n%s", cfg.to_json())
+  train_lib.train_and_evaluate(cfg)   # user errors exit 2, TrainingDiverged 3 (tfrecord_tools.cli)
 
 
 def run():
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == "__main__":

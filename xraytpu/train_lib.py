@@ -40,7 +40,7 @@ import numpy as np
 import tensorflow as tf
 
 import xraytpu
-from xraytpu import distribute
+from xraytpu import distribute, errors
 from xraytpu import rundir
 from xraytpu import models as models_lib
 from xraytpu._keras import keras
@@ -63,12 +63,13 @@ RESUME_MAY_CHANGE = frozenset({
 })
 
 
-class TrainError(ValueError):
+class TrainError(errors.UserError):
   """A usage problem (bad flag combination, run dir state): one line for the user."""
 
 
 class TrainingDiverged(RuntimeError):
   """The loss became NaN or infinite; the run stops without a model.keras."""
+  exit_code = 3   # tfrecord_tools.cli.run exits with it (README: exit codes)
 
 
 # Errors that are the user's to fix: entry points print the one-line message
@@ -149,6 +150,8 @@ def validate_config(cfg: Config) -> None:
     raise TrainError(f"--epochs must be >= 1, got {cfg.epochs}")
   if cfg.batch_size < 1:
     raise TrainError(f"--batch_size must be >= 1, got {cfg.batch_size}")
+  if cfg.steps_per_epoch < 0:
+    raise TrainError(f"--steps_per_epoch must be >= 0 (0 = one pass over the train split), got {cfg.steps_per_epoch}")
   if cfg.steps_per_execution < 1:
     raise TrainError(f"--steps_per_execution must be >= 1, got {cfg.steps_per_execution}")
   if not 0.0 <= cfg.label_smoothing < 1.0:
@@ -393,10 +396,6 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
     raise TrainError(f"{cfg.data_dir}: the data set has {num_classes} class(es); need at least 2")
   channels = stats.input_channels(manifest, cfg)
   steps_per_epoch = cfg.steps_per_epoch or stats.steps_per_epoch(manifest, "train", global_batch, True)
-  if steps_per_epoch < 1:
-    n = manifest["splits"]["train"]["num_examples"]
-    raise TrainError(f"the train split has {n} examples, fewer than one global batch "
-                     f"(--batch_size={global_batch}); lower --batch_size")
   policy = distribute.mixed_precision_policy(cfg.mixed_precision, strategy)
   jit = bool(cfg.jit_compile or info.accelerator == "tpu")
   cfg = dataclasses.replace(cfg, channels=channels, steps_per_epoch=steps_per_epoch, jit_compile=jit)

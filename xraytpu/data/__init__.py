@@ -15,8 +15,10 @@ Importing this package is cheap: the submodules import TensorFlow themselves.
 
 from __future__ import annotations
 
+from xraytpu import errors
 
-class DataError(ValueError):
+
+class DataError(errors.UserError):
   """The data set cannot serve the request (e.g. fewer examples than one batch).
 
   A user mistake, not a bug: entry points print the message and exit non-zero.

@@ -16,7 +16,7 @@ The chain (`_dataset`), top to bottom:
   list shards from the manifest
   -> shard per input pipeline (by file when enough shards, else by element)
   -> interleave the shards' records (parallel, non-deterministic when training)
-  -> parse (schema.feature_spec) -> decode -> resize -> uint8 [S, S, C]
+  -> parse (records.feature_spec) -> decode -> resize -> uint8 [S, S, C]
   -> cache (memory | file | off)          decoded pixels only; never augmentation
   -> shuffle (seeded) -> repeat           training only, after the cache
   -> batch (per-replica batch; drop_remainder when training)
@@ -49,6 +49,7 @@ import tensorflow as tf
 from absl import logging
 
 from tfrecord_tools import pixels
+from tfrecord_tools import records
 from tfrecord_tools import schema
 from xraytpu.data import DataError, stats
 
@@ -180,17 +181,17 @@ def _dataset(data_dir: str, split: str, spec: InputSpec, *, training: bool, batc
                     "pipeline reads every file (convert with more shards to avoid this)",
                     split, len(files), num_pipelines)
   examples_here = -(-num_examples // num_pipelines)  # this pipeline's share, rounded up
-  keys = [schema.ENCODED, schema.LABEL] + ([schema.FILENAME] if with_filenames else [])
-  parse_spec = {k: v for k, v in schema.feature_spec().items() if k in keys}
+  keys = [records.ENCODED, records.LABEL] + ([records.FILENAME] if with_filenames else [])
+  parse_spec = {k: v for k, v in records.feature_spec().items() if k in keys}
 
   def to_pixels(serialized):
     # parse -> decode -> resize -> uint8: the per-record work the cache saves.
     features = tf.io.parse_single_example(serialized, parse_spec)
     # The pixel contract: encoded bytes -> uint8 [S, S, C], the one per-record pixel call.
-    image = pixels.load_image(features[schema.ENCODED], channels=channels, size=size, aspect=aspect)
-    label = tf.cast(features[schema.LABEL], tf.int32)
+    image = pixels.load_image(features[records.ENCODED], channels=channels, size=size, aspect=aspect)
+    label = tf.cast(features[records.LABEL], tf.int32)
     if with_filenames:
-      return image, label, features[schema.FILENAME]
+      return image, label, features[records.FILENAME]
     return image, label
 
   # List the shards, in manifest order.

@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
+from xraytpu import errors
 from xraytpu._keras import keras
 from xraytpu.config import Config
 from xraytpu.data import augment as augment_lib
@@ -34,7 +35,7 @@ from xraytpu.data import augment as augment_lib
 layers = keras.layers
 
 
-class ModelError(ValueError):
+class ModelError(errors.UserError):
   """A model cannot be built with these settings (one line for the user)."""
 
 

@@ -1,0 +1,149 @@
+"""tfrecord_tools.cli: flags from dataclasses, one default per option, one runner for user errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from absl import flags
+
+from tfrecord_tools import cli, convert_lib, errors
+from xraytpu import config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ENTRY_POINTS = ("tfrecord_tools.convert", "tfrecord_tools.inspect", "tfrecord_tools.synthetic",
+                "xraytpu.train", "xraytpu.evaluate", "xraytpu.predict", "xraytpu.export",
+                "xraytpu.serve", "xraytpu.summary", "xraytpu.data_service")
+
+
+@dataclasses.dataclass
+class _Options:
+  path: str = cli.field(help="Required: no default.")
+  size: int = cli.field(3, "An integer.")
+  rate: float = cli.field(0.5, "A number.")
+  loud: bool = cli.field(False, "A switch.")
+  mode: str = cli.field("a", "An enum.", ("a", "b"))
+  policy: str | None = cli.field(None, "Optional string.")
+  internal: int = 7   # no help: not a flag
+
+
+def _parse(cls, argv):
+  fv = flags.FlagValues()
+  cli.define_flags(cls, flag_values=fv)
+  fv(["prog", *argv])
+  return fv
+
+
+def test_flags_come_from_the_dataclass_fields():
+  fv = _parse(_Options, ["--path=x", "--size=5", "--loud", "--mode=b"])
+  assert set(fv) == {"path", "size", "rate", "loud", "mode", "policy"}
+  assert fv["size"].help == "An integer." and fv["mode"].flag_type() == "string enum"
+  opts = cli.from_flags(_Options, flag_values=fv)
+  assert opts == _Options(path="x", size=5, rate=0.5, loud=True, mode="b", policy=None)
+  assert cli.explicit(["size", "rate"], flag_values=fv) == {"size"}
+  with pytest.raises(flags.IllegalFlagValueError):   # the required field
+    _parse(_Options, ["--size=1"])
+  with pytest.raises(flags.IllegalFlagValueError):
+    _parse(_Options, ["--path=x", "--mode=c"])
+
+
+@pytest.mark.parametrize("cls", [convert_lib.ConvertOptions, config.Config, config.EvalConfig,
+                                 config.PredictConfig, config.ExportConfig, config.ServeOptions])
+def test_a_flag_left_alone_gives_the_library_default(cls):
+  """One default per option: the flag's default is the dataclass field's, for every command."""
+  required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+  fv = _parse(cls, [f"--{n}=x" for n in required])
+  built = cli.from_flags(cls, flag_values=fv)
+  assert built == cls(**{n: "x" for n in required})
+
+
+def test_convert_fraction_default_is_auto_and_yields_to_split_folders():
+  """The library and the command line share one default: 0.15 drawn unless the input has the folder."""
+  opts = convert_lib.ConvertOptions(input_dir="i", output_dir="o")
+  assert opts.val_fraction == opts.test_fraction == convert_lib.AUTO_FRACTION
+  assert convert_lib.DEFAULT_FRACTION == 0.15
+
+
+def test_augmentation_defaults_are_the_default_preset():
+  preset = config.AUGMENT_PRESETS[config.DEFAULT_AUGMENT]
+  cfg = config.Config()
+  assert cfg.augment == config.DEFAULT_AUGMENT
+  assert {k: getattr(cfg, k) for k in preset} == preset
+
+
+def test_every_user_error_class_is_a_user_error():
+  from xraytpu import errors as xerrors
+  modules = {"tfrecord_tools": ["convert_lib", "images", "inspect", "schema", "storage", "synthetic"],
+             "xraytpu": ["data_service_lib", "distribute", "evaluate_lib", "export_lib", "predict_lib",
+                         "serve_lib", "train_lib", "data", "models.common", "summary", "config"]}
+  seen = set()
+  for package, names in modules.items():
+    base = errors.UserError if package == "tfrecord_tools" else xerrors.UserError
+    for name in names:
+      module = importlib.import_module(f"{package}.{name}")
+      for attr, value in vars(module).items():
+        if (isinstance(value, type) and issubclass(value, Exception) and attr.endswith("Error")
+            and value.__module__ == module.__name__ and attr != "RequestError"):
+          assert issubclass(value, base), f"{package}.{name}.{attr}"
+          seen.add(attr)
+  assert len(seen) >= 16, seen
+  from xraytpu import serve_lib, train_lib
+  assert serve_lib.ServeOptions is config.ServeOptions and serve_lib.ServeError is config.ServeError
+  assert train_lib.TrainingDiverged.exit_code == 3
+
+
+_SCRIPT = textwrap.dedent("""
+    import sys
+    from tfrecord_tools import cli, errors
+
+    class Diverged(RuntimeError):
+      exit_code = 3
+
+    def main(argv):
+      kind = argv[1]
+      if kind == "user":
+        raise errors.UserError("the folder is missing\\nsee above")
+      if kind == "diverged":
+        raise Diverged("loss became NaN")
+      if kind == "bug":
+        raise KeyError("bug")
+      print("ok")
+
+    cli.run(main)
+""")
+
+
+@pytest.mark.parametrize("kind, code, stderr", [
+    ("ok", 0, ""),
+    ("user", 2, "tool: error: the folder is missing see above"),
+    ("diverged", 3, "tool: error: loss became NaN"),
+])
+def test_runner_exit_codes(tmp_path, kind, code, stderr):
+  script = tmp_path / "tool"
+  script.write_text(_SCRIPT)
+  r = subprocess.run([sys.executable, str(script), kind], cwd=ROOT, capture_output=True, text=True,
+                     timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+  assert r.returncode == code and r.stderr.strip() == stderr, r.stderr
+
+
+def test_runner_keeps_the_traceback_of_a_bug(tmp_path):
+  script = tmp_path / "tool"
+  script.write_text(_SCRIPT)
+  r = subprocess.run([sys.executable, str(script), "bug"], cwd=ROOT, capture_output=True, text=True,
+                     timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+  assert r.returncode == 1 and "Traceback" in r.stderr and "KeyError" in r.stderr
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_every_entry_point_reports_a_bad_flag_in_one_line(module):
+  r = subprocess.run([sys.executable, "-m", module, "--no_such_flag=1"], cwd=ROOT,
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2, r.stderr
+  assert r.stderr.strip() == (f"{module}: error: Unknown command line flag 'no_such_flag' "
+                              "(--helpfull lists the flags)")

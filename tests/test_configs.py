@@ -1,0 +1,84 @@
+"""configs/*.flags: every seed recipe's flagfile trains for one step on the demo data.
+
+The recipe's own flags come first (--flagfile), then overrides that make it
+fast on a CPU: no ImageNet download, tiny images (the applications models at
+the smallest size keras.applications accepts), one step of one epoch, no
+fine-tuning phase (tests/test_train.py covers it; the recipe's own fine-tuning
+settings are checked by train_lib.validate_config). So a flag renamed in
+xraytpu.config, a value a model rejects, or a bad combination fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+
+from xraytpu import flags as xflags
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.flags"))
+# keras.applications' smallest input side per backbone (xraytpu.models.applications.BACKBONES).
+SMALL_SIZE = {"inception_v3": 75, "xception": 71}
+
+
+def _recipe(path: pathlib.Path) -> dict[str, str]:
+  """--name=value lines of a flagfile (bool flags as 'true')."""
+  flags = {}
+  for line in path.read_text().splitlines():
+    if line.startswith("--"):
+      name, _, value = line[2:].partition("=")
+      flags[name] = value or "true"
+  return flags
+
+
+def test_the_seed_recipes_have_flagfiles():
+  names = {p.name for p in CONFIGS}
+  assert {"keras_tpu_cnn.flags", "xray_cnn.flags", "inception_v3_ct.flags", "xception_covid.flags",
+          "chexnet.flags"} <= names
+  chexnet = _recipe(ROOT / "configs" / "chexnet.flags")
+  assert (chexnet["model"], chexnet["image_size"], chexnet["weights"]) == ("densenet121", "224", "imagenet")
+  assert _recipe(ROOT / "configs" / "keras_tpu_cnn.flags")["image_size"] == "180"
+  assert _recipe(ROOT / "configs" / "xception_covid.flags")["head"] == "xception"
+  for path in CONFIGS:   # a comment header with the source recipe and the run command
+    text = path.read_text()
+    assert text.startswith("# ") and f"--flagfile=configs/{path.name}" in text, path.name
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_flagfile_as_written_is_a_valid_config(path):
+  from xraytpu import train_lib
+  fv = flags.FlagValues()
+  xflags.define_config_flags(flag_values=fv)
+  fv(["train", f"--flagfile={path}", "--data_dir=d", "--model_dir=m"])
+  cfg = xflags.config_from_flags(flag_values=fv)
+  train_lib.validate_config(cfg)
+  recipe = _recipe(path)
+  assert cfg.model == recipe["model"] and cfg.image_size == int(recipe["image_size"])
+  if recipe.get("augment") == "none":   # the preset, then the recipe's own augmentation flags
+    assert cfg.horizontal_flip == (recipe.get("horizontal_flip") == "true") and cfg.rotation_range == 0
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_flagfile_trains_one_step(path, demo_data_dir, tmp_path):
+  recipe = _recipe(path)
+  run_dir = tmp_path / "run"
+  size = SMALL_SIZE.get(recipe["model"], 32)
+  fast = [f"--data_dir={demo_data_dir}", f"--model_dir={run_dir}", "--weights=none",
+          f"--image_size={size}", "--epochs=1", "--steps_per_epoch=1", "--batch_size=4",
+          "--strategy=default", "--steps_per_execution=1", "--early_stopping_patience=0",
+          "--fine_tune_at=-1", "--fine_tune_epochs=0"]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+  r = subprocess.run([sys.executable, "-m", "xraytpu.train", f"--flagfile={path}", *fast],
+                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-4000:]
+  cfg = json.loads((run_dir / "config.json").read_text())
+  for name, value in recipe.items():   # the recipe's settings reached the run, except the overrides
+    if not any(f.startswith(f"--{name}=") for f in fast):
+      assert str(cfg[name]).lower() == value.lower() or float(cfg[name]) == float(value), name
+  assert (run_dir / "model.keras").exists()
