@@ -129,6 +129,9 @@ AUGMENT_FIELDS = tuple(AUGMENT_PRESETS["none"])
 
 
 # ---- the other commands ------------------------------------------------------
+# Bootstrap confidence intervals: xraytpu.metrics' defaults too.
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
 RUN_DIR_HELP = "Run directory written by xraytpu.train."
 
 
@@ -144,8 +147,8 @@ class EvalConfig:
                                     "or youden when there is none.")
   temperature_scaling: bool | None = _f(None, "Fit a temperature on val and calibrate the probabilities "
                                         "(default: keep what RUN/threshold.json says; off when there is none).")
-  bootstrap_resamples: int = _f(1000, "Bootstrap resamples for the 95% CIs.")
-  bootstrap_seed: int = _f(0, "Seed of the bootstrap.")
+  bootstrap_resamples: int = _f(BOOTSTRAP_RESAMPLES, "Bootstrap resamples for the 95% CIs.")
+  bootstrap_seed: int = _f(BOOTSTRAP_SEED, "Seed of the bootstrap.")
   batch_size: int = _f(0, "Evaluation batch size (0 = the run's).")
   plots: bool = _f(True, "Write the PNG plots (--noplots: numbers only, faster).")
   out_dir: str = _f("", "Report folder (default RUN/eval/<dataset>-<split>).")

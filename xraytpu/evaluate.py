@@ -34,7 +34,9 @@ def main(argv):
   print(evaluate_lib.headline(report))
   for note in report["notes"]:
     print(f"note: {note}")
-  print(f"report: {report['report_dir']}/report.md (numbers in report.json, plots beside it)")
+  files = report["files"]
+  print(f"report: {report['report_dir']}/{files['report_md']} (numbers in {files['report_json']}, "
+        "plots beside it)")
 
 
 def run():

@@ -53,6 +53,7 @@ from absl import logging
 
 from tfrecord_tools import storage
 from xraytpu import errors, metrics, plots, predict_lib, rundir
+from xraytpu.config import EvalConfig
 
 REPORT_VERSION = 1
 DEFAULT_POLICY = "youden"
@@ -391,10 +392,12 @@ def compute_report(classes: Sequence[str], labels: np.ndarray, probs: np.ndarray
   return r
 
 
-def evaluate(model_dir: str, *, data_dir: str = "", split: str = "test",
-             threshold_policy: str | None = None, temperature_scaling: bool | None = None,
-             n_resamples: int = metrics.DEFAULT_RESAMPLES, seed: int = metrics.DEFAULT_SEED,
-             batch_size: int = 0, out_dir: str = "", write_plots: bool = True) -> dict[str, Any]:
+def evaluate(model_dir: str, *, data_dir: str = EvalConfig.data_dir, split: str = EvalConfig.split,
+             threshold_policy: str | None = EvalConfig.threshold_policy,
+             temperature_scaling: bool | None = EvalConfig.temperature_scaling,
+             n_resamples: int = EvalConfig.bootstrap_resamples, seed: int = EvalConfig.bootstrap_seed,
+             batch_size: int = EvalConfig.batch_size, out_dir: str = EvalConfig.out_dir,
+             write_plots: bool = EvalConfig.plots) -> dict[str, Any]:
   """Evaluates RUN on `split` of `data_dir` (default: the run's training data).
 
   write_plots=False skips the PNGs (report.json/md and predictions.csv are

@@ -40,6 +40,7 @@ from tfrecord_tools import storage
 from xraytpu import errors
 from xraytpu import predict_lib
 from xraytpu import rundir
+from xraytpu.config import ExportConfig
 
 class ExportError(errors.UserError):
   """A user mistake (missing run, existing version); one line for the user."""
@@ -53,7 +54,8 @@ def next_version(export_root: str) -> int:
   return max(versions, default=0) + 1
 
 
-def export(model_dir: str, *, version: int = 0, export_dir: str = "") -> str:
+def export(model_dir: str, *, version: int = ExportConfig.version,
+           export_dir: str = ExportConfig.export_dir) -> str:
   """Writes the SavedModel; returns its folder RUN/export/<version> (or export_dir/<version>).
 
   version 0 = the next free integer. An existing version is an error (TF

@@ -37,8 +37,10 @@ import numpy as np
 from scipy import optimize, stats
 from sklearn import metrics as skm
 
-DEFAULT_RESAMPLES = 1000
-DEFAULT_SEED = 0
+from xraytpu.config import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
+
+DEFAULT_RESAMPLES = BOOTSTRAP_RESAMPLES
+DEFAULT_SEED = BOOTSTRAP_SEED
 DEFAULT_ALPHA = 0.05  # 95% intervals
 _MIN_VALID_FRACTION = 0.5  # a CI needs at least this share of resamples to be defined
 

@@ -29,6 +29,7 @@ from tfrecord_tools import pixels
 from tfrecord_tools import storage
 from xraytpu import errors
 from xraytpu import rundir
+from xraytpu.config import PredictConfig
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 DICOM_EXTENSIONS = (".dcm", ".dicom", ".dic")
@@ -262,8 +263,8 @@ def load(model_dir: str) -> rundir.LoadedRun:
     raise PredictError(str(e)) from e
 
 
-def predict_files(run: rundir.LoadedRun, paths: Sequence[str], *, window: str = "auto",
-                  gradcam_dir: str | None = None, batch_size: int = 32,
+def predict_files(run: rundir.LoadedRun, paths: Sequence[str], *, window: str = PredictConfig.window,
+                  gradcam_dir: str | None = None, batch_size: int = PredictConfig.batch_size,
                   progress=None) -> list[Prediction]:
   """Predicts every input (folders expanded); failures are per file, never raised.
 
@@ -355,9 +356,9 @@ def write_predictions(results: Sequence[Prediction], classes: Sequence[str], pat
   return path
 
 
-def run_predict(model_dir: str, paths: Sequence[str], *, window: str = "auto",
+def run_predict(model_dir: str, paths: Sequence[str], *, window: str = PredictConfig.window,
                 output: str | None = None, gradcam_dir: str | None = None,
-                batch_size: int = 32, out=sys.stdout, err=sys.stderr) -> int:
+                batch_size: int = PredictConfig.batch_size, out=sys.stdout, err=sys.stderr) -> int:
   """The predict command: prints one line per input; returns the number that failed."""
   if not paths:
     raise PredictError("give at least one image, DICOM file or folder to predict")
