@@ -22,6 +22,13 @@ from tfrecord_tools import errors, storage
 MANIFEST_NAME = "dataset.json"
 MANIFEST_VERSION = 1
 SPLITS = ("train", "val", "test")
+# The manifest's "task": absent or SINGLE_LABEL (one class per image, `classes` in label
+# order) or MULTI_LABEL (CSV-labelled findings: `classes` are the K findings; records
+# carry multi_hot + mask).
+SINGLE_LABEL = "single_label"
+MULTI_LABEL = "multi_label"
+# The text of a multi-label image with no finding (its record's class text, its predicted label).
+NO_FINDING = "No Finding"
 
 
 def shard_name(split: str, index: int, num_shards: int) -> str:

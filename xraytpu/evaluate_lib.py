@@ -52,7 +52,7 @@ import numpy as np
 from absl import logging
 
 from tfrecord_tools import storage
-from xraytpu import errors, metrics, plots, predict_lib, rundir
+from xraytpu import errors, evaluate_multilabel, metrics, plots, predict_lib, rundir
 from xraytpu.config import EvalConfig
 
 REPORT_VERSION = 1
@@ -82,17 +82,24 @@ class SplitPredictions:
   raw: np.ndarray
   probs: np.ndarray
   images: dict[int, np.ndarray]
+  mask: np.ndarray | None = None     # multi-label: bool [n, K], False where the label is ignored
 
 
 def class_probabilities(run: rundir.LoadedRun, raw: np.ndarray, *, temperature: float | None = None,
-                        threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Model outputs -> (probabilities float64 [n, K], label index [n]) through the run's
-  InferenceModule (the one calibration and decision; it is left set to these values)."""
+                        threshold: float | None = None,
+                        thresholds: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Model outputs -> (probabilities float64 [n, K], the decision) through the run's
+  InferenceModule (the one calibration and decision; it is left set to these values).
+
+  The decision is the label index [n] (single-label) or, multi-label, bool [n, K]:
+  each finding against its threshold (`thresholds` [K]; None keeps the module's).
+  """
   import tensorflow as tf  # noqa: PLC0415
   module = run.module
-  module.set_operating_point(threshold, temperature)
+  module.set_operating_point(threshold, temperature, thresholds)
   out = module.decide(tf.constant(np.asarray(raw, np.float32)))
-  return out["probabilities"].numpy().astype(np.float64), out["label_index"].numpy()
+  decision = out["positive"] if run.multi_label else out["label_index"]
+  return out["probabilities"].numpy().astype(np.float64), decision.numpy()
 
 
 # --------------------------------------------------------------------------
@@ -139,20 +146,30 @@ def predict_split(run: rundir.LoadedRun, data_dir: str, split: str, *, manifest:
     schema.split_info(manifest, split)
   except schema.ManifestError as e:
     raise EvaluateError(str(e)) from e
-  mapping = match_classes(run.classes, manifest["classes"], data_dir)
+  multi = run.multi_label
+  if multi:
+    if manifest.get("task") != rundir.MULTI_LABEL:
+      raise EvaluateError(f"{data_dir} is a single-label data set; the run predicts {len(run.classes)} "
+                          "findings (multi-label): evaluate it on multi-label data")
+    cols = evaluate_multilabel.match_findings(run.classes, manifest["classes"], data_dir, EvaluateError)
+  else:
+    if manifest.get("task") == rundir.MULTI_LABEL:
+      raise EvaluateError(f"{data_dir} is a multi-label data set; the run is single-label")
+    mapping = match_classes(run.classes, manifest["classes"], data_dir)
   # What the run's model sees; the run's tf.data thread and RAM settings, nothing cached.
   spec = input_pipeline.InputSpec(image_size=run.size, channels=run.channels, aspect=run.aspect,
                                   private_threads=run.cfg.private_threads,
                                   ram_budget_mb=run.cfg.ram_budget_mb)
   ds = input_pipeline.eval_dataset(data_dir, split, spec,
                                    batch_size=batch_size or run.cfg.batch_size or 32,
-                                   with_filenames=True, manifest=manifest)
+                                   with_filenames=True, manifest=manifest,
+                                   label_mode="multi_label" if multi else "int")
   total = int(schema.split_info(manifest, split).get("num_examples", 0))
   raws, labels, names, images = [], [], [], {}
   start, last_log, seen = time.time(), time.time(), 0
   for image, label, filename in ds:
     raws.append(run.module.raw(image).numpy())
-    labels.append(mapping[label.numpy()])
+    labels.append(label.numpy() if multi else mapping[label.numpy()])
     names.extend(f.decode("utf-8", "replace") for f in filename.numpy())
     img = image.numpy()
     for j in range(img.shape[0]):
@@ -165,10 +182,16 @@ def predict_split(run: rundir.LoadedRun, data_dir: str, split: str, *, manifest:
   k = len(run.classes)
   raw = np.concatenate(raws) if raws else np.zeros((0, 1 if run.binary else k), np.float32)
   logging.info("%s: %d images predicted in %.1fs", split, seen, time.time() - start)
+  mask = None
+  if multi:
+    y = np.concatenate(labels) if labels else np.zeros((0, 2 * len(manifest["classes"])), np.float32)
+    y, mask = evaluate_multilabel.align(*evaluate_multilabel.split_labels(y, len(manifest["classes"])),
+                                        cols)
+  else:
+    y = np.concatenate(labels) if labels else np.zeros(0, np.int64)
   return SplitPredictions(
       dataset=dataset_name(data_dir, manifest), data_dir=data_dir, split=split, filenames=names,
-      labels=np.concatenate(labels) if labels else np.zeros(0, np.int64), raw=raw,
-      probs=class_probabilities(run, raw)[0], images=images)
+      labels=y, raw=raw, probs=class_probabilities(run, raw)[0], images=images, mask=mask)
 
 
 # --------------------------------------------------------------------------
@@ -177,9 +200,11 @@ def predict_split(run: rundir.LoadedRun, data_dir: str, split: str, *, manifest:
 
 
 def _wants_new(existing: dict | None, policy: str | None, temperature_scaling: bool | None,
-               binary: bool) -> bool:
+               binary: bool, multi_label: bool = False) -> bool:
   if not existing:
     return True
+  if multi_label != bool(existing.get("thresholds")):
+    return True  # written for the other kind of task
   if binary and (existing.get("threshold") is None or existing.get("policy") == "argmax"):
     return True  # e.g. written for another task, or edited by hand
   if policy is not None and metrics.canonical_policy(policy) != existing.get("policy"):
@@ -243,7 +268,7 @@ def resolve_operating_point(run: rundir.LoadedRun, *, policy: str | None,
     except ValueError as e:
       raise EvaluateError(str(e)) from e
   existing = run.operating_point
-  if not _wants_new(existing, policy, temperature_scaling, run.binary):
+  if not _wants_new(existing, policy, temperature_scaling, run.binary, run.multi_label):
     logging.info("using the operating point in %s (policy %s, chosen on %s)",
                  rundir.OPERATING_POINT, existing.get("policy"), existing.get("source_split"))
     return existing
@@ -253,7 +278,8 @@ def resolve_operating_point(run: rundir.LoadedRun, *, policy: str | None,
   if temperature_scaling is None:
     temperature_scaling = bool(existing and existing.get("temperature") is not None)
   data_dir = run.cfg.data_dir
-  needs_val = temperature_scaling or (run.binary and metrics.parse_threshold_policy(policy)[0] != "fixed")
+  needs_val = temperature_scaling or ((run.binary or run.multi_label)
+                                      and metrics.parse_threshold_policy(policy)[0] != "fixed")
   val = None
   if needs_val:
     if not data_dir or not _has_split(run.manifest, THRESHOLD_SPLIT):
@@ -268,7 +294,11 @@ def resolve_operating_point(run: rundir.LoadedRun, *, policy: str | None,
       val = predict_split(run, data_dir, THRESHOLD_SPLIT, manifest=run.manifest, batch_size=batch_size)
       if cache is not None:
         cache[key] = val
-  op = choose_operating_point(run, val, policy, temperature_scaling)
+  if run.multi_label:
+    op = evaluate_multilabel.choose_operating_point(run, val, policy, temperature_scaling,
+                                                    class_probabilities, EvaluateError)
+  else:
+    op = choose_operating_point(run, val, policy, temperature_scaling)
   path = rundir.write_operating_point(run.model_dir, op)
   run.operating_point = op
   logging.info("operating point written to %s: threshold %s (%s on %s)", path, op["threshold"],
@@ -435,6 +465,10 @@ def evaluate(model_dir: str, *, data_dir: str = EvalConfig.data_dir, split: str 
   if op.get("fallback_reason"):
     notes.append(f"threshold policy {op['policy']} could not be applied on "
                  f"{op.get('source_split')}: {op['fallback_reason']}; threshold {op['threshold']} used")
+  if run.multi_label:
+    return _evaluate_multilabel(run, preds, op, notes, data_dir=data_dir, split=split,
+                                n_resamples=n_resamples, seed=seed, out_dir=out_dir,
+                                write_plots=write_plots)
   # Calibrated probabilities at the operating point, by the one inference path.
   probs, _ = class_probabilities(run, preds.raw, temperature=op.get("temperature"),
                                  threshold=op.get("threshold"))
@@ -453,14 +487,51 @@ def evaluate(model_dir: str, *, data_dir: str = EvalConfig.data_dir, split: str 
   _write_predictions(storage.join(out_dir, files["predictions"]), run.classes, preds, probs, pred)
   if write_plots:
     files.update(_write_plots(out_dir, run, preds, probs, pred, report))
+  return _write_report(report, files, out_dir, render_markdown(report, report_text))
+
+
+def _write_report(report: dict, files: dict, out_dir: str, markdown_fn) -> dict:
+  """report.json and report.md (markdown_fn(report) renders it) into out_dir; the report."""
   report["files"] = files
   report = metrics.to_jsonable(report)
   storage.write_bytes(storage.join(out_dir, files["report_json"]),
-                    (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
-  storage.write_bytes(storage.join(out_dir, files["report_md"]),
-                    render_markdown(report, report_text).encode("utf-8"))
+                      (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
+  text = markdown_fn(report) if callable(markdown_fn) else markdown_fn
+  storage.write_bytes(storage.join(out_dir, files["report_md"]), text.encode("utf-8"))
   report["report_dir"] = out_dir
   return report
+
+
+def _evaluate_multilabel(run: rundir.LoadedRun, preds: SplitPredictions, op: dict, notes: list, *,
+                         data_dir: str, split: str, n_resamples: int, seed: int, out_dir: str,
+                         write_plots: bool) -> dict:
+  """evaluate()'s second half for a multi-label run (xraytpu.evaluate_multilabel)."""
+  probs, positive = class_probabilities(run, preds.raw, temperature=op.get("temperature"),
+                                        thresholds=rundir.thresholds_of(op, run.classes))
+  rep = evaluate_multilabel.compute_report(run.classes, preds.labels, preds.mask, probs, op,
+                                           n_resamples=n_resamples, seed=seed)
+  fallbacks = {c: e["fallback_reason"] for c, e in (op.get("per_finding") or {}).items()
+               if e.get("fallback_reason")}
+  for c, why in fallbacks.items():
+    notes.append(f"threshold policy {op['policy']} could not be applied to {c} on "
+                 f"{op.get('source_split')}: {why}; threshold {rundir.DEFAULT_THRESHOLD} used")
+  unlabelled = [c for j, c in enumerate(run.classes) if not preds.mask[:, j].any()]
+  if unlabelled:
+    notes.append(f"not labelled in {split}: {', '.join(unlabelled)}")
+  out_dir = out_dir or rundir.eval_dir(run.model_dir, preds.dataset, split)
+  report = {"report_version": REPORT_VERSION, "model_dir": run.model_dir, "data_dir": data_dir,
+            "dataset": preds.dataset, "split": split, **rep, "notes": notes,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+  files = {k: rundir.EVAL_FILES[k] for k in ("predictions", "report_json", "report_md")}
+  evaluate_multilabel.write_predictions(storage.join(out_dir, files["predictions"]), run.classes,
+                                        preds, probs, positive)
+  if write_plots:
+    files.update(evaluate_multilabel.write_plots(out_dir, run, preds, probs, positive, rep))
+    hist = plots.training_history(rundir.read_history(run.model_dir),
+                                  storage.join(out_dir, rundir.EVAL_FILES["history"]))
+    if hist:
+      files["history"] = rundir.EVAL_FILES["history"]
+  return _write_report(report, files, out_dir, render_markdown)
 
 
 def _write_predictions(path, classes, preds: SplitPredictions, probs, pred):
@@ -560,6 +631,8 @@ def _fmt_ci(report: dict, name: str) -> str:
 
 def headline(report: dict) -> str:
   """One line: 'test (chest_xray, 624 images): AUC 0.91 (0.88-0.94), sensitivity ...'."""
+  if report["task"] == rundir.MULTI_LABEL:
+    return evaluate_multilabel.headline(report)
   parts = [f"{report['split']} ({report['dataset']}, {report['num_examples']} images): "
            f"AUC {_fmt_ci(report, 'auc')}"]
   if report["task"] == "binary":
@@ -580,6 +653,9 @@ def render_markdown(report: dict, classification_text: str = "") -> str:
            f"- model: `{r['model_dir']}`", f"- data: `{r['data_dir']}` (split `{r['split']}`, "
            f"{r['num_examples']} images: " + ", ".join(f"{c} {n}" for c, n in r["class_counts"].items()) + ")",
            f"- task: {r['task']}, classes {', '.join(r['classes'])}"]
+  if r["task"] == rundir.MULTI_LABEL:
+    lines += evaluate_multilabel.render_markdown(r)
+    return _markdown_tail(r, lines, classification_text)
   if r["task"] == "binary":
     src = r["threshold_source_split"]
     lines.append(f"- operating threshold: **{r['threshold']:.4f}** on P({r['positive_class']}), "
@@ -619,6 +695,11 @@ def render_markdown(report: dict, classification_text: str = "") -> str:
       auc = _fmt(d["auc"]) + (f" ({d['auc_ci'][0]:.3f}-{d['auc_ci'][1]:.3f})" if d["auc_ci"] else "")
       lines.append(f"| {c} | {auc} | {_fmt(d['sensitivity'])} | {_fmt(d['specificity'])} | "
                    f"{_fmt(d['ppv'])} | {d['support']} |")
+  return _markdown_tail(r, lines, classification_text)
+
+
+def _markdown_tail(r: dict, lines: list[str], classification_text: str) -> str:
+  """report.md's closing sections: classification report, notes, plots."""
   if classification_text:
     lines += ["", "## Classification report", "", "```", classification_text.rstrip(), "```"]
   if r.get("notes") or r.get("undefined"):

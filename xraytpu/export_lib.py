@@ -83,9 +83,12 @@ def export(model_dir: str, *, version: int = ExportConfig.version,
   meta = {
       "format": "xraytpu SavedModel",
       "classes": run.classes,
+      "task": run.task,
       "positive_class": run.classes[1] if run.binary else None,
       "threshold": run.threshold,
-      "threshold_policy": op.get("policy") if op else ("fixed:0.5" if run.binary else "argmax"),
+      "thresholds": dict(zip(run.classes, run.thresholds)) if run.multi_label else None,
+      "threshold_policy": op.get("policy") if op else (
+          "argmax" if run.task == "multiclass" else "fixed:0.5"),
       "threshold_source_split": op.get("source_split"),
       "temperature": run.temperature,
       "image_size": run.size, "channels": run.channels, "aspect": run.aspect,
@@ -94,7 +97,10 @@ def export(model_dir: str, *, version: int = ExportConfig.version,
                "serving_pixels: image uint8 [B, S, S, C] after the pixel contract",
       "pixel_contract": "tfrecord_tools.pixels: the conversion below replayed in the graph, then "
                         "decode + resize to image_size",
-      "outputs": "probabilities float32 [B, K], label string [B], label_index int32 [B]",
+      "outputs": ("probabilities float32 [B, K] (one sigmoid per finding), positive bool [B, K] (each "
+                  "finding at/above its threshold), label string [B] (those findings, '|'-joined, or "
+                  "'No Finding')") if run.multi_label else
+                 "probabilities float32 [B, K], label string [B], label_index int32 [B]",
       "conversion": run.conversion,
       "source_run": model_dir,
       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

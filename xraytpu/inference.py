@@ -7,9 +7,12 @@ probabilities -> the label at the frozen operating point.
   model(x, training=False) ──▶ raw [B, 1] (binary: P(positive)) or [B, K] (softmax)
         ▼
   calibrate: temperature (fitted on val by xraytpu.evaluate, logit space),
-             binary [1 - p, p]; label = p >= threshold (binary) or argmax
+             binary [1 - p, p]; label = p >= threshold (binary) or argmax;
+             multi-label: K sigmoids, each finding against its own threshold
         ▼
   {"probabilities": float32 [B, K], "label": string [B], "label_index": int32 [B]}
+  multi-label: {"probabilities": float32 [B, K], "positive": bool [B, K],
+                "label": string [B] (the findings above their thresholds, "|"-joined, or "No Finding")}
 
 `InferenceModule` is a tf.Module: evaluate (records -> predict_pixels), predict
 and serve (files -> pixels -> predict_pixels) call it, and xraytpu.export saves
@@ -26,21 +29,26 @@ import numpy as np
 import tensorflow as tf
 
 from tfrecord_tools import pixels
+from tfrecord_tools import schema
 from xraytpu import rundir
 
 # Probabilities are clipped this far from 0 and 1 before the logit.
 _EPS = 1e-7
+# The label of a multi-label prediction with no finding above its threshold.
+NO_FINDING = schema.NO_FINDING
 
 
 class InferenceModule(tf.Module):
   """The model, the pixel contract and the operating point, as tf.functions."""
 
   def __init__(self, model, *, classes: Sequence[str], size: int, channels: int, aspect: str,
-               conversion: dict, threshold: float | None = None, temperature: float | None = None):
+               conversion: dict, threshold: float | None = None, temperature: float | None = None,
+               multi_label: bool = False, thresholds: Sequence[float] | None = None):
     super().__init__(name="xraytpu_inference")
     self.model = model
     self.classes = list(classes)
-    self.binary = len(self.classes) == 2
+    self.multi_label = bool(multi_label)
+    self.binary = len(self.classes) == 2 and not self.multi_label
     self.size, self.channels, self.aspect = int(size), int(channels), aspect
     self.conversion = dict(conversion)
     self._class_names = tf.constant(self.classes)
@@ -49,9 +57,13 @@ class InferenceModule(tf.Module):
     self.temperature = tf.Variable(1.0 if temperature is None else float(temperature),
                                    trainable=False, dtype=tf.float32, name="temperature")
     self.calibrated = tf.Variable(temperature is not None, trainable=False, name="calibrated")
+    k = len(self.classes)
+    self.thresholds = tf.Variable(
+        np.full(k, rundir.DEFAULT_THRESHOLD, np.float32) if thresholds is None
+        else np.asarray(thresholds, np.float32), trainable=False, name="thresholds")
     bytes_spec = tf.TensorSpec([None], tf.string, name="image_bytes")
     pixels_spec = tf.TensorSpec([None, self.size, self.size, self.channels], tf.uint8, name="image")
-    raw_width = 1 if self.binary else len(self.classes)
+    raw_width = 1 if self.binary else k
     self.pixels = tf.function(self._pixels, input_signature=[bytes_spec])
     self.raw = tf.function(self._raw, input_signature=[pixels_spec])
     self.decide = tf.function(self._decide, input_signature=[tf.TensorSpec([None, raw_width],
@@ -63,7 +75,7 @@ class InferenceModule(tf.Module):
   def from_run(cls, run: rundir.LoadedRun) -> "InferenceModule":
     return cls(run.model, classes=run.classes, size=run.size, channels=run.channels,
                aspect=run.aspect, conversion=run.conversion, threshold=run.threshold,
-               temperature=run.temperature)
+               temperature=run.temperature, multi_label=run.multi_label, thresholds=run.thresholds)
 
   # ---- the graph -------------------------------------------------------------
 
@@ -78,6 +90,15 @@ class InferenceModule(tf.Module):
     return tf.cast(self.model(images, training=False), tf.float32)
 
   def _decide(self, raw):
+    if self.multi_label:
+      probs = tf.cond(self.calibrated, lambda: _scaled_sigmoid(raw, self.temperature), lambda: raw)
+      positive = probs >= self.thresholds[None, :]
+      names = tf.where(positive, self._class_names[None, :], "")
+      joined = tf.strings.reduce_join(names, axis=1, separator="|")
+      # reduce_join keeps the empty strings' separators: squeeze them out.
+      joined = tf.strings.regex_replace(tf.strings.regex_replace(joined, r"\|+", "|"), r"^\||\|$", "")
+      label = tf.where(tf.strings.length(joined) > 0, joined, NO_FINDING)
+      return {"probabilities": probs, "positive": positive, "label": label}
     if self.binary:
       p = raw[:, 0]
       p = tf.cond(self.calibrated, lambda: _scaled_sigmoid(p, self.temperature), lambda: p)
@@ -99,10 +120,13 @@ class InferenceModule(tf.Module):
 
   # ---- eager helpers for the Python doors ---------------------------------------
 
-  def set_operating_point(self, threshold: float | None, temperature: float | None) -> None:
+  def set_operating_point(self, threshold: float | None, temperature: float | None,
+                          thresholds: Sequence[float] | None = None) -> None:
     self.threshold.assign(rundir.DEFAULT_THRESHOLD if threshold is None else float(threshold))
     self.temperature.assign(1.0 if temperature is None else float(temperature))
     self.calibrated.assign(temperature is not None)
+    if thresholds is not None:
+      self.thresholds.assign(np.asarray(thresholds, np.float32))
 
   def file_pixels(self, data: bytes) -> np.ndarray:
     """One file's bytes (any format `pixels.graph_input` takes) -> uint8 [S, S, C].
@@ -118,17 +142,20 @@ class InferenceModule(tf.Module):
       raise pixels.ImageError("cannot decode (TensorFlow refused the image)") from None
 
   def predict_batches(self, images: np.ndarray, batch_size: int = 64) -> dict[str, np.ndarray]:
-    """uint8 [n, S, S, C] -> {"probabilities": float32 [n, K], "label_index": int [n], "raw": ...}."""
-    outs: dict[str, list] = {"probabilities": [], "label_index": [], "raw": []}
+    """uint8 [n, S, S, C] -> {"probabilities": float32 [n, K], "raw": ..., and "label_index"
+    int [n] (single-label) or "positive" bool [n, K] (multi-label)}."""
+    decision = "positive" if self.multi_label else "label_index"
+    outs: dict[str, list] = {"probabilities": [], decision: [], "raw": []}
     for start in range(0, len(images), batch_size):
       raw = self.raw(tf.constant(images[start:start + batch_size]))
       out = self.decide(raw)
       outs["raw"].append(raw.numpy())
       outs["probabilities"].append(out["probabilities"].numpy())
-      outs["label_index"].append(out["label_index"].numpy())
-    width = 1 if self.binary else len(self.classes)
-    empty = {"probabilities": np.zeros((0, len(self.classes)), np.float32),
-             "label_index": np.zeros(0, np.int32), "raw": np.zeros((0, width), np.float32)}
+      outs[decision].append(out[decision].numpy())
+    k = len(self.classes)
+    width = 1 if self.binary else k
+    empty = {"probabilities": np.zeros((0, k), np.float32), "label_index": np.zeros(0, np.int32),
+             "positive": np.zeros((0, k), bool), "raw": np.zeros((0, width), np.float32)}
     return {k: (np.concatenate(v) if v else empty[k]) for k, v in outs.items()}
 
 

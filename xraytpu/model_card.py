@@ -50,12 +50,12 @@ def find_eval_report(run: rundir.LoadedRun) -> dict | None:
 def model_card(run: rundir.LoadedRun, opts=None) -> dict[str, Any]:
   """What the model is and what its numbers mean (GET /v1/model).
 
-  {"model": "xray_cnn", "run": "<run folder name>", "task": "binary"|"multiclass",
+  {"model": "xray_cnn", "run": "<run folder name>", "task": "binary"|"multiclass"|"multi_label",
    "classes": [...], "positive_class": str|null,
    "input": {"size": S, "channels": C, "aspect": "squash", "dtype": "uint8"},
    "preprocessing": {the converter's arguments from the manifest (pixels.conversion_args)},
    "training_data": {"dataset": name, "splits": {split: {"num_examples": n, "class_counts": {...}}}},
-   "threshold": float|null, "threshold_policy": str, "threshold_source_split": str|null,
+   "threshold": float|null, "thresholds": {finding: float} (multi-label) | null, "threshold_policy": str, "threshold_source_split": str|null,
    "threshold_source_dataset": str|null, "threshold_note": str|null, "temperature": float|null,
    "evaluation": null | {report.json's headline numbers (auc, auc_ci, sensitivity, ...),
                          "headline": one line, "stale": bool},
@@ -67,11 +67,12 @@ def model_card(run: rundir.LoadedRun, opts=None) -> dict[str, Any]:
   splits = {}
   for name, info in sorted((manifest.get("splits") or {}).items()):
     splits[name] = {"num_examples": info.get("num_examples"), "class_counts": info.get("class_counts")}
-  has_op = bool(op) and (op.get("threshold") is not None or not run.binary)
+  has_op = run.has_operating_point or (bool(op) and run.task == "multiclass")
+  needs_op = run.binary or run.multi_label
   card: dict[str, Any] = {
       "model": getattr(run.cfg, "model", None) or "unknown",
       "run": os.path.basename(os.path.normpath(run.model_dir)),
-      "task": "binary" if run.binary else "multiclass",
+      "task": run.task,
       "classes": run.classes,
       "positive_class": run.classes[1] if run.binary else None,
       "input": {"size": run.size, "channels": run.channels, "aspect": run.aspect, "dtype": "uint8"},
@@ -79,10 +80,11 @@ def model_card(run: rundir.LoadedRun, opts=None) -> dict[str, Any]:
       "training_data": {"dataset": evaluate_lib.dataset_name(run.cfg.data_dir or "", manifest),
                         "splits": splits},
       "threshold": run.threshold,
-      "threshold_policy": op.get("policy") or ("fixed:0.5" if run.binary else "argmax"),
+      "thresholds": dict(zip(run.classes, run.thresholds)) if run.multi_label else None,
+      "threshold_policy": op.get("policy") or ("fixed:0.5" if needs_op else "argmax"),
       "threshold_source_split": op.get("source_split"),
       "threshold_source_dataset": op.get("source_dataset"),
-      "threshold_note": None if has_op or not run.binary else (
+      "threshold_note": None if has_op or not needs_op else (
           f"no {rundir.OPERATING_POINT} in the run: the default threshold "
           f"{rundir.DEFAULT_THRESHOLD} is used; run python -m xraytpu.evaluate to choose one "
           "on the validation split"),
@@ -97,8 +99,17 @@ def model_card(run: rundir.LoadedRun, opts=None) -> dict[str, Any]:
       ev["headline"] = evaluate_lib.headline(report)
     except (KeyError, TypeError, ValueError):
       ev["headline"] = None
-    t_report, t_now = report.get("threshold"), run.threshold
-    ev["stale"] = (t_report is not None and t_now is not None and abs(float(t_report) - t_now) > 1e-9)
+    if run.multi_label:
+      t_report, t_now = report.get("thresholds"), dict(zip(run.classes, run.thresholds))
+      ev["stale"] = t_report is not None and any(
+          abs(float(t_report.get(c, t)) - t) > 1e-9 for c, t in t_now.items())
+      ev["per_finding"] = {c: {k: d.get(k) for k in ("auc", "auc_ci", "sensitivity", "specificity",
+                                                     "threshold")}
+                           for c, d in (report.get("per_finding") or {}).items()}
+    else:
+      t_report, t_now = report.get("threshold"), run.threshold
+      ev["stale"] = (t_report is not None and t_now is not None
+                     and abs(float(t_report) - t_now) > 1e-9)
     if ev["stale"]:
       ev["notes"] = list(ev.get("notes") or []) + [
           f"this report used threshold {t_report}; {rundir.OPERATING_POINT} now says "

@@ -236,11 +236,25 @@ class Prediction:
   threshold: float | None = None            # binary: applied to P(positive class)
   gradcam: str | None = None
   error: str | None = None
+  findings: list[str] | None = None         # multi-label: the findings at/above their thresholds
+  thresholds: dict[str, float] | None = None  # multi-label: each finding's threshold
 
   def line(self, classes: Sequence[str]) -> str:
-    """'PNEUMONIA 0.93 (threshold 0.41)' style, prefixed with the path."""
+    """'PNEUMONIA 0.93 (threshold 0.41)' style, prefixed with the path.
+
+    Multi-label: 'Effusion 0.81 (>= 0.34), Edema 0.62 (>= 0.55)' or 'No Finding (highest:
+    Effusion 0.21 < 0.34)'.
+    """
     if self.error:
       return f"{self.path}\tERROR {self.error}"
+    if self.findings is not None:
+      p, t = self.probabilities, self.thresholds
+      if self.findings:
+        text = ", ".join(f"{c} {p[c]:.2f} (>= {t[c]:.2f})" for c in self.findings)
+      else:
+        top = max(p, key=lambda c: p[c] - t[c])
+        text = f"{self.label} (closest: {top} {p[top]:.2f} < {t[top]:.2f})"
+      return f"{self.path}\t{text}"
     if self.threshold is None:
       return f"{self.path}\t{self.label} {self.probability:.2f}"
     pos = classes[1]
@@ -253,6 +267,17 @@ class Prediction:
     else:
       text = f"{self.label} {self.probability:.{d}f} ({pos} {p:.{d}f} < threshold {self.threshold:.{d}f})"
     return f"{self.path}\t{text}"
+
+
+def multi_label_prediction(run: rundir.LoadedRun, path: str, probs, positive,
+                           gradcam: str | None = None) -> Prediction:
+  """A multi-label result: every finding's probability, those at/above their thresholds."""
+  from xraytpu import inference
+  findings = [c for c, on in zip(run.classes, positive) if on]
+  return Prediction(path=path, label="|".join(findings) or inference.NO_FINDING, probability=None,
+                    probabilities={c: float(v) for c, v in zip(run.classes, probs)},
+                    threshold=None, gradcam=gradcam, findings=findings,
+                    thresholds=dict(zip(run.classes, run.thresholds)))
 
 
 def load(model_dir: str) -> rundir.LoadedRun:
@@ -282,16 +307,21 @@ def predict_files(run: rundir.LoadedRun, paths: Sequence[str], *, window: str = 
       return
     pix = np.stack([p for _, p in pending])
     out = run.module.predict_batches(pix, batch_size)
-    probs, labels = out["probabilities"].astype(np.float64), out["label_index"]
+    probs = out["probabilities"].astype(np.float64)
+    # Multi-label: Grad-CAM explains the most probable finding.
+    labels = probs.argmax(axis=1) if run.multi_label else out["label_index"]
     cam_paths: list[str | None] = [None] * len(pending)
     if gradcam_dir:
       from xraytpu import gradcam
       cam = cam or gradcam.GradCam(run.model)
       cam_paths = _write_gradcams(cam, pix, labels, [p for p, _ in pending], gradcam_dir, run)
-    for (path, _), pr, lab, cp in zip(pending, probs, labels, cam_paths):
-      r = Prediction(path=path, label=run.classes[lab], probability=float(pr[lab]),
-                     probabilities={c: float(v) for c, v in zip(run.classes, pr)},
-                     threshold=run.threshold, gradcam=cp)
+    for i, ((path, _), pr, lab, cp) in enumerate(zip(pending, probs, labels, cam_paths)):
+      if run.multi_label:
+        r = multi_label_prediction(run, path, pr, out["positive"][i], gradcam=cp)
+      else:
+        r = Prediction(path=path, label=run.classes[lab], probability=float(pr[lab]),
+                       probabilities={c: float(v) for c, v in zip(run.classes, pr)},
+                       threshold=run.threshold, gradcam=cp)
       results.append(r)
       if progress:
         progress(r)
@@ -336,7 +366,10 @@ def _write_gradcams(cam, pixels, labels, paths, out_dir, run) -> list[str]:
 
 
 def write_predictions(results: Sequence[Prediction], classes: Sequence[str], path: str) -> str:
-  """FILE.csv (path, label, probability, prob_<class>..., threshold, gradcam, error) or FILE.jsonl."""
+  """FILE.csv (path, label, probability, prob_<class>..., threshold, gradcam, error) or FILE.jsonl.
+
+  Multi-label: label holds the findings at/above their thresholds, "|"-joined (or "No Finding").
+  """
   if path.lower().endswith(".jsonl"):
     text = "".join(json.dumps(dataclasses.asdict(r), sort_keys=True) + "\n" for r in results)
   elif path.lower().endswith(".csv"):
@@ -366,7 +399,7 @@ def run_predict(model_dir: str, paths: Sequence[str], *, window: str = PredictCo
     raise PredictError(f"--output={output}: the file name must end in .csv or .jsonl")
   parse_window(window)  # fail before loading the model
   run = load(model_dir)
-  if run.binary and not run.has_operating_point:
+  if (run.binary or run.multi_label) and not run.has_operating_point:
     print(f"note: {model_dir} has no {rundir.OPERATING_POINT}; using threshold {rundir.DEFAULT_THRESHOLD}. "
           "Run `python -m xraytpu.evaluate` to choose one on the validation split.", file=err)
 

@@ -21,6 +21,7 @@ local or gs://):
 
 threshold.json:
   {"threshold": 0.41,              # binary: P(positive) >= threshold -> positive; null for multi-class
+   "thresholds": {"Effusion": 0.3, ...},   # multi-label: one per finding (then "threshold" is null)
    "policy": "youden",             # or "sensitivity:0.95", "fixed:0.5", "argmax" (multi-class)
    "source_split": "val", "source_data_dir": "...", "source_dataset": "chest_xray",
    "positive_class": "PNEUMONIA", "sensitivity": 0.95, "specificity": 0.71,
@@ -70,6 +71,7 @@ _ENTRIES = (CONFIG, HISTORY, MANIFEST_COPY, MODEL, OPERATING_POINT, LOGS, CHECKP
             EVAL, EXPORT)
 
 DEFAULT_THRESHOLD = 0.5
+MULTI_LABEL = schema.MULTI_LABEL
 
 
 class RunError(errors.UserError):
@@ -224,8 +226,26 @@ class LoadedRun:
     return self._module
 
   @property
+  def task(self) -> str:
+    """"multi_label" (K findings, K sigmoids), "binary" (2 classes) or "multiclass"."""
+    if self.manifest.get("task") == MULTI_LABEL:
+      return MULTI_LABEL
+    return "binary" if len(self.classes) == 2 else "multiclass"
+
+  @property
+  def multi_label(self) -> bool:
+    return self.task == MULTI_LABEL
+
+  @property
   def binary(self) -> bool:
-    return len(self.classes) == 2
+    return self.task == "binary"
+
+  @property
+  def thresholds(self) -> list[float] | None:
+    """Multi-label: the frozen threshold of each finding (0.5 where none was chosen); else None."""
+    if not self.multi_label:
+      return None
+    return thresholds_of(self.operating_point, self.classes)
 
   @property
   def threshold(self) -> float | None:
@@ -243,7 +263,14 @@ class LoadedRun:
 
   @property
   def has_operating_point(self) -> bool:
-    return bool(self.operating_point) and self.operating_point.get("threshold") is not None
+    op = self.operating_point or {}
+    return bool(op.get("thresholds")) if self.multi_label else op.get("threshold") is not None
+
+
+def thresholds_of(op: dict | None, findings: list[str]) -> list[float]:
+  """A multi-label operating point's threshold per finding (DEFAULT_THRESHOLD where none)."""
+  chosen = (op or {}).get("thresholds") or {}
+  return [float(chosen.get(c, DEFAULT_THRESHOLD)) for c in findings]
 
 
 def load(run_dir: str, weights: str = "best") -> LoadedRun:

@@ -97,6 +97,7 @@ class ImageResult:
   probabilities: np.ndarray
   label_index: int
   cam: np.ndarray | None = None
+  positive: np.ndarray | None = None     # multi-label: bool [K], each finding against its threshold
 
 
 class App:
@@ -131,7 +132,10 @@ class App:
   def _predict_batch(self, jobs: list[Job]) -> None:
     batch = np.concatenate([j.pixels for j in jobs])
     out = self.module.predict_batches(batch, self.opts.max_batch)
-    probs, labels = out["probabilities"].astype(np.float64), out["label_index"]
+    probs = out["probabilities"].astype(np.float64)
+    multi = self.run.multi_label
+    # Multi-label: the decision is per finding; Grad-CAM explains the most probable one.
+    labels = probs.argmax(axis=1) if multi else out["label_index"]
     want = np.concatenate([np.full(len(j.pixels), j.gradcam) for j in jobs])
     cams: list[np.ndarray | None] = [None] * len(batch)
     if want.any() and self._gradcam() is not None:
@@ -141,7 +145,9 @@ class App:
     start = 0
     for job in jobs:
       n = len(job.pixels)
-      job.finish([ImageResult(probs[i], int(labels[i]), cams[i]) for i in range(start, start + n)])
+      job.finish([ImageResult(probs[i], int(labels[i]), cams[i],
+                              out["positive"][i] if multi else None)
+                  for i in range(start, start + n)])
       start += n
 
   def predict(self, files: Sequence[tuple[str, bytes]], *, gradcam: bool = False,
@@ -162,21 +168,29 @@ class App:
       raise RequestError(503, str(e)) from None
     predictions = []
     for i, ((name, _), r, pix) in enumerate(zip(files, results, images)):
-      p = predict_lib.Prediction(
-          path=name, label=run.classes[r.label_index], probability=float(r.probabilities[r.label_index]),
-          probabilities={c: float(v) for c, v in zip(run.classes, r.probabilities)},
-          threshold=run.threshold)
-      item = {"index": i, "filename": name, "label": p.label, "label_index": r.label_index,
-              "probability": p.probability, "probabilities": p.probabilities,
-              "threshold": p.threshold, "summary": p.line(run.classes).split("\t", 1)[1]}
+      if run.multi_label:
+        p = predict_lib.multi_label_prediction(run, name, r.probabilities, r.positive)
+        item = {"index": i, "filename": name, "label": p.label, "findings": p.findings,
+                "probabilities": p.probabilities, "thresholds": p.thresholds}
+      else:
+        p = predict_lib.Prediction(
+            path=name, label=run.classes[r.label_index],
+            probability=float(r.probabilities[r.label_index]),
+            probabilities={c: float(v) for c, v in zip(run.classes, r.probabilities)},
+            threshold=run.threshold)
+        item = {"index": i, "filename": name, "label": p.label, "label_index": r.label_index,
+                "probability": p.probability, "probabilities": p.probabilities,
+                "threshold": p.threshold}
+      item["summary"] = p.line(run.classes).split("\t", 1)[1]
       if gradcam:
         item["gradcam_png_base64"] = None if r.cam is None else overlay_png_base64(pix, r.cam)
         if r.cam is None:
           item["gradcam_error"] = self._cam_error or "Grad-CAM unavailable for this model"
       predictions.append(item)
     card = self.card
-    return {"model": card["model"], "classes": run.classes, "positive_class": card["positive_class"],
-            "threshold": run.threshold, "threshold_policy": card["threshold_policy"],
+    return {"model": card["model"], "task": card["task"], "classes": run.classes,
+            "positive_class": card["positive_class"], "threshold": run.threshold,
+            "thresholds": card.get("thresholds"), "threshold_policy": card["threshold_policy"],
             "threshold_source_split": card["threshold_source_split"], "disclaimer": card_lib.DISCLAIMER,
             "predictions": predictions}
 

@@ -36,6 +36,12 @@ function addNote(text) {
 }
 
 function thresholdText(c) {
+  if (c.task === "multi_label") {
+    const ts = Object.entries(c.thresholds || {}).map(([f, t]) => `${f} ≥ ${fmt(t, 3)}`).join(", ");
+    let s = `each finding when its probability reaches its own threshold (${ts}); policy ${c.threshold_policy}`;
+    s += c.threshold_source_split ? `, chosen on the ${c.threshold_source_split} split` : ", not chosen on data";
+    return s;
+  }
   if (c.threshold === null || c.threshold === undefined) return "highest probability (argmax over classes)";
   let s = `${c.positive_class} when P(${c.positive_class}) ≥ ${fmt(c.threshold, 4)}; policy ${c.threshold_policy}`;
   s += c.threshold_source_split ? `, chosen on the ${c.threshold_source_split} split` : ", not chosen on data";
@@ -53,7 +59,8 @@ function renderCard(c) {
   $("#training-data").textContent = `${td.dataset || "unknown"}` + (parts.length ? ` (${parts.join(", ")} images)` : "");
   const ev = c.evaluation;
   if (ev) {
-    let s = `AUC ${fmtCi(ev.auc, ev.auc_ci)} on ${ev.num_examples} ${ev.split} images of ${ev.dataset}`;
+    const macro = c.task === "multi_label" ? `macro AUC over ${c.classes.length} findings` : "AUC";
+    let s = `${macro} ${fmtCi(ev.auc, ev.auc_ci)} on ${ev.num_examples} ${ev.split} images of ${ev.dataset}`;
     if (c.task === "binary") {
       s += `; at the threshold: sensitivity ${fmtCi(ev.sensitivity, ev.sensitivity_ci)}, specificity ${fmtCi(ev.specificity, ev.specificity_ci)}`;
     }
@@ -95,14 +102,16 @@ function showError(node, message) {
 
 function showPrediction(node, p) {
   const label = $(".label", node);
-  label.textContent = p.label;
+  const multi = Array.isArray(p.findings);
+  label.textContent = multi ? (p.findings.length ? p.findings.join(", ") : p.label) : p.label;
   label.dataset.label = p.label;
   if (card && card.positive_class) label.classList.add(p.label === card.positive_class ? "positive" : "negative");
+  if (multi) label.classList.add(p.findings.length ? "positive" : "negative");
   $(".summary", node).textContent = p.summary;
   const tbody = $(".probs tbody", node);
   for (const [cls, value] of Object.entries(p.probabilities)) {
     const tr = document.createElement("tr");
-    if (cls === p.label) tr.className = "predicted";
+    if (multi ? p.findings.includes(cls) : cls === p.label) tr.className = "predicted";
     const name = document.createElement("td");
     name.textContent = cls;
     const prob = document.createElement("td");
@@ -110,6 +119,7 @@ function showPrediction(node, p) {
     prob.dataset.class = cls;
     prob.dataset.value = String(value);  // full precision, for programs reading the page
     prob.textContent = fmt(value, 4);
+    if (multi && p.thresholds) prob.title = `threshold ${fmt(p.thresholds[cls], 3)}`;
     const barCell = document.createElement("td");
     const meter = document.createElement("meter");
     meter.min = 0; meter.max = 1; meter.value = value;
