@@ -7,7 +7,6 @@ processes on one output, truncated shards, a full disk, a pure resume.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import signal
