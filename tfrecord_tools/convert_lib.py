@@ -667,19 +667,22 @@ def _content_digest(src: Source) -> str:
   return h.hexdigest()
 
 
-def dedupe(found: Found, on_conflict: str, log: Callable[[str], None]) -> Found:
+def dedupe(found: Found, mapping: dict[str, str], on_conflict: str,
+           log: Callable[[str], None]) -> Found:
   """Finds files with identical contents (sha256; only files sharing a size are read).
 
   - the same file reached by two paths (symlinks): converted once, the other paths
     listed in `aliases`;
-  - identical contents under two classes: a conflict. on_conflict="error" raises
+  - identical contents under two classes (after --class_map: `mapping` source -> class;
+    files whose class it drops are left alone): a conflict. on_conflict="error" raises
     ConvertError listing the pairs; "skip" leaves every copy out (`skipped`, counted);
   - identical contents under one class: kept, listed in `duplicates`; `_make_items`
     keeps them in one split (a duplicate upload must not leak from train into test).
   """
   by_size: dict[int, list[Source]] = {}
   for src in found.sources:
-    by_size.setdefault(src.size, []).append(src)
+    if src.source_class in mapping:
+      by_size.setdefault(src.size, []).append(src)
   by_digest: dict[str, list[Source]] = {}
   for same in by_size.values():
     if len(same) > 1:
@@ -691,7 +694,7 @@ def dedupe(found: Found, on_conflict: str, log: Callable[[str], None]) -> Found:
     if len(group) < 2:
       continue
     group = sorted(group, key=lambda s: s.rel)
-    classes = sorted({s.source_class for s in group})
+    classes = sorted({mapping[s.source_class] for s in group})
     if len(classes) > 1:
       conflicts.append(group)
       continue
@@ -711,7 +714,8 @@ def dedupe(found: Found, on_conflict: str, log: Callable[[str], None]) -> Found:
         log(f"warning: identical files in different split folders of the input: {distinct[:3]} "
             "(they leak between splits; remove the copies)")
   if conflicts:
-    pairs = "; ".join(" = ".join(f"{s.rel} ({s.source_class})" for s in g) for g in conflicts[:5])
+    pairs = "; ".join(" = ".join(f"{s.rel} ({mapping[s.source_class]})" for s in g)
+                      for g in conflicts[:5])
     more = f" (and {len(conflicts) - 5} more)" if len(conflicts) > 5 else ""
     if on_conflict != "skip":
       raise ConvertError(f"{len(conflicts)} file(s) have the same contents under different classes: "
@@ -719,7 +723,7 @@ def dedupe(found: Found, on_conflict: str, log: Callable[[str], None]) -> Found:
                          "them all out")
     for g in conflicts:
       for s in g:
-        others = ", ".join(f"{o.rel} ({o.source_class})" for o in g if o is not s)
+        others = ", ".join(f"{o.rel} ({mapping[o.source_class]})" for o in g if o is not s)
         drop[s.rel] = {"path": s.rel, "reason": f"same contents as {others} under another class"}
     log(f"warning: skipped {sum(len(g) for g in conflicts)} files whose contents appear under "
         f"different classes (--on_conflict=skip): {pairs}{more}")
@@ -893,8 +897,10 @@ def _convert_owned(opts: ConvertOptions, log: Callable[[str], None], run_tasks) 
   t0 = time.monotonic()
 
   found = (find_keras_pair(opts.input_dir) if opts.input_format == "keras_pair"
-           else dedupe(find_files(opts.input_dir), opts.on_conflict, log))
+           else find_files(opts.input_dir))
   classes, mapping = resolve_classes(found, opts.class_map)
+  if opts.input_format != "keras_pair":
+    found = dedupe(found, mapping, opts.on_conflict, log)
   items, dropped, split_info = _make_items(found, classes, mapping, opts, log)
   if not items:
     raise ConvertError("--class_map drops every image")

@@ -5,9 +5,9 @@
 holder (host, PID, start time, command).
 
   local folders  an OS lock (fcntl.flock) on FOLDER/.xraytpu.lock, which also
-                 holds the holder's description. The kernel drops the lock
-                 when its process dies, so after kill -9 the next run takes
-                 it over: that is a resume.
+                 holds the holder's description, removed on release. The kernel
+                 drops the lock when its process dies, so after kill -9 the next
+                 run takes it over: that is a resume.
   gs://          a lock object FOLDER/.xraytpu.lock created with the generation
                  precondition if_generation_match=0 (google-cloud-storage), so
                  exactly one creator wins; it is deleted, with the generation
@@ -81,29 +81,45 @@ def exclusive(folder: str, what: str) -> Iterator[None]:
       yield
 
 
-@contextlib.contextmanager
-def _local_lock(folder: str, what: str) -> Iterator[None]:
+def _acquire_local(path: str, folder: str) -> int:
+  """An fd holding the flock on the lock file now at `path` (retrying if the file was
+  replaced between open and lock); LockHeld when another process holds it."""
   import fcntl  # noqa: PLC0415 - POSIX
-  os.makedirs(folder, exist_ok=True)
-  path = os.path.join(folder, LOCK_NAME)
-  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-  try:
+  while True:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
+      holder = _parse(os.pread(fd, 4096, 0))
+      os.close(fd)
       if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
         raise
-      holder = _parse(os.pread(fd, 4096, 0))
       raise LockHeld(f"{folder} is in use by {describe(holder)}: wait for it to finish, or "
                      "stop it (a killed process releases the lock)") from None
+    try:
+      same = os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+      same = False
+    if same:
+      return fd
+    os.close(fd)   # the holder removed it on release while we opened it: try the new one
+
+
+@contextlib.contextmanager
+def _local_lock(folder: str, what: str) -> Iterator[None]:
+  os.makedirs(folder, exist_ok=True)
+  path = os.path.join(folder, LOCK_NAME)
+  fd = _acquire_local(path, folder)
+  try:
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(_holder(what)).encode(), 0)
-    try:
-      yield
-    finally:
-      os.ftruncate(fd, 0)
-      fcntl.flock(fd, fcntl.LOCK_UN)
+    yield
   finally:
+    # Removed while still held, so a waiting process never locks a file on its way out.
+    try:
+      os.remove(path)
+    except FileNotFoundError:
+      pass
     os.close(fd)
 
 

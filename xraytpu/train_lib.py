@@ -384,9 +384,11 @@ def _train_owned(cfg: Config, *, strategy, verbose, t_start: float) -> TrainResu
   try:
     result = _train(cfg, strategy=strategy, verbose=verbose, mirror=mirror, t_start=t_start)
     finished = True
-  except BaseException as e:
-    # The run directory records the failure instead of staying "running" (a rerun resumes).
-    rundir.mark_failed(mirror.local, f"{type(e).__name__}: {e}".splitlines()[0][:500])
+  except errors.UserError as e:
+    # Bad data (a corrupt shard, ...): the run directory records the failure instead of
+    # staying "running" (a rerun after the fix resumes). A crash or a preemption leaves
+    # "running", as a kill would.
+    rundir.mark_failed(mirror.local, str(e).splitlines()[0][:500])
     raise
   finally:
     try:
