@@ -447,18 +447,20 @@ def find_labelled(opts: ConvertOptions, log: Callable[[str], None]
     skipped_rows.append({"path": row.image or f"({row.where()})", "reason": f"{kind} ({row.where()})",
                          "split": split})
 
+  accounted = set()   # files named by a row that is skipped: neither converted nor unlabelled
   for row in lab.rows:
     split = row.split
+    if not row.image:
+      skip(row, "no image named", split)
+      continue
+    rel = resolve(row.image)
     if split_of:
       key = row.image.replace("\\", "/")
       split = split_of.get(key) or split_of.get(key.rsplit("/", 1)[-1], "")
       if not split:
         skip(row, "not in any --split_lists file", "")
+        accounted.add(rel)
         continue
-    if not row.image:
-      skip(row, "no image named", split)
-      continue
-    rel = resolve(row.image)
     if rel is None:
       if row.image not in resolve.ambiguous:
         skip(row, "missing file", split)
@@ -493,7 +495,7 @@ def find_labelled(opts: ConvertOptions, log: Callable[[str], None]
                          mtime_ns=mtime), row))
   unlabelled = []
   for rel in files:
-    if rel not in named:
+    if rel not in named and rel not in accounted:
       (unlabelled if _is_image_name(rel.rsplit("/", 1)[-1]) else ignored).append(rel)
   n_missing = reasons.get("missing file", 0)
   log(f"labels: {len(pairs)} labelled images found under {opts.input_dir}"

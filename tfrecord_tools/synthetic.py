@@ -154,7 +154,7 @@ def render(height: int, width: int, label: int, anatomy: dict,
     lungs = np.maximum(lungs, _ellipse(x, y, side * a["lung_cx"], a["lung_cy"],
                                        a["lung_rx"], a["lung_ry"], 2 * edge))
   lungs = lungs * (1.0 - below_dome)
-  heart_r = a["heart_r"] * (1.45 if "cardiomegaly" in signs else 1.0)
+  heart_r = a["heart_r"] * (1.6 if "cardiomegaly" in signs else 1.0)
   heart = _ellipse(x, y, a["heart_cx"], a["diaphragm"] - 0.2, heart_r * 1.15, heart_r, 6 * edge)
   spine = _soft(np.abs(x) - 0.075, edge) * body
 
