@@ -11,7 +11,10 @@
                                               --test_fraction / --seed
                or, with input_format="keras_pair", the Keras TPU example's
                `images.tfrec` + `paths.tfrec` (in input/ or input/<split>/),
-               whose path's parent folder is the class.
+               whose path's parent folder is the class; or, with --labels_csv,
+               the images the label CSV rows name under input/ (NIH,
+               CheXpert/MIMIC, RSNA or set by hand: `tfrecord_tools.labels`;
+               section 1b below), multi-label or single-label.
   2. classes   sorted source class names, or --class_map
                ("NORMAL=Normal,PNEUMONIA=Bacterial+Viral": its order is the
                label order; unnamed source classes are dropped and counted).
@@ -82,7 +85,7 @@ class ConvertOptions:
   """Arguments of one conversion: the flags of `python -m tfrecord_tools.convert`, defaults and help."""
   input_dir: str = cli.field(help="Folder of images: input/<class>/* or input/<split>/<class>/*; for "
                              "keras_pair, the folder of the images.tfrec + paths.tfrec pair (or of "
-                             "train/, test/ with one).")
+                             "train/, test/ with one); with --labels_csv, the image root.")
   output_dir: str = cli.field(help="Where shards and dataset.json go (local path or gs://bucket/path).")
   input_format: str = cli.field("folders", "folders: image files, class per folder. keras_pair: the "
                                 "Keras TPU pneumonia example's images.tfrec + paths.tfrec.", INPUT_FORMATS)
