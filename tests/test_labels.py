@@ -461,3 +461,32 @@ def test_beam_runner_writes_the_same_multi_label_shards(tmp_path, chexpert_set):
   for f in files:
     assert (tmp_path / "local" / f).read_bytes() == (tmp_path / "beam" / f).read_bytes()
   assert beam["splits"] == local["splits"] and beam["labels"] == local["labels"]
+
+
+def test_each_synthetic_finding_has_its_own_sign_and_sets_are_deterministic(tmp_path):
+  a = synthetic._anatomy(np.random.default_rng([0, 3, 0]))
+  plain = synthetic.render(64, 64, 0, a, np.random.default_rng([0, 3, 1]))
+  where = {}
+  for sign in synthetic.SIGNS:
+    img = synthetic.render(64, 64, 0, a, np.random.default_rng([0, 3, 1]), signs=[sign])
+    diff = np.abs(img - plain)
+    smooth = diff > 0.08   # the sign, not the noise (whose draws may shift)
+    assert smooth.sum() >= 4, sign
+    ys, xs = np.nonzero(smooth)
+    where[sign] = (ys.mean() / 64, xs.mean() / 64)   # row, column in [0, 1]
+  assert where["effusion"][0] > 0.55 and where["effusion"][1] < 0.5         # image-left base
+  assert where["consolidation"][1] < 0.5 and 0.3 < where["consolidation"][0] < 0.6
+  assert where["pneumothorax"][1] > 0.6 and where["pneumothorax"][0] < 0.5  # image-right apex
+  assert where["nodule"][0] < 0.4                                            # an upper zone
+  assert where["cardiomegaly"][0] > 0.5                                      # the heart shadow
+  # Deterministic: the same arguments write the same bytes; the CSVs match the truth.
+  s1 = synthetic.generate_labelled(str(tmp_path / "a"), "nih", num_images=6, size=16, seed=4)
+  synthetic.generate_labelled(str(tmp_path / "b"), "nih", num_images=6, size=16, seed=4)
+  for rel in list(s1["truth"]) + [synthetic.NIH_CSV, "test_list.txt"]:
+    assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+  with open(tmp_path / "a" / synthetic.NIH_CSV, newline="") as f:
+    for row in csv.DictReader(f):
+      rel = next(r for r in s1["truth"] if r.endswith(row["Image Index"]))
+      assert row["Finding Labels"] == ("|".join(s1["truth"][rel]) or "No Finding")
+  with pytest.raises(synthetic.SyntheticError, match="--labels_layout"):
+    synthetic.generate_labelled(str(tmp_path / "c"), "mimic")

@@ -107,29 +107,30 @@ def _signs(x, y, a: dict, lungs, edge: float, signs: Sequence[str],
   """The additive image of each finding's own sign (multi-label sets; see SIGNS).
 
   effusion: a homogeneous fluid level with a lateral meniscus at the base of the
-  image-left lung; nodule: a small sharp round density in an upper zone;
+  image-left lung (its lower third); nodule: a small sharp round density in an upper zone;
   pneumothorax: a dark, markingless upper-lateral band of the image-right lung
-  behind a thin bright pleural line; consolidation: a large fuzzy mid-zone
-  opacity. (cardiomegaly enlarges the heart shadow in `render`.)
+  behind a thin bright pleural line; consolidation: a large fuzzy opacity in
+  the mid zone of the image-left lung (away from the heart and the nodules);
+  cardiomegaly enlarges the heart shadow (in `render`).
   """
   out = np.zeros_like(x)
   if "effusion" in signs:
     side_lung = _ellipse(x, y, -a["lung_cx"], a["lung_cy"], a["lung_rx"], a["lung_ry"], 2 * edge)
-    level = a["diaphragm"] - 0.30 - 0.35 * np.clip(-x - a["lung_cx"], 0.0, None)
-    out += 0.32 * side_lung * _soft(level - y, 2 * edge)
+    level = a["diaphragm"] - 0.40 - 0.35 * np.clip(-x - a["lung_cx"], 0.0, None)
+    out += 0.45 * side_lung * _soft(level - y, 2 * edge)
   if "nodule" in signs:
     side = float(rng.choice([-1.0, 1.0]))
     cx, cy = side * a["lung_cx"] + float(rng.uniform(-0.07, 0.07)), float(rng.uniform(-0.55, -0.35))
-    out += 0.45 * _ellipse(x, y, cx, cy, 0.055, 0.055, edge) * lungs
+    out += 0.5 * _ellipse(x, y, cx, cy, 0.07, 0.07, edge) * lungs
   if "pneumothorax" in signs:
     border = a["lung_cx"] + 0.04
     upper = _soft(y - a["lung_cy"], 4 * edge) * lungs
     out -= 0.20 * _soft(border - x, 2 * edge) * upper
     out += 0.18 * np.exp(-((x - border) / 0.015) ** 2) * upper
   if "consolidation" in signs:
-    side = float(rng.choice([-1.0, 1.0]))
-    cx, cy = side * a["lung_cx"] + float(rng.normal(0, 0.04)), a["lung_cy"] + float(rng.uniform(0.0, 0.15))
-    out += 0.45 * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * 0.13 ** 2)) * lungs
+    cx = -a["lung_cx"] - 0.03 + float(rng.normal(0, 0.03))
+    cy = a["lung_cy"] + float(rng.uniform(-0.04, 0.04))
+    out += 0.55 * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * 0.10 ** 2)) * lungs
   return out
 
 
@@ -172,8 +173,9 @@ def render(height: int, width: int, label: int, anatomy: dict,
   for cx, cy, sigma, amp in _opacities(rng, label, a):
     blob = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma * sigma))
     img += amp * blob * lungs
-  if signs:
-    img += _signs(x, y, a, lungs, edge, signs, rng)
+  if signs:   # own stream (spawned: `rng`'s draws stay as they are), so a film with and
+              # without a finding differ by the sign only
+    img += _signs(x, y, a, lungs, edge, signs, rng.spawn(1)[0])
 
   # Film/detector: low-frequency mottle, exposure (gamma, contrast).
   mottle = rng.normal(0.0, 1.0, (6, 6)).astype(np.float32)
