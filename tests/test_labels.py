@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 import pathlib
 import shutil
@@ -490,3 +489,19 @@ def test_each_synthetic_finding_has_its_own_sign_and_sets_are_deterministic(tmp_
       assert row["Finding Labels"] == ("|".join(s1["truth"][rel]) or "No Finding")
   with pytest.raises(synthetic.SyntheticError, match="--labels_layout"):
     synthetic.generate_labelled(str(tmp_path / "c"), "mimic")
+
+
+def test_images_and_label_csvs_on_gcs(tmp_path, chexpert_set, gcs_emulator):
+  """Image root and label CSVs on gs:// (a local GCS emulator): the same records as locally."""
+  from tfrecord_tools import storage
+  root, _ = chexpert_set
+  remote = gcs_emulator.url(f"labels/{tmp_path.name}/CheXpert-v1.0-small")
+  for p in sorted(root.rglob("*")):
+    if p.is_file():
+      storage.write_bytes(f"{remote}/{p.relative_to(root).as_posix()}", p.read_bytes())
+  kw = dict(labels_csv=f"train={remote}/train.csv,val={remote}/valid.csv", num_shards=1)
+  m = _convert(tmp_path, "remote", input_dir=remote, **kw)
+  local = _convert(tmp_path, "local", input_dir=str(root), **kw)
+  assert m["num_converted"] == 48 and m["splits"] == local["splits"]
+  for f in sorted((tmp_path / "local").glob("*.tfrecord")):
+    assert f.read_bytes() == (tmp_path / "remote" / f.name).read_bytes()

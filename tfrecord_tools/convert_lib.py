@@ -506,10 +506,13 @@ def find_labelled(opts: ConvertOptions, log: Callable[[str], None]
       + (f"; {len(skipped_rows) - n_missing} other rows skipped" if len(skipped_rows) > n_missing else "")
       + (f"; {len(unlabelled)} image files no row names (unlabelled, not converted), e.g. "
          f"{unlabelled[0]}" if unlabelled else ""))
+  if not lab.rows:
+    raise ConvertError(f"the label CSVs ({', '.join(lab.csvs)}) have no rows")
   if not pairs:
+    why = ", ".join(f"{k}: {n}" for k, n in sorted(reasons.items()))
     raise ConvertError(f"none of the {len(lab.rows)} label rows names an image file under "
-                       f"{opts.input_dir} (e.g. {lab.rows[0].image!r}): is --input_dir the "
-                       "image root?" if lab.rows else f"the label CSVs have no rows")
+                       f"{opts.input_dir} ({why}; e.g. {lab.rows[0].image!r}): is --input_dir "
+                       "the image root?")
   given = sorted({r.split for _, r in pairs if r.split}, key=_split_order)
   found = Found(root=opts.input_dir, sources=[s for s, _ in pairs], layout="labels_csv",
                 splits=given, ignored=sorted(ignored))

@@ -296,7 +296,7 @@ def _read_joined(layout, tables, image_col, labels_col, sep, patient_col, wanted
                      f"{NO_FINDING!r} or blank)")
   unlisted = {n: c for n, c in sorted(seen.items()) if n not in classes}
   if unlisted:
-    log(f"labels: findings not in --findings are left out: "
+    log("labels: findings not in --findings are left out: "
         + ", ".join(f"{n} ({c} rows)" for n, c in unlisted.items()))
   index = {c: k for k, c in enumerate(classes)}
   rows = []
@@ -342,7 +342,6 @@ def _read_state_columns(layout, tables, image_col, hand_columns, patient_col, wa
   else:
     classes = list(columns)
   out = []
-  patient_by = "column"
   for split, path, header, rows in tables:
     ii = _need(header, image_col, path, "image_column" if layout == "columns" else "")
     ci = [_col(header, c) for c in classes]
@@ -359,17 +358,16 @@ def _read_state_columns(layout, tables, image_col, hand_columns, patient_col, wa
       if pi is not None:
         patient = cells[pi]
       elif layout == "chexpert":
-        patient_by = "path"
         patient = next((m.group(1) for r in _PATIENT_IN_PATH
                         for m in [r.search(image.replace("\\", "/"))] if m), "")
       else:
         patient = ""
       out.append(Row(image=image, csv=path, line=line, split=split, patient=patient,
                      states="".join(states)))
-  pcol = patient_col or ("subject_id" if patient_by == "column" and layout == "chexpert"
-                         and _col(first_header, "subject_id") is not None else None)
-  if layout == "chexpert" and pcol is None:
-    pcol = "path segment patientNNNNN / pNNNNNNNN"
+  pcol = patient_col or None
+  if layout == "chexpert" and not patient_col:
+    pcol = ("subject_id" if _col(first_header, "subject_id") is not None
+            else "path segment patientNNNNN / pNNNNNNNN")
   return LabelSet(layout, MULTI_LABEL, classes, out, [t[1] for t in tables],
                   {"image": image_col, "findings": classes, "patient": pcol})
 
