@@ -83,7 +83,8 @@ class PrepareImage(beam.DoFn):
     source = shards.Source(rel=e["rel"], split=e["split"], source_class="",
                            path=e["path"], size=e["size"], offset=e["offset"])
     item = shards.Item(source=source, split=e["split"], label=e["label"], text=e["text"],
-                       patient_id=e["patient_id"])
+                       patient_id=e["patient_id"], multi_hot=tuple(e.get("multi_hot", ())),
+                       mask=tuple(e.get("mask", ())))
     record, info = shards.convert_item(item, **self.args)
     (self.skipped if record is None else self.converted).inc()
     yield e["shard"], (e["pos"], record, info)
@@ -122,7 +123,8 @@ def _plan_lines(tasks: Sequence[shards.ShardTask]) -> Iterable[str]:
       s = it.source
       yield json.dumps({"shard": t.file, "split": t.split, "pos": pos, "rel": s.rel,
                         "path": s.path, "offset": s.offset, "size": s.size,
-                        "label": it.label, "text": it.text, "patient_id": it.patient_id})
+                        "label": it.label, "text": it.text, "patient_id": it.patient_id,
+                        **({"multi_hot": it.multi_hot, "mask": it.mask} if it.multi_hot else {})})
 
 
 def run_pipeline(tasks: Sequence[shards.ShardTask], opts: convert_lib.ConvertOptions,

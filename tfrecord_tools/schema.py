@@ -64,6 +64,30 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
 #                   "channels": {"1": 1190, "3": 10}, "bit_depth": {"8": 1200},
 #                   "format": {"png": 1200}}
 # }
+#
+# Converted from label CSVs (--labels_csv; tfrecord_tools.labels), also:
+#   "layout": "labels_csv",
+#   "task": "multi_label",                 # absent = "single_label" (folders; RSNA's Target)
+#   "classes": ["Atelectasis", ...],       # multi-label: the K findings, the order of the
+#                                          # records' multi_hot / mask
+#   "num_found": 1234,                     # the distinct images the label rows name
+#                                          # (converted + skipped == found, as for folders)
+#   "skipped": [..., {"path": "00000013_005.png", "reason": "missing file (Data_Entry_2017.csv
+#                     line 14)"}, {"path": ..., "reason": "not in any --split_lists file (...)"}],
+#   "num_unlabelled": 3, "unlabelled_examples": ["extra/x.png"],  # image files no row names
+#   "num_ignored": 2,                      # other files under the root (the CSVs, lists, ...)
+#   "splits": {"train": {..., "class_counts": {finding: positives},   # multi_hot 1
+#                        "num_groups": 310,                           # patients (from the CSV)
+#                        "finding_counts": {finding: {"positive": n, "negative": n,
+#                                                     "uncertain": n, "ignored": n}}}},
+#       # per record: positive + negative + ignored == num_examples (ignored = mask 0:
+#       # uncertain under --uncertain=ignore, blank under --blank=ignore); uncertain = the
+#       # CSV said -1, whatever --uncertain made of it (so it overlaps the other three)
+#   "labels": {"layout": "nih" | "chexpert" | "rsna" | "columns", "csv": ["Data_Entry_2017.csv"],
+#              "split_lists": [...], "columns": {"image": ..., "labels"/"findings": ...,
+#              "patient": ...}, "uncertain": "ignore", "blank": "negative", "num_rows": n,
+#              "merged_rows": n (RSNA box rows), "skipped_reasons": {"missing file": n, ...},
+#              "unlisted_findings": {name: rows}}   # findings left out by --findings
 # --------------------------------------------------------------------------
 
 

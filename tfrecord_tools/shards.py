@@ -50,6 +50,8 @@ class Item:
   label: int
   text: str
   patient_id: str
+  multi_hot: tuple[float, ...] = ()   # multi-label sets: K floats (records.MULTI_HOT), else empty
+  mask: tuple[float, ...] = ()        # multi-label sets: K floats (records.MASK), else empty
 
 
 @dataclasses.dataclass
@@ -131,7 +133,8 @@ def state_path(output_dir: str, file: str) -> str:
 
 
 def convert_one(source: Source, *, label: int, text: str, patient_id: str, max_side: int,
-                channels: str, image_format: str, jpeg_quality: int
+                channels: str, image_format: str, jpeg_quality: int,
+                multi_hot: tuple[float, ...] = (), mask: tuple[float, ...] = ()
                 ) -> tuple[bytes, pixels.PreparedImage] | str:
   """One source -> (serialised tf.train.Example, PreparedImage), or why it is skipped.
 
@@ -154,7 +157,8 @@ def convert_one(source: Source, *, label: int, text: str, patient_id: str, max_s
       encoded=prepared.encoded, image_format=prepared.image_format,
       height=prepared.height, width=prepared.width, channels=prepared.channels,
       bit_depth=prepared.bit_depth, label=label, text=text, filename=s.rel,
-      patient_id=patient_id, sha256=hashlib.sha256(data).hexdigest())
+      patient_id=patient_id, sha256=hashlib.sha256(data).hexdigest(),
+      multi_hot=multi_hot, mask=mask)   # empty for single-label: not written
   return record, prepared
 
 
@@ -162,18 +166,23 @@ def convert_item(item: Item, *, max_side: int, channels: str, image_format: str,
                  jpeg_quality: int) -> tuple[bytes | None, dict]:
   """A planned image -> its outcome for `write_records` (small and picklable):
 
-  (record, {"stats": the image's Stats.d, "text": class name, "patient_id": ...})
+  (record, {"stats": the image's Stats.d, "text": class name, "patient_id": ...,
+             multi-label only: "positives": the findings present})
   or (None, {"path": rel, "reason": why it is skipped, "split": ...}).
   """
   done = convert_one(item.source, label=item.label, text=item.text,
                      patient_id=item.patient_id, max_side=max_side, channels=channels,
-                     image_format=image_format, jpeg_quality=jpeg_quality)
+                     image_format=image_format, jpeg_quality=jpeg_quality,
+                     multi_hot=item.multi_hot, mask=item.mask)
   if isinstance(done, str):
     return None, {"path": item.source.rel, "reason": done, "split": item.split}
   record, prepared = done
   stats = Stats()
   stats.add(prepared)
-  return record, {"stats": stats.d, "text": item.text, "patient_id": item.patient_id}
+  info = {"stats": stats.d, "text": item.text, "patient_id": item.patient_id}
+  if item.multi_hot:   # a multi-label record counts once per finding present (text "A|B")
+    info["positives"] = [f for f in item.text.split("|") if f] if any(item.multi_hot) else []
+  return record, info
 
 
 # --------------------------------------------------------------------------
@@ -209,7 +218,8 @@ def write_records(output_dir: str, file: str, split: str, fingerprint: str,
         out.write(framed)
         converted += 1
         stats.merge(info["stats"])
-        class_counts[info["text"]] = class_counts.get(info["text"], 0) + 1
+        for name in info.get("positives", [info["text"]]):   # multi-label: per finding present
+          class_counts[name] = class_counts.get(name, 0) + 1
         if info["patient_id"]:
           patients.add(info["patient_id"])
   except OSError as e:
