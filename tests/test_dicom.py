@@ -528,3 +528,18 @@ def test_serve_upload_of_dicom_is_predicts_answer(loaded, films):
     with pytest.raises(serve_app.RequestError) as e:
       serve_app.prepare_upload(loaded, data, max_pixels=1000 if status == 413 else 10_000)
     assert e.value.status == status and text in e.value.message
+
+
+def test_dicom_is_read_in_one_module():
+  """pydicom is imported by tfrecord_tools.dicom (reading) and the synthetic generator (writing) only."""
+  import ast
+  import pathlib
+  root = pathlib.Path(__file__).resolve().parents[1]
+  users = set()
+  for path in sorted(p for d in ("xraytpu", "tfrecord_tools", "benchmarks") for p in (root / d).rglob("*.py")):
+    for node in ast.walk(ast.parse(path.read_text())):
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+               else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+      if any(n == "pydicom" or n.startswith("pydicom.") for n in names):
+        users.add(str(path.relative_to(root)))
+  assert users == {"tfrecord_tools/dicom.py", "tfrecord_tools/synthetic.py"}

@@ -181,7 +181,7 @@ def predict_files(run: rundir.LoadedRun, paths: Sequence[str], *, window: str = 
   window: how DICOM files are rendered (`parse_window`; default: as the run's data was).
   progress: optional callable(Prediction) called as results arrive.
   """
-  dicom_window = parse_window(window) or run.conversion["dicom_window"]
+  dicom_window = parse_window(window) or run.conversion.get("dicom_window", dicom.DEFAULT_WINDOW)
   items = expand_inputs(paths)
   results: list[Prediction] = []
   cam = None

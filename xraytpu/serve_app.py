@@ -87,7 +87,8 @@ def prepare_upload(run: rundir.LoadedRun, data: bytes, *, max_pixels: int,
     raise RequestError(413, f"image is {width}x{height} = {width * height} pixels, more than the "
                             f"server's limit of {max_pixels} (--max_pixels)")
   try:
-    data = pixels.graph_input(data, dicom_window=window or run.conversion["dicom_window"], name=name)
+    dicom_window = window or run.conversion.get("dicom_window", dicom.DEFAULT_WINDOW)
+    data = pixels.graph_input(data, dicom_window=dicom_window, name=name)
     return run.module.file_pixels(data)
   except pixels.ImageError as e:
     raise RequestError(_status(e.reason), e.reason) from None
