@@ -280,8 +280,10 @@ def test_non_images_multiframe_and_unsupported_syntaxes_are_image_errors():
   with pytest.raises(pixels.ImageError,
                      match="corrupt DICOM pixel data" if plugins else r"JPEG-LS.*xraytpu\[dicom-jpeg\]"):
     dicom.render(_bytes(jpegls))
-  with pytest.raises(pixels.ImageError, match="unreadable DICOM|no transfer syntax|not an image"):
+  with pytest.raises(pixels.ImageError, match="unreadable DICOM"):
     dicom.render(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00garbage")
+  with pytest.raises(pixels.ImageError, match="unreadable DICOM"):
+    pixels.prepare_image(b"some text in a file named like DICOM", name="x.dcm")
 
 
 def test_the_pixel_contract_renders_dicom_with_its_window():
@@ -543,3 +545,17 @@ def test_dicom_is_read_in_one_module():
       if any(n == "pydicom" or n.startswith("pydicom.") for n in names):
         users.add(str(path.relative_to(root)))
   assert users == {"tfrecord_tools/dicom.py", "tfrecord_tools/synthetic.py"}
+
+
+def test_the_beam_runner_renders_dicom_with_the_same_window(tmp_path):
+  """beam_convert's per-image step gets --dicom_window too (the rest of its path is shards')."""
+  beam_convert = pytest.importorskip("tfrecord_tools.beam_convert")
+  path = tmp_path / "w.dcm"
+  path.write_bytes(synthetic.encode_dicom(_film(), "windowed"))
+  line = {"rel": "NORMAL/w.dcm", "split": "train", "path": str(path), "size": path.stat().st_size,
+          "offset": -1, "label": 0, "text": "NORMAL", "patient_id": "", "shard": "s", "pos": 0}
+  for window, bit_depth in (("full", 16), ("file", 8)):
+    step = beam_convert.PrepareImage(0, "keep", "keep", 95, window)
+    ((shard, (pos, record, info)),) = list(step.process(line))
+    assert record is not None and info["stats"]["bit_depth"] == {str(bit_depth): 1}
+    assert info["stats"]["source_mode"] == {"DICOM MONOCHROME2 12-bit": 1}

@@ -188,6 +188,8 @@ def image_size(data: bytes) -> tuple[int, int]:
 
 
 def _no_pixels_reason(ds) -> str:
+  if "SOPClassUID" not in ds and "Modality" not in ds and "PixelData" not in ds:
+    return "unreadable DICOM (no image and no object class found)"
   sop = ds.get("SOPClassUID")
   what = getattr(sop, "name", "") or str(ds.get("Modality", "") or "") or "object"
   if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:

@@ -206,12 +206,12 @@ def prepare_image(data: bytes, *, max_side: int = 0, channels: str = "keep",
 
   Args:
     data: the whole source file.
-    dicom_window: how a DICOM file becomes an image (`tfrecord_tools.dicom`).
-    name: the file's name; a .dcm/.dicom file without the DICM preamble is DICOM too.
     max_side: shrink so that max(height, width) <= max_side; 0 keeps the size.
     channels: "keep", "1" or "3" (ints 1 and 3 are accepted too).
     image_format: "keep" (JPEG stays JPEG, others become PNG), "png" or "jpeg".
     jpeg_quality: quality for JPEGs this function encodes.
+    dicom_window: how a DICOM file becomes an image first (`tfrecord_tools.dicom`).
+    name: the file's name; a .dcm/.dicom file without the DICM preamble is DICOM too.
 
   Returns:
     PreparedImage with the encoded bytes and their height, width, channels
