@@ -137,6 +137,12 @@ def parse_window(text: str) -> Window:
 # --------------------------------------------------------------------------
 
 
+def _why(e: Exception) -> str:
+  """An exception as one short line (pydicom's messages span several)."""
+  text = " ".join(str(e).split())
+  return f"{type(e).__name__}: {text[:240] + '...' if len(text) > 240 else text}"
+
+
 def _pydicom():
   try:
     import pydicom  # noqa: PLC0415
@@ -155,7 +161,7 @@ def read(data: bytes | BinaryIO, *, pixels: bool = True) -> Any:
       warnings.simplefilter("ignore")   # pydicom warns about many small deviations
       ds = pydicom.dcmread(f, force=True, stop_before_pixels=not pixels)
   except Exception as e:  # noqa: BLE001 - pydicom raises many types for corrupt files
-    raise ImageError(f"unreadable DICOM ({type(e).__name__}: {e})") from None
+    raise ImageError(f"unreadable DICOM ({_why(e)})") from None
   if not pixels:
     return ds
   if "TransferSyntaxUID" not in ds.file_meta:
@@ -188,9 +194,9 @@ def image_size(data: bytes) -> tuple[int, int]:
 
 
 def _no_pixels_reason(ds) -> str:
-  if "SOPClassUID" not in ds and "Modality" not in ds and "PixelData" not in ds:
+  sop = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")   # DICOMDIR: the latter
+  if sop is None and "Modality" not in ds and "PixelData" not in ds:
     return "unreadable DICOM (no image and no object class found)"
-  sop = ds.get("SOPClassUID")
   what = getattr(sop, "name", "") or str(ds.get("Modality", "") or "") or "object"
   if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
     return f"DICOM {what} with float pixel data: not supported"
@@ -198,11 +204,23 @@ def _no_pixels_reason(ds) -> str:
           "(structured reports, RT plans and other non-image objects are skipped)")
 
 
+def _plugins() -> bool:
+  """True when the optional pylibjpeg decoders are installed."""
+  try:
+    import pylibjpeg  # noqa: F401, PLC0415
+  except ImportError:
+    return False
+  return True
+
+
 def _check(ds) -> None:
   """ImageError for what cannot be one film: no pixels, several frames, no decoder."""
   if "PixelData" not in ds:
     raise ImageError(_no_pixels_reason(ds))
-  frames = int(ds.get("NumberOfFrames", 1) or 1)
+  try:
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+  except (TypeError, ValueError):
+    raise ImageError(f"unreadable DICOM (NumberOfFrames {ds.get('NumberOfFrames')!r})") from None
   if frames > 1:
     raise ImageError(f"multi-frame DICOM ({frames} frames): a series or cine loop, not one film; "
                      "export single frames")
@@ -337,7 +355,9 @@ def pixels_of(ds, window: Window | str = DEFAULT_WINDOW) -> np.ndarray:
       warnings.simplefilter("ignore")
       arr = np.asarray(ds.pixel_array)                                # step 1
   except Exception as e:  # noqa: BLE001 - decoders raise many types for corrupt data
-    raise ImageError(f"corrupt DICOM pixel data ({type(e).__name__}: {e})") from None
+    syntax = ds.file_meta.TransferSyntaxUID
+    hint = f"; more decoders: {_INSTALL_JPEG}" if syntax.is_compressed and not _plugins() else ""
+    raise ImageError(f"cannot decode the DICOM pixel data ({syntax.name}: {_why(e)}){hint}") from None
   if photometric not in ("MONOCHROME1", "MONOCHROME2"):
     return _colour(ds, arr)
   if arr.ndim != 2:
@@ -364,7 +384,7 @@ def pixels_of(ds, window: Window | str = DEFAULT_WINDOW) -> np.ndarray:
   except ImageError:
     raise
   except Exception as e:  # noqa: BLE001 - malformed LUTs, windows, rescale values
-    raise ImageError(f"unusable DICOM LUT or window ({type(e).__name__}: {e})") from None
+    raise ImageError(f"unusable DICOM LUT or window ({_why(e)})") from None
   if photometric == "MONOCHROME1":                                    # step 4
     out = np.iinfo(out.dtype).max - out
   return out
@@ -383,7 +403,12 @@ def render(data: bytes, window: Window | str = DEFAULT_WINDOW) -> Rendered:
   from PIL import Image  # noqa: PLC0415
   window = parse_window(window) if isinstance(window, str) else window
   ds = read(data)
-  image = pixels_of(ds, window)
+  try:
+    image = pixels_of(ds, window)
+  except ImageError:
+    raise
+  except Exception as e:  # noqa: BLE001 - a malformed header must not stop a conversion
+    raise ImageError(f"unreadable DICOM ({_why(e)})") from None
   buf = io.BytesIO()
   Image.fromarray(image).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
   syntax = ds.file_meta.TransferSyntaxUID
