@@ -560,3 +560,22 @@ def test_the_beam_runner_renders_dicom_with_the_same_window(tmp_path):
     ((shard, (pos, record, info)),) = list(step.process(line))
     assert record is not None and info["stats"]["bit_depth"] == {str(bit_depth): 1}
     assert info["stats"]["source_mode"] == {"DICOM MONOCHROME2 12-bit": 1}
+
+
+def test_pydicoms_own_test_files_render_or_are_skipped_with_one_line_reasons():
+  """Every file pydicom ships for its tests (odd encodings, colour, palette, LUTs, SR, RT,
+  DICOMDIR, truncated and malformed ones) is rendered or raises ImageError, never anything else."""
+  shipped = os.path.join(os.path.dirname(pydicom.__file__), "data", "test_files")   # no download
+  files = [f for f in sorted(glob.glob(os.path.join(shipped, "**", "*"), recursive=True))
+           if os.path.isfile(f) and not f.endswith((".py", ".json", ".gz", ".bz2", ".txt"))]
+  assert len(files) > 50
+  rendered = 0
+  for f in files:
+    data = open(f, "rb").read()
+    for window in ("full", "file"):
+      try:
+        pixels.prepare_image(data, dicom_window=window, name=f)
+        rendered += 1
+      except pixels.ImageError as e:
+        assert e.reason and "\n" not in e.reason, (f, e.reason)
+  assert rendered > 50
