@@ -73,9 +73,10 @@ def pipeline_args(options: str, num_workers: int = 0) -> list[str]:
 class PrepareImage(beam.DoFn):
   """plan line (dict) -> (shard file, (position, `shards.convert_item`'s outcome))."""
 
-  def __init__(self, max_side: int, channels: str, image_format: str, jpeg_quality: int):
+  def __init__(self, max_side: int, channels: str, image_format: str, jpeg_quality: int,
+               dicom_window: str = "full"):
     self.args = dict(max_side=max_side, channels=channels, image_format=image_format,
-                     jpeg_quality=jpeg_quality)
+                     jpeg_quality=jpeg_quality, dicom_window=dicom_window)
     self.converted = Metrics.counter(COUNTER_NAMESPACE, "images_converted")
     self.skipped = Metrics.counter(COUNTER_NAMESPACE, "images_skipped")
 
@@ -144,7 +145,8 @@ def run_pipeline(tasks: Sequence[shards.ShardTask], opts: convert_lib.ConvertOpt
        # Break fusion with the read: decoding is the cost, spread it over workers.
        | "Spread" >> beam.Reshuffle()
        | "PrepareImage" >> beam.ParDo(PrepareImage(opts.max_side, opts.channels,
-                                                   opts.image_format, opts.jpeg_quality))
+                                                   opts.image_format, opts.jpeg_quality,
+                                                   opts.dicom_window))
        | "GroupByShard" >> beam.GroupByKey()
        | "WriteShard" >> beam.ParDo(WriteShard(opts.output_dir, shard_meta)))
   result = p.run()

@@ -4,7 +4,9 @@
 `python -m tfrecord_tools.convert` is its thin command line. The steps:
 
   1. find      walk the input (symlinks followed, hidden files skipped) and
-               list image-like files as `Source`s, sorted by path. Layouts:
+               list image-like files as `Source`s, sorted by path (DICOM:
+               .dcm, .dicom, and files without an extension that carry the
+               DICM preamble). Layouts:
                  input/<split>/<class>/**/*   splits as given (train, val or
                                               validation, test)
                  input/<class>/**/*           splits drawn by --val_fraction /
@@ -20,8 +22,9 @@
                label order; unnamed source classes are dropped and counted).
                Every split must have the same classes.
   3. split     stratified by class, seeded by hashing (seed, name), and by
-               patient when --group_regex is given: a patient's images all
-               go to one split.
+               patient when --group_regex or --group_by=dicom_patient_id (the
+               DICOM header's PatientID) is given: a patient's images all go
+               to one split.
   4. shard     each split's files are shuffled (seeded hash order) and cut
                into `split-%05d-of-%05d.tfrecord` shards.
   5. write     one task per shard (`shards.write_shard`), run by a crash-
@@ -57,7 +60,7 @@ import sys
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-from tfrecord_tools import __version__, cli, errors, locks, pixels, pool, records, schema, shards, storage
+from tfrecord_tools import __version__, cli, dicom, errors, locks, pixels, pool, records, schema, shards, storage
 from tfrecord_tools import labels as labels_lib
 from tfrecord_tools.shards import STATE_DIR, Item, ShardTask, Source
 
@@ -70,6 +73,7 @@ TARGET_SHARD_BYTES = 150 * 2**20    # ~100-200 MB per shard at scale
 MIN_EXAMPLES_PER_SHARD = 256        # small sets: no more shards than this implies
 MAX_MIN_SHARDS = 8                  # ... but up to 8 shards so hosts can read in parallel
 INPUT_FORMATS = ("folders", "keras_pair")
+GROUP_BY = ("", "dicom_patient_id")
 KERAS_PAIR = ("images.tfrec", "paths.tfrec")
 
 
@@ -101,6 +105,9 @@ class ConvertOptions:
   group_regex: str = cli.field("", "Regex whose first group is the patient id, searched in the file "
                                "name (in the relative path when it contains '/'); drawn splits then "
                                "keep each patient in one split.")
+  group_by: str = cli.field("", "dicom_patient_id: the DICOM header's PatientID is the patient "
+                            "(drawn splits keep each patient in one split; every file must be "
+                            "DICOM with a PatientID). Default: --group_regex, if given.")
   class_map: str = cli.field("", "Merge/rename/drop classes: NEW=OLD[+OLD...],NAME,...; its order is "
                              "the label order; source classes not named are dropped (and counted). "
                              "Default order: sorted, a normal/negative class (Normal, Healthy, NonX "
@@ -140,6 +147,8 @@ class ConvertOptions:
   channels: str = cli.field("keep", "keep: grayscale stays 1 channel, color 3; or force 1 or 3.",
                             pixels.CHANNELS)
   jpeg_quality: int = cli.field(pixels.JPEG_QUALITY, "Quality of JPEGs the converter encodes.")
+  dicom_window: str = cli.field(dicom.DEFAULT_WINDOW, dicom.WINDOW_HELP + " Recorded in the "
+                                "manifest: predict and serve render DICOM the same way.")
   num_shards: int = cli.field(0, "Shards per split (at most one per image); 0: from the data size "
                               "(~150 MB per shard).")
   num_workers: int = cli.field(0, "Worker processes; 0: all cores.")
@@ -204,6 +213,17 @@ def _is_image_name(name: str) -> bool:
   return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def _is_unnamed_dicom(root: str, rel: str) -> bool:
+  """A file without an (image) extension that starts like DICOM (`IM0001`, UID names)."""
+  if not dicom.worth_probing(rel):
+    return False
+  path = storage.join(root, rel) if storage.is_remote(root) else os.path.join(root, *rel.split("/"))
+  try:
+    return dicom.has_preamble(storage.read_bytes(path, 0, 132))
+  except OSError:
+    return False
+
+
 def _top_level_dirs(root: str) -> list[str]:
   return sorted(d for d in os.listdir(root)
                 if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
@@ -247,7 +267,8 @@ def find_files(input_dir: str) -> Found:
   need = 3 if with_splits else 2   # split/class/file or class/file
   ignored, wanted = [], []
   for rel in files:
-    ok = rel.count("/") + 1 >= need and _is_image_name(rel.rsplit("/", 1)[-1])
+    ok = rel.count("/") + 1 >= need and (_is_image_name(rel.rsplit("/", 1)[-1])
+                                         or _is_unnamed_dicom(input_dir, rel))
     (wanted if ok else ignored).append(rel)
   paths = [storage.join(input_dir, rel) if storage.is_remote(input_dir) else os.path.join(input_dir, *rel.split("/"))
            for rel in wanted]
@@ -764,6 +785,20 @@ def patient_id(rel: str, regex: re.Pattern | None) -> str | None:
   return m.group(1) if m.groups() else m.group(0)
 
 
+def dicom_patient_id(s: Source) -> str | None:
+  """The PatientID of a DICOM file's header (--group_by=dicom_patient_id); None when the
+  file is no DICOM or has none. A header that cannot be read at all gives "" (the file
+  is its own group, and the conversion skips it with the reason)."""
+  try:
+    with storage.open(s.path, "rb") as f:
+      if s.offset >= 0 or not dicom.is_dicom(f.read(132), s.rel):
+        return None
+      f.seek(0)
+      return dicom.patient_id(f)
+  except (OSError, pixels.ImageError):
+    return ""
+
+
 def assign_splits(keys: Sequence[str], labels: Sequence[int], groups: Sequence[str],
                   fractions: dict[str, float], seed: int, rest: str = "train") -> list[str]:
   """Seeded, class-stratified, group-aware split of items.
@@ -853,7 +888,7 @@ def plan_shards(items: Sequence[Item], opts: ConvertOptions) -> dict[str, list[S
           split=split, index=i, num_shards=k, file=schema.shard_name(split, i, k),
           output_dir=opts.output_dir, items=part, max_side=opts.max_side,
           channels=opts.channels, image_format=opts.image_format,
-          jpeg_quality=opts.jpeg_quality))
+          jpeg_quality=opts.jpeg_quality, dicom_window=opts.dicom_window))
     plan[split] = tasks
   for tasks in plan.values():
     for t in tasks:
@@ -866,7 +901,8 @@ def _fingerprint(task: ShardTask) -> str:
   h = hashlib.sha256()
   h.update(json.dumps([__version__, task.file, task.max_side, task.channels,
                        task.image_format, task.jpeg_quality,
-                       pixels.PNG_COMPRESS_LEVEL, pixels.CONTRACT_VERSION]).encode())
+                       task.dicom_window, pixels.PNG_COMPRESS_LEVEL,
+                       pixels.CONTRACT_VERSION]).encode())
   for it in task.items:
     s = it.source
     h.update(json.dumps([s.rel, s.path, s.size, s.mtime_ns, s.offset, it.label,
@@ -966,6 +1002,14 @@ def _check_options(o: ConvertOptions) -> None:
     raise ConvertError("--max_side must be >= 0 (0 keeps the size)")
   if not 1 <= o.jpeg_quality <= 100:
     raise ConvertError("--jpeg_quality must be in 1..100")
+  try:
+    dicom.parse_window(o.dicom_window)
+  except ValueError as e:
+    raise ConvertError(f"--dicom_window={e}") from None
+  if o.group_by not in GROUP_BY:
+    raise ConvertError(f"--group_by={o.group_by}: must be dicom_patient_id (or empty)")
+  if o.group_by and o.group_regex:
+    raise ConvertError("--group_by and --group_regex both name the patient: give one")
   for name in ("val_fraction", "test_fraction"):
     if getattr(o, name) != AUTO_FRACTION and not 0.0 <= getattr(o, name) < 1.0:
       raise ConvertError(f"--{name} must be in [0, 1)")
@@ -1128,11 +1172,14 @@ def _make_items(found: Found, classes: list[str], mapping: dict[str, str],
   pids = []
   unmatched = []
   for s in kept:
-    pid = patient_id(s.rel, regex)
+    pid = dicom_patient_id(s) if opts.group_by else patient_id(s.rel, regex)
     if pid is None:
       unmatched.append(s.rel)
       pid = ""
     pids.append(pid)
+  if unmatched and opts.group_by:
+    raise ConvertError(f"--group_by=dicom_patient_id: {len(unmatched)} files are not DICOM or "
+                       f"have no PatientID, e.g. {unmatched[0]!r}")
   if unmatched:
     raise ConvertError(f"--group_regex {opts.group_regex!r} found no patient id in "
                        f"{len(unmatched)} file names, e.g. {unmatched[0]!r}")
@@ -1154,7 +1201,7 @@ def _make_items(found: Found, classes: list[str], mapping: dict[str, str],
 
   items = [Item(source=s, split=sp, label=lab, text=classes[lab], patient_id=pid)
            for s, sp, lab, pid in zip(kept, splits, labels, pids)]
-  if regex is not None:
+  if regex is not None or opts.group_by:
     info["patients_in_several_splits"] = _patient_leaks(items, log)
   return items, dropped, info
 
@@ -1397,7 +1444,7 @@ def _build_manifest(opts, found, classes, mapping, dropped, plan, results, split
     splits[split] = {
         "num_examples": sum(r["num_examples"] for r in rs),
         "class_counts": counts,
-        "num_groups": len(patients) if opts.group_regex else None,
+        "num_groups": len(patients) if opts.group_regex or opts.group_by else None,
         "shards": [{"file": r["file"], "num_examples": r["num_examples"],
                     **({"sha256": r["sha256"]} if r.get("sha256") else {})} for r in rs],
     }

@@ -68,6 +68,7 @@ class ShardTask:
   image_format: str
   jpeg_quality: int
   fingerprint: str = ""
+  dicom_window: str = "full"    # how DICOM files become images (tfrecord_tools.dicom)
 
 
 class Stats:
@@ -133,14 +134,14 @@ def state_path(output_dir: str, file: str) -> str:
 
 
 def convert_one(source: Source, *, label: int, text: str, patient_id: str, max_side: int,
-                channels: str, image_format: str, jpeg_quality: int,
+                channels: str, image_format: str, jpeg_quality: int, dicom_window: str = "full",
                 multi_hot: tuple[float, ...] = (), mask: tuple[float, ...] = ()
                 ) -> tuple[bytes, pixels.PreparedImage] | str:
   """One source -> (serialised tf.train.Example, PreparedImage), or why it is skipped.
 
-  Read the bytes, prepare_image (decode = validate, normalise, resize),
-  serialise with the sha256 of the source: the one per-image code path of
-  both runners.
+  Read the bytes, prepare_image (DICOM rendered with `dicom_window`; decode =
+  validate, normalise, resize), serialise with the sha256 of the source: the
+  one per-image code path of both runners.
   """
   s = source
   try:
@@ -148,7 +149,8 @@ def convert_one(source: Source, *, label: int, text: str, patient_id: str, max_s
     if s.offset >= 0 and len(data) != s.size:
       raise OSError("record shorter than its header says")
     prepared = pixels.prepare_image(data, max_side=max_side, channels=channels,
-                                    image_format=image_format, jpeg_quality=jpeg_quality)
+                                    image_format=image_format, jpeg_quality=jpeg_quality,
+                                    dicom_window=dicom_window, name=s.rel)
   except pixels.ImageError as e:
     return e.reason
   except OSError as e:
@@ -163,7 +165,7 @@ def convert_one(source: Source, *, label: int, text: str, patient_id: str, max_s
 
 
 def convert_item(item: Item, *, max_side: int, channels: str, image_format: str,
-                 jpeg_quality: int) -> tuple[bytes | None, dict]:
+                 jpeg_quality: int, dicom_window: str = "full") -> tuple[bytes | None, dict]:
   """A planned image -> its outcome for `write_records` (small and picklable):
 
   (record, {"stats": the image's Stats.d, "text": class name, "patient_id": ...,
@@ -173,7 +175,7 @@ def convert_item(item: Item, *, max_side: int, channels: str, image_format: str,
   done = convert_one(item.source, label=item.label, text=item.text,
                      patient_id=item.patient_id, max_side=max_side, channels=channels,
                      image_format=image_format, jpeg_quality=jpeg_quality,
-                     multi_hot=item.multi_hot, mask=item.mask)
+                     dicom_window=dicom_window, multi_hot=item.multi_hot, mask=item.mask)
   if isinstance(done, str):
     return None, {"path": item.source.rel, "reason": done, "split": item.split}
   record, prepared = done
@@ -267,7 +269,7 @@ def write_shard(task: ShardTask) -> dict:
   `pool.tick()` of progress.
   """
   args = dict(max_side=task.max_side, channels=task.channels, image_format=task.image_format,
-              jpeg_quality=task.jpeg_quality)
+              jpeg_quality=task.jpeg_quality, dicom_window=task.dicom_window)
 
   def outcomes():
     for it in task.items:

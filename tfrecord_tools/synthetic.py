@@ -2,7 +2,8 @@
 
   python -m tfrecord_tools.synthetic --output_dir=demo/images \
       [--num_images=200 --size=256 --bit_depth=8|16 --classes=2 --seed=0 \
-       --with_splits --images_per_patient=1 --image_format=png|jpeg]
+       --with_splits --images_per_patient=1 --image_format=png|jpeg|dicom \
+       --dicom_variants=monochrome1,rescale,windowed,rle,16bit]
 
 Writes one image file per example, class per folder, the layout the converter
 reads:
@@ -21,6 +22,11 @@ upper-zone lesions). Anatomy is drawn per patient, noise per image, all from
 `numpy.random.default_rng([seed, ...])`, so the same arguments give the same
 bytes. File names start with the patient id (`p00012_0.png`), so
 `--group_regex='^(p\\d+)_'` splits by patient.
+
+--image_format=dicom writes each film as a DICOM file (`.dcm`, PatientID =
+the patient id, so `--group_by=dicom_patient_id` splits by patient too), the
+variants of `--dicom_variants` taken in turn (`encode_dicom`): each renders,
+with the default --dicom_window=full, to the same film as the PNG would.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from PIL import Image
 
 from tfrecord_tools import _entry, errors
 
+DICOM_VARIANTS = ("monochrome1", "rescale", "windowed", "rle", "16bit")
 CLASS_NAMES = ("NORMAL", "PNEUMONIA", "COVID", "NODULE", "EFFUSION")
 SPLIT_FRACTIONS = (("train", 0.7), ("val", 0.15), ("test", 0.15))
 MARKER = "synthetic.json"
@@ -205,6 +212,57 @@ def encode(img: np.ndarray, bit_depth: int, image_format: str) -> bytes:
   return buf.getvalue()
 
 
+def encode_dicom(img: np.ndarray, variant: str, *, patient_id: str = "", uid_seed: str = "") -> bytes:
+  """float [H, W] in [0, 1] -> a DICOM file (Part 10, secondary capture) of one variant:
+
+    monochrome1  12-bit, stored = 4095 (1 - v): white is low
+    rescale      signed 12-bit, Rescale Slope 2 / Intercept 1000 (modality = 2 s + 1000)
+    windowed     12-bit, Window Center/Width [2048, 600] / [4096, 800]: the first
+                 window spans the stored range, a second one (a narrow view) follows
+    rle          16-bit, RLE Lossless compressed (pydicom's own encoder)
+    16bit        16-bit, uncompressed
+
+  Rendered with --dicom_window=full each gives round(v * 65535) within one
+  stored step; `windowed` with --dicom_window=file gives round(v * 255) too.
+  The UIDs derive from `uid_seed`, so the same arguments give the same bytes.
+  """
+  from pydicom.dataset import Dataset, FileMetaDataset  # noqa: PLC0415
+  from pydicom import uid  # noqa: PLC0415
+  if variant not in DICOM_VARIANTS:
+    raise SyntheticError(f"unknown DICOM variant {variant!r}: one of {', '.join(DICOM_VARIANTS)}")
+  v = np.clip(np.asarray(img, np.float64), 0.0, 1.0)
+  ds = Dataset()
+  ds.file_meta = FileMetaDataset()
+  ds.SOPClassUID = uid.SecondaryCaptureImageStorage
+  ds.SOPInstanceUID = uid.generate_uid(entropy_srcs=[uid_seed, variant])
+  ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+  ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+  ds.StudyInstanceUID = uid.generate_uid(entropy_srcs=[uid_seed, "study"])
+  ds.SeriesInstanceUID = uid.generate_uid(entropy_srcs=[uid_seed, "series", variant])
+  ds.PatientID, ds.PatientName = patient_id, patient_id
+  ds.Modality, ds.BodyPartExamined = "DX", "CHEST"
+  photometric = "MONOCHROME2"
+  if variant == "monochrome1":
+    photometric, bits, stored = "MONOCHROME1", 12, np.rint((1.0 - v) * 4095)
+  elif variant == "rescale":
+    bits, stored = 12, np.rint(v * 4095) - 2048
+  elif variant == "windowed":
+    bits, stored = 12, np.rint(v * 4095)
+  else:
+    bits, stored = 16, np.rint(v * 65535)
+  dtype = np.int16 if variant == "rescale" else np.uint16
+  ds.set_pixel_data(stored.astype(dtype), photometric, bits, generate_instance_uid=False)
+  if variant == "rescale":
+    ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 2, 1000, "US"
+  if variant == "windowed":
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = [2048, 600], [4096, 800], "LINEAR"
+  if variant == "rle":
+    ds.compress(uid.RLELossless, generate_instance_uid=False)
+  buf = io.BytesIO()
+  ds.save_as(buf, enforce_file_format=True)
+  return buf.getvalue()
+
+
 # --------------------------------------------------------------------------
 # The data set.
 # --------------------------------------------------------------------------
@@ -263,7 +321,7 @@ def generate(output_dir: str, *, num_images: int = 200, size: int = 256,
              bit_depth: int = 8, num_classes: int = 2, seed: int = 0,
              with_splits: bool = False, images_per_patient: int = 1,
              image_format: str = "png", size_jitter: float = 0.0,
-             overwrite: bool = False) -> dict:
+             dicom_variants: Sequence[str] = DICOM_VARIANTS, overwrite: bool = False) -> dict:
   """Writes the data set; returns the summary also saved as OUTPUT/synthetic.json.
 
   `size` is the image height; the width is `size` too unless `size_jitter`
@@ -278,8 +336,12 @@ def generate(output_dir: str, *, num_images: int = 200, size: int = 256,
     raise SyntheticError("--size must be >= 8 pixels")
   if bit_depth not in (8, 16):
     raise SyntheticError("--bit_depth must be 8 or 16")
-  if image_format not in ("png", "jpeg"):
-    raise SyntheticError("--image_format must be png or jpeg")
+  if image_format not in ("png", "jpeg", "dicom"):
+    raise SyntheticError("--image_format must be png, jpeg or dicom")
+  bad = [v for v in dicom_variants if v not in DICOM_VARIANTS]
+  if image_format == "dicom" and (bad or not dicom_variants):
+    raise SyntheticError(f"--dicom_variants: {', '.join(bad) or 'none given'}; choose from "
+                         f"{', '.join(DICOM_VARIANTS)}")
   if image_format == "jpeg" and bit_depth == 16:
     raise SyntheticError("JPEG cannot hold 16-bit images: use --image_format=png")
   if images_per_patient < 1:
@@ -294,11 +356,11 @@ def generate(output_dir: str, *, num_images: int = 200, size: int = 256,
                            "generator: refusing to delete it; choose another --output_dir")
     shutil.rmtree(output_dir)
 
-  ext = "png" if image_format == "png" else "jpeg"
+  ext = {"png": "png", "jpeg": "jpeg", "dicom": "dcm"}[image_format]
   items = plan(num_images, num_classes, images_per_patient, with_splits)
   counts: dict[str, dict[str, int]] = {}
   anatomies: dict[int, dict] = {}
-  for split, cls, label, patient, j in items:
+  for n, (split, cls, label, patient, j) in enumerate(items):
     if patient not in anatomies:
       anatomies[patient] = _anatomy(np.random.default_rng([seed, patient, 0]))
     rng = np.random.default_rng([seed, patient, j + 1])
@@ -311,7 +373,11 @@ def generate(output_dir: str, *, num_images: int = 200, size: int = 256,
     path = os.path.join(folder, f"p{patient:05d}_{j}.{ext}")
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
-      f.write(encode(img, bit_depth, image_format))
+      if image_format == "dicom":
+        f.write(encode_dicom(img, dicom_variants[n % len(dicom_variants)],
+                             patient_id=f"p{patient:05d}", uid_seed=f"{seed}/{patient}/{j}"))
+      else:
+        f.write(encode(img, bit_depth, image_format))
     os.replace(tmp, path)
     key = split or "all"
     counts.setdefault(key, {}).setdefault(cls, 0)
@@ -322,6 +388,7 @@ def generate(output_dir: str, *, num_images: int = 200, size: int = 256,
       "bit_depth": bit_depth, "classes": class_names(num_classes), "seed": seed,
       "with_splits": with_splits, "images_per_patient": images_per_patient,
       "image_format": image_format, "size_jitter": size_jitter,
+      **({"dicom_variants": list(dicom_variants)} if image_format == "dicom" else {}),
       "group_regex": r"^(p\d+)_", "counts": counts,
   }
   with open(os.path.join(output_dir, MARKER), "w", encoding="utf-8") as f:
@@ -473,7 +540,10 @@ def _define_flags() -> None:
   flags.DEFINE_integer("seed", 0, "Seed: the same arguments write the same bytes.")
   flags.DEFINE_bool("with_splits", False, "Write train/val/test subfolders (70/15/15 by patient).")
   flags.DEFINE_integer("images_per_patient", 1, "Images per patient (file names p<id>_<n>).")
-  flags.DEFINE_enum("image_format", "png", ["png", "jpeg"], "File format.")
+  flags.DEFINE_enum("image_format", "png", ["png", "jpeg", "dicom"], "File format (dicom: .dcm "
+                    "files, the --dicom_variants in turn).")
+  flags.DEFINE_list("dicom_variants", list(DICOM_VARIANTS), "With --image_format=dicom: the DICOM "
+                    f"variants written in turn, from {', '.join(DICOM_VARIANTS)}.")
   flags.DEFINE_float("size_jitter", 0.0, "Width = size * U(1 - jitter, 1): mixed image sizes.")
   flags.DEFINE_bool("overwrite", False, "Replace an earlier synthetic set in --output_dir.")
   flags.DEFINE_enum("labels_layout", "folders", ["folders", *LABEL_LAYOUTS], "folders: class "
@@ -500,7 +570,7 @@ def main(argv: Sequence[str]) -> None:
                      bit_depth=int(f.bit_depth), num_classes=f.classes, seed=f.seed,
                      with_splits=f.with_splits, images_per_patient=f.images_per_patient,
                      image_format=f.image_format, size_jitter=f.size_jitter,
-                     overwrite=f.overwrite)
+                     dicom_variants=f.dicom_variants, overwrite=f.overwrite)
   print(f"wrote {summary['num_images']} images to {f.output_dir}: "
         + json.dumps(summary["counts"]))
 
