@@ -391,3 +391,23 @@ def test_single_label_runs_are_unchanged(demo_data_dir, tmp_path):
   assert result.model.get_layer("probabilities").activation.__name__ == "sigmoid"
   loaded = rundir.load(run)
   assert loaded.manifest.get("task", "single_label") == "single_label"
+
+
+def test_chexnet_recipe_trains_on_multi_label_data(ml_data, tmp_path):
+  """configs/chexnet.flags as written, made CPU-fast (as tests/test_configs.py does), on multi-label data."""
+  from absl import flags
+  from xraytpu import flags as xflags
+  data_dir, _ = ml_data
+  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "chexnet.flags"
+  assert "14-finding NIH" in path.read_text()
+  fv = flags.FlagValues()
+  xflags.define_config_flags(flag_values=fv)
+  run = tmp_path / "run"
+  fv(["train", f"--flagfile={path}", f"--data_dir={data_dir}", f"--model_dir={run}", "--weights=none",
+      "--image_size=32", "--epochs=1", "--steps_per_epoch=1", "--batch_size=4",
+      "--early_stopping_patience=0", "--fine_tune_at=-1", "--fine_tune_epochs=0"])
+  cfg = xflags.config_from_flags(flag_values=fv)
+  assert (cfg.model, cfg.class_weight, cfg.horizontal_flip) == ("densenet121", "balanced", True)
+  result = train_lib.train_and_evaluate(cfg, verbose=0)
+  assert tuple(result.model.output.shape) == (None, K)
+  assert {"val_auc", *(f"val_{m}" for m in METRICS)} <= set(_history(str(run))[0])
