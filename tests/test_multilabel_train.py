@@ -310,11 +310,15 @@ class _Preempted(Exception):
   pass
 
 
-def test_multi_label_training_logs_auc_per_finding_beats_chance_and_resumes(ml_data, tmp_path,
-                                                                            monkeypatch):
+def test_multi_label_training_logs_auc_per_finding_beats_chance_and_resumes(
+    ml_data, tmp_path, monkeypatch, _float32_policy):
   data_dir, _ = ml_data
   run = str(tmp_path / "run")
-  cfg = _cfg(data_dir, run, epochs=3, early_stopping_patience=3, reduce_lr_patience=2)
+  # As on GPUs/TPUs: MirroredStrategy (one CPU replica; metric variables are sync-on-read) and
+  # mixed precision (they are autocast variables too). steps_per_execution=2: train_lib passes
+  # validation_steps to Keras only then, which a distributed validation set needs.
+  cfg = _cfg(data_dir, run, epochs=3, early_stopping_patience=3, reduce_lr_patience=2,
+             strategy="mirrored", steps_per_execution=2, mixed_precision="bfloat16")
   real_make_callbacks = train_lib.make_callbacks
 
   def crash_after_epoch_two(*args, **kw):

@@ -109,8 +109,9 @@ class MaskedAUC(keras.metrics.AUC):
   def result(self):
     if self.finding is not None:
       return super().result()
-    tp, fp = self.true_positives, self.false_positives        # [thresholds, K]
-    tn, fn = self.true_negatives, self.false_negatives
+    # [thresholds, K] tensors (read as tensors: under a strategy these are sync-on-read variables).
+    tp, fp, tn, fn = (tf.convert_to_tensor(v) for v in (self.true_positives, self.false_positives,
+                                                          self.true_negatives, self.false_negatives))
     tpr = tf.math.divide_no_nan(tp, tp + fn)
     fpr = tf.math.divide_no_nan(fp, fp + tn)
     # Keras' ROC rule (interpolation): trapezoids between neighbouring thresholds.
