@@ -13,6 +13,7 @@ learns or scores the wrong thing.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -153,6 +154,21 @@ def test_pipeline_yields_multi_hot_and_mask_in_one_target(ml_data):
   x, y, names = next(iter(train))
   assert tuple(y.shape) == (16, 2 * K) and tuple(x.shape) == (16, SIZE, SIZE, 1)  # static for TPU
   assert names.dtype == tf.string
+
+
+def test_a_file_cache_is_kept_per_target_form(ml_data, tmp_path):
+  """The cached elements differ ((image, int label) vs (image, y [2K])): one cache file set each."""
+  data_dir, truth = ml_data
+  spec = dataclasses.replace(_spec(), cache=str(tmp_path / "cache" / "c"))
+  for _ in range(2):   # the second pass reads the caches back
+    y = np.concatenate([y.numpy() for _, y in input_pipeline.eval_dataset(
+        data_dir, "test", spec, batch_size=8, label_mode="multi_label")])
+    np.testing.assert_array_equal(y[:, :K], truth["test"][0])
+    labels = np.concatenate([y.numpy() for _, y in input_pipeline.eval_dataset(
+        data_dir, "test", spec, batch_size=8, label_mode="int")])
+    assert labels.shape == (LAYOUT["test"][0],) and not labels.any()   # label 0 in multi-label records
+  names = os.listdir(tmp_path / "cache")
+  assert any("-ml-" in n for n in names) and any("-ml-" not in n for n in names)
 
 
 def test_label_mode_must_fit_the_task(ml_data, demo_data_dir):
