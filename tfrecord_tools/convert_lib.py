@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
 import hashlib
 import json
 import math
@@ -53,7 +54,7 @@ import sys
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-from tfrecord_tools import __version__, cli, errors, pixels, pool, records, schema, shards, storage
+from tfrecord_tools import __version__, cli, errors, locks, pixels, pool, records, schema, shards, storage
 from tfrecord_tools.shards import STATE_DIR, Item, ShardTask, Source
 
 IMAGE_EXTENSIONS = frozenset({
@@ -113,6 +114,9 @@ class ConvertOptions:
   num_workers: int = cli.field(0, "Worker processes; 0: all cores.")
   max_skipped_fraction: float = cli.field(0.05, "Fail (no manifest) when more than this fraction of "
                                           "the files found cannot be converted.")
+  on_conflict: str = cli.field("error", "A file whose contents (sha256) appear under two classes: "
+                               "error (list the pairs and stop) or skip (leave every copy out, "
+                               "counted as skipped).", ("error", "skip"))
   overwrite: bool = cli.field(False, "Replace a complete earlier output.")
   name: str = cli.field("", "Data set name in the manifest (default: output folder).")
   quiet: bool = cli.field(False, "No progress line.")
@@ -125,6 +129,11 @@ class Found:
   layout: str                      # "splits" or "classes"
   splits: list[str]                # canonical split names found ("" for the classes layout)
   ignored: list[str]               # files that are not image-like, relative paths
+  # Set by `dedupe`: files skipped before conversion (content conflicts), with reasons;
+  # paths that reach a file already listed (converted once); same-class identical contents.
+  skipped: list[dict] = dataclasses.field(default_factory=list)
+  aliases: list[dict] = dataclasses.field(default_factory=list)
+  duplicates: list[list[str]] = dataclasses.field(default_factory=list)
 
 
 # Files (local, gs:// through google-cloud-storage, other schemes through
@@ -137,10 +146,21 @@ class Found:
 
 
 def _walk_files(root: str) -> Iterable[str]:
-  """Paths (relative to root, '/'-separated) of all non-hidden files, sorted."""
+  """Paths (relative to root, '/'-separated) of all non-hidden files, sorted.
+
+  Symbolic links are followed, but no directory is entered twice (real paths are
+  compared), so a link to a parent folder cannot loop or repeat the tree.
+  """
   out = []
+  seen_dirs: set[str] = set()
   for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    real = os.path.realpath(dirpath)
+    if real in seen_dirs:
+      dirnames[:] = []
+      continue
+    seen_dirs.add(real)
+    dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                         and os.path.realpath(os.path.join(dirpath, d)) not in seen_dirs)
     rel_dir = os.path.relpath(dirpath, root)
     for name in filenames:
       if name.startswith("."):
@@ -639,6 +659,101 @@ def _compile_group_regex(pattern: str) -> re.Pattern | None:
   return regex
 
 
+def _content_digest(src: Source) -> str:
+  h = hashlib.sha256()
+  with storage.open(src.path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def dedupe(found: Found, on_conflict: str, log: Callable[[str], None]) -> Found:
+  """Finds files with identical contents (sha256; only files sharing a size are read).
+
+  - the same file reached by two paths (symlinks): converted once, the other paths
+    listed in `aliases`;
+  - identical contents under two classes: a conflict. on_conflict="error" raises
+    ConvertError listing the pairs; "skip" leaves every copy out (`skipped`, counted);
+  - identical contents under one class: kept, listed in `duplicates`; `_make_items`
+    keeps them in one split (a duplicate upload must not leak from train into test).
+  """
+  by_size: dict[int, list[Source]] = {}
+  for src in found.sources:
+    by_size.setdefault(src.size, []).append(src)
+  by_digest: dict[str, list[Source]] = {}
+  for same in by_size.values():
+    if len(same) > 1:
+      for src in same:
+        by_digest.setdefault(_content_digest(src), []).append(src)
+  drop: dict[str, dict | None] = {}     # rel -> skip record (conflict) or None (alias)
+  conflicts, aliases, duplicates = [], [], []
+  for digest, group in sorted(by_digest.items()):
+    if len(group) < 2:
+      continue
+    group = sorted(group, key=lambda s: s.rel)
+    classes = sorted({s.source_class for s in group})
+    if len(classes) > 1:
+      conflicts.append(group)
+      continue
+    first_real: dict[str, str] = {}
+    distinct = []
+    for src in group:
+      real = src.path if storage.is_remote(src.path) else os.path.realpath(src.path)
+      if real in first_real:
+        drop[src.rel] = None
+        aliases.append({"path": src.rel, "same_file_as": first_real[real]})
+      else:
+        first_real[real] = src.rel
+        distinct.append(src.rel)
+    if len(distinct) > 1:
+      duplicates.append(distinct)
+      if len({s.split for s in group}) > 1:
+        log(f"warning: identical files in different split folders of the input: {distinct[:3]} "
+            "(they leak between splits; remove the copies)")
+  if conflicts:
+    pairs = "; ".join(" = ".join(f"{s.rel} ({s.source_class})" for s in g) for g in conflicts[:5])
+    more = f" (and {len(conflicts) - 5} more)" if len(conflicts) > 5 else ""
+    if on_conflict != "skip":
+      raise ConvertError(f"{len(conflicts)} file(s) have the same contents under different classes: "
+                         f"{pairs}{more}. Remove the wrong copies, or pass --on_conflict=skip to leave "
+                         "them all out")
+    for g in conflicts:
+      for s in g:
+        others = ", ".join(f"{o.rel} ({o.source_class})" for o in g if o is not s)
+        drop[s.rel] = {"path": s.rel, "reason": f"same contents as {others} under another class"}
+    log(f"warning: skipped {sum(len(g) for g in conflicts)} files whose contents appear under "
+        f"different classes (--on_conflict=skip): {pairs}{more}")
+  if aliases:
+    log(f"{len(aliases)} paths reach a file already found (symbolic links): converted once")
+  if duplicates:
+    log(f"{sum(len(d) for d in duplicates)} files are identical copies within their class "
+        f"({len(duplicates)} groups, e.g. {duplicates[0][:2]}): each group is kept in one split")
+  return dataclasses.replace(
+      found, sources=[s for s in found.sources if s.rel not in drop],
+      skipped=sorted((r for r in drop.values() if r), key=lambda r: r["path"]),
+      aliases=aliases, duplicates=duplicates)
+
+
+def _split_groups(keys: Sequence[str], pids: Sequence[str], duplicates: list[list[str]]) -> list[str]:
+  """assign_splits's group per item: the patient id, or the item itself (its "" / rel key),
+  with each set of duplicate files (and their patients) merged into one group."""
+  base = [p if p else "\0file\0" + k for k, p in zip(keys, pids)]
+  parent = {b: b for b in base}
+
+  def find(x: str) -> str:
+    while parent[x] != x:
+      parent[x] = parent[parent[x]]
+      x = parent[x]
+    return x
+
+  index = {k: i for i, k in enumerate(keys)}
+  for dup in duplicates:
+    roots = sorted({find(base[index[k]]) for k in dup if k in index})
+    for r in roots[1:]:
+      parent[r] = roots[0]
+  return [find(b) for b in base]
+
+
 def _make_items(found: Found, classes: list[str], mapping: dict[str, str],
                 opts: ConvertOptions, log: Callable[[str], None]
                 ) -> tuple[list[Item], dict[str, int], dict]:
@@ -679,8 +794,9 @@ def _make_items(found: Found, classes: list[str], mapping: dict[str, str],
       fractions[name] = frac
   if fractions:
     pool = [i for i, sp in enumerate(splits) if sp == "train"]
-    drawn = assign_splits([kept[i].rel for i in pool], [labels[i] for i in pool],
-                          [pids[i] for i in pool], fractions, opts.seed)
+    keys = [kept[i].rel for i in pool]
+    groups = _split_groups(keys, [pids[i] for i in pool], found.duplicates)
+    drawn = assign_splits(keys, [labels[i] for i in pool], groups, fractions, opts.seed)
     for i, sp in zip(pool, drawn):
       splits[i] = sp
     info["drawn_splits"] = {k: v for k, v in fractions.items()}
@@ -766,11 +882,18 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] | None = None,
   pool.exit_if_starting_worker()
   log = log or (lambda m: None if opts.quiet else _log(m))
   _check_options(opts)
+  # One process owns the output folder (a second converter fails at once, naming the holder).
+  with locks.exclusive(opts.output_dir, "tfrecord_tools.convert"):
+    return _convert_owned(opts, log, run_tasks)
+
+
+def _convert_owned(opts: ConvertOptions, log: Callable[[str], None], run_tasks) -> dict:
+  """convert() with the output folder's lock held."""
   _check_output(opts)
   t0 = time.monotonic()
 
   found = (find_keras_pair(opts.input_dir) if opts.input_format == "keras_pair"
-           else find_files(opts.input_dir))
+           else dedupe(find_files(opts.input_dir), opts.on_conflict, log))
   classes, mapping = resolve_classes(found, opts.class_map)
   items, dropped, split_info = _make_items(found, classes, mapping, opts, log)
   if not items:
@@ -803,9 +926,23 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] | None = None,
   for t in tasks:
     r = shards.load_finished(t)
     (results.append(r) if r is not None else todo.append(t))
-  if results:
+  if not todo:
+    log(f"nothing to convert: {len(results)} of {len(tasks)} shards already complete")
+  elif results:
     log(f"resuming: {len(results)} of {len(tasks)} shards were finished by an earlier run")
-  new_results, rate, num_workers, extra_args = (run_tasks or run_locally)(todo, opts, log)
+  try:
+    new_results, rate, num_workers, extra_args = (run_tasks or run_locally)(todo, opts, log)
+  except (OSError, shards.ShardWriteError) as e:
+    # Disk full, a read-only or vanished folder: no traceback, no temp files left behind;
+    # the finished shards stay for the resume.
+    try:
+      _clean_output(out, keep)
+    except OSError:
+      pass
+    finished = sum(1 for t in tasks if storage.exists(storage.join(out, t.file)))
+    raise ConvertError(f"{_io_error_text(e)}; {finished} of {len(tasks)} shards are finished and "
+                       "kept: fix the cause (e.g. free disk space) and run the same command again "
+                       "to resume") from None
   results += new_results
 
   manifest = _build_manifest(opts, found, classes, mapping, dropped, plan, results,
@@ -828,7 +965,11 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] | None = None,
         "(finished shards are reused)")
   manifest["elapsed_s"] = round(time.monotonic() - t0, 2)
   manifest["images_per_sec"] = round(rate, 1)
-  storage.write_bytes(schema.manifest_path(out), (json.dumps(manifest, indent=2) + "\n").encode())
+  try:
+    storage.write_bytes(schema.manifest_path(out), (json.dumps(manifest, indent=2) + "\n").encode())
+  except OSError as e:
+    raise ConvertError(f"{_io_error_text(e)}; every shard is finished: fix the cause and run the "
+                       "same command again to write the manifest") from None
   _clean_output(out, keep)
   for name in (STATE_DIR, "skipped.json"):
     p = storage.join(out, name)
@@ -837,8 +978,19 @@ def convert(opts: ConvertOptions, log: Callable[[str], None] | None = None,
   return manifest
 
 
+def _io_error_text(e: BaseException) -> str:
+  """One line for an I/O error at write time, e.g. 'cannot write X: No space left on device (ENOSPC)'."""
+  if isinstance(e, shards.ShardWriteError):
+    return str(e)
+  code = errno.errorcode.get(getattr(e, "errno", None) or -1)
+  where = f" {e.filename}" if getattr(e, "filename", None) else ""
+  return f"cannot write{where}: {e.strerror or e}" + (f" ({code})" if code else "")
+
+
 def run_locally(todo: list[ShardTask], opts: ConvertOptions, log) -> tuple[list, float, int, dict]:
   """Writes the unfinished shards with a local process pool (one shard per worker)."""
+  if not todo:
+    return [], 0.0, 0, {}
   num_workers = _resolve_workers(opts.num_workers)
   if not opts.num_workers:   # default: no process pool for small jobs (start-up would dominate)
     num_workers = max(1, min(num_workers, sum(len(t.items) for t in todo) // 100))
@@ -866,8 +1018,10 @@ def _build_manifest(opts, found, classes, mapping, dropped, plan, results, split
         "num_examples": sum(r["num_examples"] for r in rs),
         "class_counts": counts,
         "num_groups": len(patients) if opts.group_regex else None,
-        "shards": [{"file": r["file"], "num_examples": r["num_examples"]} for r in rs],
+        "shards": [{"file": r["file"], "num_examples": r["num_examples"],
+                    **({"sha256": r["sha256"]} if r.get("sha256") else {})} for r in rs],
     }
+  skipped.extend(found.skipped)
   skipped.sort(key=lambda s: s["path"])
   num_converted = sum(s["num_examples"] for s in splits.values())
   args = dataclasses.asdict(opts)
@@ -889,7 +1043,7 @@ def _build_manifest(opts, found, classes, mapping, dropped, plan, results, split
       "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
       "args": args,
       "classes": classes,
-      "num_found": len(found.sources),
+      "num_found": len(found.sources) + len(found.skipped),
       "num_converted": num_converted,
       "num_skipped": len(skipped),
       "num_dropped": sum(dropped.values()),
@@ -897,6 +1051,9 @@ def _build_manifest(opts, found, classes, mapping, dropped, plan, results, split
       "dropped": dict(sorted(dropped.items())),
       "num_ignored": len(found.ignored),
       "ignored_examples": found.ignored[:20],
+      "num_duplicates": sum(len(d) for d in found.duplicates),
+      "duplicates": found.duplicates,          # identical files within a class, kept in one split
+      "aliases": found.aliases,                # other paths to a converted file (not converted twice)
       "layout": found.layout,
       "splits": splits,
       "image_stats": stats.summary(),

@@ -13,6 +13,7 @@ and the manifest readers stay light.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
@@ -22,6 +23,13 @@ from tfrecord_tools import errors, storage
 MANIFEST_NAME = "dataset.json"
 MANIFEST_VERSION = 1
 SPLITS = ("train", "val", "test")
+# The manifest's "task": absent or SINGLE_LABEL (one class per image, `classes` in label
+# order) or MULTI_LABEL (CSV-labelled findings: `classes` are the K findings; records
+# carry multi_hot + mask).
+SINGLE_LABEL = "single_label"
+MULTI_LABEL = "multi_label"
+# The text of a multi-label image with no finding (its record's class text, its predicted label).
+NO_FINDING = "No Finding"
 
 
 def shard_name(split: str, index: int, num_shards: int) -> str:
@@ -61,6 +69,42 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
 
 class ManifestError(errors.UserError):
   """dataset.json is missing or does not describe the requested data."""
+
+
+def data_fingerprint(manifest: dict) -> dict:
+  """What identifies a converted data set, wherever it is stored (a gs:// copy has the same):
+  {"digest": sha256 of the task, classes and every split's shards (name, count, content
+  sha256), "classes": [...], "splits": {split: num_examples}}. Recorded in a run's config.json;
+  a resume against data with another digest is refused."""
+  content = {"task": manifest.get("task", SINGLE_LABEL), "classes": manifest["classes"],
+             "splits": {name: [(s["file"], s.get("num_examples"), s.get("sha256"))
+                               for s in info.get("shards", [])]
+                        for name, info in sorted(manifest["splits"].items())}}
+  if not any(s.get("sha256") for info in manifest["splits"].values() for s in info.get("shards", [])):
+    # Written before shards had digests: the conversion's arguments stand in for the content.
+    args = {k: v for k, v in (manifest.get("args") or {}).items()
+            if k not in ("input_dir", "output_dir", "num_workers", "overwrite", "quiet")}
+    content["args"] = args
+  digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+  return {"digest": digest, "classes": list(manifest["classes"]),
+          "splits": {name: info.get("num_examples") for name, info in sorted(manifest["splits"].items())}}
+
+
+def fingerprint_differences(old: dict, new: dict) -> list[str]:
+  """What differs between two data fingerprints, in words ([] when the same data)."""
+  if old.get("digest") == new.get("digest"):
+    return []
+  out = []
+  if old.get("classes") != new.get("classes"):
+    out.append(f"classes {old.get('classes')} -> {new.get('classes')}")
+  for split in sorted(set(old.get("splits", {})) | set(new.get("splits", {}))):
+    a, b = old.get("splits", {}).get(split), new.get("splits", {}).get(split)
+    if a != b:
+      out.append(f"{split} examples {a} -> {b}")
+  if not out:
+    out.append("same classes and split sizes but other images or another split "
+               f"(data digest {str(old.get('digest'))[:12]} -> {str(new.get('digest'))[:12]})")
+  return out
 
 
 def manifest_path(data_dir: str) -> str:

@@ -25,7 +25,7 @@ import os
 import threading
 from typing import Any, Iterable
 
-from tfrecord_tools import pixels, pool, records, storage
+from tfrecord_tools import errors, pixels, pool, records, storage
 
 STATE_DIR = ".convert-state"   # in the output folder while a conversion runs
 
@@ -197,27 +197,57 @@ def write_records(output_dir: str, file: str, split: str, fingerprint: str,
   stats = Stats()
   class_counts: dict[str, int] = {}
   skipped, patients, converted = [], set(), 0
-  with storage.open(tmp, "wb") as out:
-    for record, info in outcomes:
-      if record is None:
-        skipped.append(info)
-        continue
-      out.write(records.frame(record))
-      converted += 1
-      stats.merge(info["stats"])
-      class_counts[info["text"]] = class_counts.get(info["text"], 0) + 1
-      if info["patient_id"]:
-        patients.add(info["patient_id"])
+  digest = hashlib.sha256()   # of the shard's bytes: the data's identity in dataset.json
+  try:
+    with storage.open(tmp, "wb") as out:
+      for record, info in outcomes:
+        if record is None:
+          skipped.append(info)
+          continue
+        framed = records.frame(record)
+        digest.update(framed)
+        out.write(framed)
+        converted += 1
+        stats.merge(info["stats"])
+        class_counts[info["text"]] = class_counts.get(info["text"], 0) + 1
+        if info["patient_id"]:
+          patients.add(info["patient_id"])
+  except OSError as e:
+    _discard(tmp, final)
+    raise ShardWriteError(_write_error(final, e)) from None
   result = {
       "file": file, "split": split, "fingerprint": fingerprint,
       "num_examples": converted, "class_counts": class_counts, "skipped": skipped,
-      "patients": sorted(patients), "stats": stats.d,
+      "patients": sorted(patients), "stats": stats.d, "sha256": digest.hexdigest(),
   }
   # Statistics first, then the shard: a shard under its final name always has them.
-  storage.write_bytes(state_path(output_dir, file), json.dumps(result).encode())
-  if tmp != final:
-    storage.rename(tmp, final)
+  try:
+    storage.write_bytes(state_path(output_dir, file), json.dumps(result).encode())
+    if tmp != final:
+      storage.rename(tmp, final)
+  except OSError as e:
+    _discard(tmp, final)
+    raise ShardWriteError(_write_error(final, e)) from None
   return result
+
+
+class ShardWriteError(errors.UserError):
+  """A shard could not be written (disk full, permissions, ...): one line; its temp file is gone."""
+
+
+def _write_error(path: str, e: OSError) -> str:
+  import errno  # noqa: PLC0415
+  code = errno.errorcode.get(e.errno or -1)
+  return f"cannot write {path}: {e.strerror or e}" + (f" ({code})" if code else "")
+
+
+def _discard(tmp: str, final: str) -> None:
+  """Removes a half-written temp shard (never the final file)."""
+  if tmp != final:
+    try:
+      storage.remove(tmp)
+    except OSError:
+      pass
 
 
 def write_shard(task: ShardTask) -> dict:

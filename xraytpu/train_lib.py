@@ -24,6 +24,7 @@ local copy that the chief pushes after every epoch (tfrecord_tools.storage.Mirro
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -48,8 +49,10 @@ from xraytpu.callbacks import StopOnNaN, _save_and_discard, make_callbacks
 from xraytpu.config import Config
 from xraytpu.data import DataError
 from xraytpu.data import input_pipeline
+from xraytpu.data import integrity
 from xraytpu.data import stats
 from xraytpu.models import applications
+from tfrecord_tools import locks
 from tfrecord_tools import schema
 from tfrecord_tools import storage
 
@@ -102,10 +105,13 @@ def _config_differences(old: dict, new: Config) -> list[str]:
   return diffs
 
 
-def prepare_run_dir(cfg: Config, chief: bool = True, run_dir: str = "") -> str:
+def prepare_run_dir(cfg: Config, chief: bool = True, run_dir: str = "",
+                    data: dict | None = None) -> str:
   """Decides fresh / resume / refuse. Returns "fresh" or "resume".
 
   run_dir: where the files are (a gs:// run's local copy), default cfg.model_dir.
+  data: the training data's fingerprint (schema.data_fingerprint): an unfinished run
+  trained on other data is not resumed (the same data elsewhere, e.g. a gs:// copy, is).
   Only the chief deletes an old run (--overwrite); other workers just go on.
   """
   run_dir = run_dir or cfg.model_dir
@@ -121,6 +127,9 @@ def prepare_run_dir(cfg: Config, chief: bool = True, run_dir: str = "") -> str:
       rundir.clear(run_dir)
     return "fresh"
   diffs = _config_differences(old, cfg)
+  old_data = (old.get("run") or {}).get("data")
+  if data is not None and old_data is not None:
+    diffs += [f"data: {d}" for d in schema.fingerprint_differences(old_data, data)]
   if diffs:
     if not cfg.overwrite:
       raise TrainError(f"--model_dir={cfg.model_dir} holds an unfinished run with other settings "
@@ -368,13 +377,22 @@ def train_and_evaluate(cfg: Config, *, strategy: tf.distribute.Strategy | None =
   """
   t_start = time.perf_counter()
   validate_config(cfg)
+  # One process owns the run directory: the chief holds its lock until the run ends
+  # (a second trainer fails at once naming the holder; a killed holder's lock is taken over).
+  chief = distribute.chief_from_env(cfg.strategy)
+  with (locks.exclusive(cfg.model_dir, "xraytpu.train") if chief else contextlib.nullcontext()):
+    return _train_owned(cfg, strategy=strategy, verbose=verbose, t_start=t_start)
+
+
+def _train_owned(cfg: Config, *, strategy, verbose, t_start: float) -> TrainResult:
+  """train_and_evaluate with the run directory's lock held (by the chief)."""
   old = rundir.read_config(cfg.model_dir)
   if old is not None and old.get("status") == "finished" and not cfg.overwrite:
     prepare_run_dir(cfg, chief=False)  # raises the "finished run" error before any slow setup
   mirror = storage.Mirror(cfg.model_dir)
   if mirror.active:
     t = time.perf_counter()
-    n = mirror.pull()
+    n = mirror.pull(exclude=(locks.LOCK_NAME,))
     logging.info("Run directory %s: training in the local copy %s (%d file(s) pulled in %.1f s); "
                  "changes are pushed after every epoch", cfg.model_dir, mirror.local, n,
                  time.perf_counter() - t)
@@ -382,6 +400,10 @@ def train_and_evaluate(cfg: Config, *, strategy: tf.distribute.Strategy | None =
   try:
     result = _train(cfg, strategy=strategy, verbose=verbose, mirror=mirror, t_start=t_start)
     finished = True
+  except BaseException as e:
+    # The run directory records the failure instead of staying "running" (a rerun resumes).
+    rundir.mark_failed(mirror.local, f"{type(e).__name__}: {e}".splitlines()[0][:500])
+    raise
   finally:
     try:
       mirror.push()   # the chief's last files; a no-op elsewhere
@@ -420,7 +442,8 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
   jit = bool(cfg.jit_compile or info.accelerator == "tpu")
   cfg = dataclasses.replace(cfg, channels=channels, steps_per_epoch=steps_per_epoch, jit_compile=jit)
   mirror.read_only = not info.is_chief
-  mode = prepare_run_dir(cfg, info.is_chief, run_dir=mirror.local)
+  data = schema.data_fingerprint(manifest)
+  mode = prepare_run_dir(cfg, info.is_chief, run_dir=mirror.local, data=data)
 
   logging.info("Batch: global %d = %d replica(s) x %d per replica; %d steps/epoch; policy %s; jit %s",
                global_batch, info.replicas, per_replica, steps_per_epoch, policy, jit)
@@ -469,6 +492,7 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
       "steps_per_epoch": steps_per_epoch,
       "mixed_precision_policy": policy,
       "jit_compile": jit,
+      "data": data,     # schema.data_fingerprint: a resume on other data is refused
       "manifest": {"data_dir": cfg.data_dir, "sha256": _manifest_digest(cfg.data_dir),
                    "name": manifest.get("name"), "classes": classes,
                    "num_examples": {s: v.get("num_examples") for s, v in manifest["splits"].items()}},
@@ -511,7 +535,8 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
                          global_batch=global_batch, steps_per_epoch=steps_per_epoch,
                          total_epochs=total_epochs, best_so_far=_best(run_dir, monitor), nan=nan,
                          mirror=mirror)
-    model.fit(train_ds, epochs=cfg.epochs, callbacks=cbs, **fit_kw)
+    with integrity.named_data_errors(cfg.data_dir, manifest, ("train", "val")):
+      model.fit(train_ds, epochs=cfg.epochs, callbacks=cbs, **fit_kw)
     _check_nan(nan, cfg.model_dir)
 
   # ---- phase 2: fine-tune the backbone ----------------------------------------
@@ -527,7 +552,8 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
                          global_batch=global_batch, steps_per_epoch=steps_per_epoch,
                          total_epochs=total_epochs, best_so_far=_best(run_dir, monitor), nan=nan,
                          mirror=mirror)
-    model.fit(train_ds, initial_epoch=cfg.epochs, epochs=total_epochs, callbacks=cbs, **fit_kw)
+    with integrity.named_data_errors(cfg.data_dir, manifest, ("train", "val")):
+      model.fit(train_ds, initial_epoch=cfg.epochs, epochs=total_epochs, callbacks=cbs, **fit_kw)
     _check_nan(nan, cfg.model_dir)
 
   # ---- finish ------------------------------------------------------------------
