@@ -78,7 +78,7 @@ def write_multilabel_dataset(root: pathlib.Path) -> dict:
       indices = list(range(n))[s::num_shards]
       with tf.io.TFRecordWriter(str(root / name)) as w:
         for i in indices:
-          text = "|".join(f for f, v in zip(FINDINGS, multi_hot[i]) if v) or "No Finding"
+          text = "|".join(f for f, v in zip(FINDINGS, multi_hot[i]) if v) or schema.NO_FINDING
           w.write(records.serialize_example(
               encoded=_film(present[i], seed=1000 * len(split) + i), image_format="png",
               height=SIZE, width=SIZE, channels=1, bit_depth=8, label=0, text=text,

@@ -26,8 +26,9 @@ from absl import logging
 from tfrecord_tools import schema
 from xraytpu.data import DataError
 
-SINGLE_LABEL = "single_label"   # one class per image (the class-per-folder case; "task" absent)
-MULTI_LABEL = "multi_label"     # K findings per image: multi-hot labels and a mask
+# The manifest's tasks (named in tfrecord_tools.schema): one class per image ("task" absent),
+# or K findings per image (multi-hot labels and a mask).
+SINGLE_LABEL, MULTI_LABEL = schema.SINGLE_LABEL, schema.MULTI_LABEL
 TASKS = (SINGLE_LABEL, MULTI_LABEL)
 
 
