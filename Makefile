@@ -2,11 +2,14 @@
 #   make demo   create/reuse .venv, generate (or take DATA=path) images, convert, inspect, train, evaluate
 #   make test   create/reuse .venv and run the test suite (what CI runs)
 # GPU box: make venv TF_WHEEL='tensorflow[and-cuda]~=2.21.0'   (see WORKSPACE.md for TPU VMs)
+# JPEG-LS / JPEG-lossless DICOM: make venv EXTRAS=dev,beam,dicom-jpeg   (GPL-3.0 decoder)
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TF_WHEEL ?= tensorflow-cpu~=2.21.0
+# pydicom comes with the package itself (setup.cfg install_requires).
+EXTRAS ?= dev,beam
 STAMP := $(VENV)/.xraytpu-installed
 
 # Demo settings: DATA=path/to/class-per-folder images to use your own data.
@@ -27,7 +30,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TF_WHEEL)"
 	$(PY) -m pip install -q --no-deps "tf-keras~=2.21.0"
-	$(PY) -m pip install -q -e ".[dev,beam]"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	$(PY) -c "import tensorflow as tf, tf_keras; print('TensorFlow', tf.__version__, '| tf_keras', tf_keras.__version__)"
 	touch $@
 

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -125,24 +124,39 @@ def test_16bit_png_predicts_like_its_8bit_source(loaded, demo_data_dir, tmp_path
   assert r16.probabilities["PNEUMONIA"] == pytest.approx(r8.probabilities["PNEUMONIA"], abs=1e-6)
 
 
+def _dicom(raw, **attrs):
+  """A pydicom data set holding `raw` as 12-bit stored values, with the given attributes."""
+  from pydicom.dataset import Dataset, FileMetaDataset
+  ds = Dataset()
+  ds.file_meta = FileMetaDataset()
+  ds.set_pixel_data(raw, attrs.pop("PhotometricInterpretation", "MONOCHROME2"), 12)
+  for k, v in attrs.items():
+    setattr(ds, k, v)
+  return ds
+
+
 def test_dicom_pixels_rescale_window_and_monochrome1():
-  raw = np.array([[0, 1000], [2000, 4000]], dtype=np.uint16)
-  # CT-like: HU = 1 * raw - 1024; the lung window (-600, 1500) spans [-1350, 150] HU.
-  ds = types.SimpleNamespace(pixel_array=raw, PhotometricInterpretation="MONOCHROME2",
-                             RescaleSlope=1, RescaleIntercept=-1024)
-  out = predict_lib.dicom_pixels(ds, predict_lib.parse_window("lung"))
+  """predict renders DICOM with tfrecord_tools.dicom: rescale first, then the window, then MONOCHROME1."""
+  from tfrecord_tools import dicom
+  pytest.importorskip("pydicom")
+  raw = np.array([[0, 1000], [2000, 4095]], dtype=np.uint16)
+  # CT-like: HU = 1 * raw - 1024; the lung window (-600, 1500) spans [-1350, 150] HU (LINEAR).
+  ds = _dicom(raw, RescaleSlope=1, RescaleIntercept=-1024)
+  out = dicom.pixels_of(ds, predict_lib.parse_window("lung"))
   hu = raw.astype(float) - 1024
-  expected = np.round(np.clip((hu + 1350) / 1500, 0, 1) * 65535)
-  np.testing.assert_array_equal(out, expected.astype(np.uint16))
-  # MONOCHROME1: low values are white -> inverted; no window -> full range.
-  ds1 = types.SimpleNamespace(pixel_array=raw, PhotometricInterpretation="MONOCHROME1")
-  out1 = predict_lib.dicom_pixels(ds1, None)
-  assert out1[0, 0] == 65535 and out1[1, 1] == 0
-  # The file's own window (multi-valued, as pydicom gives it) is used by 'auto'.
-  ds2 = types.SimpleNamespace(pixel_array=raw, WindowCenter=[2000, 0], WindowWidth=[2000, 1])
-  out2 = predict_lib.dicom_pixels(ds2, predict_lib.parse_window("auto"))
-  assert out2[0, 0] == 0 and out2[1, 0] == 32768 and out2[1, 1] == 65535
-  assert predict_lib.parse_window("40,400") == (40.0, 400.0)
+  expected = np.round(np.clip((hu - (-600 - 0.5)) / 1499 + 0.5, 0, 1) * 255)
+  np.testing.assert_array_equal(out, expected.astype(np.uint8))
+  # MONOCHROME1: low values are white -> inverted; full range (of the stored 12 bits) -> 16-bit.
+  ds1 = _dicom(raw, PhotometricInterpretation="MONOCHROME1")
+  out1 = dicom.pixels_of(ds1, "full")
+  assert out1.dtype == np.uint16 and out1[0, 0] == 65535 and out1[1, 1] == 0
+  # The file's own window (multi-valued: the first is used) with --window=file.
+  ds2 = _dicom(raw, WindowCenter=[2000, 0], WindowWidth=[2000, 1])
+  out2 = dicom.pixels_of(ds2, "file")
+  assert out2[0, 0] == 0 and out2[1, 0] == 128 and out2[1, 1] == 255
+  # --window: auto = the run's own rendering; values are checked before anything is loaded.
+  assert predict_lib.parse_window("auto") is None and predict_lib.parse_window("") is None
+  assert predict_lib.parse_window("40,400") == "40,400"
   for bad in ("lungs", "40", "40,-1"):
     with pytest.raises(predict_lib.PredictError, match="--window"):
       predict_lib.parse_window(bad)

@@ -385,6 +385,27 @@ def test_dicom_without_pydicom_or_broken_is_a_4xx(server):
     assert status == 415 and "pydicom" in out["error"]
 
 
+def test_dicom_upload_answers_as_predict_and_as_its_png(server, loaded, demo_files, tmp_path):
+  """A DICOM upload (raw body or multipart, with or without the .dcm name) is rendered as the
+  run's data was, and scores as xraytpu.predict scores the file, and as the film's PNG."""
+  pytest.importorskip("pydicom")
+  from tfrecord_tools import synthetic
+  film = np.asarray(Image.open(demo_files[0]).convert("L")) / 255.0
+  dcm = tmp_path / "film.dcm"
+  dcm.write_bytes(synthetic.encode_dicom(film, "monochrome1", patient_id="x"))
+  want = predict_lib.predict_files(loaded, [str(dcm), demo_files[0]])
+  status, out, _ = _request(server, "POST", "/v1/predict", dcm.read_bytes(),
+                            {"Content-Type": "application/dicom"})
+  assert status == 200, out
+  got = _probs(out["predictions"][0], loaded.classes)
+  np.testing.assert_allclose(got, [want[0].probabilities[c] for c in loaded.classes], atol=1e-6)
+  assert abs(got[1] - want[1].probabilities["PNEUMONIA"]) <= 0.02
+  status, out, _ = _post_files(server, [("film.dcm", dcm.read_bytes())], "?window=file")
+  assert status == 200 and len(out["predictions"]) == 1
+  status, out, _ = _post_files(server, [("film.dcm", dcm.read_bytes())], "?window=wide")
+  assert status == 400 and "window=" in out["error"]
+
+
 def test_card_of_an_unevaluated_run_says_so(demo_data_dir, tmp_path_factory, tmp_path):
   run = predict_lib.load(copy_run(trained_run(demo_data_dir, tmp_path_factory), tmp_path))
   card = model_card.model_card(run)

@@ -1,6 +1,7 @@
 """Image folders -> sharded, validated TFRecords with a dataset.json manifest.
 
   convert    folders (or the Keras TPU example's tfrec pair) -> shards + manifest
+  labels     label CSVs (NIH, CheXpert/MIMIC, RSNA, by hand) -> each image's labels
   inspect    read every record back, check counts, draw a sample grid
   synthetic  deterministic chest-radiograph-like demo data set
   records    the one definition of the record format (feature table, TFRecord framing)

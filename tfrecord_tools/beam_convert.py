@@ -73,9 +73,10 @@ def pipeline_args(options: str, num_workers: int = 0) -> list[str]:
 class PrepareImage(beam.DoFn):
   """plan line (dict) -> (shard file, (position, `shards.convert_item`'s outcome))."""
 
-  def __init__(self, max_side: int, channels: str, image_format: str, jpeg_quality: int):
+  def __init__(self, max_side: int, channels: str, image_format: str, jpeg_quality: int,
+               dicom_window: str = "full"):
     self.args = dict(max_side=max_side, channels=channels, image_format=image_format,
-                     jpeg_quality=jpeg_quality)
+                     jpeg_quality=jpeg_quality, dicom_window=dicom_window)
     self.converted = Metrics.counter(COUNTER_NAMESPACE, "images_converted")
     self.skipped = Metrics.counter(COUNTER_NAMESPACE, "images_skipped")
 
@@ -83,7 +84,8 @@ class PrepareImage(beam.DoFn):
     source = shards.Source(rel=e["rel"], split=e["split"], source_class="",
                            path=e["path"], size=e["size"], offset=e["offset"])
     item = shards.Item(source=source, split=e["split"], label=e["label"], text=e["text"],
-                       patient_id=e["patient_id"])
+                       patient_id=e["patient_id"], multi_hot=tuple(e.get("multi_hot", ())),
+                       mask=tuple(e.get("mask", ())))
     record, info = shards.convert_item(item, **self.args)
     (self.skipped if record is None else self.converted).inc()
     yield e["shard"], (e["pos"], record, info)
@@ -122,7 +124,8 @@ def _plan_lines(tasks: Sequence[shards.ShardTask]) -> Iterable[str]:
       s = it.source
       yield json.dumps({"shard": t.file, "split": t.split, "pos": pos, "rel": s.rel,
                         "path": s.path, "offset": s.offset, "size": s.size,
-                        "label": it.label, "text": it.text, "patient_id": it.patient_id})
+                        "label": it.label, "text": it.text, "patient_id": it.patient_id,
+                        **({"multi_hot": it.multi_hot, "mask": it.mask} if it.multi_hot else {})})
 
 
 def run_pipeline(tasks: Sequence[shards.ShardTask], opts: convert_lib.ConvertOptions,
@@ -142,7 +145,8 @@ def run_pipeline(tasks: Sequence[shards.ShardTask], opts: convert_lib.ConvertOpt
        # Break fusion with the read: decoding is the cost, spread it over workers.
        | "Spread" >> beam.Reshuffle()
        | "PrepareImage" >> beam.ParDo(PrepareImage(opts.max_side, opts.channels,
-                                                   opts.image_format, opts.jpeg_quality))
+                                                   opts.image_format, opts.jpeg_quality,
+                                                   opts.dicom_window))
        | "GroupByShard" >> beam.GroupByKey()
        | "WriteShard" >> beam.ParDo(WriteShard(opts.output_dir, shard_meta)))
   result = p.run()

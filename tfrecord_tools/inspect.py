@@ -15,6 +15,15 @@ against the class list. Then it reconciles record counts with the manifest
 occurs in more than one split (leakage), prints a split x class table and,
 with --grid, writes a labelled grid of sample images (rows: classes).
 
+A multi-label set (manifest "task": "multi_label", `classes` = the K
+findings): each record's multi_hot and mask must hold K values of 0.0 / 1.0,
+no finding may be present where it is masked out, and the text must be the
+present findings ("A|B", or "No Finding"). The counts reconciled are, per
+split and finding, the positives (`class_counts`) and the positive /
+negative / ignored counts (`finding_counts`); the tables show positives per
+finding, then positive/negative/uncertain/ignored per finding and split;
+the grid has a row per finding (and one for "No Finding").
+
 TensorFlow's gs:// file system cannot reach a GCS emulator (it has no endpoint
 setting), so a gs:// shard is first downloaded, one at a time, to a temp file
 through tfrecord_tools.storage.
@@ -33,6 +42,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from tfrecord_tools import _entry, errors, records, schema, storage
+from tfrecord_tools.labels import MULTI_LABEL, NO_FINDING
 
 
 class InspectError(errors.UserError):
@@ -85,6 +95,7 @@ def inspect_dataset(data_dir: str, *, grid_path: str | None = None, grid_per_cla
   manifest = schema.read_manifest(data_dir)   # fails fast, before importing TensorFlow
   import tensorflow as tf
   classes = manifest["classes"]
+  multi = manifest.get("task") == MULTI_LABEL
   spec = records.feature_spec()
   problems: list[str] = []
   counts: dict[str, dict[str, int]] = {}
@@ -96,12 +107,17 @@ def inspect_dataset(data_dir: str, *, grid_path: str | None = None, grid_per_cla
   elif grid_split not in splits:
     raise InspectError(f"--grid_split={grid_split} is not in the data set "
                        f"(splits: {', '.join(splits)})")
-  samples: dict[str, list[tuple[np.ndarray, str]]] = {c: [] for c in classes}
+  samples: dict[str, list[tuple[np.ndarray, str]]] = {
+      c: [] for c in classes + ([NO_FINDING] if multi else [])}
   total = 0
+  num_records: dict[str, int] = {}
+  finding_counts: dict[str, dict] = {}
 
   for split in splits:
     info = manifest["splits"][split]
     split_counts = {c: 0 for c in classes}
+    split_findings = {c: {"positive": 0, "negative": 0, "ignored": 0} for c in classes}
+    good = 0
     for shard in info["shards"]:
       path = storage.join(data_dir, shard["file"])
       if not storage.exists(path):
@@ -122,7 +138,12 @@ def inspect_dataset(data_dir: str, *, grid_path: str | None = None, grid_per_cla
           fmt = ex[records.FORMAT].decode()
           name = ex[records.FILENAME].decode("utf-8", "replace")
           where += f" ({name})"
-          if not 0 <= label < len(classes) or classes[label] != text:
+          if multi:
+            bad = _multi_label_problem(ex[records.MULTI_HOT], ex[records.MASK], text, classes)
+            if bad:
+              problems.append(f"{where}: {bad}")
+              continue
+          elif not 0 <= label < len(classes) or classes[label] != text:
             problems.append(f"{where}: label {label} / text {text!r} do not match the classes "
                             f"{classes}")
             continue
@@ -138,9 +159,22 @@ def inspect_dataset(data_dir: str, *, grid_path: str | None = None, grid_per_cla
             sha_splits.setdefault(ex[records.SHA256].decode(), set()).add(split)
           if ex[records.PATIENT_ID]:
             pid_splits.setdefault(ex[records.PATIENT_ID].decode(), set()).add(split)
-          split_counts[text] += 1
-          if grid_path and split == grid_split and len(samples[text]) < grid_per_class:
-            samples[text].append((img, name))
+          good += 1
+          rows = [text]
+          if multi:
+            rows = []
+            for c, h, m in zip(classes, ex[records.MULTI_HOT], ex[records.MASK]):
+              kind = "ignored" if m == 0.0 else ("positive" if h == 1.0 else "negative")
+              split_findings[c][kind] += 1
+              if kind == "positive":
+                split_counts[c] += 1
+                rows.append(c)
+            rows = rows or [NO_FINDING]
+          else:
+            split_counts[text] += 1
+          for row in rows:
+            if grid_path and split == grid_split and len(samples[row]) < grid_per_class:
+              samples[row].append((img, name))
       except tf.errors.DataLossError as e:   # framing or checksum
         problems.append(f"{shard['file']}: corrupt after {n} records ({_first_line(e)})")
       except (OSError, storage.StorageError, tf.errors.OpError) as e:
@@ -150,13 +184,20 @@ def inspect_dataset(data_dir: str, *, grid_path: str | None = None, grid_per_cla
                         f"{shard['num_examples']}")
       total += n
     counts[split] = split_counts
+    num_records[split] = good
+    if multi:
+      finding_counts[split] = split_findings
     if not max_per_shard:
       if split_counts != info["class_counts"]:
         problems.append(f"{split}: class counts {split_counts} but the manifest says "
                         f"{info['class_counts']}")
-      if sum(split_counts.values()) != info["num_examples"]:
-        problems.append(f"{split}: {sum(split_counts.values())} records but num_examples is "
-                        f"{info['num_examples']}")
+      if good != info["num_examples"]:
+        problems.append(f"{split}: {good} records but num_examples is {info['num_examples']}")
+      if multi:
+        said = {c: {k: e[k] for k in ("positive", "negative", "ignored")}
+                for c, e in info.get("finding_counts", {}).items()}
+        if said != split_findings:
+          problems.append(f"{split}: finding counts {split_findings} but the manifest says {said}")
 
   dup = [s for s, sps in sha_splits.items() if len(sps) > 1]
   if dup:
@@ -173,7 +214,9 @@ def inspect_dataset(data_dir: str, *, grid_path: str | None = None, grid_per_cla
     if sum(manifest[k] for k in keys) != manifest["num_found"]:
       problems.append("manifest: converted + skipped + dropped != found")
 
-  log(_table(classes, counts, manifest))
+  log(_table(classes, counts, manifest, num_records))
+  if multi:
+    log(_finding_table(classes, finding_counts, manifest))
   grid_written = None
   if grid_path:
     if any(samples.values()):
@@ -187,16 +230,48 @@ def inspect_dataset(data_dir: str, *, grid_path: str | None = None, grid_per_cla
   for p in problems:
     log(f"  problem: {p}")
   return {"ok": not problems, "problems": problems, "counts": counts, "num_records": total,
-          "grid": grid_written}
+          "finding_counts": finding_counts, "grid": grid_written}
 
 
-def _table(classes, counts, manifest) -> str:
+def _multi_label_problem(hot: np.ndarray, mask: np.ndarray, text: str,
+                         classes: list[str]) -> str | None:
+  """What is wrong with a multi-label record's multi_hot / mask / text (None: nothing)."""
+  k = len(classes)
+  if len(hot) != k or len(mask) != k:
+    return (f"multi_hot has {len(hot)} and mask {len(mask)} values, expected {k} "
+            f"(one per finding)")
+  if not (set(hot.tolist()) <= {0.0, 1.0} and set(mask.tolist()) <= {0.0, 1.0}):
+    return "multi_hot / mask hold values other than 0.0 and 1.0"
+  if np.any((hot == 1.0) & (mask == 0.0)):
+    return "a finding is present (multi_hot 1) where the mask ignores it"
+  want = "|".join(c for c, h in zip(classes, hot) if h == 1.0) or NO_FINDING
+  if text != want:
+    return f"text {text!r} but multi_hot says {want!r}"
+  return None
+
+
+def _table(classes, counts, manifest, num_records) -> str:
   w = max([6] + [len(c) for c in classes])
   lines = [f"{'split':<6} {'shards':>6} {'records':>8}  " + "  ".join(f"{c:>{w}}" for c in classes)]
   for split, c in counts.items():
     n_shards = len(manifest["splits"][split]["shards"])
-    lines.append(f"{split:<6} {n_shards:>6} {sum(c.values()):>8}  "
+    lines.append(f"{split:<6} {n_shards:>6} {num_records[split]:>8}  "
                  + "  ".join(f"{c[k]:>{w}}" for k in classes))
+  return "\n".join(lines)
+
+
+def _finding_table(classes, finding_counts, manifest) -> str:
+  """Per finding and split: positive/negative/uncertain/ignored (uncertain: the manifest's)."""
+  w = max([7] + [len(c) for c in classes])
+  splits = list(finding_counts)
+  lines = [f"{'finding':<{w}}  " + "  ".join(f"{sp + ' pos/neg/unc/ign':>24}" for sp in splits)]
+  for c in classes:
+    cells = []
+    for sp in splits:
+      e = finding_counts[sp][c]
+      unc = manifest["splits"][sp].get("finding_counts", {}).get(c, {}).get("uncertain", "?")
+      cells.append(f"{e['positive']}/{e['negative']}/{unc}/{e['ignored']}")
+    lines.append(f"{c:<{w}}  " + "  ".join(f"{x:>24}" for x in cells))
   return "\n".join(lines)
 
 

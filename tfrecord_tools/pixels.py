@@ -5,7 +5,8 @@ TensorFlow), the tf.data input pipeline, predict, serve, evaluate and the
 exported SavedModel (TensorFlow half, the same steps as graph ops).
 
   file bytes (PNG 8/16-bit, JPEG incl. CMYK, BMP/GIF; TIFF/WebP via `graph_input`;
-              DICOM is rendered to PNG before this, by the caller)
+              DICOM: first rendered to PNG by `tfrecord_tools.dicom` with the
+              converter's --dicom_window, in `prepare_image` and `graph_input`)
    1 decode       JPEG: libjpeg's accurate integer IDCT (PIL's default; TF's
                   `dct_method="INTEGER_ACCURATE"`: the two are bit-identical; TF's
                   default fast IDCT is not, it differs by up to 5 grey levels).
@@ -199,7 +200,8 @@ def _strip_png_metadata(data: bytes) -> bytes:
 
 
 def prepare_image(data: bytes, *, max_side: int = 0, channels: str = "keep",
-                  image_format: str = "keep", jpeg_quality: int = JPEG_QUALITY) -> PreparedImage:
+                  image_format: str = "keep", jpeg_quality: int = JPEG_QUALITY,
+                  dicom_window: str = "full", name: str = "") -> PreparedImage:
   """Decodes, validates and normalises one image file's bytes (see module doc).
 
   Args:
@@ -208,6 +210,8 @@ def prepare_image(data: bytes, *, max_side: int = 0, channels: str = "keep",
     channels: "keep", "1" or "3" (ints 1 and 3 are accepted too).
     image_format: "keep" (JPEG stays JPEG, others become PNG), "png" or "jpeg".
     jpeg_quality: quality for JPEGs this function encodes.
+    dicom_window: how a DICOM file becomes an image first (`tfrecord_tools.dicom`).
+    name: the file's name; a .dcm/.dicom file without the DICM preamble is DICOM too.
 
   Returns:
     PreparedImage with the encoded bytes and their height, width, channels
@@ -224,6 +228,9 @@ def prepare_image(data: bytes, *, max_side: int = 0, channels: str = "keep",
     raise ValueError("max_side must be >= 0")
   if not data:
     raise ImageError("empty file (0 bytes)")
+  dicom_source = _render_dicom(data, dicom_window, name)
+  if dicom_source:
+    data, dicom_source = dicom_source.png, dicom_source.description
 
   try:
     with warnings.catch_warnings():
@@ -244,9 +251,6 @@ def prepare_image(data: bytes, *, max_side: int = 0, channels: str = "keep",
       if orientation != 1:
         im = ImageOps.exif_transpose(im)
   except UnidentifiedImageError:
-    if data[128:132] == b"DICM":
-      raise ImageError("DICOM is not supported by the converter: export to PNG first "
-                       "(16-bit PNG keeps the full range)") from None
     raise ImageError("not an image (unrecognised format)") from None
   except Image.DecompressionBombError as e:
     raise ImageError(f"image too large: {e}") from None
@@ -300,8 +304,21 @@ def prepare_image(data: bytes, *, max_side: int = 0, channels: str = "keep",
   return PreparedImage(
       encoded=encoded, image_format=out_format, height=canonical.height,
       width=canonical.width, channels=3 if canonical.mode == "RGB" else 1,
-      bit_depth=16 if canonical.mode == "I;16" else 8, source_format=source_format,
-      source_mode=source_mode, source_height=size0[1], source_width=size0[0])
+      bit_depth=16 if canonical.mode == "I;16" else 8,
+      source_format="DICOM" if dicom_source else source_format,
+      source_mode=dicom_source or source_mode, source_height=size0[1], source_width=size0[0])
+
+
+def _render_dicom(data: bytes, dicom_window: str, name: str):
+  """The DICOM hook of every door: a DICOM file's `dicom.Rendered` PNG, None for other bytes."""
+  from tfrecord_tools import dicom  # noqa: PLC0415 - dicom imports this module
+  if not dicom.is_dicom(data, name):
+    return None
+  try:
+    window = dicom.parse_window(dicom_window)
+  except ValueError as e:
+    raise ValueError(f"dicom_window {e}") from None
+  return dicom.render(data, window)
 
 
 # ==========================================================================
@@ -313,13 +330,15 @@ _JPEG_SIGNATURE = b"\xff\xd8\xff"
 _GRAPH_SIGNATURES = (_PNG_SIGNATURE, _JPEG_SIGNATURE, b"BM", b"GIF87a", b"GIF89a")
 
 
-def graph_input(data: bytes) -> bytes:
-  """A file's bytes as the graph takes them: PNG/JPEG/BMP/GIF unchanged; any other
-  format PIL reads (TIFF, WebP, ...) decoded here (steps 1-3) and written as a
-  lossless PNG. Raises ImageError for bytes that are no image."""
+def graph_input(data: bytes, *, dicom_window: str = "full", name: str = "") -> bytes:
+  """A file's bytes as the graph takes them: PNG/JPEG/BMP/GIF unchanged; DICOM
+  rendered by `tfrecord_tools.dicom` with `dicom_window` (the run's, from
+  `conversion_args`) and any other format PIL reads (TIFF, WebP, ...) decoded
+  here (steps 1-3), both written as lossless PNGs. Raises ImageError for bytes
+  that are no image."""
   if data.startswith(_GRAPH_SIGNATURES):
     return data
-  return prepare_image(data, image_format="png").encoded
+  return prepare_image(data, image_format="png", dicom_window=dicom_window, name=name).encoded
 
 
 def conversion_args(manifest_args: dict | None) -> dict:
@@ -329,7 +348,8 @@ def conversion_args(manifest_args: dict | None) -> dict:
   return {"max_side": int(args.get("max_side") or 0),
           "channels": _normalise_channels(args.get("channels", "keep")),
           "image_format": str(args.get("image_format") or "keep"),
-          "jpeg_quality": int(args.get("jpeg_quality") or JPEG_QUALITY)}
+          "jpeg_quality": int(args.get("jpeg_quality") or JPEG_QUALITY),
+          "dicom_window": str(args.get("dicom_window") or "full")}
 
 
 # ==========================================================================
@@ -446,9 +466,12 @@ def load_file(encoded, *, conversion: dict, channels: int, size: int, aspect: st
 
 
 def prepare_in_graph(encoded, *, max_side: int = 0, channels: str = "keep",
-                     image_format: str = "keep", jpeg_quality: int = JPEG_QUALITY):
+                     image_format: str = "keep", jpeg_quality: int = JPEG_QUALITY,
+                     dicom_window: str = "full"):
   """Steps 1-6 as graph ops: the bytes `prepare_image(data, **same args).encoded`
-  would hold (same pixels within one grey level; see the module docstring)."""
+  would hold (same pixels within one grey level; see the module docstring).
+  DICOM never reaches the graph: `graph_input` renders it with `dicom_window` first."""
+  del dicom_window
   tf = _tf()
   channels = _normalise_channels(channels)
   encoded = tf.convert_to_tensor(encoded, tf.string)

@@ -258,3 +258,17 @@ def read_records(path: str) -> Iterable[bytes]:
         yield data
     except RecordFileError as e:
       raise RecordFileError(f"{path}: {e}") from None
+
+
+def first_corrupt(paths: Iterable[str]) -> tuple[str, str] | None:
+  """(path, reason) of the first TFRecord file that is missing, truncated or fails a checksum;
+  None when all are sound. Reads every byte: call it once something already went wrong."""
+  for path in paths:
+    try:
+      for _ in read_records(path):
+        pass
+    except RecordFileError as e:
+      return path, str(e).split(": ", 1)[-1]
+    except FileNotFoundError:
+      return path, "missing (listed in the manifest)"
+  return None

@@ -13,6 +13,7 @@ and the manifest readers stay light.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
@@ -63,11 +64,71 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
 #                   "channels": {"1": 1190, "3": 10}, "bit_depth": {"8": 1200},
 #                   "format": {"png": 1200}}
 # }
+#
+# Converted from label CSVs (--labels_csv; tfrecord_tools.labels), also:
+#   "layout": "labels_csv",
+#   "task": "multi_label",                 # absent = "single_label" (folders; RSNA's Target)
+#   "classes": ["Atelectasis", ...],       # multi-label: the K findings, the order of the
+#                                          # records' multi_hot / mask
+#   "num_found": 1234,                     # the distinct images the label rows name
+#                                          # (converted + skipped == found, as for folders)
+#   "skipped": [..., {"path": "00000013_005.png", "reason": "missing file (Data_Entry_2017.csv
+#                     line 14)"}, {"path": ..., "reason": "not in any --split_lists file (...)"}],
+#   "num_unlabelled": 3, "unlabelled_examples": ["extra/x.png"],  # image files no row names
+#   "num_ignored": 2,                      # other files under the root (the CSVs, lists, ...)
+#   "splits": {"train": {..., "class_counts": {finding: positives},   # multi_hot 1
+#                        "num_groups": 310,                           # patients (from the CSV)
+#                        "finding_counts": {finding: {"positive": n, "negative": n,
+#                                                     "uncertain": n, "ignored": n}}}},
+#       # per record: positive + negative + ignored == num_examples (ignored = mask 0:
+#       # uncertain under --uncertain=ignore, blank under --blank=ignore); uncertain = the
+#       # CSV said -1, whatever --uncertain made of it (so it overlaps the other three)
+#   "labels": {"layout": "nih" | "chexpert" | "rsna" | "columns", "csv": ["Data_Entry_2017.csv"],
+#              "split_lists": [...], "columns": {"image": ..., "labels"/"findings": ...,
+#              "patient": ...}, "uncertain": "ignore", "blank": "negative", "num_rows": n,
+#              "merged_rows": n (RSNA box rows), "skipped_reasons": {"missing file": n, ...},
+#              "unlisted_findings": {name: rows}}   # findings left out by --findings
 # --------------------------------------------------------------------------
 
 
 class ManifestError(errors.UserError):
   """dataset.json is missing or does not describe the requested data."""
+
+
+def data_fingerprint(manifest: dict) -> dict:
+  """What identifies a converted data set, wherever it is stored (a gs:// copy has the same):
+  {"digest": sha256 of the task, classes and every split's shards (name, count, content
+  sha256), "classes": [...], "splits": {split: num_examples}}. Recorded in a run's config.json;
+  a resume against data with another digest is refused."""
+  content = {"task": manifest.get("task", SINGLE_LABEL), "classes": manifest["classes"],
+             "splits": {name: [(s["file"], s.get("num_examples"), s.get("sha256"))
+                               for s in info.get("shards", [])]
+                        for name, info in sorted(manifest["splits"].items())}}
+  if not any(s.get("sha256") for info in manifest["splits"].values() for s in info.get("shards", [])):
+    # Written before shards had digests: the conversion's arguments stand in for the content.
+    args = {k: v for k, v in (manifest.get("args") or {}).items()
+            if k not in ("input_dir", "output_dir", "num_workers", "overwrite", "quiet")}
+    content["args"] = args
+  digest = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+  return {"digest": digest, "classes": list(manifest["classes"]),
+          "splits": {name: info.get("num_examples") for name, info in sorted(manifest["splits"].items())}}
+
+
+def fingerprint_differences(old: dict, new: dict) -> list[str]:
+  """What differs between two data fingerprints, in words ([] when the same data)."""
+  if old.get("digest") == new.get("digest"):
+    return []
+  out = []
+  if old.get("classes") != new.get("classes"):
+    out.append(f"classes {old.get('classes')} -> {new.get('classes')}")
+  for split in sorted(set(old.get("splits", {})) | set(new.get("splits", {}))):
+    a, b = old.get("splits", {}).get(split), new.get("splits", {}).get(split)
+    if a != b:
+      out.append(f"{split} examples {a} -> {b}")
+  if not out:
+    out.append("same classes and split sizes but other images or another split "
+               f"(data digest {str(old.get('digest'))[:12]} -> {str(new.get('digest'))[:12]})")
+  return out
 
 
 def manifest_path(data_dir: str) -> str:

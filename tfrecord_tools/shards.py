@@ -25,7 +25,7 @@ import os
 import threading
 from typing import Any, Iterable
 
-from tfrecord_tools import pixels, pool, records, storage
+from tfrecord_tools import errors, pixels, pool, records, storage
 
 STATE_DIR = ".convert-state"   # in the output folder while a conversion runs
 
@@ -50,6 +50,8 @@ class Item:
   label: int
   text: str
   patient_id: str
+  multi_hot: tuple[float, ...] = ()   # multi-label sets: K floats (records.MULTI_HOT), else empty
+  mask: tuple[float, ...] = ()        # multi-label sets: K floats (records.MASK), else empty
 
 
 @dataclasses.dataclass
@@ -66,6 +68,7 @@ class ShardTask:
   image_format: str
   jpeg_quality: int
   fingerprint: str = ""
+  dicom_window: str = "full"    # how DICOM files become images (tfrecord_tools.dicom)
 
 
 class Stats:
@@ -131,13 +134,14 @@ def state_path(output_dir: str, file: str) -> str:
 
 
 def convert_one(source: Source, *, label: int, text: str, patient_id: str, max_side: int,
-                channels: str, image_format: str, jpeg_quality: int
+                channels: str, image_format: str, jpeg_quality: int, dicom_window: str = "full",
+                multi_hot: tuple[float, ...] = (), mask: tuple[float, ...] = ()
                 ) -> tuple[bytes, pixels.PreparedImage] | str:
   """One source -> (serialised tf.train.Example, PreparedImage), or why it is skipped.
 
-  Read the bytes, prepare_image (decode = validate, normalise, resize),
-  serialise with the sha256 of the source: the one per-image code path of
-  both runners.
+  Read the bytes, prepare_image (DICOM rendered with `dicom_window`; decode =
+  validate, normalise, resize), serialise with the sha256 of the source: the
+  one per-image code path of both runners.
   """
   s = source
   try:
@@ -145,7 +149,8 @@ def convert_one(source: Source, *, label: int, text: str, patient_id: str, max_s
     if s.offset >= 0 and len(data) != s.size:
       raise OSError("record shorter than its header says")
     prepared = pixels.prepare_image(data, max_side=max_side, channels=channels,
-                                    image_format=image_format, jpeg_quality=jpeg_quality)
+                                    image_format=image_format, jpeg_quality=jpeg_quality,
+                                    dicom_window=dicom_window, name=s.rel)
   except pixels.ImageError as e:
     return e.reason
   except OSError as e:
@@ -154,26 +159,32 @@ def convert_one(source: Source, *, label: int, text: str, patient_id: str, max_s
       encoded=prepared.encoded, image_format=prepared.image_format,
       height=prepared.height, width=prepared.width, channels=prepared.channels,
       bit_depth=prepared.bit_depth, label=label, text=text, filename=s.rel,
-      patient_id=patient_id, sha256=hashlib.sha256(data).hexdigest())
+      patient_id=patient_id, sha256=hashlib.sha256(data).hexdigest(),
+      multi_hot=multi_hot, mask=mask)   # empty for single-label: not written
   return record, prepared
 
 
 def convert_item(item: Item, *, max_side: int, channels: str, image_format: str,
-                 jpeg_quality: int) -> tuple[bytes | None, dict]:
+                 jpeg_quality: int, dicom_window: str = "full") -> tuple[bytes | None, dict]:
   """A planned image -> its outcome for `write_records` (small and picklable):
 
-  (record, {"stats": the image's Stats.d, "text": class name, "patient_id": ...})
+  (record, {"stats": the image's Stats.d, "text": class name, "patient_id": ...,
+             multi-label only: "positives": the findings present})
   or (None, {"path": rel, "reason": why it is skipped, "split": ...}).
   """
   done = convert_one(item.source, label=item.label, text=item.text,
                      patient_id=item.patient_id, max_side=max_side, channels=channels,
-                     image_format=image_format, jpeg_quality=jpeg_quality)
+                     image_format=image_format, jpeg_quality=jpeg_quality,
+                     dicom_window=dicom_window, multi_hot=item.multi_hot, mask=item.mask)
   if isinstance(done, str):
     return None, {"path": item.source.rel, "reason": done, "split": item.split}
   record, prepared = done
   stats = Stats()
   stats.add(prepared)
-  return record, {"stats": stats.d, "text": item.text, "patient_id": item.patient_id}
+  info = {"stats": stats.d, "text": item.text, "patient_id": item.patient_id}
+  if item.multi_hot:   # a multi-label record counts once per finding present (text "A|B")
+    info["positives"] = [f for f in item.text.split("|") if f] if any(item.multi_hot) else []
+  return record, info
 
 
 # --------------------------------------------------------------------------
@@ -197,27 +208,58 @@ def write_records(output_dir: str, file: str, split: str, fingerprint: str,
   stats = Stats()
   class_counts: dict[str, int] = {}
   skipped, patients, converted = [], set(), 0
-  with storage.open(tmp, "wb") as out:
-    for record, info in outcomes:
-      if record is None:
-        skipped.append(info)
-        continue
-      out.write(records.frame(record))
-      converted += 1
-      stats.merge(info["stats"])
-      class_counts[info["text"]] = class_counts.get(info["text"], 0) + 1
-      if info["patient_id"]:
-        patients.add(info["patient_id"])
+  digest = hashlib.sha256()   # of the shard's bytes: the data's identity in dataset.json
+  try:
+    with storage.open(tmp, "wb") as out:
+      for record, info in outcomes:
+        if record is None:
+          skipped.append(info)
+          continue
+        framed = records.frame(record)
+        digest.update(framed)
+        out.write(framed)
+        converted += 1
+        stats.merge(info["stats"])
+        for name in info.get("positives", [info["text"]]):   # multi-label: per finding present
+          class_counts[name] = class_counts.get(name, 0) + 1
+        if info["patient_id"]:
+          patients.add(info["patient_id"])
+  except OSError as e:
+    _discard(tmp, final)
+    raise ShardWriteError(_write_error(final, e)) from None
   result = {
       "file": file, "split": split, "fingerprint": fingerprint,
       "num_examples": converted, "class_counts": class_counts, "skipped": skipped,
-      "patients": sorted(patients), "stats": stats.d,
+      "patients": sorted(patients), "stats": stats.d, "sha256": digest.hexdigest(),
   }
   # Statistics first, then the shard: a shard under its final name always has them.
-  storage.write_bytes(state_path(output_dir, file), json.dumps(result).encode())
-  if tmp != final:
-    storage.rename(tmp, final)
+  try:
+    storage.write_bytes(state_path(output_dir, file), json.dumps(result).encode())
+    if tmp != final:
+      storage.rename(tmp, final)
+  except OSError as e:
+    _discard(tmp, final)
+    raise ShardWriteError(_write_error(final, e)) from None
   return result
+
+
+class ShardWriteError(errors.UserError):
+  """A shard could not be written (disk full, permissions, ...): one line; its temp file is gone."""
+
+
+def _write_error(path: str, e: OSError) -> str:
+  import errno  # noqa: PLC0415
+  code = errno.errorcode.get(e.errno or -1)
+  return f"cannot write {path}: {e.strerror or e}" + (f" ({code})" if code else "")
+
+
+def _discard(tmp: str, final: str) -> None:
+  """Removes a half-written temp shard (never the final file)."""
+  if tmp != final:
+    try:
+      storage.remove(tmp)
+    except OSError:
+      pass
 
 
 def write_shard(task: ShardTask) -> dict:
@@ -227,7 +269,7 @@ def write_shard(task: ShardTask) -> dict:
   `pool.tick()` of progress.
   """
   args = dict(max_side=task.max_side, channels=task.channels, image_format=task.image_format,
-              jpeg_quality=task.jpeg_quality)
+              jpeg_quality=task.jpeg_quality, dicom_window=task.dicom_window)
 
   def outcomes():
     for it in task.items:

@@ -424,6 +424,52 @@ def write_text(path: str, text: str) -> None:
   write_bytes(path, text.encode("utf-8"))
 
 
+def create_exclusive(path: str, data: bytes) -> int | None:
+  """gs:// only: writes the object only if it does not exist yet (generation precondition 0).
+
+  Returns the new object's generation, or None when the object already exists.
+  """
+  from google.api_core import exceptions as gexc  # noqa: PLC0415
+  blob = _blob(path)
+  try:
+    with _gcs_errors(path):
+      try:
+        blob.upload_from_string(data, if_generation_match=0)
+      except gexc.PreconditionFailed:
+        return None
+  except StorageError as e:
+    if "PreconditionFailed" in str(e) or "412" in str(e):
+      return None
+    raise
+  return int(blob.generation) if blob.generation is not None else 0
+
+
+def read_with_generation(path: str) -> tuple[bytes, int] | None:
+  """gs:// only: (content, generation) of an object, or None when it does not exist."""
+  blob = _blob(path)
+  try:
+    with _gcs_errors(path):
+      data = blob.download_as_bytes()
+  except FileNotFoundError:
+    return None
+  return data, int(blob.generation or 0)
+
+
+def delete_if_generation(path: str, generation: int) -> bool:
+  """gs:// only: deletes the object if it is still at `generation`; False if it changed or is gone."""
+  from google.api_core import exceptions as gexc  # noqa: PLC0415
+  blob = _blob(path)
+  try:
+    with _gcs_errors(path):
+      try:
+        blob.delete(if_generation_match=generation)
+      except (gexc.PreconditionFailed, gexc.NotFound):
+        return False
+  except (StorageError, FileNotFoundError):
+    return False
+  return True
+
+
 def makedirs(path: str) -> None:
   """Creates a local folder and its parents; GCS has no folders (a no-op)."""
   if is_gcs(path):

@@ -2,7 +2,8 @@
 
   python -m tfrecord_tools.synthetic --output_dir=demo/images \
       [--num_images=200 --size=256 --bit_depth=8|16 --classes=2 --seed=0 \
-       --with_splits --images_per_patient=1 --image_format=png|jpeg]
+       --with_splits --images_per_patient=1 --image_format=png|jpeg|dicom \
+       --dicom_variants=monochrome1,rescale,windowed,rle,16bit]
 
 Writes one image file per example, class per folder, the layout the converter
 reads:
@@ -21,10 +22,16 @@ upper-zone lesions). Anatomy is drawn per patient, noise per image, all from
 `numpy.random.default_rng([seed, ...])`, so the same arguments give the same
 bytes. File names start with the patient id (`p00012_0.png`), so
 `--group_regex='^(p\\d+)_'` splits by patient.
+
+--image_format=dicom writes each film as a DICOM file (`.dcm`, PatientID =
+the patient id, so `--group_by=dicom_patient_id` splits by patient too), the
+variants of `--dicom_variants` taken in turn (`encode_dicom`): each renders,
+with the default --dicom_window=full, to the same film as the PNG would.
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import math
@@ -37,6 +44,7 @@ from PIL import Image
 
 from tfrecord_tools import _entry, errors
 
+DICOM_VARIANTS = ("monochrome1", "rescale", "windowed", "rle", "16bit")
 CLASS_NAMES = ("NORMAL", "PNEUMONIA", "COVID", "NODULE", "EFFUSION")
 SPLIT_FRACTIONS = (("train", 0.7), ("val", 0.15), ("test", 0.15))
 MARKER = "synthetic.json"
@@ -101,9 +109,41 @@ def _opacities(rng: np.random.Generator, label: int, a: dict) -> list[tuple]:
   return blobs
 
 
-def render(height: int, width: int, label: int, anatomy: dict,
+def _signs(x, y, a: dict, lungs, edge: float, signs: Sequence[str],
            rng: np.random.Generator) -> np.ndarray:
-  """One radiograph as float32 [height, width] in [0, 1]."""
+  """The additive image of each finding's own sign (multi-label sets; see SIGNS).
+
+  effusion: a homogeneous fluid level with a lateral meniscus at the base of the
+  image-left lung (its lower third); nodule: a small sharp round density in an upper zone;
+  pneumothorax: a dark, markingless upper-lateral band of the image-right lung
+  behind a thin bright pleural line; consolidation: a large fuzzy opacity in
+  the mid zone of the image-left lung (away from the heart and the nodules);
+  cardiomegaly enlarges the heart shadow (in `render`).
+  """
+  out = np.zeros_like(x)
+  if "effusion" in signs:
+    side_lung = _ellipse(x, y, -a["lung_cx"], a["lung_cy"], a["lung_rx"], a["lung_ry"], 2 * edge)
+    level = a["diaphragm"] - 0.40 - 0.35 * np.clip(-x - a["lung_cx"], 0.0, None)
+    out += 0.45 * side_lung * _soft(level - y, 2 * edge)
+  if "nodule" in signs:
+    side = float(rng.choice([-1.0, 1.0]))
+    cx, cy = side * a["lung_cx"] + float(rng.uniform(-0.07, 0.07)), float(rng.uniform(-0.55, -0.35))
+    out += 0.5 * _ellipse(x, y, cx, cy, 0.07, 0.07, edge) * lungs
+  if "pneumothorax" in signs:
+    border = a["lung_cx"] + 0.04
+    upper = _soft(y - a["lung_cy"], 4 * edge) * lungs
+    out -= 0.20 * _soft(border - x, 2 * edge) * upper
+    out += 0.18 * np.exp(-((x - border) / 0.015) ** 2) * upper
+  if "consolidation" in signs:
+    cx = -a["lung_cx"] - 0.03 + float(rng.normal(0, 0.03))
+    cy = a["lung_cy"] + float(rng.uniform(-0.04, 0.04))
+    out += 0.55 * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * 0.10 ** 2)) * lungs
+  return out
+
+
+def render(height: int, width: int, label: int, anatomy: dict,
+           rng: np.random.Generator, signs: Sequence[str] = ()) -> np.ndarray:
+  """One radiograph as float32 [height, width] in [0, 1]; `signs`: findings drawn (SIGNS)."""
   # Draw the smooth anatomy at <= 512 px and upsample: same look, much faster.
   scale = min(1.0, 512.0 / max(height, width))
   h, w = max(8, round(height * scale)), max(8, round(width * scale))
@@ -122,8 +162,8 @@ def render(height: int, width: int, label: int, anatomy: dict,
     lungs = np.maximum(lungs, _ellipse(x, y, side * a["lung_cx"], a["lung_cy"],
                                        a["lung_rx"], a["lung_ry"], 2 * edge))
   lungs = lungs * (1.0 - below_dome)
-  heart = _ellipse(x, y, a["heart_cx"], a["diaphragm"] - 0.2, a["heart_r"] * 1.15,
-                   a["heart_r"], 6 * edge)
+  heart_r = a["heart_r"] * (1.6 if "cardiomegaly" in signs else 1.0)
+  heart = _ellipse(x, y, a["heart_cx"], a["diaphragm"] - 0.2, heart_r * 1.15, heart_r, 6 * edge)
   spine = _soft(np.abs(x) - 0.075, edge) * body
 
   # Ribs: arcs sloping down and outwards from the spine, visible over the lungs.
@@ -140,6 +180,9 @@ def render(height: int, width: int, label: int, anatomy: dict,
   for cx, cy, sigma, amp in _opacities(rng, label, a):
     blob = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma * sigma))
     img += amp * blob * lungs
+  if signs:   # own stream (spawned: `rng`'s draws stay as they are), so a film with and
+              # without a finding differ by the sign only
+    img += _signs(x, y, a, lungs, edge, signs, rng.spawn(1)[0])
 
   # Film/detector: low-frequency mottle, exposure (gamma, contrast).
   mottle = rng.normal(0.0, 1.0, (6, 6)).astype(np.float32)
@@ -166,6 +209,57 @@ def encode(img: np.ndarray, bit_depth: int, image_format: str) -> bytes:
     pil.save(buf, format="JPEG", quality=92)
   else:
     pil.save(buf, format="PNG", compress_level=1)
+  return buf.getvalue()
+
+
+def encode_dicom(img: np.ndarray, variant: str, *, patient_id: str = "", uid_seed: str = "") -> bytes:
+  """float [H, W] in [0, 1] -> a DICOM file (Part 10, secondary capture) of one variant:
+
+    monochrome1  12-bit, stored = 4095 (1 - v): white is low
+    rescale      signed 12-bit, Rescale Slope 2 / Intercept 1000 (modality = 2 s + 1000)
+    windowed     12-bit, Window Center/Width [2048, 600] / [4096, 800]: the first
+                 window spans the stored range, a second one (a narrow view) follows
+    rle          16-bit, RLE Lossless compressed (pydicom's own encoder)
+    16bit        16-bit, uncompressed
+
+  Rendered with --dicom_window=full each gives round(v * 65535) within one
+  stored step; `windowed` with --dicom_window=file gives round(v * 255) too.
+  The UIDs derive from `uid_seed`, so the same arguments give the same bytes.
+  """
+  from pydicom.dataset import Dataset, FileMetaDataset  # noqa: PLC0415
+  from pydicom import uid  # noqa: PLC0415
+  if variant not in DICOM_VARIANTS:
+    raise SyntheticError(f"unknown DICOM variant {variant!r}: one of {', '.join(DICOM_VARIANTS)}")
+  v = np.clip(np.asarray(img, np.float64), 0.0, 1.0)
+  ds = Dataset()
+  ds.file_meta = FileMetaDataset()
+  ds.SOPClassUID = uid.SecondaryCaptureImageStorage
+  ds.SOPInstanceUID = uid.generate_uid(entropy_srcs=[uid_seed, variant])
+  ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+  ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+  ds.StudyInstanceUID = uid.generate_uid(entropy_srcs=[uid_seed, "study"])
+  ds.SeriesInstanceUID = uid.generate_uid(entropy_srcs=[uid_seed, "series", variant])
+  ds.PatientID, ds.PatientName = patient_id, patient_id
+  ds.Modality, ds.BodyPartExamined = "DX", "CHEST"
+  photometric = "MONOCHROME2"
+  if variant == "monochrome1":
+    photometric, bits, stored = "MONOCHROME1", 12, np.rint((1.0 - v) * 4095)
+  elif variant == "rescale":
+    bits, stored = 12, np.rint(v * 4095) - 2048
+  elif variant == "windowed":
+    bits, stored = 12, np.rint(v * 4095)
+  else:
+    bits, stored = 16, np.rint(v * 65535)
+  dtype = np.int16 if variant == "rescale" else np.uint16
+  ds.set_pixel_data(stored.astype(dtype), photometric, bits, generate_instance_uid=False)
+  if variant == "rescale":
+    ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 2, 1000, "US"
+  if variant == "windowed":
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = [2048, 600], [4096, 800], "LINEAR"
+  if variant == "rle":
+    ds.compress(uid.RLELossless, generate_instance_uid=False)
+  buf = io.BytesIO()
+  ds.save_as(buf, enforce_file_format=True)
   return buf.getvalue()
 
 
@@ -211,11 +305,23 @@ def plan(num_images: int, num_classes: int, images_per_patient: int,
   return items
 
 
+def _prepare_output(output_dir: str, overwrite: bool) -> None:
+  """Refuses a non-empty folder unless --overwrite and it is an earlier synthetic set
+  (as `generate` does inline)."""
+  if os.path.isdir(output_dir) and os.listdir(output_dir):
+    if not overwrite:
+      raise SyntheticError(f"{output_dir} is not empty: pass --overwrite to replace it")
+    if not os.path.exists(os.path.join(output_dir, MARKER)):
+      raise SyntheticError(f"{output_dir} is not empty and was not written by this "
+                           "generator: refusing to delete it; choose another --output_dir")
+    shutil.rmtree(output_dir)
+
+
 def generate(output_dir: str, *, num_images: int = 200, size: int = 256,
              bit_depth: int = 8, num_classes: int = 2, seed: int = 0,
              with_splits: bool = False, images_per_patient: int = 1,
              image_format: str = "png", size_jitter: float = 0.0,
-             overwrite: bool = False) -> dict:
+             dicom_variants: Sequence[str] = DICOM_VARIANTS, overwrite: bool = False) -> dict:
   """Writes the data set; returns the summary also saved as OUTPUT/synthetic.json.
 
   `size` is the image height; the width is `size` too unless `size_jitter`
@@ -230,8 +336,12 @@ def generate(output_dir: str, *, num_images: int = 200, size: int = 256,
     raise SyntheticError("--size must be >= 8 pixels")
   if bit_depth not in (8, 16):
     raise SyntheticError("--bit_depth must be 8 or 16")
-  if image_format not in ("png", "jpeg"):
-    raise SyntheticError("--image_format must be png or jpeg")
+  if image_format not in ("png", "jpeg", "dicom"):
+    raise SyntheticError("--image_format must be png, jpeg or dicom")
+  bad = [v for v in dicom_variants if v not in DICOM_VARIANTS]
+  if image_format == "dicom" and (bad or not dicom_variants):
+    raise SyntheticError(f"--dicom_variants: {', '.join(bad) or 'none given'}; choose from "
+                         f"{', '.join(DICOM_VARIANTS)}")
   if image_format == "jpeg" and bit_depth == 16:
     raise SyntheticError("JPEG cannot hold 16-bit images: use --image_format=png")
   if images_per_patient < 1:
@@ -246,11 +356,11 @@ def generate(output_dir: str, *, num_images: int = 200, size: int = 256,
                            "generator: refusing to delete it; choose another --output_dir")
     shutil.rmtree(output_dir)
 
-  ext = "png" if image_format == "png" else "jpeg"
+  ext = {"png": "png", "jpeg": "jpeg", "dicom": "dcm"}[image_format]
   items = plan(num_images, num_classes, images_per_patient, with_splits)
   counts: dict[str, dict[str, int]] = {}
   anatomies: dict[int, dict] = {}
-  for split, cls, label, patient, j in items:
+  for n, (split, cls, label, patient, j) in enumerate(items):
     if patient not in anatomies:
       anatomies[patient] = _anatomy(np.random.default_rng([seed, patient, 0]))
     rng = np.random.default_rng([seed, patient, j + 1])
@@ -263,7 +373,11 @@ def generate(output_dir: str, *, num_images: int = 200, size: int = 256,
     path = os.path.join(folder, f"p{patient:05d}_{j}.{ext}")
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
-      f.write(encode(img, bit_depth, image_format))
+      if image_format == "dicom":
+        f.write(encode_dicom(img, dicom_variants[n % len(dicom_variants)],
+                             patient_id=f"p{patient:05d}", uid_seed=f"{seed}/{patient}/{j}"))
+      else:
+        f.write(encode(img, bit_depth, image_format))
     os.replace(tmp, path)
     key = split or "all"
     counts.setdefault(key, {}).setdefault(cls, 0)
@@ -274,10 +388,139 @@ def generate(output_dir: str, *, num_images: int = 200, size: int = 256,
       "bit_depth": bit_depth, "classes": class_names(num_classes), "seed": seed,
       "with_splits": with_splits, "images_per_patient": images_per_patient,
       "image_format": image_format, "size_jitter": size_jitter,
+      **({"dicom_variants": list(dicom_variants)} if image_format == "dicom" else {}),
       "group_regex": r"^(p\d+)_", "counts": counts,
   }
   with open(os.path.join(output_dir, MARKER), "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=2)
+  return summary
+
+
+# --------------------------------------------------------------------------
+# Label-CSV sets: multi-label films as NIH ChestX-ray14 and CheXpert ship them.
+# --------------------------------------------------------------------------
+
+# The drawn signs (`_signs`, `render`) and each layout's name for them.
+SIGNS = ("cardiomegaly", "effusion", "nodule", "pneumothorax", "consolidation")
+LABEL_LAYOUTS = {
+    "nih": ("Cardiomegaly", "Effusion", "Nodule", "Pneumothorax", "Consolidation"),
+    "chexpert": ("Cardiomegaly", "Pleural Effusion", "Lung Lesion", "Pneumothorax",
+                 "Consolidation"),
+}
+NIH_CSV = "Data_Entry_2017.csv"
+NIH_LISTS = {"train": "train_val_list.txt", "test": "test_list.txt"}
+CHEXPERT_CSVS = {"train": "train.csv", "val": "valid.csv"}
+PREVALENCE = 0.3          # each finding present independently with this probability
+
+
+def _chexpert_cell(rng: np.random.Generator, present: bool, consensus: bool) -> str:
+  """A CheXpert label cell: train labels from reports (uncertain, blank), valid by consensus."""
+  if consensus:
+    return "1.0" if present else "0.0"
+  u = float(rng.uniform())
+  if present:
+    return "1.0" if u < 0.85 else "-1.0"
+  return "0.0" if u < 0.35 else ("" if u < 0.90 else "-1.0")
+
+
+def generate_labelled(output_dir: str, layout: str, *, num_images: int = 200, size: int = 256,
+                      bit_depth: int = 8, seed: int = 0, images_per_patient: int = 2,
+                      image_format: str = "png", overwrite: bool = False) -> dict:
+  """Writes a multi-label set in the NIH or CheXpert layout; returns its summary (synthetic.json).
+
+  Each finding of LABEL_LAYOUTS[layout] is present independently (PREVALENCE)
+  and drawn as its own visible sign (SIGNS), so a small CNN can learn each.
+
+  nih:       OUTPUT/images_001/images/00000000_000.png (50 per folder, as NIH ships
+             them), Data_Entry_2017.csv (Image Index, Finding Labels "A|B" or
+             "No Finding", Follow-up #, Patient ID, ...), train_val_list.txt and
+             test_list.txt (a fifth of the patients).
+  chexpert:  OUTPUT/{train,valid}/patient00000/study1/view1_frontal.png,
+             train.csv / valid.csv (Path "<OUTPUT name>/train/...", Sex, Age,
+             Frontal/Lateral, AP/PA, No Finding, one column per finding). train
+             cells come "from reports": 1.0, -1.0 uncertain (15% of positives,
+             10% of negatives), 0.0 or blank; valid cells are 1.0 / 0.0. Valid
+             holds about 15% of the patients.
+
+  The drawn truth is in the summary's "truth" ({file: [findings]}).
+  """
+  if layout not in LABEL_LAYOUTS:
+    raise SyntheticError(f"--labels_layout must be one of {', '.join(LABEL_LAYOUTS)}")
+  if num_images < 1 or size < 8 or images_per_patient < 1:
+    raise SyntheticError("--num_images and --images_per_patient must be >= 1, --size >= 8")
+  if image_format not in ("png", "jpeg") or bit_depth not in (8, 16) or (
+      image_format == "jpeg" and bit_depth == 16):
+    raise SyntheticError("label-CSV sets are 8- or 16-bit PNG or 8-bit JPEG")
+  _prepare_output(output_dir, overwrite)
+  names = LABEL_LAYOUTS[layout]
+  ext = "png" if image_format == "png" else "jpg"
+  root = os.path.basename(os.path.normpath(output_dir))
+  rows: dict[str, list[list[str]]] = {}
+  lists: dict[str, list[str]] = {}
+  truth: dict[str, list[str]] = {}
+  anatomies: dict[int, dict] = {}
+  num_patients = math.ceil(num_images / images_per_patient)
+  for i in range(num_images):
+    patient, j = divmod(i, images_per_patient)
+    if patient not in anatomies:
+      anatomies[patient] = _anatomy(np.random.default_rng([seed, patient, 0]))
+    label_rng = np.random.default_rng([seed, patient, j + 1, 7])
+    present = [bool(label_rng.uniform() < PREVALENCE) for _ in names]
+    rng = np.random.default_rng([seed, patient, j + 1])
+    img = render(size, size, 0, anatomies[patient], rng,
+                 signs=[sg for sg, p in zip(SIGNS, present) if p])
+    held_out = patient % 20 >= (16 if layout == "nih" else 17)   # 20% test / 15% valid
+    if layout == "nih":
+      name = f"{patient:08d}_{j:03d}.{ext}"
+      rel = f"images_{i // 50 + 1:03d}/images/{name}"
+      found = [n for n, p in zip(names, present) if p]
+      rows.setdefault("", []).append([name, "|".join(found) or "No Finding", str(j),
+                                      str(patient), str(40 + patient % 40),
+                                      "M" if patient % 2 else "F", "PA", str(size), str(size),
+                                      "0.143", "0.143"])
+      lists.setdefault("test" if held_out else "train", []).append(name)
+    else:
+      split = "valid" if held_out else "train"
+      rel = f"{split}/patient{patient:05d}/study{j + 1}/view1_frontal.{ext}"
+      cells = [_chexpert_cell(label_rng, p, split == "valid") for p in present]
+      no_finding = "" if any(c in ("1.0", "-1.0") for c in cells) else "1.0"
+      rows.setdefault(split, []).append([f"{root}/{rel}", "Male" if patient % 2 else "Female",
+                                         str(40 + patient % 40), "Frontal", "PA", no_finding]
+                                        + cells)
+    truth[rel] = [n for n, p in zip(names, present) if p]
+    path = os.path.join(output_dir, *rel.split("/"))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+      f.write(encode(img, bit_depth, image_format))
+
+  def write_csv(name: str, header: list[str], body: list[list[str]]) -> None:
+    with open(os.path.join(output_dir, name), "w", encoding="utf-8", newline="") as f:
+      w = csv.writer(f, lineterminator="\n")
+      w.writerow(header)
+      w.writerows(body)
+
+  if layout == "nih":
+    write_csv(NIH_CSV, ["Image Index", "Finding Labels", "Follow-up #", "Patient ID",
+                        "Patient Age", "Patient Gender", "View Position", "OriginalImage[Width",
+                        "Height]", "OriginalImagePixelSpacing[x", "y]"], rows[""])
+    for split, file in NIH_LISTS.items():
+      with open(os.path.join(output_dir, file), "w", encoding="utf-8") as f:
+        f.write("".join(n + "\n" for n in lists.get(split, [])))
+    files = {"csv": NIH_CSV, "split_lists": NIH_LISTS}
+  else:
+    header = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding", *names]
+    for split, file in (("train", "train.csv"), ("valid", "valid.csv")):
+      write_csv(file, header, rows.get(split, []))
+    files = {"csv": CHEXPERT_CSVS}
+  summary = {
+      "tool": "tfrecord_tools.synthetic", "labels_layout": layout, "num_images": num_images,
+      "num_patients": num_patients, "size": size, "bit_depth": bit_depth, "seed": seed,
+      "images_per_patient": images_per_patient, "image_format": image_format,
+      "findings": list(names), "prevalence": PREVALENCE, **files,
+      "positives": {n: sum(n in t for t in truth.values()) for n in names}, "truth": truth,
+  }
+  with open(os.path.join(output_dir, MARKER), "w", encoding="utf-8") as f:
+    json.dump(summary, f, indent=1)
   return summary
 
 
@@ -297,9 +540,16 @@ def _define_flags() -> None:
   flags.DEFINE_integer("seed", 0, "Seed: the same arguments write the same bytes.")
   flags.DEFINE_bool("with_splits", False, "Write train/val/test subfolders (70/15/15 by patient).")
   flags.DEFINE_integer("images_per_patient", 1, "Images per patient (file names p<id>_<n>).")
-  flags.DEFINE_enum("image_format", "png", ["png", "jpeg"], "File format.")
+  flags.DEFINE_enum("image_format", "png", ["png", "jpeg", "dicom"], "File format (dicom: .dcm "
+                    "files, the --dicom_variants in turn).")
+  flags.DEFINE_list("dicom_variants", list(DICOM_VARIANTS), "With --image_format=dicom: the DICOM "
+                    f"variants written in turn, from {', '.join(DICOM_VARIANTS)}.")
   flags.DEFINE_float("size_jitter", 0.0, "Width = size * U(1 - jitter, 1): mixed image sizes.")
   flags.DEFINE_bool("overwrite", False, "Replace an earlier synthetic set in --output_dir.")
+  flags.DEFINE_enum("labels_layout", "folders", ["folders", *LABEL_LAYOUTS], "folders: class "
+                    "per folder. nih / chexpert: a multi-label set with label CSVs as NIH "
+                    "ChestX-ray14 / CheXpert ship them (each finding its own visible sign; "
+                    "--classes, --with_splits and --size_jitter do not apply).")
   flags.mark_flag_as_required("output_dir")
 
 
@@ -308,11 +558,19 @@ def main(argv: Sequence[str]) -> None:
   from tfrecord_tools import cli
   cli.no_arguments(argv)
   f = flags.FLAGS
+  if f.labels_layout != "folders":
+    summary = generate_labelled(f.output_dir, f.labels_layout, num_images=f.num_images,
+                                size=f.size, bit_depth=int(f.bit_depth), seed=f.seed,
+                                images_per_patient=f.images_per_patient,
+                                image_format=f.image_format, overwrite=f.overwrite)
+    print(f"wrote {summary['num_images']} images ({f.labels_layout} layout) to {f.output_dir}: "
+          f"positives {json.dumps(summary['positives'])}")
+    return
   summary = generate(f.output_dir, num_images=f.num_images, size=f.size,
                      bit_depth=int(f.bit_depth), num_classes=f.classes, seed=f.seed,
                      with_splits=f.with_splits, images_per_patient=f.images_per_patient,
                      image_format=f.image_format, size_jitter=f.size_jitter,
-                     overwrite=f.overwrite)
+                     dicom_variants=f.dicom_variants, overwrite=f.overwrite)
   print(f"wrote {summary['num_images']} images to {f.output_dir}: "
         + json.dumps(summary["counts"]))
 

@@ -160,8 +160,11 @@ class PredictConfig:
   model_dir: str = _f(help=RUN_DIR_HELP)
   output: str = _f("", "Also write the predictions to FILE.csv or FILE.jsonl.")
   gradcam: str = _f("", "Write a Grad-CAM overlay PNG per image to this folder.")
-  window: str = _f("auto", "DICOM windowing: auto (the file's VOI LUT / window, else the full range), lung, "
-                   "mediastinum, soft_tissue, bone, brain, or CENTER,WIDTH in rescaled units (HU for CT).")
+  window: str = _f("auto", "How DICOM files are rendered (tfrecord_tools.dicom): auto = as the run's "
+                   "training data was converted (its --dicom_window), so predict sees what training saw; "
+                   "or full (16-bit, the modality range), file (the file's VOI LUT / window), none, "
+                   "CENTER,WIDTH in modality units (HU for CT) or lung, mediastinum, soft_tissue, bone, "
+                   "brain.")
   batch_size: int = _f(32, "Images per model call.")
 
 

@@ -167,6 +167,22 @@ def accelerator(strategy: tf.distribute.Strategy) -> str:
   return "cpu"
 
 
+def chief_from_env(name: str) -> bool:
+  """Before any strategy starts: is this process the chief (the one that owns the run
+  directory)? Always for single-worker strategies; under multi_worker, the TF_CONFIG task
+  "chief", or worker 0 when the cluster has no chief."""
+  if name != "multi_worker" or "TF_CONFIG" not in os.environ:
+    return True
+  try:
+    conf = json.loads(os.environ["TF_CONFIG"])
+    task, cluster = conf.get("task", {}), conf.get("cluster", {})
+  except (ValueError, AttributeError):
+    return True   # get_strategy reports the bad TF_CONFIG
+  if task.get("type") == "chief":
+    return True
+  return "chief" not in cluster and task.get("type") == "worker" and int(task.get("index", 0)) == 0
+
+
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
   """True for the one worker that writes shared outputs (always True single-worker)."""
   return describe(strategy).is_chief

@@ -140,7 +140,7 @@ def predict_split(run: rundir.LoadedRun, data_dir: str, split: str, *, manifest:
                   batch_size: int = 0) -> SplitPredictions:
   """Runs the model over every record of `split` (input pipeline in eval mode, record order)."""
   from tfrecord_tools import schema
-  from xraytpu.data import input_pipeline
+  from xraytpu.data import input_pipeline, integrity
   try:
     manifest = manifest or schema.read_manifest(data_dir)
     schema.split_info(manifest, split)
@@ -167,18 +167,20 @@ def predict_split(run: rundir.LoadedRun, data_dir: str, split: str, *, manifest:
   total = int(schema.split_info(manifest, split).get("num_examples", 0))
   raws, labels, names, images = [], [], [], {}
   start, last_log, seen = time.time(), time.time(), 0
-  for image, label, filename in ds:
-    raws.append(run.module.raw(image).numpy())
-    labels.append(label.numpy() if multi else mapping[label.numpy()])
-    names.extend(f.decode("utf-8", "replace") for f in filename.numpy())
-    img = image.numpy()
-    for j in range(img.shape[0]):
-      if seen + j < _KEEP_IMAGES:
-        images[seen + j] = img[j]
-    seen += img.shape[0]
-    if time.time() - last_log > 10:
-      last_log = time.time()
-      logging.info("%s: %d/%d images (%.0f images/s)", split, seen, total, seen / (last_log - start))
+  with integrity.named_data_errors(data_dir, manifest, (split,)):
+    for image, label, filename in ds:
+      raws.append(run.module.raw(image).numpy())
+      labels.append(label.numpy() if multi else mapping[label.numpy()])
+      names.extend(f.decode("utf-8", "replace") for f in filename.numpy())
+      img = image.numpy()
+      for j in range(img.shape[0]):
+        if seen + j < _KEEP_IMAGES:
+          images[seen + j] = img[j]
+      seen += img.shape[0]
+      if time.time() - last_log > 10:
+        last_log = time.time()
+        logging.info("%s: %d/%d images (%.0f images/s)", split, seen, total, seen / (last_log - start))
+  integrity.check_count(data_dir, split, seen, total)
   k = len(run.classes)
   raw = np.concatenate(raws) if raws else np.zeros((0, 1 if run.binary else k), np.float32)
   logging.info("%s: %d images predicted in %.1fs", split, seen, time.time() - start)

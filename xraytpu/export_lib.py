@@ -21,7 +21,8 @@ normalisation of the training data (EXIF orientation, alpha, --channels,
 --max_side area downscale, re-encoding) is replayed in the graph, then the
 input pipeline's decode and resize. So serving_default on a file's original
 bytes answers as `xraytpu.predict` does. DICOM, TIFF and WebP are not taken
-by the graph: send PNG/JPEG (xraytpu.predict and xraytpu.serve convert them).
+by the graph: send PNG/JPEG (xraytpu.predict and xraytpu.serve convert them;
+DICOM as `tfrecord_tools.dicom` renders it with the conversion's dicom_window).
 `image_bytes` ends in "_bytes", so TF Serving's REST API accepts
 {"instances": [{"b64": "..."}]}.
 """
@@ -93,8 +94,10 @@ def export(model_dir: str, *, version: int = ExportConfig.version,
       "temperature": run.temperature,
       "image_size": run.size, "channels": run.channels, "aspect": run.aspect,
       "input": "serving_default: image_bytes tf.string [B], the bytes of PNG (8/16-bit), JPEG, BMP "
-               "or GIF files as stored (not DICOM, TIFF or WebP: convert those to PNG first); "
-               "serving_pixels: image uint8 [B, S, S, C] after the pixel contract",
+               "or GIF files as stored. Not DICOM (nor TIFF or WebP): render DICOM to PNG first as "
+               "tfrecord_tools.dicom does with conversion.dicom_window (xraytpu.predict and "
+               "xraytpu.serve do this); serving_pixels: image uint8 [B, S, S, C] after the pixel "
+               "contract",
       "pixel_contract": "tfrecord_tools.pixels: the conversion below replayed in the graph, then "
                         "decode + resize to image_size",
       "outputs": ("probabilities float32 [B, K] (one sigmoid per finding), positive bool [B, K] (each "

@@ -134,7 +134,7 @@ class InferenceModule(tf.Module):
     Raises pixels.ImageError with the converter's reason when the bytes are
     not a usable image.
     """
-    data = pixels.graph_input(data)
+    data = pixels.graph_input(data, dicom_window=self.conversion.get("dicom_window", "full"))
     try:
       return self.pixels(tf.constant([data]))[0].numpy()
     except tf.errors.OpError:

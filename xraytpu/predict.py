@@ -1,10 +1,10 @@
 """Predict images with a trained run.
 
   python -m xraytpu.predict --model_dir=RUN PATH... [--output=FILE.csv|FILE.jsonl]
-      [--gradcam=DIR] [--window=auto|lung|mediastinum|bone|...|CENTER,WIDTH]
+      [--gradcam=DIR] [--window=auto|full|file|none|CENTER,WIDTH|lung|...]
 
-PATH: PNG/JPEG files (8- or 16-bit), folders (walked), DICOM files (needs
-pydicom). Prints one line per input, e.g. "x.png<TAB>PNEUMONIA 0.93 (threshold 0.41)",
+PATH: PNG/JPEG files (8- or 16-bit), folders (walked), DICOM files (rendered
+as the run's training data was, unless --window says otherwise). Prints one line per input, e.g. "x.png<TAB>PNEUMONIA 0.93 (threshold 0.41)",
 using the threshold evaluate froze in RUN/threshold.json. Inputs that cannot
 be read are reported per file on stderr; the others are still predicted. Exit
 status: 0 all predicted, 1 some inputs failed, 2 a usage error.

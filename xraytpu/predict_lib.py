@@ -1,7 +1,9 @@
 """Predict on image files with a trained run: the same pixels and the same model call
 as every other door.
 
-  file bytes ─(DICOM only: pydicom -> windowed 16-bit PNG, see `dicom_to_png`)
+  file bytes ─(DICOM: tfrecord_tools.dicom -> PNG, rendered as the run's training
+     │           data was (the manifest's dicom_window) unless --window says otherwise;
+     │           TIFF/WebP -> PNG: `pixels.graph_input`)
      └─ xraytpu.inference.InferenceModule.file_pixels     the pixel contract (tfrecord_tools.pixels):
           │                                               the converter's steps replayed in the graph,
           │                                               then what the input pipeline does to a record
@@ -25,6 +27,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from tfrecord_tools import dicom
 from tfrecord_tools import pixels
 from tfrecord_tools import storage
 from xraytpu import errors
@@ -32,18 +35,6 @@ from xraytpu import rundir
 from xraytpu.config import PredictConfig
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
-DICOM_EXTENSIONS = (".dcm", ".dicom", ".dic")
-
-# Window presets for CT/X-ray DICOM, (center, width) in Hounsfield units.
-WINDOWS: dict[str, tuple[float, float]] = {
-    "lung": (-600.0, 1500.0),
-    "mediastinum": (50.0, 350.0),
-    "soft_tissue": (40.0, 400.0),
-    "bone": (400.0, 1800.0),
-    "brain": (40.0, 80.0),
-}
-WINDOW_HELP = ("DICOM windowing: 'auto' (the file's VOI LUT or window, else the full range), "
-               f"a preset ({', '.join(WINDOWS)}), or 'CENTER,WIDTH'.")
 
 
 class PredictError(errors.UserError):
@@ -59,8 +50,21 @@ class InputError(errors.UserError):
 # --------------------------------------------------------------------------
 
 
+def _wanted(path: str) -> bool:
+  """An image or DICOM file name, or a file without an extension that starts like DICOM."""
+  if path.lower().endswith(IMAGE_EXTENSIONS + dicom.EXTENSIONS):
+    return True
+  if not dicom.worth_probing(path):
+    return False
+  try:
+    return dicom.has_preamble(storage.read_bytes(path, 0, 132))
+  except OSError:
+    return False
+
+
 def expand_inputs(paths: Iterable[str]) -> list[tuple[str, str | None]]:
-  """Files as given, folders walked (sorted) for image and DICOM files.
+  """Files as given, folders walked (sorted) for image and DICOM files (.dcm, .dicom, and
+  files without an extension that carry the DICM preamble).
 
   Returns [(path, error or None)]; a missing path is an entry with an error.
   """
@@ -70,13 +74,13 @@ def expand_inputs(paths: Iterable[str]) -> list[tuple[str, str | None]]:
     if storage.isdir(p) if remote else os.path.isdir(p):
       if remote:   # one listing (gs://: google-cloud-storage)
         found = [storage.join(p, rel) for rel, _, _ in storage.walk_files(p)
-                 if rel.lower().endswith(IMAGE_EXTENSIONS + DICOM_EXTENSIONS)]
+                 if _wanted(storage.join(p, rel))]
       else:
         found = []
         for root, dirs, files in os.walk(p):
           dirs.sort()
           for f in sorted(files):
-            if f.lower().endswith(IMAGE_EXTENSIONS + DICOM_EXTENSIONS):
+            if _wanted(os.path.join(root, f)):
               found.append(os.path.join(root, f))
       if not found:
         out.append((p, "folder holds no image or DICOM files"))
@@ -88,114 +92,18 @@ def expand_inputs(paths: Iterable[str]) -> list[tuple[str, str | None]]:
   return out
 
 
-def is_dicom(data: bytes, path: str = "") -> bool:
-  return data[128:132] == b"DICM" or path.lower().endswith(DICOM_EXTENSIONS)
-
-
-def parse_window(window: str) -> tuple[float, float] | None:
-  """'auto'/'' -> None; a preset name or 'CENTER,WIDTH' -> (center, width)."""
-  w = (window or "auto").strip().lower()
-  if w == "auto":
-    return None
-  if w in WINDOWS:
-    return WINDOWS[w]
-  try:
-    center, width = (float(v) for v in w.split(","))
-  except ValueError:
-    raise PredictError(f"--window={window}: expected auto, {', '.join(WINDOWS)} or CENTER,WIDTH") from None
-  if width <= 0:
-    raise PredictError(f"--window={window}: width must be positive")
-  return center, width
-
-
-def dicom_pixels(ds, window: tuple[float, float] | None = None) -> np.ndarray:
-  """A DICOM data set (pydicom Dataset or any object with the same attributes) -> image.
-
-  Steps: first frame of a multi-frame image; RescaleSlope/RescaleIntercept
-  (-> e.g. Hounsfield units); then the window: the given (center, width), else
-  the file's VOI LUT (pydicom's apply_voi_lut, when ds is a real Dataset) or
-  WindowCenter/WindowWidth, else the full range; MONOCHROME1 (white = low) is
-  inverted so bright means dense as in MONOCHROME2.
-  Returns uint16 [H, W] (grayscale, full 16-bit range) or uint8 [H, W, 3] (RGB).
-  """
-  arr = np.asarray(ds.pixel_array)
-  photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
-  frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-  if frames > 1:
-    arr = arr[0]
-  if arr.ndim == 3 and arr.shape[-1] == 3:  # colour (RGB / YBR already converted by pydicom)
-    if arr.dtype != np.uint8:
-      arr = np.clip(arr, 0, 255).astype(np.uint8)
-    return arr
-  if arr.ndim != 2:
-    raise InputError(f"unsupported DICOM pixel array shape {arr.shape}")
-  x = arr.astype(np.float64)
-  slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-  intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
-  x = x * slope + intercept
-  if window is None:
-    voi = _file_voi(ds, arr)
-    if voi is not None:
-      x = voi
-    else:
-      center, width = _first(getattr(ds, "WindowCenter", None)), _first(getattr(ds, "WindowWidth", None))
-      if center is not None and width is not None and width > 0:
-        window = (center, width)
-  if window is not None:
-    center, width = window
-    lo, hi = center - width / 2.0, center + width / 2.0
-    unit = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
-  else:
-    lo, hi = float(x.min()), float(x.max())
-    unit = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
-  if photometric == "MONOCHROME1":
-    unit = 1.0 - unit
-  return np.round(unit * 65535.0).astype(np.uint16)
-
-
-def _first(v) -> float | None:
-  """A DICOM value that may be multi-valued (pydicom MultiValue) -> its first float."""
-  if v is None:
-    return None
-  if not isinstance(v, (str, bytes)) and hasattr(v, "__len__"):
-    v = v[0] if len(v) else None
-  try:
-    return float(v)
-  except (TypeError, ValueError):
-    return None
-
-
-def _file_voi(ds, arr) -> np.ndarray | None:
-  """A VOI LUT sequence applied by pydicom, or None when absent / not a pydicom Dataset."""
-  if not hasattr(ds, "VOILUTSequence"):
+def parse_window(window: str) -> str | None:
+  """--window (or serve's ?window=): "" / "auto" -> None, the run's own dicom_window (how
+  the converter rendered its training data); else full | file | none | CENTER,WIDTH | a
+  preset, checked by `tfrecord_tools.dicom.parse_window`."""
+  w = (window or "").strip().lower()
+  if w in ("", "auto"):
     return None
   try:
-    try:
-      from pydicom.pixels import apply_voi_lut
-    except ImportError:
-      from pydicom.pixel_data_handlers.util import apply_voi_lut
-    return np.asarray(apply_voi_lut(arr, ds), dtype=np.float64)
-  except Exception:  # noqa: BLE001 - a broken LUT falls back to the window
-    return None
-
-
-def dicom_to_png(data: bytes, window: tuple[float, float] | None = None) -> bytes:
-  """DICOM file bytes -> PNG bytes (16-bit grayscale or 8-bit RGB), via `dicom_pixels`."""
-  try:
-    import pydicom
-  except ImportError:
-    raise InputError("DICOM input needs pydicom: pip install 'xraytpu[dicom]' (or pydicom)") from None
-  from PIL import Image
-  try:
-    ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    pixels = dicom_pixels(ds, window)
-  except InputError:
-    raise
-  except Exception as e:  # noqa: BLE001 - pydicom raises many types for corrupt files
-    raise InputError(f"unreadable DICOM ({type(e).__name__}: {e})") from None
-  buf = io.BytesIO()
-  Image.fromarray(pixels).save(buf, format="PNG")
-  return buf.getvalue()
+    dicom.parse_window(w)
+  except ValueError as e:
+    raise PredictError(f"--window={e}") from None
+  return w
 
 
 def read_file(path: str) -> bytes:
@@ -205,12 +113,14 @@ def read_file(path: str) -> bytes:
     raise InputError(f"cannot read ({e})") from None
 
 
-def file_bytes(path: str, window: tuple[float, float] | None = None) -> bytes:
-  """A file's bytes as the inference graph takes them (DICOM first becomes a PNG)."""
+def file_bytes(path: str, dicom_window: str = dicom.DEFAULT_WINDOW) -> bytes:
+  """A file's bytes as the inference graph takes them (`pixels.graph_input`: DICOM
+  rendered with `dicom_window`, TIFF/WebP decoded, both to PNG); InputError when unusable."""
   data = read_file(path)
-  if is_dicom(data, path):
-    data = dicom_to_png(data, window)
-  return data
+  try:
+    return pixels.graph_input(data, dicom_window=dicom_window, name=path)
+  except pixels.ImageError as e:
+    raise InputError(e.reason) from None
 
 
 def file_pixels(module, data: bytes) -> np.ndarray:
@@ -293,9 +203,10 @@ def predict_files(run: rundir.LoadedRun, paths: Sequence[str], *, window: str = 
                   progress=None) -> list[Prediction]:
   """Predicts every input (folders expanded); failures are per file, never raised.
 
+  window: how DICOM files are rendered (`parse_window`; default: as the run's data was).
   progress: optional callable(Prediction) called as results arrive.
   """
-  win = parse_window(window)
+  dicom_window = parse_window(window) or run.conversion.get("dicom_window", dicom.DEFAULT_WINDOW)
   items = expand_inputs(paths)
   results: list[Prediction] = []
   cam = None
@@ -330,7 +241,7 @@ def predict_files(run: rundir.LoadedRun, paths: Sequence[str], *, window: str = 
   for path, error in items:
     if error is None:
       try:
-        pending.append((path, file_pixels(run.module, file_bytes(path, win))))
+        pending.append((path, file_pixels(run.module, file_bytes(path, dicom_window))))
       except InputError as e:
         error = str(e)
     if error is not None:

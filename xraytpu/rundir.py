@@ -118,6 +118,19 @@ def write_config(run_dir: str, doc: dict) -> None:
   storage.write_text(path(run_dir, CONFIG), json.dumps(doc, indent=2, sort_keys=True, default=str))
 
 
+def mark_failed(run_dir: str, reason: str) -> None:
+  """config.json's status becomes "failed" (with the one-line reason) if the run was running."""
+  try:
+    doc = read_config(run_dir)
+  except RunError:
+    return
+  if doc is None or doc.get("status") != "running":
+    return
+  doc["status"] = "failed"
+  doc.setdefault("run", {})["failure"] = reason
+  write_config(run_dir, doc)
+
+
 def write_manifest_copy(run_dir: str, manifest: dict) -> None:
   storage.write_text(path(run_dir, MANIFEST_COPY), json.dumps(manifest, indent=2, sort_keys=True))
 
@@ -313,7 +326,7 @@ def load(run_dir: str, weights: str = "best") -> LoadedRun:
       logging.warning("%s has no %s (unfinished run): rebuilding from %s", run_dir, MODEL, CONFIG)
       model = models_lib.build_model(
           dataclasses.replace(cfg, weights="none"), num_classes=len(manifest["classes"]),
-          channels=cfg.channels or stats.input_channels(manifest, cfg))
+          channels=cfg.channels or stats.input_channels(manifest, cfg), task=stats.task(manifest))
       weights = "best"
     if weights == "best" and storage.exists(best_path):
       with storage.local_copy(best_path) as local:

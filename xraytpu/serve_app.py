@@ -4,7 +4,8 @@
 Predictions are those of `python -m xraytpu.predict`: the same run
 (`xraytpu.rundir.load`), the same pixel contract and model call
 (`LoadedRun.module`, the InferenceModule that export saves), the same
-per-file DICOM step (`predict_lib.dicom_to_png`) and the same Grad-CAM.
+DICOM rendering (`tfrecord_tools.dicom` through `pixels.graph_input`, with the
+run's dicom_window unless ?window= says otherwise) and the same Grad-CAM.
 Uploads are checked from their header first (pixel count), so a
 decompression bomb is refused before anything is decoded.
 """
@@ -20,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from tfrecord_tools import pixels
+from tfrecord_tools import dicom, pixels
 from xraytpu import model_card as card_lib
 from xraytpu import predict_lib, rundir
 from xraytpu.serve_batching import Batcher, BatchTimeout, Job
@@ -34,23 +35,27 @@ class RequestError(Exception):
     self.status, self.message, self.extra = int(status), message, extra
 
 
-def image_size(data: bytes) -> tuple[int, int]:
+def _status(reason: str) -> int:
+  """The HTTP status of a pixels.ImageError: 413 too large, 415 not an image or a DICOM
+  object/encoding this server cannot render, 400 a broken file."""
+  if reason.startswith("image too large"):
+    return 413
+  if reason.startswith(("not an image", "DICOM", "unsupported DICOM", "multi-frame")):
+    return 415
+  return 400
+
+
+def image_size(data: bytes, name: str = "") -> tuple[int, int]:
   """(width, height) from the file's header only (PIL's lazy open; DICOM: Rows/Columns).
 
   Raises RequestError: 415 not an image, 400 unreadable header, 413 PIL's own bomb limit.
   """
   from PIL import Image, UnidentifiedImageError
-  if predict_lib.is_dicom(data):
+  if dicom.is_dicom(data, name):
     try:
-      import pydicom
-    except ImportError:
-      raise RequestError(415, "DICOM input needs pydicom on the server: "
-                              "pip install 'xraytpu[dicom]' (or send PNG/JPEG)") from None
-    try:
-      ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
-      return int(ds.Columns), int(ds.Rows)
-    except Exception as e:  # noqa: BLE001 - pydicom raises many types for corrupt files
-      raise RequestError(400, f"unreadable DICOM header ({type(e).__name__}: {e})") from None
+      return dicom.image_size(data)
+    except pixels.ImageError as e:
+      raise RequestError(_status(e.reason), e.reason) from None
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")  # DecompressionBombWarning: the limit below decides
@@ -66,29 +71,27 @@ def image_size(data: bytes) -> tuple[int, int]:
 
 
 def prepare_upload(run: rundir.LoadedRun, data: bytes, *, max_pixels: int,
-                   window: tuple[float, float] | None = None) -> np.ndarray:
+                   window: str | None = None, name: str = "") -> np.ndarray:
   """An uploaded file's bytes -> uint8 [S, S, C], exactly as xraytpu.predict prepares a file
   (`predict_lib.file_bytes` then `predict_lib.file_pixels`, on bytes instead of a path).
 
+  window: the DICOM rendering (`predict_lib.parse_window`); None = the run's dicom_window.
+  name: the upload's file name (a .dcm without the DICM preamble is DICOM too).
   The pixel count is checked from the header first, so a decompression bomb
   is refused before anything is decoded. Raises RequestError (4xx).
   """
   if not data:
     raise RequestError(400, "empty file (0 bytes)")
-  width, height = image_size(data)
+  width, height = image_size(data, name)
   if width * height > max_pixels:
     raise RequestError(413, f"image is {width}x{height} = {width * height} pixels, more than the "
                             f"server's limit of {max_pixels} (--max_pixels)")
   try:
-    if predict_lib.is_dicom(data):
-      data = predict_lib.dicom_to_png(data, window)
+    dicom_window = window or run.conversion.get("dicom_window", dicom.DEFAULT_WINDOW)
+    data = pixels.graph_input(data, dicom_window=dicom_window, name=name)
     return run.module.file_pixels(data)
   except pixels.ImageError as e:
-    status = 413 if e.reason.startswith("image too large") else (
-        415 if e.reason.startswith(("not an image", "DICOM")) else 400)
-    raise RequestError(status, e.reason) from None
-  except predict_lib.InputError as e:
-    raise RequestError(415 if "pydicom" in str(e) else 400, str(e)) from None
+    raise RequestError(_status(e.reason), e.reason) from None
 
 
 @dataclasses.dataclass
@@ -151,13 +154,14 @@ class App:
       start += n
 
   def predict(self, files: Sequence[tuple[str, bytes]], *, gradcam: bool = False,
-              window: tuple[float, float] | None = None) -> dict[str, Any]:
+              window: str | None = None) -> dict[str, Any]:
     """[(filename, bytes)] -> the POST /v1/predict JSON. Raises RequestError (all or nothing)."""
     run = self.run
     images = []
     for i, (name, data) in enumerate(files):
       try:
-        images.append(prepare_upload(run, data, max_pixels=self.opts.max_pixels, window=window))
+        images.append(prepare_upload(run, data, max_pixels=self.opts.max_pixels, window=window,
+                                     name=name))
       except RequestError as e:
         where = f"file {i + 1} of {len(files)}" + (f" ({name})" if name else "")
         where = where if len(files) > 1 else (name or "the image")

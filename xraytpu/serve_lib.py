@@ -156,7 +156,7 @@ def parse_multipart(body: bytes, boundary: str, max_files: int) -> list[tuple[st
     pos = end + 2 + len(delim)
 
 
-def _parse_query(query: str) -> tuple[bool, tuple[float, float] | None]:
+def _parse_query(query: str) -> tuple[bool, str | None]:
   params = urllib.parse.parse_qs(query, keep_blank_values=True)
   unknown = sorted(set(params) - set(_QUERY_PARAMS))
   if unknown:

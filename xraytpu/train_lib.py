@@ -5,7 +5,7 @@
   1. check the run directory (a finished run is kept unless cfg.overwrite; an
      unfinished one with the same settings is resumed),
   2. start the strategy (xraytpu.distribute), set the mixed-precision policy,
-  3. read dataset.json: classes, class weights, initial output bias, steps/epoch,
+  3. read dataset.json: task, classes, class weights, initial output bias, steps/epoch,
   4. build and compile the model inside `strategy.scope()`,
   5. fit phase 1 (backbones frozen when pretrained), then optionally phase 2
      (fine-tune from --fine_tune_at at --fine_tune_learning_rate),
@@ -24,6 +24,7 @@ local copy that the chief pushes after every epoch (tfrecord_tools.storage.Mirro
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -40,7 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 import xraytpu
-from xraytpu import distribute, errors
+from xraytpu import distribute, errors, multilabel
 from xraytpu import rundir
 from xraytpu import models as models_lib
 from xraytpu._keras import keras
@@ -48,8 +49,10 @@ from xraytpu.callbacks import StopOnNaN, _save_and_discard, make_callbacks
 from xraytpu.config import Config
 from xraytpu.data import DataError
 from xraytpu.data import input_pipeline
+from xraytpu.data import integrity
 from xraytpu.data import stats
 from xraytpu.models import applications
+from tfrecord_tools import locks
 from tfrecord_tools import schema
 from tfrecord_tools import storage
 
@@ -102,10 +105,13 @@ def _config_differences(old: dict, new: Config) -> list[str]:
   return diffs
 
 
-def prepare_run_dir(cfg: Config, chief: bool = True, run_dir: str = "") -> str:
+def prepare_run_dir(cfg: Config, chief: bool = True, run_dir: str = "",
+                    data: dict | None = None) -> str:
   """Decides fresh / resume / refuse. Returns "fresh" or "resume".
 
   run_dir: where the files are (a gs:// run's local copy), default cfg.model_dir.
+  data: the training data's fingerprint (schema.data_fingerprint): an unfinished run
+  trained on other data is not resumed (the same data elsewhere, e.g. a gs:// copy, is).
   Only the chief deletes an old run (--overwrite); other workers just go on.
   """
   run_dir = run_dir or cfg.model_dir
@@ -121,6 +127,9 @@ def prepare_run_dir(cfg: Config, chief: bool = True, run_dir: str = "") -> str:
       rundir.clear(run_dir)
     return "fresh"
   diffs = _config_differences(old, cfg)
+  old_data = (old.get("run") or {}).get("data")
+  if data is not None and old_data is not None:
+    diffs += [f"data: {d}" for d in schema.fingerprint_differences(old_data, data)]
   if diffs:
     if not cfg.overwrite:
       raise TrainError(f"--model_dir={cfg.model_dir} holds an unfinished run with other settings "
@@ -246,17 +255,28 @@ def make_learning_rate(cfg: Config, steps_per_epoch: int):
                         total_steps=cfg.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
 
 
-def make_loss(num_classes: int, label_smoothing: float):
+def make_loss(num_classes: int, label_smoothing: float, *, task: str = stats.SINGLE_LABEL,
+              pos_weight=None):
+  """Binary / categorical cross-entropy; multi-label: the masked BCE with optional
+  per-finding positive weights (xraytpu.multilabel.MaskedBinaryCrossentropy)."""
+  if task == stats.MULTI_LABEL:
+    return multilabel.MaskedBinaryCrossentropy(pos_weight=pos_weight, label_smoothing=label_smoothing)
   if num_classes == 2:
     return keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing)
   return keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing)
 
 
-def make_metrics(num_classes: int) -> list:
+def make_metrics(num_classes: int, *, task: str = stats.SINGLE_LABEL,
+                 findings: list[str] | None = None) -> list:
   """accuracy, precision, recall, ROC AUC ("auc") and PR AUC ("pr_auc").
 
   Multi-class: one-hot labels, precision/recall/AUC micro-averaged over classes.
+  Multi-label: "auc", the mean over findings of each finding's ROC AUC, and
+  "auc_<finding>" per finding (xraytpu.multilabel.metric_names), all over
+  labelled entries only.
   """
+  if task == stats.MULTI_LABEL:
+    return multilabel.make_metrics(list(findings or []))
   acc = (keras.metrics.BinaryAccuracy(name="accuracy") if num_classes == 2
          else keras.metrics.CategoricalAccuracy(name="accuracy"))
   return [acc, keras.metrics.Precision(name="precision"), keras.metrics.Recall(name="recall"),
@@ -264,10 +284,12 @@ def make_metrics(num_classes: int) -> list:
 
 
 def compile_model(model: keras.Model, cfg: Config, *, learning_rate, num_classes: int,
-                  jit_compile: bool) -> None:
+                  jit_compile: bool, task: str = stats.SINGLE_LABEL,
+                  findings: list[str] | None = None, pos_weight=None) -> None:
+  """Optimizer, loss and metrics; multi-label takes the findings and optional positive weights."""
   model.compile(optimizer=make_optimizer(cfg.optimizer, learning_rate, cfg.weight_decay),
-                loss=make_loss(num_classes, cfg.label_smoothing),
-                metrics=make_metrics(num_classes),
+                loss=make_loss(num_classes, cfg.label_smoothing, task=task, pos_weight=pos_weight),
+                metrics=make_metrics(num_classes, task=task, findings=findings),
                 steps_per_execution=cfg.steps_per_execution,
                 jit_compile=jit_compile)
 
@@ -293,6 +315,9 @@ def make_datasets(cfg: Config, strategy, manifest: dict, *, label_mode: str,
                   class_weights: dict[int, float] | None, has_val: bool,
                   eval_drop_remainder: bool = False):
   """Distributed train (repeating, weighted) and val (one pass) datasets.
+
+  class_weights: single-label only, as per-example weights; multi-label
+  weighting lives in the loss (positive weights per finding).
 
   eval_drop_remainder: drop the last partial validation batch (TPU: every
   batch must have the same shape).
@@ -352,13 +377,22 @@ def train_and_evaluate(cfg: Config, *, strategy: tf.distribute.Strategy | None =
   """
   t_start = time.perf_counter()
   validate_config(cfg)
+  # One process owns the run directory: the chief holds its lock until the run ends
+  # (a second trainer fails at once naming the holder; a killed holder's lock is taken over).
+  chief = distribute.chief_from_env(cfg.strategy)
+  with (locks.exclusive(cfg.model_dir, "xraytpu.train") if chief else contextlib.nullcontext()):
+    return _train_owned(cfg, strategy=strategy, verbose=verbose, t_start=t_start)
+
+
+def _train_owned(cfg: Config, *, strategy, verbose, t_start: float) -> TrainResult:
+  """train_and_evaluate with the run directory's lock held (by the chief)."""
   old = rundir.read_config(cfg.model_dir)
   if old is not None and old.get("status") == "finished" and not cfg.overwrite:
     prepare_run_dir(cfg, chief=False)  # raises the "finished run" error before any slow setup
   mirror = storage.Mirror(cfg.model_dir)
   if mirror.active:
     t = time.perf_counter()
-    n = mirror.pull()
+    n = mirror.pull(exclude=(locks.LOCK_NAME,))
     logging.info("Run directory %s: training in the local copy %s (%d file(s) pulled in %.1f s); "
                  "changes are pushed after every epoch", cfg.model_dir, mirror.local, n,
                  time.perf_counter() - t)
@@ -366,6 +400,12 @@ def train_and_evaluate(cfg: Config, *, strategy: tf.distribute.Strategy | None =
   try:
     result = _train(cfg, strategy=strategy, verbose=verbose, mirror=mirror, t_start=t_start)
     finished = True
+  except errors.UserError as e:
+    # Bad data (a corrupt shard, ...): the run directory records the failure instead of
+    # staying "running" (a rerun after the fix resumes). A crash or a preemption leaves
+    # "running", as a kill would.
+    rundir.mark_failed(mirror.local, str(e).splitlines()[0][:500])
+    raise
   finally:
     try:
       mirror.push()   # the chief's last files; a no-op elsewhere
@@ -390,9 +430,13 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
   global_batch = cfg.batch_size
 
   # ---- resolve what "auto"/0 mean for this data and hardware --------------
+  task = stats.task(manifest)
+  multi_label = task == stats.MULTI_LABEL
   classes = list(manifest["classes"])
   num_classes = len(classes)
-  if num_classes < 2:
+  if multi_label and num_classes < 1:
+    raise TrainError(f"{cfg.data_dir}: the multi-label data set names no findings")
+  if not multi_label and num_classes < 2:
     raise TrainError(f"{cfg.data_dir}: the data set has {num_classes} class(es); need at least 2")
   channels = stats.input_channels(manifest, cfg)
   steps_per_epoch = cfg.steps_per_epoch or stats.steps_per_epoch(manifest, "train", global_batch, True)
@@ -400,16 +444,27 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
   jit = bool(cfg.jit_compile or info.accelerator == "tpu")
   cfg = dataclasses.replace(cfg, channels=channels, steps_per_epoch=steps_per_epoch, jit_compile=jit)
   mirror.read_only = not info.is_chief
-  mode = prepare_run_dir(cfg, info.is_chief, run_dir=mirror.local)
+  data = schema.data_fingerprint(manifest)
+  mode = prepare_run_dir(cfg, info.is_chief, run_dir=mirror.local, data=data)
 
   logging.info("Batch: global %d = %d replica(s) x %d per replica; %d steps/epoch; policy %s; jit %s",
                global_batch, info.replicas, per_replica, steps_per_epoch, policy, jit)
   keras.mixed_precision.set_global_policy(policy)
   keras.utils.set_random_seed(cfg.seed)
 
-  label_mode = "binary" if num_classes == 2 else "one_hot"
-  class_weights = stats.class_weights(manifest, "train") if cfg.class_weight == "balanced" else None
+  balanced = cfg.class_weight == "balanced"
+  if multi_label:
+    # K sigmoids on targets [multi_hot, mask]; weights per finding, inside the masked loss.
+    label_mode, class_weights = "multi_label", None
+    pos_weight = stats.positive_weights(manifest, "train") if balanced else None
+    logging.info("Multi-label: %d findings; prevalence among labelled train entries: %s", num_classes,
+                 ", ".join(f"{c} {p:.3f}" for c, p in zip(classes, stats.prevalence(manifest))))
+  else:
+    label_mode = "binary" if num_classes == 2 else "one_hot"
+    class_weights = stats.class_weights(manifest, "train") if balanced else None
+    pos_weight = None
   output_bias = np.asarray(stats.initial_bias(manifest), np.float32).reshape(-1)
+  loss_kw = dict(task=task, findings=classes, pos_weight=pos_weight)
   train_ds, val_ds = make_datasets(cfg, strategy, manifest, label_mode=label_mode,
                                    class_weights=class_weights, has_val=has_val,
                                    eval_drop_remainder=info.accelerator == "tpu")
@@ -419,9 +474,9 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
 
   with strategy.scope():
     model = models_lib.build_model(cfg, num_classes=num_classes, channels=channels,
-                                   output_bias=output_bias)
+                                   output_bias=output_bias, task=task)
     compile_model(model, cfg, learning_rate=make_learning_rate(cfg, steps_per_epoch),
-                  num_classes=num_classes, jit_compile=jit)
+                  num_classes=num_classes, jit_compile=jit, **loss_kw)
   _log_lines(_summary(model))
   params = models_lib.common.count_params(model)
   logging.info("Parameters: %d total, %d trainable", params["total"], params["trainable"])
@@ -439,10 +494,12 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
       "steps_per_epoch": steps_per_epoch,
       "mixed_precision_policy": policy,
       "jit_compile": jit,
+      "data": data,     # schema.data_fingerprint: a resume on other data is refused
       "manifest": {"data_dir": cfg.data_dir, "sha256": _manifest_digest(cfg.data_dir),
                    "name": manifest.get("name"), "classes": classes,
                    "num_examples": {s: v.get("num_examples") for s, v in manifest["splits"].items()}},
       "num_classes": num_classes,
+      "task": task,
       "label_mode": label_mode,
       "class_weight": {str(k): float(v) for k, v in (class_weights or {}).items()},
       "output_bias": output_bias.tolist(),
@@ -450,6 +507,15 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
       "monitor": monitor,
       "resumed": mode == "resume",
   }
+  if multi_label:
+    # In `classes` order: each finding's history.csv column ("val_" + metric for
+    # validation) and its training statistics.
+    run_info["findings"] = [
+        {"name": c, "metric": name, "prevalence": None if np.isnan(prev) else float(prev),
+         "positive_weight": float(w)}
+        for c, name, prev, w in zip(classes, multilabel.metric_names(classes).values(),
+                                    stats.prevalence(manifest),
+                                    pos_weight if pos_weight is not None else np.ones(num_classes))]
   if chief:
     storage.makedirs(rundir.path(run_dir, rundir.CHECKPOINTS))
     _write_json(cfg, run_dir, "running", run_info)
@@ -471,7 +537,8 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
                          global_batch=global_batch, steps_per_epoch=steps_per_epoch,
                          total_epochs=total_epochs, best_so_far=_best(run_dir, monitor), nan=nan,
                          mirror=mirror)
-    model.fit(train_ds, epochs=cfg.epochs, callbacks=cbs, **fit_kw)
+    with integrity.named_data_errors(cfg.data_dir, manifest, ("train", "val")):
+      model.fit(train_ds, epochs=cfg.epochs, callbacks=cbs, **fit_kw)
     _check_nan(nan, cfg.model_dir)
 
   # ---- phase 2: fine-tune the backbone ----------------------------------------
@@ -479,7 +546,7 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
     with strategy.scope():
       n = applications.set_fine_tune(model, cfg.fine_tune_at)
       compile_model(model, cfg, learning_rate=cfg.fine_tune_learning_rate,
-                    num_classes=num_classes, jit_compile=jit)
+                    num_classes=num_classes, jit_compile=jit, **loss_kw)
     logging.info("Phase 2: fine-tuning backbone layers from %d on (%d with weights) at lr %g, %d epochs; "
                  "%d trainable parameters", cfg.fine_tune_at, n, cfg.fine_tune_learning_rate,
                  cfg.fine_tune_epochs, models_lib.common.count_params(model)["trainable"])
@@ -487,7 +554,8 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
                          global_batch=global_batch, steps_per_epoch=steps_per_epoch,
                          total_epochs=total_epochs, best_so_far=_best(run_dir, monitor), nan=nan,
                          mirror=mirror)
-    model.fit(train_ds, initial_epoch=cfg.epochs, epochs=total_epochs, callbacks=cbs, **fit_kw)
+    with integrity.named_data_errors(cfg.data_dir, manifest, ("train", "val")):
+      model.fit(train_ds, initial_epoch=cfg.epochs, epochs=total_epochs, callbacks=cbs, **fit_kw)
     _check_nan(nan, cfg.model_dir)
 
   # ---- finish ------------------------------------------------------------------

@@ -1,5 +1,10 @@
 """dataset.json + TFRecord shards -> tf.data batches of (uint8 image, label).
 
+Multi-label data sets (manifest "task": "multi_label", `classes` = the K
+findings) with label_mode "multi_label" yield (image, y), y = float32
+[b, 2K] = concat([multi_hot, mask]): one tensor, so Keras and TPUs see one
+static label shape; `split_multi_label(y)` gives (multi_hot, mask) back.
+
 Two builders, one chain:
 
   train_dataset(data_dir, spec, global_batch=...)    shuffled, repeated, fixed-shape batches
@@ -16,7 +21,8 @@ The chain (`_dataset`), top to bottom:
   list shards from the manifest
   -> shard per input pipeline (by file when enough shards, else by element)
   -> interleave the shards' records (parallel, non-deterministic when training)
-  -> parse (records.feature_spec) -> decode -> resize -> uint8 [S, S, C]
+  -> parse (records.feature_spec; multi-label: multi_hot, mask as [K]) -> decode
+     -> resize -> uint8 [S, S, C]
   -> cache (memory | file | off)          decoded pixels only; never augmentation
   -> shuffle (seeded) -> repeat           training only, after the cache
   -> batch (per-replica batch; drop_remainder when training)
@@ -54,7 +60,7 @@ from tfrecord_tools import schema
 from xraytpu.data import DataError, stats
 
 AUTOTUNE = tf.data.AUTOTUNE
-LABEL_MODES = ("int", "binary", "one_hot")
+LABEL_MODES = ("int", "binary", "one_hot", "multi_label")
 # Read-ahead per shard file: large sequential reads matter on gs://.
 _READ_BUFFER_BYTES = 8 << 20
 # At most this many shards are read at once when training.
@@ -112,7 +118,8 @@ def train_dataset(data_dir: str, spec: InputSpec, *, global_batch: int, input_co
       `strategy.distribute_datasets_from_function`): this pipeline reads its
       share of the data.
     label_mode: "int" -> int32 [b]; "binary" -> float32 [b, 1] (2 classes
-      only); "one_hot" -> float32 [b, K].
+      only); "one_hot" -> float32 [b, K]; "multi_label" (multi-label data
+      sets only) -> float32 [b, 2K], concat([multi_hot, mask]).
     with_filenames: also yield the record's image/filename, tf.string [b].
     manifest: the parsed dataset.json, if the caller already read it.
     split: the manifest's split to train on.
@@ -153,6 +160,10 @@ def _dataset(data_dir: str, split: str, spec: InputSpec, *, training: bool, batc
     raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
   manifest = manifest if manifest is not None else schema.read_manifest(data_dir)
   classes = manifest["classes"]
+  multi_label = stats.task(manifest) == stats.MULTI_LABEL
+  if (label_mode == "multi_label") != multi_label and label_mode != "int":
+    raise DataError(f"label_mode={label_mode!r} does not fit the {stats.task(manifest)} data set "
+                    f"{data_dir}" + (": use 'multi_label'" if multi_label else ""))
   if label_mode == "binary" and len(classes) != 2:
     raise DataError(f"label_mode='binary' needs 2 classes, the data set has {len(classes)}: {classes}")
   size, aspect = int(spec.image_size), spec.aspect
@@ -183,13 +194,19 @@ def _dataset(data_dir: str, split: str, spec: InputSpec, *, training: bool, batc
   examples_here = -(-num_examples // num_pipelines)  # this pipeline's share, rounded up
   keys = [records.ENCODED, records.LABEL] + ([records.FILENAME] if with_filenames else [])
   parse_spec = {k: v for k, v in records.feature_spec().items() if k in keys}
+  if label_mode == "multi_label":
+    parse_spec.pop(records.LABEL)
+    parse_spec.update(_multi_label_spec(len(classes)))
 
   def to_pixels(serialized):
     # parse -> decode -> resize -> uint8: the per-record work the cache saves.
     features = tf.io.parse_single_example(serialized, parse_spec)
     # The pixel contract: encoded bytes -> uint8 [S, S, C], the one per-record pixel call.
     image = pixels.load_image(features[records.ENCODED], channels=channels, size=size, aspect=aspect)
-    label = tf.cast(features[records.LABEL], tf.int32)
+    if label_mode == "multi_label":
+      label = multi_label_targets(features[records.MULTI_HOT], features[records.MASK])
+    else:
+      label = tf.cast(features[records.LABEL], tf.int32)
     if with_filenames:
       return image, label, features[records.FILENAME]
     return image, label
@@ -218,7 +235,8 @@ def _dataset(data_dir: str, split: str, spec: InputSpec, *, training: bool, batc
   # Parse, decode and resize in parallel, to uint8 [S, S, C].
   ds = ds.map(to_pixels, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
   # Cache the deterministic work. Augmentation is random and lives in the model.
-  key = _settings_key(data_dir, files, split, size, aspect, channels, with_filenames)
+  key = _settings_key(data_dir, files, split, size, aspect, channels, with_filenames,
+                      multi_label=label_mode == "multi_label")
   if use_service:
     # Service workers: one shuffled epoch, no cache (a worker would cache only
     # its share of one epoch), batched for fewer RPCs (the last batches short).
@@ -272,12 +290,39 @@ def _cache(ds: tf.data.Dataset, cache: str, key: str) -> tf.data.Dataset:
   return ds.cache(path)
 
 
-def _settings_key(data_dir, files, split, size, aspect, channels, with_filenames) -> str:
-  """`val-224px-squash-c1-<hash of the data's location and shards>`: names caches and jobs."""
+def _settings_key(data_dir, files, split, size, aspect, channels, with_filenames,
+                  multi_label: bool = False) -> str:
+  """`val-224px-squash-c1-<hash of the data's location and shards>`: names caches and jobs.
+
+  The cached elements' structure is in it too ("-fn" with filenames, "-ml"
+  with multi-label targets), so a cache is only read back in its own form.
+  """
   where = data_dir if "://" in data_dir else os.path.abspath(data_dir)
   digest = hashlib.sha1("\n".join([where] + files).encode()).hexdigest()[:8]
-  extra = "-fn" if with_filenames else ""
+  extra = ("-fn" if with_filenames else "") + ("-ml" if multi_label else "")
   return f"{split}-{size}px-{aspect}-c{channels}{extra}-{digest}"
+
+
+def _multi_label_spec(num_findings: int) -> dict:
+  """multi_hot and mask parsed as fixed [K] vectors (static shapes for XLA/TPU).
+
+  A record without multi_hot fails to parse (it is not a multi-label record);
+  one without a mask has every label known.
+  """
+  k = int(num_findings)
+  return {records.MULTI_HOT: tf.io.FixedLenFeature([k], tf.float32),
+          records.MASK: tf.io.FixedLenFeature([k], tf.float32, default_value=[1.0] * k)}
+
+
+def multi_label_targets(multi_hot: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+  """float32 [..., 2K] = concat([multi_hot, mask]): the multi-label y, one tensor."""
+  return tf.concat([tf.cast(multi_hot, tf.float32), tf.cast(mask, tf.float32)], axis=-1)
+
+
+def split_multi_label(y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """(multi_hot [..., K], mask [..., K]) of a `multi_label_targets` tensor (K static)."""
+  k = int(y.shape[-1]) // 2
+  return y[..., :k], y[..., k:]
 
 
 def _label_fn(label_mode: str, num_classes: int):

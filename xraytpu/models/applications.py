@@ -91,7 +91,7 @@ def _load_weights(net: keras.Model, path: str, name: str) -> None:
 
 
 def build(name: str, cfg: Config, *, num_classes: int, channels: int,
-          output_bias=None) -> keras.Model:
+          output_bias=None, task: str = "single_label") -> keras.Model:
   """uint8 [B, S, S, C] -> probabilities, with the `name` backbone."""
   spec = BACKBONES[name]
   if cfg.image_size < spec.min_size:
@@ -103,7 +103,7 @@ def build(name: str, cfg: Config, *, num_classes: int, channels: int,
   backbone.trainable = not pretrained(cfg)
   x = backbone(x, training=False)
   return common.finish(inputs, x, cfg, default_head=spec.default_head, num_classes=num_classes,
-                       output_bias=output_bias, name=name)
+                       output_bias=output_bias, name=name, task=task)
 
 
 def builder(name: str) -> Callable[..., keras.Model]:

@@ -12,7 +12,9 @@ Every model built here has the same contract:
   head    pooling/flatten + dense/dropout, chosen by --head;
   output  "probabilities": float32 even under mixed precision;
           binary task -> [B, 1] sigmoid (bias = log(pos/neg) from the manifest),
-          K > 2 classes -> [B, K] softmax (bias = log class priors).
+          K > 2 classes -> [B, K] softmax (bias = log class priors),
+          multi-label task (K findings) -> [B, K] independent sigmoids
+          (bias = logit of each finding's prevalence among labelled entries).
 
 The stem and the output layer are built under a float32 policy so augmentation
 and the final activation stay in float32 when the global policy is
@@ -31,6 +33,7 @@ from xraytpu import errors
 from xraytpu._keras import keras
 from xraytpu.config import Config
 from xraytpu.data import augment as augment_lib
+from xraytpu.data import stats
 
 layers = keras.layers
 
@@ -216,32 +219,40 @@ def head(x, cfg: Config, default: str):
 # Output
 # ---------------------------------------------------------------------------
 
-def output_layer(x, *, num_classes: int, output_bias=None):
-  """Probabilities in float32: [B, 1] sigmoid for 2 classes, [B, K] softmax for K > 2.
+def output_layer(x, *, num_classes: int, output_bias=None, task: str = stats.SINGLE_LABEL):
+  """Probabilities in float32.
 
-  `output_bias`: [1] log(pos/neg) (binary) or [K] log-priors, or None for zeros.
-  Starting from the prior makes the first epochs of an imbalanced task sane.
+  Single-label: [B, 1] sigmoid for 2 classes, [B, K] softmax for K > 2.
+  Multi-label (task "multi_label", num_classes = K >= 1 findings): [B, K] sigmoids.
+  `output_bias`: [1] log(pos/neg) (binary), [K] log-priors (softmax) or [K]
+  logit(prevalence) (multi-label), or None for zeros. Starting from the prior
+  makes the first epochs of an imbalanced task sane.
   """
-  if num_classes < 2:
-    raise ModelError(f"need at least 2 classes, got {num_classes}")
-  units = 1 if num_classes == 2 else num_classes
+  if task not in stats.TASKS:
+    raise ModelError(f"task must be one of {', '.join(stats.TASKS)}, got {task!r}")
+  multi_label = task == stats.MULTI_LABEL
+  if num_classes < (1 if multi_label else 2):
+    raise ModelError(f"need at least {1 if multi_label else 2} "
+                     f"{'finding' if multi_label else 'classes'}, got {num_classes}")
+  units = num_classes if multi_label or num_classes > 2 else 1
   init = "zeros"
   if output_bias is not None:
     bias = np.asarray(output_bias, dtype=np.float32).reshape(-1)
     if bias.shape != (units,):
-      raise ModelError(f"output_bias has shape {bias.shape}, expected ({units},) for {num_classes} classes")
+      raise ModelError(f"output_bias has shape {bias.shape}, expected ({units},) for {num_classes} "
+                       f"{'findings' if multi_label else 'classes'}")
     init = keras.initializers.Constant(bias.tolist())
-  activation = "sigmoid" if units == 1 else "softmax"
+  activation = "sigmoid" if multi_label or units == 1 else "softmax"
   with float32_policy():
     return layers.Dense(units, activation=activation, bias_initializer=init,
                         name="probabilities")(x)
 
 
 def finish(inputs, feature_map, cfg: Config, *, default_head: str, num_classes: int,
-           output_bias, name: str) -> keras.Model:
+           output_bias, name: str, task: str = stats.SINGLE_LABEL) -> keras.Model:
   """features -> head -> output; returns the keras.Model."""
   x = head(features(feature_map), cfg, default_head)
-  outputs = output_layer(x, num_classes=num_classes, output_bias=output_bias)
+  outputs = output_layer(x, num_classes=num_classes, output_bias=output_bias, task=task)
   return keras.Model(inputs, outputs, name=name)
 
 

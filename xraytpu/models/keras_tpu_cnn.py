@@ -45,7 +45,7 @@ def _conv_block(x, filters: int, name: str):
   return layers.MaxPool2D(name=f"{name}_pool")(x)
 
 
-def build(cfg: Config, *, num_classes: int, channels: int, output_bias=None) -> keras.Model:
+def build(cfg: Config, *, num_classes: int, channels: int, output_bias=None, task: str = "single_label") -> keras.Model:
   """uint8 [B, S, S, C] -> probabilities (see xraytpu.models.common)."""
   if cfg.image_size < MIN_SIZE:
     raise common.ModelError(f"--model=keras_tpu_cnn needs --image_size >= {MIN_SIZE}, got {cfg.image_size}")
@@ -61,4 +61,4 @@ def build(cfg: Config, *, num_classes: int, channels: int, output_bias=None) -> 
   x = _conv_block(x, 256, "block4")
   x = layers.Dropout(0.2, name="block4_dropout")(x)
   return common.finish(inputs, x, cfg, default_head="keras_tpu_cnn", num_classes=num_classes,
-                       output_bias=output_bias, name="keras_tpu_cnn")
+                       output_bias=output_bias, name="keras_tpu_cnn", task=task)

@@ -21,7 +21,7 @@ MIN_SIZE = 32
 FILTERS = (32, 64, 128, 128, 256)
 
 
-def build(cfg: Config, *, num_classes: int, channels: int, output_bias=None) -> keras.Model:
+def build(cfg: Config, *, num_classes: int, channels: int, output_bias=None, task: str = "single_label") -> keras.Model:
   """uint8 [B, S, S, C] -> probabilities (see xraytpu.models.common)."""
   if cfg.image_size < MIN_SIZE:
     raise common.ModelError(f"--model=xray_cnn needs --image_size >= {MIN_SIZE}, got {cfg.image_size}")
@@ -32,4 +32,4 @@ def build(cfg: Config, *, num_classes: int, channels: int, output_bias=None) -> 
                       name=f"conv{i}")(x)
     x = layers.MaxPool2D(name=f"pool{i}")(x)
   return common.finish(inputs, x, cfg, default_head="xray_cnn", num_classes=num_classes,
-                       output_bias=output_bias, name="xray_cnn")
+                       output_bias=output_bias, name="xray_cnn", task=task)
