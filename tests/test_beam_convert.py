@@ -112,7 +112,8 @@ def test_beam_resumes_finished_shards_and_checks_skipped_fraction(ct_images, tmp
   assert "nothing to convert: 6 of 6 shards already complete" in logs   # issue 14
   assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tfrecord")} == mtimes
   assert manifest["num_converted"] == 24 and manifest["num_skipped"] == 2
-  assert sorted(os.listdir(out)) == sorted([schema.MANIFEST_NAME, *mtimes])
+  assert sorted(os.listdir(out)) == sorted([schema.MANIFEST_NAME, *mtimes, "dataset_info.json",
+                                          "features.json", "image.class.label.labels.txt"])
 
 
 def test_runner_beam_without_beam_is_one_line_error(tmp_path):

@@ -46,6 +46,10 @@ def _records(out) -> list[dict]:
   return rows
 
 
+# TFDS's metadata beside dataset.json (tfrecord_tools.tfds_metadata; a single-label set).
+TFDS_FILES = ["dataset_info.json", "features.json", "image.class.label.labels.txt"]
+
+
 def _shard_bytes(out) -> dict[str, str]:
   return {n: hashlib.sha256(open(os.path.join(out, n), "rb").read()).hexdigest()
           for n in sorted(os.listdir(out)) if n.endswith(".tfrecord")}
@@ -207,7 +211,7 @@ def test_rerun_and_parallel_run_give_identical_bytes(tmp_path, covid_subset, cov
   assert _shard_bytes(again) == _shard_bytes(out)
   assert m2["splits"] == m["splits"] and m2["image_stats"] == m["image_stats"]
   assert not [n for n in os.listdir(again) if n not in _shard_bytes(again)
-              and n != "dataset.json"]   # no temp files or state left behind
+              and n != "dataset.json" and n not in TFDS_FILES]   # no temp files or state left behind
 
 
 def test_existing_output_is_refused_unless_overwrite(covid_subset, tmp_path):
@@ -288,7 +292,7 @@ def test_killed_run_leaves_no_partial_file_and_rerun_completes(tmp_path):
            "--val_fraction=0", "--test_fraction=0")
   assert r.returncode == 0, r.stderr
   assert _shard_bytes(out) == _shard_bytes(clean)
-  assert sorted(os.listdir(out)) == sorted(list(_shard_bytes(clean)) + ["dataset.json"])
+  assert sorted(os.listdir(out)) == sorted(list(_shard_bytes(clean)) + ["dataset.json"] + TFDS_FILES)
 
 
 def test_leftover_temp_and_stale_shards_are_replaced(tmp_path):
@@ -308,7 +312,7 @@ def test_leftover_temp_and_stale_shards_are_replaced(tmp_path):
   (out / "train-00000-of-00005.tfrecord").write_bytes(b"stale")
   m = convert(_opts(inp, out, num_shards=2))
   assert _shard_bytes(out) == _shard_bytes(clean)
-  assert sorted(os.listdir(out)) == sorted(list(_shard_bytes(clean)) + ["dataset.json"])
+  assert sorted(os.listdir(out)) == sorted(list(_shard_bytes(clean)) + ["dataset.json"] + TFDS_FILES)
   assert m["num_converted"] == 24
 
 
@@ -530,7 +534,7 @@ def test_remote_filesystem_output_and_keras_pair_input(tmp_path):
   m = convert(_opts(inp, out, num_shards=2, test_fraction=0.25))
   assert schema.read_manifest(out)["splits"] == m["splits"]
   assert sorted(tf.io.gfile.listdir(out)) == sorted(
-      ["dataset.json"] + [s["file"] for sp in m["splits"].values() for s in sp["shards"]])
+      ["dataset.json"] + TFDS_FILES + [s["file"] for sp in m["splits"].values() for s in sp["shards"]])
   with pytest.raises(ConvertError, match="--overwrite"):
     convert(_opts(inp, out))
   # The Keras example's pair read from the remote file system.
@@ -631,7 +635,7 @@ def test_worker_killed_once_is_retried_and_output_is_identical(tmp_path, crash_s
                    r"trying the [1-4] unfinished shards? again", r.stderr), r.stderr
   assert _shard_bytes(out) == _shard_bytes(clean)
   # The dead worker's temp file and the state are gone.
-  assert sorted(os.listdir(out)) == sorted(list(_shard_bytes(clean)) + ["dataset.json"])
+  assert sorted(os.listdir(out)) == sorted(list(_shard_bytes(clean)) + ["dataset.json"] + TFDS_FILES)
   assert schema.read_manifest(str(out))["num_converted"] == 16
 
 
@@ -654,7 +658,7 @@ def test_worker_killed_twice_fails_with_cause_then_rerun_resumes(tmp_path, crash
   assert r.returncode == 0, r.stderr
   assert (f"resuming: {finished} of 4 shards" in r.stderr) == (finished > 0), r.stderr
   assert _shard_bytes(out) == _shard_bytes(clean)
-  assert sorted(os.listdir(out)) == sorted(list(_shard_bytes(clean)) + ["dataset.json"])
+  assert sorted(os.listdir(out)) == sorted(list(_shard_bytes(clean)) + ["dataset.json"] + TFDS_FILES)
 
 
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])

@@ -62,6 +62,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from tfrecord_tools import __version__, cli, dicom, errors, locks, pixels, pool, records, schema, shards, storage
 from tfrecord_tools import labels as labels_lib
+from tfrecord_tools import tfds_metadata
 from tfrecord_tools.shards import STATE_DIR, Item, ShardTask, Source
 
 IMAGE_EXTENSIONS = frozenset({
@@ -1343,6 +1344,7 @@ def _convert_owned(opts: ConvertOptions, log: Callable[[str], None], run_tasks) 
   storage.makedirs(out)
   if storage.exists(schema.manifest_path(out)):   # --overwrite: no longer complete from here on
     storage.remove(schema.manifest_path(out))
+  tfds_metadata.remove(out)                      # it would describe the earlier shards
   storage.makedirs(storage.join(out, STATE_DIR))
   keep = {t.file for t in tasks}
   _clean_output(out, keep)
@@ -1402,7 +1404,18 @@ def _convert_owned(opts: ConvertOptions, log: Callable[[str], None], run_tasks) 
     p = storage.join(out, name)
     if storage.exists(p):
       (storage.remove(p) if name.endswith(".json") else storage.rmtree(p))
+  _write_tfds_metadata(out, manifest, log)
   return manifest
+
+
+def _write_tfds_metadata(out: str, manifest: dict, log: Callable[[str], None]) -> None:
+  """TFDS metadata beside dataset.json (tfrecord_tools.tfds_metadata); a failure costs only that."""
+  try:
+    tfds_metadata.write(out, manifest)
+  except Exception as e:  # noqa: BLE001 - the conversion itself is complete and kept
+    why = (str(e).splitlines() or [""])[0]
+    log(f"warning: TFDS metadata not written ({type(e).__name__}: {why}); the converted data "
+        "set itself is complete")
 
 
 def _io_error_text(e: BaseException) -> str:

@@ -54,7 +54,13 @@ def _aug(name: str, help: str):  # noqa: A002
 @dataclasses.dataclass
 class Config:
   # ---- data -----------------------------------------------------------------
-  data_dir: str = _f("", "Folder (local or gs://) written by tfrecord_tools.convert, holding dataset.json.")
+  data_dir: str = _f("", "Folder (local or gs://) written by tfrecord_tools.convert, holding dataset.json; "
+                     "or tfds:NAME[/CONFIG][:VERSION], a TensorFlow Datasets image classifier set, "
+                     "converted once (see --tfds_cache_dir).")
+  tfds_data_dir: str = _f("", "With --data_dir=tfds:...: TFDS's data_dir (default: TFDS's own, ~/tensorflow_datasets).")
+  tfds_manual_dir: str = _f("", "With --data_dir=tfds:...: TFDS's manual_dir, for sets downloaded by hand (e.g. chexpert).")
+  tfds_cache_dir: str = _f("", "With --data_dir=tfds:...: where its converted copy goes and is reused "
+                           "(default: <TFDS data_dir>/xraytpu/<name>/<version>).")
   model_dir: str = _f("", "Run directory: config.json, history.csv, checkpoints/, model.keras, eval/, export/.")
   image_size: int = _f(224, "Side of the square image the model sees, in pixels.")
   channels: int = _f(0, "Channels fed to the model: 1, 3, or 0 = from the data set (1 if every image is grayscale).")

@@ -51,6 +51,7 @@ from xraytpu.data import DataError
 from xraytpu.data import input_pipeline
 from xraytpu.data import integrity
 from xraytpu.data import stats
+from xraytpu.data import tfds_source
 from xraytpu.models import applications
 from tfrecord_tools import locks
 from tfrecord_tools import schema
@@ -377,6 +378,10 @@ def train_and_evaluate(cfg: Config, *, strategy: tf.distribute.Strategy | None =
   """
   t_start = time.perf_counter()
   validate_config(cfg)
+  if tfds_source.is_tfds(cfg.data_dir):   # tfds:NAME -> its converted copy, made once
+    cfg = dataclasses.replace(cfg, data_dir=tfds_source.materialise(
+        cfg.data_dir, tfds_data_dir=cfg.tfds_data_dir, tfds_manual_dir=cfg.tfds_manual_dir,
+        cache_dir=cfg.tfds_cache_dir))
   # One process owns the run directory: the chief holds its lock until the run ends
   # (a second trainer fails at once naming the holder; a killed holder's lock is taken over).
   chief = distribute.chief_from_env(cfg.strategy)
