@@ -22,6 +22,9 @@ import pytest
 from tests.conftest import ROOT
 from tfrecord_tools import records, schema, storage
 
+# TFDS's metadata beside dataset.json (tfrecord_tools.tfds_metadata; a single-label set).
+TFDS_FILES = ["dataset_info.json", "features.json", "image.class.label.labels.txt"]
+
 pytestmark = pytest.mark.slow
 
 
@@ -68,7 +71,7 @@ def test_convert_inspect_train_evaluate_export_predict_on_gcs(gcs_emulator, demo
   assert remote_shards == _records(local_data) and len(remote_shards) == 6
   remote_manifest = schema.read_manifest(data)
   assert remote_manifest["num_converted"] == n_images
-  assert storage.listdir(data) == sorted([schema.MANIFEST_NAME, *remote_shards])  # no state left
+  assert storage.listdir(data) == sorted([schema.MANIFEST_NAME, *remote_shards, *TFDS_FILES])  # no state left
   # A rerun finds the finished data set on GCS and refuses without --overwrite.
   again = _cli("tfrecord_tools.convert", f"--input_dir={images}", f"--output_dir={data}", *args)
   assert again.returncode == 2 and "already holds a converted data set" in again.stderr
@@ -181,4 +184,4 @@ def test_beam_conversion_writes_to_gcs(gcs_emulator, demo_images_dir, tmp_path):
   local = str(tmp_path / "local")
   _ok(_cli("tfrecord_tools.convert", f"--input_dir={demo_images_dir}", f"--output_dir={local}", *args))
   assert _records(out) == _records(local)
-  assert storage.listdir(out) == sorted([schema.MANIFEST_NAME, *_records(local)])
+  assert storage.listdir(out) == sorted([schema.MANIFEST_NAME, *_records(local), *TFDS_FILES])
