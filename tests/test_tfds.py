@@ -284,6 +284,13 @@ def test_tfds_source_is_converted_once_and_trained_on(tmp_path):
   saved = rundir.read_config(str(run))
   assert saved["data_dir"] == str(cache) and saved["tfds_data_dir"] == str(tfds_dir)
   assert schema.read_manifest(str(cache))["classes"] == ["Normal", "Pneumonia"]
+  # A cache folder that holds another data set is refused, not trained on.
+  synthetic.generate(str(tmp_path / "images"), num_images=12, size=16, seed=7, with_splits=True)
+  _convert(tmp_path / "images", tmp_path / "other")
+  with pytest.raises(tfds_source.TfdsError, match=r"holds another data set \(other\), not "
+                     r"tfds:tiny_xrays/1.0.0: choose another --tfds_cache_dir"):
+    tfds_source.materialise("tfds:tiny_xrays", tfds_data_dir=str(tfds_dir),
+                            cache_dir=str(tmp_path / "other"))
   report = evaluate_lib.evaluate(str(run), split="test", n_resamples=10, write_plots=False)
   assert report["classes"] == ["Normal", "Pneumonia"] and report["num_examples"] == 12
   assert report["dataset"] == "tfds_tiny_xrays_1.0.0"
@@ -299,3 +306,13 @@ def test_tfds_source_user_errors_are_one_line(tmp_path, spec, message):
   with pytest.raises(tfds_source.TfdsError, match=message) as e:
     tfds_source.materialise(spec, tfds_data_dir=str(tmp_path))
   assert "\n" not in str(e.value)
+
+
+def test_train_cli_names_an_unknown_tfds_set_in_one_line(tmp_path):
+  r = subprocess.run([sys.executable, "-m", "xraytpu.train", "--data_dir=tfds:no_such_set_xyz",
+                      f"--model_dir={tmp_path / 'run'}", f"--tfds_data_dir={tmp_path / 'tfds'}"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2, r.stderr[-2000:]
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith("xraytpu.train: error: --data_dir=tfds:no_such_set_xyz: ") and "not found" in last
+  assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()

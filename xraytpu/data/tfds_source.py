@@ -83,7 +83,12 @@ def materialise(data_dir: str, *, tfds_data_dir: str = "", tfds_manual_dir: str 
     raise TfdsError(f"--data_dir={data_dir}: {_first_line(e)}") from None
   image_key, label_key, classes = _classifier_keys(builder, data_dir)
   out = cache_dir or os.path.join(_data_dir_root(builder), "xraytpu", builder.info.full_name)
+  source = f"tfds:{builder.info.full_name}"   # the manifest's name: what the copy was made from
   if storage.exists(schema.manifest_path(out)):
+    found = schema.read_manifest(out).get("name")
+    if found != source:
+      raise TfdsError(f"--data_dir={data_dir}: {out} holds another data set ({found}), not "
+                      f"{source}: choose another --tfds_cache_dir")
     log(f"{data_dir}: using the converted copy in {out}")
     return out
   try:
@@ -97,7 +102,7 @@ def materialise(data_dir: str, *, tfds_data_dir: str = "", tfds_manual_dir: str 
     _export(builder, image_key, label_key, classes, tmp, log)
     convert_lib.convert(convert_lib.ConvertOptions(
         input_dir=tmp, output_dir=out, class_map=",".join(classes), on_conflict="skip",
-        name=f"tfds:{builder.info.full_name}", quiet=True), log=log)
+        name=source, quiet=True), log=log)
   return out
 
 
