@@ -15,16 +15,16 @@ and lengths (from the manifest). The split names stay the converter's
 (train, val, test).
 
 The TFDS features are derived from the one record table (tfrecord_tools.records),
-and each TFDS feature key IS the Example key ("image/encoded", ...): a flat
+and each TFDS feature key IS the Example key (records.ENCODED, ...): a flat
 FeaturesDict whose keys hold "/" parses exactly those keys, and
 `tfds.show_examples` finds a top-level Image and ClassLabel. So:
 
-  image/encoded       Image: uint16 when any record is a 16-bit PNG (8-bit images are
+  ENCODED             Image: uint16 when any record is a 16-bit PNG (8-bit images are
                       then scaled by 257, TensorFlow's convert_image_dtype), else uint8;
                       3 channels when any record is RGB, else 1
-  image/class/label   ClassLabel(names=classes) for single-label sets (multi-label: left out,
+  LABEL               ClassLabel(names=classes) for single-label sets (multi-label: left out,
                       it is always 0 there)
-  image/class/multi_hot, image/class/mask
+  MULTI_HOT, MASK
                       Tensor(shape=(K,), float32) for multi-label sets (left out otherwise:
                       single-label records do not hold them)
   other BYTES / INT64 rows
