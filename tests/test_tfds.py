@@ -246,6 +246,26 @@ class TinyXrays(tfds.core.GeneratorBasedBuilder):
       yield f"{seed}-{i}", {"image": img, "label": label}
 
 
+class TinyMultiXrays(tfds.core.GeneratorBasedBuilder):
+  """Findings as a Sequence of ClassLabel (as TFDS's chexpert): not read, with a pointer."""
+  VERSION = tfds.core.Version("1.0.0")
+  pkg_dir_path = pathlib.Path(__file__).parent
+
+  def _info(self):
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(28, 28, 1)),
+            "label": tfds.features.Sequence(tfds.features.ClassLabel(names=["neg", "pos"])),
+        }),
+        supervised_keys=("image", "label"))
+
+  def _split_generators(self, dl_manager):
+    raise AssertionError("never prepared: the features are checked first")
+
+  def _generate_examples(self):
+    raise AssertionError("never prepared")
+
+
 def test_tfds_source_is_converted_once_and_trained_on(tmp_path):
   from xraytpu import evaluate_lib, rundir, train_lib
   from xraytpu.config import Config
@@ -300,6 +320,9 @@ def test_tfds_source_is_converted_once_and_trained_on(tmp_path):
     ("tfds:", "the data set name is missing"),
     ("tfds:no_such_set_xyz", "--data_dir=tfds:no_such_set_xyz: "),
     ("tfds:tiny_xrays:9.9.9", "--data_dir=tfds:tiny_xrays:9.9.9: "),
+    ("tfds:tiny_multi_xrays", r"a multi-label TFDS set \('label' is a Sequence of ClassLabel\) is not "
+                              r"read: convert the publisher's files with tfrecord_tools.convert "
+                              r"--labels_csv"),
 ])
 def test_tfds_source_user_errors_are_one_line(tmp_path, spec, message):
   from xraytpu.data import tfds_source

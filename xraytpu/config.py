@@ -58,7 +58,7 @@ class Config:
                      "or tfds:NAME[/CONFIG][:VERSION], a TensorFlow Datasets image classifier set, "
                      "converted once (see --tfds_cache_dir).")
   tfds_data_dir: str = _f("", "With --data_dir=tfds:...: TFDS's data_dir (default: TFDS's own, ~/tensorflow_datasets).")
-  tfds_manual_dir: str = _f("", "With --data_dir=tfds:...: TFDS's manual_dir, for sets downloaded by hand (e.g. chexpert).")
+  tfds_manual_dir: str = _f("", "With --data_dir=tfds:...: TFDS's manual_dir, for sets downloaded by hand.")
   tfds_cache_dir: str = _f("", "With --data_dir=tfds:...: where its converted copy goes and is reused "
                            "(default: <TFDS data_dir>/xraytpu/<name>/<version>).")
   model_dir: str = _f("", "Run directory: config.json, history.csv, checkpoints/, model.keras, eval/, export/.")

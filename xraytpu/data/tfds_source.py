@@ -18,7 +18,10 @@ and reuses the converter as is, so the records follow the one pixel contract
      folder (data sets such as chexpert need one; a prepared set is not
      downloaded again).
   2. The set must be an image classifier: an Image feature and a ClassLabel
-     feature (its supervised_keys, else "image" and "label").
+     feature (its supervised_keys, else "image" and "label"). A multi-label
+     TFDS set (a Sequence of ClassLabel, e.g. chexpert) is refused with a
+     pointer to `tfrecord_tools.convert --labels_csv` on the publisher's files:
+     TFDS's copy does not name its findings.
   3. Its splits are written, with the images' encoded bytes unchanged (no
      decode: TFDS's SkipDecoding), to a temporary class-per-folder tree
      SPLIT/CLASS/SPLIT-NNNNNN.png; TFDS's split names go through the
@@ -116,6 +119,10 @@ def _classifier_keys(builder, data_dir: str) -> tuple[str, str, list[str]]:
                           and all(isinstance(k, str) for k in keys) else ("image", "label"))
   image = feats[image_key] if image_key in feats.keys() else None
   label = feats[label_key] if label_key in feats.keys() else None
+  if isinstance(label, tfds.features.Sequence) and isinstance(label.feature, tfds.features.ClassLabel):
+    raise TfdsError(f"--data_dir={data_dir}: a multi-label TFDS set ({label_key!r} is a Sequence of "
+                    "ClassLabel) is not read: convert the publisher's files with "
+                    "tfrecord_tools.convert --labels_csv (e.g. CheXpert's train.csv)")
   if not isinstance(image, tfds.features.Image) or not isinstance(label, tfds.features.ClassLabel):
     raise TfdsError(f"--data_dir={data_dir}: not an image classification data set (needs an "
                     f"Image feature {image_key!r} and a ClassLabel feature {label_key!r})")
