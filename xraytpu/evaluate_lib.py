@@ -578,22 +578,14 @@ def _write_plots(out_dir, run, preds: SplitPredictions, probs, pred, report) -> 
                       xlabel=f"predicted P({classes[1]})", ylabel=f"observed fraction {classes[1]}",
                       extra=extra)
   else:
-    curves, prs = {}, {}
-    for i, c in enumerate(classes):
-      yi = (y == i).astype(int)
-      cv = metrics.roc_curve(yi, probs[:, i])
-      if cv is not None:
-        curves[f"{c} (AUC {_fmt(report['per_class'][c]['auc'])})"] = cv
-      pc = metrics.pr_curve(yi, probs[:, i])
-      if pc is not None:
-        prs[c] = pc
-    if curves:
-      plots.roc(curves, storage.join(out_dir, rundir.EVAL_FILES["roc"]),
-                title=f"One-vs-rest ROC, {tag} (macro AUC {_fmt(report['auc'])})")
-      files["roc"] = rundir.EVAL_FILES["roc"]
-    if prs:
-      plots.precision_recall(prs, storage.join(out_dir, rundir.EVAL_FILES["pr"]), title=f"One-vs-rest PR, {tag}")
-      files["pr"] = rundir.EVAL_FILES["pr"]
+    entries = [(c, _fmt(report["per_class"][c]["auc"]), (y == i).astype(int), probs[:, i])
+               for i, c in enumerate(classes)]
+    written = plots.roc_and_pr_per_class(
+        entries, storage.join(out_dir, rundir.EVAL_FILES["roc"]),
+        storage.join(out_dir, rundir.EVAL_FILES["pr"]),
+        roc_title=f"One-vs-rest ROC, {tag} (macro AUC {_fmt(report['auc'])})",
+        pr_title=f"One-vs-rest PR, {tag}")
+    files.update({k: rundir.EVAL_FILES[k] for k in written})
     plots.reliability(metrics.calibration_bins(y, probs), storage.join(out_dir, rundir.EVAL_FILES["calibration"]),
                       title=f"Calibration, {tag} (ECE {_fmt(report['ece'])})",
                       xlabel="top-class confidence", ylabel="accuracy")
