@@ -20,6 +20,10 @@ epoch, the history drops rows of epochs that will be redone, and the run ends
 with the configured number of epochs; EarlyStopping / ReduceLROnPlateau keep
 their patience counters (callbacks.PlateauState). A gs:// run directory is trained in a
 local copy that the chief pushes after every epoch (tfrecord_tools.storage.Mirror).
+
+TensorBoard: Keras' callback on the chief writes RUN/logs (callbacks.tensorboard;
+--profile_steps adds a profiler trace). On Vertex AI (`vertex_env`): $AIP_MODEL_DIR is
+the run directory when --model_dir is empty, $AIP_TENSORBOARD_LOG_DIR takes the events.
 """
 
 from __future__ import annotations
