@@ -468,9 +468,9 @@ def evaluate(model_dir: str, *, data_dir: str = EvalConfig.data_dir, split: str 
     notes.append(f"threshold policy {op['policy']} could not be applied on "
                  f"{op.get('source_split')}: {op['fallback_reason']}; threshold {op['threshold']} used")
   if run.multi_label:
-    return _evaluate_multilabel(run, preds, op, notes, data_dir=data_dir, split=split,
-                                n_resamples=n_resamples, seed=seed, out_dir=out_dir,
-                                write_plots=write_plots)
+    return _with_model_card(run, _evaluate_multilabel(run, preds, op, notes, data_dir=data_dir,
+                                                      split=split, n_resamples=n_resamples, seed=seed,
+                                                      out_dir=out_dir, write_plots=write_plots))
   # Calibrated probabilities at the operating point, by the one inference path.
   probs, _ = class_probabilities(run, preds.raw, temperature=op.get("temperature"),
                                  threshold=op.get("threshold"))
@@ -489,7 +489,15 @@ def evaluate(model_dir: str, *, data_dir: str = EvalConfig.data_dir, split: str 
   _write_predictions(storage.join(out_dir, files["predictions"]), run.classes, preds, probs, pred)
   if write_plots:
     files.update(_write_plots(out_dir, run, preds, probs, pred, report))
-  return _write_report(report, files, out_dir, render_markdown(report, report_text))
+  return _with_model_card(run, _write_report(report, files, out_dir,
+                                             render_markdown(report, report_text)))
+
+
+def _with_model_card(run: rundir.LoadedRun, report: dict) -> dict:
+  """RUN/MODEL_CARD.md rewritten now that the run has a new report (xraytpu.model_card)."""
+  from xraytpu import model_card  # noqa: PLC0415 - model_card imports this module
+  logging.info("model card written to %s", model_card.write(run))
+  return report
 
 
 def _write_report(report: dict, files: dict, out_dir: str, markdown_fn) -> dict:
