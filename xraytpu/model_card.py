@@ -192,7 +192,6 @@ def render_markdown(card: dict[str, Any]) -> str:
   task = card["task"]
   multi = task == rundir.MULTI_LABEL
   ev = card.get("evaluation")
-  noun = "finding" if multi else "class"
   data = card["training_data"]
   lines = [f"# Model card: {card['run']} ({card['model']})", "", f"> **{card['disclaimer']}**", ""]
 
