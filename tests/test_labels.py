@@ -20,9 +20,7 @@ NIH_HEADER = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Pat
 CHEXPERT_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding", "Cardiomegaly",
                    "Edema", "Pleural Effusion"]
 # The chest_xray_400x300 folders as findings: (Pneumonia, Bacterial, Viral, COVID-19).
-CHEST_XRAY_FINDINGS = ("Pneumonia", "Bacterial", "Viral", "COVID-19")
-CHEST_XRAY_FOLDERS = {"Normal": (0, 0, 0, 0), "BacterialPneumonia": (1, 1, 0, 0),
-                      "ViralPneumonia": (1, 0, 1, 0), "COVID-19": (1, 0, 1, 1)}
+from benchmarks.real_data_views import CHEST_XRAY_FINDINGS, CHEST_XRAY_FOLDERS  # noqa: E402
 
 
 def _write_csv(path: pathlib.Path, header, rows) -> str:
@@ -414,13 +412,9 @@ def test_cli_prints_the_layout_and_synthetic_cli_writes_csv_sets(tmp_path):
 
 
 def write_chest_xray_labels(image_root: pathlib.Path, path: pathlib.Path) -> str:
-  """A CheXpert-layout CSV over chest_xray_400x300's class folders: Path plus the findings
-  Pneumonia, Bacterial, Viral and COVID-19 (COVID-19 is a viral pneumonia; Normal has none)."""
-  rows = []
-  for folder, flags in CHEST_XRAY_FOLDERS.items():
-    for f in sorted((image_root / folder).iterdir()):
-      rows.append([f"{folder}/{f.name}", *[str(v) for v in flags]])
-  return _write_csv(path, ["Path", *CHEST_XRAY_FINDINGS], rows)
+  """The CheXpert-layout CSV view of chest_xray_400x300 that benchmarks/real_data.py trains on."""
+  from benchmarks import real_data_views
+  return real_data_views.write_chest_xray_labels(str(image_root), str(path))
 
 
 def test_chest_xray_multi_label_csv_view_converts(tmp_path, shared_data):

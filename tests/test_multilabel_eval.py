@@ -157,3 +157,31 @@ def test_predict_export_and_serve_agree_per_finding(multi_run, tmp_path):
   assert [p["findings"] for p in answer["predictions"]] == [r.findings for r in want]
   card = model_card.model_card(loaded)
   assert card["task"] == "multi_label" and card["evaluation"]["per_finding"]["Nodule"]["auc"] is not None
+
+
+@pytest.mark.slow
+def test_model_card_of_a_multi_label_run(multi_run, tmp_path):
+  """MODEL_CARD.md: per-finding AUCs with CIs and thresholds, positives per finding."""
+  from xraytpu import evaluate_lib, export_lib, model_card, rundir
+  data, run = multi_run
+  report = evaluate_lib.evaluate(run, split="test", n_resamples=50, write_plots=False)
+  text = open(os.path.join(run, "MODEL_CARD.md")).read()
+  assert [l for l in text.splitlines() if l.startswith("## ")] == [
+      "## Intended use", "## Model", "## Data", "## Metrics", "## Operating point", "## Limitations",
+      "## Notice"]
+  assert model_card.DISCLAIMER in text and "multi-label classifier of 3 findings" in text
+  manifest = json.load(open(os.path.join(data, "dataset.json")))
+  train = manifest["splits"]["train"]
+  assert (f"| train | {train['num_examples']} | "
+          + ", ".join(f"{c} {train['class_counts'][c]}" for c in FINDINGS) + " |") in text
+  op = rundir.read_operating_point(run)
+  for c in FINDINGS:
+    d = report["per_finding"][c]
+    lo, hi = d["auc_ci"]
+    assert (f"| {c} | {d['auc']:.3f} ({lo:.3f}-{hi:.3f}) |") in text, c
+    assert f"| {op['thresholds'][c]:.3f} | {d['positives']} / {d['negatives']} / {d['ignored']} |" in text
+    assert f"{c} {op['thresholds'][c]:.4f}" in text                     # the operating point
+  assert "its own threshold" in text and "chosen on the `val` split" in text
+  assert "masked out, never counted as negative" in text
+  path = export_lib.export(run, export_dir=str(tmp_path / "export"))
+  assert open(os.path.join(path, rundir.EXPORT_MODEL_CARD)).read() == text

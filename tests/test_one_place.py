@@ -39,7 +39,7 @@ def _spelled_in(name: str) -> set[str]:
 
 RUN_FILES = ("config.json", "history.csv", "threshold.json", "model.keras", "checkpoints", "backup",
              "logs", "eval", "export", "best.weights.h5", "report.json", "report.md",
-             "predictions.csv", "xraytpu.json")
+             "predictions.csv", "xraytpu.json", "MODEL_CARD.md")
 
 
 @pytest.mark.parametrize("name", RUN_FILES)

@@ -306,8 +306,7 @@ def plan(num_images: int, num_classes: int, images_per_patient: int,
 
 
 def _prepare_output(output_dir: str, overwrite: bool) -> None:
-  """Refuses a non-empty folder unless --overwrite and it is an earlier synthetic set
-  (as `generate` does inline)."""
+  """Refuses a non-empty folder unless --overwrite and it is an earlier synthetic set."""
   if os.path.isdir(output_dir) and os.listdir(output_dir):
     if not overwrite:
       raise SyntheticError(f"{output_dir} is not empty: pass --overwrite to replace it")
@@ -348,13 +347,7 @@ def generate(output_dir: str, *, num_images: int = 200, size: int = 256,
     raise SyntheticError("--images_per_patient must be >= 1")
   if not 0.0 <= size_jitter < 1.0:
     raise SyntheticError("--size_jitter must be in [0, 1)")
-  if os.path.isdir(output_dir) and os.listdir(output_dir):
-    if not overwrite:
-      raise SyntheticError(f"{output_dir} is not empty: pass --overwrite to replace it")
-    if not os.path.exists(os.path.join(output_dir, MARKER)):
-      raise SyntheticError(f"{output_dir} is not empty and was not written by this "
-                           "generator: refusing to delete it; choose another --output_dir")
-    shutil.rmtree(output_dir)
+  _prepare_output(output_dir, overwrite)
 
   ext = {"png": "png", "jpeg": "jpeg", "dicom": "dcm"}[image_format]
   items = plan(num_images, num_classes, images_per_patient, with_splits)

@@ -3,7 +3,7 @@
   make_callbacks(cfg, run_dir, ...)  the list for one phase, in the order that matters
   EpochSummary     lr / images_per_sec / epoch_seconds in the logs, one log line per epoch
   HistoryCSV       history.csv, rewritten each epoch, resume-aware (xraytpu.rundir reads and writes it)
-  EpochScalars     TensorBoard scalars without the tensorboard package
+  tensorboard      Keras' TensorBoard callback: epoch scalars (lr included), graph, profiler trace
   StopOnNaN        stops at the first NaN/inf loss and remembers where
   SaveOnTrainEnd   the phase's final weights, before BackupAndRestore deletes its state
   PlateauState     EarlyStopping / ReduceLROnPlateau counters across a resume
@@ -17,11 +17,9 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any
 
 from absl import logging
 import numpy as np
-import tensorflow as tf
 
 from xraytpu._keras import keras
 from xraytpu.config import Config
@@ -104,48 +102,57 @@ class HistoryCSV(keras.callbacks.Callback):
       rundir.write_history(self.run_dir, self.rows)
 
 
-class EpochScalars(keras.callbacks.Callback):
-  """TensorBoard scalars per epoch in logs/train and logs/validation.
+def parse_profile_steps(text: str) -> tuple[int, int] | None:
+  """--profile_steps: "" -> None (off), "N" -> (N, N), "START,END" -> (START, END).
 
-  Writes the same events as `tf.summary.scalar` (tag "epoch_<metric>", scalars
-  plugin) with TensorFlow core alone: TF 2.21 no longer ships the tensorboard
-  package that keras.callbacks.TensorBoard needs. View with `tensorboard --logdir RUN/logs`.
+  Steps count from 1 at the start of each phase's fit (Keras' profile_batch);
+  raises ValueError unless 1 <= START <= END.
   """
+  text = (text or "").strip()
+  if not text:
+    return None
+  parts = [p.strip() for p in text.split(",")]
+  try:
+    steps = [int(p) for p in parts]
+  except ValueError:
+    steps = []
+  if len(steps) == 1:
+    steps = steps * 2
+  if len(steps) != 2 or not 1 <= steps[0] <= steps[1]:
+    raise ValueError(f"--profile_steps={text}: expected START,END (or one step N) with "
+                     "1 <= START <= END, e.g. --profile_steps=10,20")
+  return steps[0], steps[1]
 
-  def __init__(self, log_dir: str, enabled: bool = True):
-    super().__init__()
-    self.log_dir, self.enabled = log_dir, enabled
-    self._writers: dict[str, Any] = {}
-    from tensorflow.core.framework import summary_pb2  # noqa: PLC0415
-    self._metadata = summary_pb2.SummaryMetadata(
-        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")).SerializeToString()
 
-  def _writer(self, name: str):
-    if name not in self._writers:
-      self._writers[name] = tf.summary.create_file_writer(storage.join(self.log_dir, name))
-    return self._writers[name]
+def tensorboard(log_dir: str, profile_steps: str = "") -> keras.callbacks.TensorBoard:
+  """Keras' own TensorBoard callback, writing into `log_dir` (a local folder):
 
-  def on_epoch_end(self, epoch, logs=None):
-    if not self.enabled:
-      return
-    groups: dict[str, dict[str, float]] = {"train": {}, "validation": {}}
-    for k, v in (logs or {}).items():
-      if k.startswith("val_"):
-        groups["validation"][k[4:]] = float(v)
-      else:
-        groups["train"][k] = float(v)
-    for name, values in groups.items():
-      if not values:
-        continue
-      with self._writer(name).as_default():
-        for k, v in values.items():
-          tf.summary.write(f"epoch_{k}", tf.constant(v, tf.float32), step=epoch, metadata=self._metadata)
-      self._writer(name).flush()
+    train/, validation/   one scalar per metric and epoch, tag "epoch_<metric>" (validation
+                          without its "val_" prefix), step = epoch (from 0). EpochSummary
+                          comes before it in the list, so its lr / images_per_sec /
+                          epoch_seconds are scalars too: "epoch_lr" is the learning rate of
+                          every epoch (schedule or not), the value history.csv's "lr" holds.
+    train/                the model (Keras summary) and the train step's graph (Graphs tab)
+    plugins/profile/      a profiler trace of --profile_steps (the Profile tab)
 
-  def on_train_end(self, logs=None):
-    for w in self._writers.values():
-      w.close()
-    self._writers = {}
+  View with `tensorboard --logdir RUN/logs` (or the runs' parent folder).
+  """
+  steps = parse_profile_steps(profile_steps)
+  try:
+    import tensorboard  # noqa: F401, PLC0415 - tf.summary.scalar and the callback need it
+  except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError("xraytpu.train writes TensorBoard logs: pip install 'tensorboard~=2.21.0' "
+                      "(a dependency of xraytpu; see WORKSPACE.md)") from e
+  return _TensorBoard(log_dir, write_graph=True, update_freq="epoch", profile_batch=steps or 0)
+
+
+class _TensorBoard(keras.callbacks.TensorBoard):
+  """Keras' callback with one learning-rate scalar: EpochSummary's "lr" (the rate of the
+  epoch's last step). Keras would add "epoch_learning_rate" for a schedule, evaluated one
+  step later, a second and slightly different curve."""
+
+  def _collect_learning_rate(self, logs):
+    return logs
 
 
 class StopOnNaN(keras.callbacks.Callback):
@@ -254,10 +261,16 @@ def _save_weights_atomic(model: keras.Model, path: str, chief: bool = True) -> N
 def make_callbacks(cfg: Config, run_dir: str, *, chief: bool, monitor: str, phase: int,
                    global_batch: int, steps_per_epoch: int, total_epochs: int,
                    best_so_far: float | None, nan: StopOnNaN,
-                   mirror: storage.Mirror | None = None) -> list:
+                   mirror: storage.Mirror | None = None, log_dir: str = "",
+                   log_mirror: storage.Mirror | None = None) -> list:
   """Order matters: summary (adds logs) -> CSV -> checkpoints -> ... -> backup,
   so a backup never exists for an epoch whose history row is missing; then the
-  push of a gs:// run's local copy, so GCS gets each epoch's files together."""
+  push of a gs:// run's local copy, so GCS gets each epoch's files together.
+
+  Only the chief writes TensorBoard events: into `log_dir` (default RUN/logs of
+  the local copy; the trainer passes $AIP_TENSORBOARD_LOG_DIR's local copy on
+  Vertex AI), pushed after every epoch by `log_mirror` when that is a gs:// folder.
+  """
   cbs: list = [nan, EpochSummary(global_batch=global_batch, steps_per_epoch=steps_per_epoch,
                                  total_epochs=total_epochs, phase=f"phase {phase}")]
   cbs.append(HistoryCSV(run_dir, enabled=chief,
@@ -265,7 +278,8 @@ def make_callbacks(cfg: Config, run_dir: str, *, chief: bool, monitor: str, phas
   cbs.append(keras.callbacks.ModelCheckpoint(
       rundir.path(run_dir, rundir.BEST_WEIGHTS), monitor=monitor, mode="max", save_best_only=True,
       save_weights_only=True, initial_value_threshold=best_so_far, verbose=0))
-  cbs.append(EpochScalars(rundir.path(run_dir, rundir.LOGS), enabled=chief))
+  if chief:
+    cbs.append(tensorboard(log_dir or rundir.path(run_dir, rundir.LOGS), cfg.profile_steps))
   plateau = []
   if cfg.early_stopping_patience > 0:
     plateau.append(keras.callbacks.EarlyStopping(monitor=monitor, mode="max",
@@ -279,6 +293,7 @@ def make_callbacks(cfg: Config, run_dir: str, *, chief: bool, monitor: str, phas
   cbs.append(keras.callbacks.BackupAndRestore(rundir.backup_dir(run_dir, phase)))
   if plateau:
     cbs.append(PlateauState(rundir.plateau_state(run_dir, phase), plateau, chief))
-  if chief and mirror is not None and mirror.active:
-    cbs.append(PushRunDir(mirror))
+  for m in (mirror, log_mirror):
+    if chief and m is not None and m.active:
+      cbs.append(PushRunDir(m))
   return cbs

@@ -110,6 +110,9 @@ class Config:
   early_stopping_patience: int = _f(0, "Stop after this many epochs without val AUC improvement (0 = off).")
   reduce_lr_patience: int = _f(0, "Halve the LR after this many epochs without val AUC improvement (0 = off).")
   seed: int = _f(42, "Random seed for weights, shuffling and augmentation.")
+  profile_steps: str = _f("", "START,END (or one step N): write a TensorFlow profiler trace of these training "
+                          "steps, counted from 1 in each phase, to the TensorBoard log folder (Keras' "
+                          "profile_batch); empty = off.")
   overwrite: bool = _f(False, "Allow replacing a finished run in --model_dir.")
 
   def resolve_augment(self, explicit: set[str] | None = None) -> "Config":

@@ -468,9 +468,9 @@ def evaluate(model_dir: str, *, data_dir: str = EvalConfig.data_dir, split: str 
     notes.append(f"threshold policy {op['policy']} could not be applied on "
                  f"{op.get('source_split')}: {op['fallback_reason']}; threshold {op['threshold']} used")
   if run.multi_label:
-    return _evaluate_multilabel(run, preds, op, notes, data_dir=data_dir, split=split,
-                                n_resamples=n_resamples, seed=seed, out_dir=out_dir,
-                                write_plots=write_plots)
+    return _with_model_card(run, _evaluate_multilabel(run, preds, op, notes, data_dir=data_dir,
+                                                      split=split, n_resamples=n_resamples, seed=seed,
+                                                      out_dir=out_dir, write_plots=write_plots))
   # Calibrated probabilities at the operating point, by the one inference path.
   probs, _ = class_probabilities(run, preds.raw, temperature=op.get("temperature"),
                                  threshold=op.get("threshold"))
@@ -489,7 +489,15 @@ def evaluate(model_dir: str, *, data_dir: str = EvalConfig.data_dir, split: str 
   _write_predictions(storage.join(out_dir, files["predictions"]), run.classes, preds, probs, pred)
   if write_plots:
     files.update(_write_plots(out_dir, run, preds, probs, pred, report))
-  return _write_report(report, files, out_dir, render_markdown(report, report_text))
+  return _with_model_card(run, _write_report(report, files, out_dir,
+                                             render_markdown(report, report_text)))
+
+
+def _with_model_card(run: rundir.LoadedRun, report: dict) -> dict:
+  """RUN/MODEL_CARD.md rewritten now that the run has a new report (xraytpu.model_card)."""
+  from xraytpu import model_card  # noqa: PLC0415 - model_card imports this module
+  logging.info("model card written to %s", model_card.write(run))
+  return report
 
 
 def _write_report(report: dict, files: dict, out_dir: str, markdown_fn) -> dict:
@@ -578,22 +586,14 @@ def _write_plots(out_dir, run, preds: SplitPredictions, probs, pred, report) -> 
                       xlabel=f"predicted P({classes[1]})", ylabel=f"observed fraction {classes[1]}",
                       extra=extra)
   else:
-    curves, prs = {}, {}
-    for i, c in enumerate(classes):
-      yi = (y == i).astype(int)
-      cv = metrics.roc_curve(yi, probs[:, i])
-      if cv is not None:
-        curves[f"{c} (AUC {_fmt(report['per_class'][c]['auc'])})"] = cv
-      pc = metrics.pr_curve(yi, probs[:, i])
-      if pc is not None:
-        prs[c] = pc
-    if curves:
-      plots.roc(curves, storage.join(out_dir, rundir.EVAL_FILES["roc"]),
-                title=f"One-vs-rest ROC, {tag} (macro AUC {_fmt(report['auc'])})")
-      files["roc"] = rundir.EVAL_FILES["roc"]
-    if prs:
-      plots.precision_recall(prs, storage.join(out_dir, rundir.EVAL_FILES["pr"]), title=f"One-vs-rest PR, {tag}")
-      files["pr"] = rundir.EVAL_FILES["pr"]
+    entries = [(c, _fmt(report["per_class"][c]["auc"]), (y == i).astype(int), probs[:, i])
+               for i, c in enumerate(classes)]
+    written = plots.roc_and_pr_per_class(
+        entries, storage.join(out_dir, rundir.EVAL_FILES["roc"]),
+        storage.join(out_dir, rundir.EVAL_FILES["pr"]),
+        roc_title=f"One-vs-rest ROC, {tag} (macro AUC {_fmt(report['auc'])})",
+        pr_title=f"One-vs-rest PR, {tag}")
+    files.update({k: rundir.EVAL_FILES[k] for k in written})
     plots.reliability(metrics.calibration_bins(y, probs), storage.join(out_dir, rundir.EVAL_FILES["calibration"]),
                       title=f"Calibration, {tag} (ECE {_fmt(report['ece'])})",
                       xlabel="top-class confidence", ylabel="accuracy")

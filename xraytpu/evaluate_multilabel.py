@@ -207,24 +207,14 @@ def write_plots(out_dir: str, run: rundir.LoadedRun, preds, probs: np.ndarray, p
   """One ROC plot and one PR plot with a curve per finding; pooled calibration; samples."""
   files: dict[str, str] = {}
   tag = f"{preds.dataset} {preds.split}"
-  curves, prs = {}, {}
-  for j, c in enumerate(run.classes):
-    m = preds.mask[:, j]
-    y, p = preds.labels[m, j], probs[m, j]
-    cv = metrics.roc_curve(y, p)
-    if cv is not None:
-      curves[f"{c} (AUC {_fmt(report['per_finding'][c]['auc'])})"] = cv
-    pc = metrics.pr_curve(y, p)
-    if pc is not None:
-      prs[c] = pc
-  if curves:
-    plots.roc(curves, storage.join(out_dir, rundir.EVAL_FILES["roc"]),
-              title=f"ROC per finding, {tag} (macro AUC {_fmt(report['auc'])})")
-    files["roc"] = rundir.EVAL_FILES["roc"]
-  if prs:
-    plots.precision_recall(prs, storage.join(out_dir, rundir.EVAL_FILES["pr"]),
-                           title=f"Precision-recall per finding, {tag}")
-    files["pr"] = rundir.EVAL_FILES["pr"]
+  entries = [(c, _fmt(report["per_finding"][c]["auc"]), preds.labels[preds.mask[:, j], j],
+              probs[preds.mask[:, j], j]) for j, c in enumerate(run.classes)]
+  written = plots.roc_and_pr_per_class(
+      entries, storage.join(out_dir, rundir.EVAL_FILES["roc"]),
+      storage.join(out_dir, rundir.EVAL_FILES["pr"]),
+      roc_title=f"ROC per finding, {tag} (macro AUC {_fmt(report['auc'])})",
+      pr_title=f"Precision-recall per finding, {tag}")
+  files.update({k: rundir.EVAL_FILES[k] for k in written})
   plots.reliability(metrics.calibration_bins(preds.labels[preds.mask], probs[preds.mask]),
                     storage.join(out_dir, rundir.EVAL_FILES["calibration"]),
                     title=f"Calibration over labelled findings, {tag} (ECE {_fmt(report['ece'])})")

@@ -4,6 +4,7 @@ Layout (TF Serving watches RUN/export/ and serves the highest integer version):
 
   RUN/export/<version>/saved_model.pb, variables/
   RUN/export/<version>/assets.extra/xraytpu.json   classes, threshold, input size, ...
+  RUN/export/<version>/assets.extra/MODEL_CARD.md  the run's model card (xraytpu.model_card)
 
 The SavedModel IS the run's `xraytpu.inference.InferenceModule` (the one way
 every door calls the model), saved with its operating point:
@@ -39,6 +40,7 @@ import tensorflow as tf
 
 from tfrecord_tools import storage
 from xraytpu import errors
+from xraytpu import model_card
 from xraytpu import predict_lib
 from xraytpu import rundir
 from xraytpu.config import ExportConfig
@@ -109,17 +111,29 @@ def export(model_dir: str, *, version: int = ExportConfig.version,
       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
   }
   meta_text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+  card_text = _model_card_text(run)
   if storage.is_remote(root):
     with storage.staged_output(target, last=("saved_model.pb",)) as out:   # gs:// -> local first
       tf.saved_model.save(module, out, signatures=signatures)
       storage.write_text(storage.join(out, rundir.EXPORT_METADATA), meta_text)
+      storage.write_text(storage.join(out, rundir.EXPORT_MODEL_CARD), card_text)
     return target
   os.makedirs(root, exist_ok=True)
   tmp = os.path.join(root, f".tmp-{version}-{os.getpid()}")
   tf.saved_model.save(module, tmp, signatures=signatures)
   storage.write_text(os.path.join(tmp, rundir.EXPORT_METADATA), meta_text)
+  storage.write_text(os.path.join(tmp, rundir.EXPORT_MODEL_CARD), card_text)
   os.replace(tmp, target)
   return target
+
+
+def _model_card_text(run) -> str:
+  """RUN/MODEL_CARD.md as xraytpu.evaluate wrote it; a run never evaluated gets the card
+  as it stands (saying so), so every export carries one."""
+  path = rundir.path(run.model_dir, rundir.MODEL_CARD)
+  if storage.exists(path):
+    return storage.read_text(path)
+  return model_card.model_card(run)["model_card_md"]
 
 
 def load_metadata(export_path: str) -> dict:

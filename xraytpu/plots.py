@@ -179,3 +179,27 @@ def training_history(rows: list[dict], path: str) -> str | None:
   for ax in list(axes.flat)[len(names):]:
     ax.axis("off")
   return save_figure(fig, path)
+
+
+def roc_and_pr_per_class(entries, roc_path: str, pr_path: str, *, roc_title: str,
+                         pr_title: str) -> dict[str, str]:
+  """One ROC plot and one PR plot with a curve per class (or finding).
+
+  entries: [(name, its AUC as text, y_true [n], score [n])]. A class without both
+  labels has no curve. Returns {"roc": roc_path, "pr": pr_path} for the plots written.
+  """
+  from xraytpu import metrics  # noqa: PLC0415
+  curves, prs = {}, {}
+  for name, auc_text, y, p in entries:
+    cv = metrics.roc_curve(y, p)
+    if cv is not None:
+      curves[f"{name} (AUC {auc_text})"] = cv
+    pc = metrics.pr_curve(y, p)
+    if pc is not None:
+      prs[name] = pc
+  written = {}
+  if curves:
+    written["roc"] = roc(curves, roc_path, title=roc_title)
+  if prs:
+    written["pr"] = precision_recall(prs, pr_path, title=pr_title)
+  return written

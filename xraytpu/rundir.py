@@ -16,8 +16,9 @@ local or gs://):
                      phase1_done.weights.h5, phase<N>_plateau.json
   model.keras        the final model (architecture + weights, no optimizer)
   threshold.json     the operating point chosen by xraytpu.evaluate (see below)
+  MODEL_CARD.md      the model card (xraytpu.model_card), written by xraytpu.evaluate
   eval/<dataset>-<split>/   report.json, report.md, predictions.csv, *.png
-  export/<version>/  SavedModel; assets.extra/xraytpu.json (metadata)
+  export/<version>/  SavedModel; assets.extra/xraytpu.json (metadata), assets.extra/MODEL_CARD.md
 
 threshold.json:
   {"threshold": 0.41,              # binary: P(positive) >= threshold -> positive; null for multi-class
@@ -60,6 +61,8 @@ OPERATING_POINT = "threshold.json"
 EVAL = "eval"
 EXPORT = "export"
 EXPORT_METADATA = os.path.join("assets.extra", "xraytpu.json")
+MODEL_CARD = "MODEL_CARD.md"
+EXPORT_MODEL_CARD = os.path.join(os.path.dirname(EXPORT_METADATA), MODEL_CARD)
 # Files of one evaluation report folder, eval/<dataset>-<split>/, by role.
 EVAL_FILES = {
     "predictions": "predictions.csv", "report_json": "report.json", "report_md": "report.md",
@@ -67,8 +70,8 @@ EVAL_FILES = {
     "confusion_matrix": "confusion_matrix.png", "samples": "samples.png", "history": "history.png",
 }
 # What a finished run holds; `clear` removes exactly these (never the folder).
-_ENTRIES = (CONFIG, HISTORY, MANIFEST_COPY, MODEL, OPERATING_POINT, LOGS, CHECKPOINTS, BACKUP,
-            EVAL, EXPORT)
+_ENTRIES = (CONFIG, HISTORY, MANIFEST_COPY, MODEL, OPERATING_POINT, MODEL_CARD, LOGS, CHECKPOINTS,
+            BACKUP, EVAL, EXPORT)
 
 DEFAULT_THRESHOLD = 0.5
 MULTI_LABEL = schema.MULTI_LABEL

@@ -20,6 +20,10 @@ epoch, the history drops rows of epochs that will be redone, and the run ends
 with the configured number of epochs; EarlyStopping / ReduceLROnPlateau keep
 their patience counters (callbacks.PlateauState). A gs:// run directory is trained in a
 local copy that the chief pushes after every epoch (tfrecord_tools.storage.Mirror).
+
+TensorBoard: Keras' callback on the chief writes RUN/logs (callbacks.tensorboard;
+--profile_steps adds a profiler trace). On Vertex AI (`vertex_env`): $AIP_MODEL_DIR is
+the run directory when --model_dir is empty, $AIP_TENSORBOARD_LOG_DIR takes the events.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from xraytpu import distribute, errors, multilabel
 from xraytpu import rundir
 from xraytpu import models as models_lib
 from xraytpu._keras import keras
-from xraytpu.callbacks import StopOnNaN, _save_and_discard, make_callbacks
+from xraytpu.callbacks import StopOnNaN, _save_and_discard, make_callbacks, parse_profile_steps
 from xraytpu.config import Config
 from xraytpu.data import DataError
 from xraytpu.data import input_pipeline
@@ -63,8 +67,14 @@ from tfrecord_tools import storage
 RESUME_MAY_CHANGE = frozenset({
     "overwrite", "strategy", "tpu", "cache", "deterministic", "private_threads",
     "ram_budget_mb", "data_service_address", "data_dir", "mixed_precision",
-    "jit_compile", "steps_per_execution", "shuffle_buffer",
+    "jit_compile", "steps_per_execution", "shuffle_buffer", "profile_steps",
 })
+
+# Vertex AI custom training sets these (cloud.google.com/vertex-ai/docs/training/code-requirements):
+# with no --model_dir, $AIP_MODEL_DIR is the run directory; when set, TensorBoard
+# events go to $AIP_TENSORBOARD_LOG_DIR instead of RUN/logs (see `vertex_env`).
+AIP_MODEL_DIR = "AIP_MODEL_DIR"
+AIP_TENSORBOARD_LOG_DIR = "AIP_TENSORBOARD_LOG_DIR"
 
 
 class TrainError(errors.UserError):
@@ -148,6 +158,23 @@ def prepare_run_dir(cfg: Config, chief: bool = True, run_dir: str = "",
 # Config checks and resolution
 # ---------------------------------------------------------------------------
 
+def vertex_env(cfg: Config, environ=None) -> tuple[Config, str]:
+  """Vertex AI's conventions, when its variables are set: (cfg, TensorBoard log folder).
+
+  An empty --model_dir becomes $AIP_MODEL_DIR (an explicit --model_dir wins);
+  the log folder is $AIP_TENSORBOARD_LOG_DIR, or "" = RUN/logs.
+  """
+  environ = os.environ if environ is None else environ
+  model_dir = environ.get(AIP_MODEL_DIR, "").strip()
+  if not cfg.model_dir and model_dir:
+    logging.info("--model_dir not given: using $%s=%s as the run directory", AIP_MODEL_DIR, model_dir)
+    cfg = dataclasses.replace(cfg, model_dir=model_dir.rstrip("/"))
+  log_dir = environ.get(AIP_TENSORBOARD_LOG_DIR, "").strip()
+  if log_dir:
+    logging.info("TensorBoard logs go to $%s=%s", AIP_TENSORBOARD_LOG_DIR, log_dir)
+  return cfg, log_dir.rstrip("/")
+
+
 def validate_config(cfg: Config) -> None:
   """Flag combinations that cannot work, as one-line TrainErrors."""
   if not cfg.data_dir:
@@ -180,6 +207,10 @@ def validate_config(cfg: Config) -> None:
   if cfg.reduce_lr_patience > 0 and (cfg.lr_schedule != "constant" or cfg.warmup_epochs > 0):
     raise TrainError("--reduce_lr_patience needs --lr_schedule=constant and --warmup_epochs=0 "
                      "(a schedule already sets the learning rate)")
+  try:
+    parse_profile_steps(cfg.profile_steps)
+  except ValueError as e:
+    raise TrainError(str(e)) from e
 
 
 def _manifest_digest(data_dir: str) -> str:
@@ -377,6 +408,7 @@ def train_and_evaluate(cfg: Config, *, strategy: tf.distribute.Strategy | None =
     TrainingDiverged: the loss became NaN/inf.
   """
   t_start = time.perf_counter()
+  cfg, log_dir = vertex_env(cfg)
   validate_config(cfg)
   if tfds_source.is_tfds(cfg.data_dir):   # tfds:NAME -> its converted copy, made once
     cfg = dataclasses.replace(cfg, data_dir=tfds_source.materialise(
@@ -386,10 +418,10 @@ def train_and_evaluate(cfg: Config, *, strategy: tf.distribute.Strategy | None =
   # (a second trainer fails at once naming the holder; a killed holder's lock is taken over).
   chief = distribute.chief_from_env(cfg.strategy)
   with (locks.exclusive(cfg.model_dir, "xraytpu.train") if chief else contextlib.nullcontext()):
-    return _train_owned(cfg, strategy=strategy, verbose=verbose, t_start=t_start)
+    return _train_owned(cfg, strategy=strategy, verbose=verbose, t_start=t_start, log_dir=log_dir)
 
 
-def _train_owned(cfg: Config, *, strategy, verbose, t_start: float) -> TrainResult:
+def _train_owned(cfg: Config, *, strategy, verbose, t_start: float, log_dir: str = "") -> TrainResult:
   """train_and_evaluate with the run directory's lock held (by the chief)."""
   old = rundir.read_config(cfg.model_dir)
   if old is not None and old.get("status") == "finished" and not cfg.overwrite:
@@ -401,9 +433,12 @@ def _train_owned(cfg: Config, *, strategy, verbose, t_start: float) -> TrainResu
     logging.info("Run directory %s: training in the local copy %s (%d file(s) pulled in %.1f s); "
                  "changes are pushed after every epoch", cfg.model_dir, mirror.local, n,
                  time.perf_counter() - t)
+  # $AIP_TENSORBOARD_LOG_DIR (usually gs://): written locally, pushed by the chief after every epoch.
+  log_mirror = storage.Mirror(log_dir) if log_dir else None
   finished = False
   try:
-    result = _train(cfg, strategy=strategy, verbose=verbose, mirror=mirror, t_start=t_start)
+    result = _train(cfg, strategy=strategy, verbose=verbose, mirror=mirror, t_start=t_start,
+                    log_mirror=log_mirror)
     finished = True
   except errors.UserError as e:
     # Bad data (a corrupt shard, ...): the run directory records the failure instead of
@@ -412,19 +447,24 @@ def _train_owned(cfg: Config, *, strategy, verbose, t_start: float) -> TrainResu
     rundir.mark_failed(mirror.local, str(e).splitlines()[0][:500])
     raise
   finally:
-    try:
-      mirror.push()   # the chief's last files; a no-op elsewhere
-    except (OSError, storage.StorageError):
-      if finished:
-        raise
-      logging.exception("Could not push the run directory to %s", cfg.model_dir)
-    mirror.close()
+    for m in (mirror, log_mirror):
+      if m is None:
+        continue
+      try:
+        m.push()   # the chief's last files; a no-op elsewhere
+      except (OSError, storage.StorageError):
+        if finished:
+          raise
+        logging.exception("Could not push the run directory to %s", m.remote)
+      m.close()
   return result
 
 
 def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int | str,
-           mirror: storage.Mirror, t_start: float) -> TrainResult:
-  """train_and_evaluate's body; files go to `mirror.local` (the run dir itself unless gs://)."""
+           mirror: storage.Mirror, t_start: float,
+           log_mirror: storage.Mirror | None = None) -> TrainResult:
+  """train_and_evaluate's body; files go to `mirror.local` (the run dir itself unless gs://),
+  TensorBoard events to `log_mirror.local` when given (else RUN/logs)."""
   manifest = schema.read_manifest(cfg.data_dir)
   schema.split_info(manifest, "train")
   has_val = "val" in manifest["splits"] and manifest["splits"]["val"].get("num_examples", 0) > 0
@@ -449,6 +489,8 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
   jit = bool(cfg.jit_compile or info.accelerator == "tpu")
   cfg = dataclasses.replace(cfg, channels=channels, steps_per_epoch=steps_per_epoch, jit_compile=jit)
   mirror.read_only = not info.is_chief
+  if log_mirror is not None:
+    log_mirror.read_only = not info.is_chief
   data = schema.data_fingerprint(manifest)
   mode = prepare_run_dir(cfg, info.is_chief, run_dir=mirror.local, data=data)
 
@@ -532,6 +574,7 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
                 validation_steps=_validation_steps(cfg, manifest, info, per_replica, has_val),
                 verbose=verbose if chief else 0)
   phase1_done = storage.exists(rundir.path(run_dir, rundir.PHASE1_WEIGHTS))
+  log_kw = dict(log_dir=log_mirror.local, log_mirror=log_mirror) if log_mirror is not None else {}
 
   # ---- phase 1 ---------------------------------------------------------------
   if phase1_done:
@@ -541,7 +584,7 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
     cbs = make_callbacks(cfg, run_dir, chief=chief, monitor=monitor, phase=1,
                          global_batch=global_batch, steps_per_epoch=steps_per_epoch,
                          total_epochs=total_epochs, best_so_far=_best(run_dir, monitor), nan=nan,
-                         mirror=mirror)
+                         mirror=mirror, **log_kw)
     with integrity.named_data_errors(cfg.data_dir, manifest, ("train", "val")):
       model.fit(train_ds, epochs=cfg.epochs, callbacks=cbs, **fit_kw)
     _check_nan(nan, cfg.model_dir)
@@ -558,7 +601,7 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
     cbs = make_callbacks(cfg, run_dir, chief=chief, monitor=monitor, phase=2,
                          global_batch=global_batch, steps_per_epoch=steps_per_epoch,
                          total_epochs=total_epochs, best_so_far=_best(run_dir, monitor), nan=nan,
-                         mirror=mirror)
+                         mirror=mirror, **log_kw)
     with integrity.named_data_errors(cfg.data_dir, manifest, ("train", "val")):
       model.fit(train_ds, initial_epoch=cfg.epochs, epochs=total_epochs, callbacks=cbs, **fit_kw)
     _check_nan(nan, cfg.model_dir)
