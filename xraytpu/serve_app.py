@@ -246,7 +246,9 @@ class App:
     b = self.batcher
     return {"status": "ok", "model": self.card["model"], "requests": self.requests,
             "images": b.images, "batches": b.batches,
-            "mean_batch": round(b.images / b.batches, 2) if b.batches else None}
+            "mean_batch": round(b.images / b.batches, 2) if b.batches else None,
+            "decode_budget": {"pixels": self.decode_budget.capacity,
+                              "peak_pixels": self.decode_budget.peak}}
 
 
 def overlay_png_base64(pixels: np.ndarray, cam: np.ndarray) -> str:

@@ -113,6 +113,22 @@ MODEL_VERSION = "1"
 SERVING_INPUT = "image_bytes"   # the exported serving_default's one input (xraytpu.inference)
 
 
+# Memory: decoding an image (pixels.load_file's decode, convert and resize in TensorFlow) took
+# 8-12 bytes per pixel of it at peak (measured: 16-bit gray and RGBA PNGs 8-9, 8-bit RGB PNGs
+# 12), so 16 is the bound used; tests/test_serve.py's memory test checks it. A request's body is
+# held about BODY_COPIES times (the received chunks, the joined body, the multipart parts).
+DECODE_BYTES_PER_PIXEL = 16
+BODY_COPIES = 3
+MEMORY_SLACK = 64 * MB   # thread stacks, allocator arenas, JSON answers
+
+
+def memory_bound(opts: ServeOptions, idle_bytes: int) -> int:
+  """The most memory the server holds (README, Serving): its idle peak RSS after warm-up, plus
+  --decode_budget pixels being decoded, plus --max_inflight bodies of --max_upload_mb."""
+  return (idle_bytes + opts.decode_budget * DECODE_BYTES_PER_PIXEL
+          + opts.max_inflight * opts.max_upload_bytes * BODY_COPIES + MEMORY_SLACK)
+
+
 def load_static() -> dict[str, tuple[bytes, str]]:
   """URL path -> (bytes, Content-Type) for the page, from the installed package."""
   root = resources.files("xraytpu") / "static"
@@ -295,7 +311,7 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None, **e
 
 
 class _BodyError(Exception):
-  """The body could not be read; `response` is the answer (None: the client has gone)."""
+  """The body could not be read; `response` is the answer."""
 
   def __init__(self, response):
     super().__init__()
@@ -497,7 +513,8 @@ class Web:
                                      f"({got} of {n} bytes; --body_timeout_s)", {"Connection": "close"}))
       if message["type"] == "http.disconnect":
         log.warning("%s: the client disconnected after %d of %d bytes", where, got, n)
-        raise _BodyError(None)
+        # Nobody reads this answer: uvicorn drops what is sent on a closed connection.
+        raise _BodyError(_error(400, "the client disconnected", {"Connection": "close"}))
       chunk = message.get("body", b"")
       got += len(chunk)
       if got > n:  # h11 enforces Content-Length; kept as a guard
