@@ -356,6 +356,10 @@ def test_options_are_validated():
     serve_lib.ServeOptions(model_dir="run", port=70000).validate()
   with pytest.raises(serve_lib.ServeError, match="max_upload_mb"):
     serve_lib.ServeOptions(model_dir="run", max_upload_mb=0).validate()
+  with pytest.raises(serve_lib.ServeError, match="decode_budget"):
+    serve_lib.ServeOptions(model_dir="run", max_pixels=10, decode_budget=9).validate()
+  with pytest.raises(serve_lib.ServeError, match="body_timeout_s"):
+    serve_lib.ServeOptions(model_dir="run", body_timeout_s=0).validate()
   assert serve_lib.is_loopback("127.0.0.1") and serve_lib.is_loopback("::1")
   assert not serve_lib.is_loopback("0.0.0.0")
 

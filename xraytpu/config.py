@@ -200,7 +200,7 @@ class ServeOptions:
   max_inflight: int = _f(64, "Most prediction requests in the server at once (reading, decoding or "
                          "waiting for the model); more wait, then get 503.")
   header_timeout_s: float = _f(10.0, "A request's line and headers must arrive within this many seconds "
-                               "(else the connection is closed).")
+                               "(else 408 and the connection is closed).")
   body_timeout_s: float = _f(60.0, "A request's whole body must arrive within this many seconds (else 408).")
   request_timeout_s: float = 60.0  # the wait for a request slot and for the model (then 503)
   model_name: str = _f("", "Name in TF Serving's /v1/models/<name> (empty = the run's model name; "

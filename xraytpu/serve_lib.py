@@ -697,12 +697,13 @@ def _protocol_class(header_timeout_s: float):
         return
       log.warning("%s: no complete request line and headers within %g s; connection closed",
                   _peer(self.client), header_timeout_s)
-      if self.conn.their_state is h11.SEND_RESPONSE or self.conn.our_state is h11.IDLE:
-        body = json.dumps({"error": f"the request headers did not arrive within {header_timeout_s:g} s",
-                           "status": 408}).encode() + b"\n"
-        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
-                             b"Connection: close\r\nContent-Length: " + str(len(body)).encode() +
-                             b"\r\n\r\n" + body)
+      self._answer_and_close(408, "Request Timeout",
+                             f"the request headers did not arrive within {header_timeout_s:g} s")
+
+    def _answer_and_close(self, status: int, phrase: str, message: str):
+      body = json.dumps({"error": message, "status": status}).encode() + b"\n"
+      self.transport.write(f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json\r\n"
+                           f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
       self.transport.close()
 
     def data_received(self, data):
@@ -732,12 +733,7 @@ def _protocol_class(header_timeout_s: float):
       return None
 
     def send_400_response(self, msg):
-      reason = self._bad_request or msg
-      body = json.dumps({"error": f"bad request: {reason}", "status": 400}).encode() + b"\n"
-      self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
-                           b"Connection: close\r\nContent-Length: " + str(len(body)).encode() +
-                           b"\r\n\r\n" + body)
-      self.transport.close()
+      self._answer_and_close(400, "Bad Request", f"bad request: {self._bad_request or msg}")
 
   return _Protocol
 
