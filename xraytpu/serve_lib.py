@@ -310,7 +310,7 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None, **e
   return _json_response(status, {"error": message, "status": status, **extra}, headers)
 
 
-class _BodyError(Exception):
+class _EarlyAnswer(Exception):
   """The body could not be read; `response` is the answer."""
 
   def __init__(self, response):
@@ -474,7 +474,7 @@ class Web:
       except RequestError as e:
         # The rest of an unread request is still on the socket: this connection ends here.
         return _error(e.status, e.message, None if body_read else {"Connection": "close"}, **e.extra)
-      except _BodyError as e:
+      except _EarlyAnswer as e:
         return e.response
     finally:
       self._slots.release()
@@ -509,12 +509,12 @@ class Web:
       except asyncio.TimeoutError:
         log.warning("%s: the body did not arrive within %g s (%d of %d bytes); answered 408",
                     where, self.opts.body_timeout_s, got, n)
-        raise _BodyError(_error(408, f"the body did not arrive within {self.opts.body_timeout_s:g} s "
+        raise _EarlyAnswer(_error(408, f"the body did not arrive within {self.opts.body_timeout_s:g} s "
                                      f"({got} of {n} bytes; --body_timeout_s)", {"Connection": "close"}))
       if message["type"] == "http.disconnect":
         log.warning("%s: the client disconnected after %d of %d bytes", where, got, n)
         # Nobody reads this answer: uvicorn drops what is sent on a closed connection.
-        raise _BodyError(_error(400, "the client disconnected", {"Connection": "close"}))
+        raise _EarlyAnswer(_error(400, "the client disconnected", {"Connection": "close"}))
       chunk = message.get("body", b"")
       got += len(chunk)
       if got > n:  # h11 enforces Content-Length; kept as a guard
