@@ -14,6 +14,8 @@ import struct
 import subprocess
 import sys
 import threading
+import time
+import urllib.parse
 import uuid
 import zlib
 
@@ -571,7 +573,6 @@ def test_a_trickled_body_gets_408_and_frees_its_slot(strict_server, real_files):
 
 
 def _send_quietly(s, data, pause):
-  import time
   time.sleep(pause)
   try:
     s.sendall(data)
@@ -580,7 +581,6 @@ def _send_quietly(s, data, pause):
 
 
 def test_trickled_headers_are_cut_off(strict_server):
-  import time
   with socket.create_connection(strict_server.server_address[:2], timeout=TIMEOUT) as s:
     t0 = time.monotonic()
     got = b""
@@ -619,6 +619,14 @@ def bounded_process(evaluated_run):
     yield proc
 
 
+class _Address:
+  """A server subprocess's URL as `_request` takes a server: server_address = (host, port)."""
+
+  def __init__(self, url):
+    u = urllib.parse.urlsplit(url)
+    self.server_address = (u.hostname, u.port)
+
+
 def _vm(pid, key):
   with open(f"/proc/{pid}/status") as f:
     for line in f:
@@ -640,9 +648,7 @@ def _near_limit_png(width, height, seed):
 def test_memory_stays_under_the_stated_bound(bounded_process):
   """20 clients post near-limit images at once: the server's peak RSS stays under
   serve_lib.memory_bound (what README states), measured from /proc/PID/status."""
-  import urllib.parse as up
-  url = up.urlsplit(bounded_process.url)
-  srv = type("S", (), {"server_address": (url.hostname, url.port)})()
+  srv = _Address(bounded_process.url)
   pid = bounded_process.pid
   idle = _vm(pid, "VmHWM")
   images = [_near_limit_png(2000, 2000, i) for i in range(20)]
@@ -657,17 +663,12 @@ def test_memory_stays_under_the_stated_bound(bounded_process):
   opts = serve_lib.ServeOptions(model_dir="x", max_pixels=4_000_000, decode_budget=4_000_000,
                                 max_inflight=20, max_upload_mb=1)
   bound = serve_lib.memory_bound(opts, idle)
-  print(f"idle {idle / MB_:.0f} MiB, peak {peak / MB_:.0f} MiB, bound {bound / MB_:.0f} MiB")
-  assert peak <= bound
-
-
-MB_ = 1 << 20
+  assert peak <= bound, f"idle {idle / serve_lib.MB:.0f} MiB, peak {peak / serve_lib.MB:.0f} MiB, " \
+                        f"bound {bound / serve_lib.MB:.0f} MiB"
 
 
 def test_a_client_that_disconnects_mid_upload_gives_one_quiet_log_line(bounded_process):
-  import time
-  import urllib.parse as up
-  url = up.urlsplit(bounded_process.url)
+  url = urllib.parse.urlsplit(bounded_process.url)
   before = len(bounded_process.output)
   for linger in (False, True):   # a clean close (FIN) and a reset (RST)
     s = socket.create_connection((url.hostname, url.port), timeout=TIMEOUT)
@@ -678,7 +679,7 @@ def test_a_client_that_disconnects_mid_upload_gives_one_quiet_log_line(bounded_p
       s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     s.close()
   time.sleep(1.5)
-  status, health, _ = _request(type("S", (), {"server_address": (url.hostname, url.port)})(), "GET", "/healthz")
+  status, health, _ = _request(_Address(bounded_process.url), "GET", "/healthz")
   assert status == 200
   lines = list(bounded_process.output)[before:]
   assert not any("Traceback" in l or "Exception" in l for l in lines), "".join(lines)

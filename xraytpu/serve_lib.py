@@ -415,18 +415,15 @@ class Web:
     return await self._with_body(request, handle, check_first=lambda: _parse_query(request.url.query))
 
   async def _tf_predict(self, request):
-    async def handle(body: bytes) -> dict[str, Any]:
-      self._check_name(request.path_params["name"])
-      fmt, files = parse_tf_serving(body, self.opts.max_files)
-      return tf_serving_answer(fmt, await self._run(files))
-    return await self._with_body(request, handle,
+    return await self._with_body(request, self._tf_handle,
                                  check_first=lambda: self._check_name(request.path_params["name"]))
 
   async def _vertex_predict(self, request):
-    async def handle(body: bytes) -> dict[str, Any]:
-      fmt, files = parse_tf_serving(body, self.opts.max_files)
-      return tf_serving_answer(fmt, await self._run(files))
-    return await self._with_body(request, handle)
+    return await self._with_body(request, self._tf_handle)
+
+  async def _tf_handle(self, body: bytes) -> dict[str, Any]:
+    fmt, files = parse_tf_serving(body, self.opts.max_files)
+    return tf_serving_answer(fmt, await self._run(files))
 
   async def _run(self, files, **kw) -> dict[str, Any]:
     import anyio.to_thread
