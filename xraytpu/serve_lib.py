@@ -354,13 +354,17 @@ class Web:
 
   async def _http_error(self, request, exc):
     method, path = request.method, request.url.path[:100]
+    # A body we did not read is still on the socket: that connection ends with this answer.
+    unread = request.headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in request.headers
+    headers = {"Connection": "close"} if unread else {}
     if exc.status_code == 405:
       allowed = (exc.headers or {}).get("Allow", "")
-      return _error(405, f"{method} is not supported for {path}; use {allowed or 'another method'}",
-                    {"Allow": allowed, "Connection": "close"} if allowed else {"Connection": "close"})
+      if allowed:
+        headers["Allow"] = allowed
+      return _error(405, f"{method} is not supported for {path}; use {allowed or 'another method'}", headers)
     if exc.status_code == 404:
-      return _error(404, f"no such endpoint: {method} {path}", {"Connection": "close"})
-    return _error(exc.status_code, str(exc.detail), {"Connection": "close"})
+      return _error(404, f"no such endpoint: {method} {path}", headers)
+    return _error(exc.status_code, str(exc.detail), headers)
 
   async def _internal_error(self, request, exc):
     log.error("internal error on %s %s", request.method, request.url.path[:100], exc_info=exc)
