@@ -26,14 +26,17 @@ class ServeProcess:
   is then that URL, "http://127.0.0.1:PORT/". If the process exits or stays silent
   instead, it is stopped and ServeError carries the last lines of its output.
   Its stdout+stderr keep being read, so it never blocks on a full pipe; `output`
-  holds the last 50 lines. stop() ends it (SIGTERM, then SIGKILL); a context manager.
+  holds the last 50 lines; `env` is added to its environment (e.g. Vertex AI's AIP_*);
+  `pid` is its process id (/proc/PID/status). stop() ends it (SIGTERM, then SIGKILL); a context manager.
   """
 
-  def __init__(self, model_dir: str, extra_flags: Sequence[str] = (), *, timeout: float = 300.0):
+  def __init__(self, model_dir: str, extra_flags: Sequence[str] = (), *, timeout: float = 300.0,
+               env: dict[str, str] | None = None):
     cmd = [sys.executable, "-m", "xraytpu.serve", f"--model_dir={model_dir}", "--host=127.0.0.1",
            "--port=0", "--noaccess_log", *extra_flags]
     self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 text=True)
+                                 text=True, env={**os.environ, **(env or {})})
+    self.pid = self.proc.pid
     self.output: collections.deque[str] = collections.deque(maxlen=50)
     self.url = ""
     ready, ended = threading.Event(), threading.Event()
@@ -60,7 +63,6 @@ class ServeProcess:
       raise ServeError(f"the server did not start ({why}):\n" + "".join(self.output))
 
   def stop(self) -> None:
-
     self.proc.terminate()
     try:
       self.proc.wait(timeout=30)

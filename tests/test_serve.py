@@ -14,6 +14,8 @@ import struct
 import subprocess
 import sys
 import threading
+import time
+import urllib.parse
 import uuid
 import zlib
 
@@ -356,6 +358,10 @@ def test_options_are_validated():
     serve_lib.ServeOptions(model_dir="run", port=70000).validate()
   with pytest.raises(serve_lib.ServeError, match="max_upload_mb"):
     serve_lib.ServeOptions(model_dir="run", max_upload_mb=0).validate()
+  with pytest.raises(serve_lib.ServeError, match="decode_budget"):
+    serve_lib.ServeOptions(model_dir="run", max_pixels=10, decode_budget=9).validate()
+  with pytest.raises(serve_lib.ServeError, match="body_timeout_s"):
+    serve_lib.ServeOptions(model_dir="run", body_timeout_s=0).validate()
   assert serve_lib.is_loopback("127.0.0.1") and serve_lib.is_loopback("::1")
   assert not serve_lib.is_loopback("0.0.0.0")
 
@@ -417,3 +423,265 @@ def test_a_busy_port_is_a_clear_error(server, evaluated_run, loaded):
   opts = serve_lib.ServeOptions(model_dir=evaluated_run[0], port=server.server_address[1], access_log=False)
   with pytest.raises(serve_lib.ServeError, match="cannot listen on 127.0.0.1"):
     serve_lib.make_server(opts, run=loaded)
+
+
+# -- TensorFlow Serving's REST API, Vertex AI, OpenAPI ------------------------------
+
+
+def _tf_serving_reference(export_path, request):
+  """What TensorFlow Serving answers for `request` (a predict body) with the export loaded:
+  its REST layer decodes {"b64": ...} into the signature's one string input, runs
+  serving_default and lays the outputs out per instance (row) or per output (columnar)."""
+  import tensorflow as tf
+  loaded = tf.saved_model.load(export_path)
+  fn = loaded.signatures["serving_default"]
+  fmt = "instances" if "instances" in request else "inputs"
+  values = request[fmt]
+  values = values["image_bytes"] if isinstance(values, dict) else values
+  raw = [base64.b64decode((v.get("image_bytes") or v)["b64"]) for v in values]
+  out = {k: v.numpy() for k, v in fn(image_bytes=tf.constant(raw)).items()}
+  out = {k: [x.decode() if isinstance(x, bytes) else x.tolist() for x in v] for k, v in out.items()}
+  if fmt == "instances":
+    return {"predictions": [{k: v[i] for k, v in out.items()} for i in range(len(raw))]}
+  return {"outputs": out}
+
+
+def _post_json(srv, path, obj):
+  return _request(srv, "POST", path, json.dumps(obj).encode(), {"Content-Type": "application/json"})
+
+
+def test_tf_serving_predict_equals_the_exported_saved_model(server, evaluated_run, demo_files, real_files):
+  """The same TF Serving request, to xraytpu.serve and to the export's serving_default: same answer."""
+  from xraytpu import export_lib
+  export_path = export_lib.export(evaluated_run[0])
+  images = [_read(f) for f in demo_files[:1] + real_files[:2]]   # --max_files=3
+  b64 = [base64.b64encode(d).decode() for d in images]
+  requests = [
+      {"instances": [{"b64": b} for b in b64]},
+      {"instances": [{"image_bytes": {"b64": b}} for b in b64[:2]], "signature_name": "serving_default"},
+      {"inputs": {"image_bytes": [{"b64": b} for b in b64]}},
+      {"inputs": [{"b64": b} for b in b64[:1]]},
+  ]
+  for name in ("xray_cnn", "default"):
+    for req in requests:
+      status, got, _ = _post_json(server, f"/v1/models/{name}:predict", req)
+      assert status == 200, got
+      want = _tf_serving_reference(export_path, req)
+      assert set(got) == set(want)
+      if "predictions" in want:
+        assert [sorted(p) for p in got["predictions"]] == [sorted(p) for p in want["predictions"]]
+        for g, w in zip(got["predictions"], want["predictions"]):
+          np.testing.assert_allclose(g["probabilities"], w["probabilities"], atol=1e-6)
+          assert g["label"] == w["label"] and g["label_index"] == w["label_index"]
+      else:
+        assert sorted(got["outputs"]) == sorted(want["outputs"]) == ["label", "label_index", "probabilities"]
+        np.testing.assert_allclose(got["outputs"]["probabilities"], want["outputs"]["probabilities"],
+                                   atol=1e-6)
+        assert got["outputs"]["label"] == want["outputs"]["label"]
+        assert got["outputs"]["label_index"] == want["outputs"]["label_index"]
+
+
+def test_tf_serving_status_metadata_and_errors(server):
+  status, out, _ = _request(server, "GET", "/v1/models/xray_cnn")
+  assert status == 200 and out == {"model_version_status": [
+      {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}
+  status, out, _ = _request(server, "GET", "/v1/models/default/metadata")
+  sig = out["metadata"]["signature_def"]["signature_def"]["serving_default"]
+  assert status == 200 and out["model_spec"]["name"] == "default"
+  assert sig["inputs"]["image_bytes"]["dtype"] == "DT_STRING"
+  assert sorted(sig["outputs"]) == ["label", "label_index", "probabilities"]
+  status, out, _ = _request(server, "GET", "/v1/models/other")
+  assert status == 404 and "xray_cnn" in out["error"]
+  good = base64.b64encode(_png_header_only(8, 8)).decode()
+  cases = [("/v1/models/other:predict", {"instances": [{"b64": good}]}, 404, "Servable not found"),
+           ("/v1/models/default:predict", {"instances": []}, 400, "non-empty"),
+           ("/v1/models/default:predict", {"instances": [{"b64": "%%%"}]}, 400, "base64"),
+           ("/v1/models/default:predict", {"instances": [[1, 2]]}, 400, "b64"),
+           ("/v1/models/default:predict", {"instances": [{"b64": good}] * 4}, 413, "max_files"),
+           ("/v1/models/default:predict", {"inputs": {"x": []}}, 400, "image_bytes"),
+           ("/v1/models/default:predict", {"instances": [{"b64": good}], "signature_name": "x"}, 400,
+            "serving_default"),
+           ("/v1/models/default:predict", {"instances": [{"b64": base64.b64encode(b"text").decode()}]},
+            415, "not an image")]
+  for path, body, want, words in cases:
+    status, out, _ = _post_json(server, path, body)
+    assert status == want and words in out["error"], (body, out)
+  status, out, _ = _request(server, "POST", "/v1/models/default:predict", b"{not json",
+                            {"Content-Type": "application/json"})
+  assert status == 400 and "not JSON" in out["error"]
+
+
+def test_vertex_ai_routes_and_port(evaluated_run, loaded, real_files):
+  env = {"AIP_HTTP_PORT": "0", "AIP_HEALTH_ROUTE": "/vertex/health", "AIP_PREDICT_ROUTE": "/vertex/predict"}
+  opts = serve_lib.ServeOptions(model_dir=evaluated_run[0], port=12345, access_log=False)
+  assert serve_lib.vertex_settings(opts, {"AIP_HTTP_PORT": "8081"}) == (8081, {})
+  with pytest.raises(serve_lib.ServeError, match="AIP_HTTP_PORT"):
+    serve_lib.vertex_settings(opts, {"AIP_HTTP_PORT": "http"})
+  srv = serve_lib.make_server(opts, run=loaded, environ=env)
+  serve_lib.start_in_thread(srv)
+  try:
+    assert srv.server_address[1] != 12345   # AIP_HTTP_PORT=0 won over --port
+    status, health, _ = _request(srv, "GET", "/vertex/health")
+    assert status == 200 and health["status"] == "ok"
+    b64 = base64.b64encode(_read(real_files[0])).decode()
+    status, out, _ = _post_json(srv, "/vertex/predict", {"instances": [{"b64": b64}]})
+    status2, want, _ = _post_json(srv, "/v1/models/default:predict", {"instances": [{"b64": b64}]})
+    assert status == status2 == 200 and out == want
+    status, doc, _ = _request(srv, "GET", "/openapi.json")
+    assert "/vertex/predict" in doc["paths"] and "/vertex/health" in doc["paths"]
+  finally:
+    srv.close()
+
+
+def test_openapi_describes_every_route(server):
+  status, doc, _ = _request(server, "GET", "/openapi.json")
+  assert status == 200 and doc["openapi"].startswith("3.")
+  routes = {(r.path, m.lower()) for r in server.web.routes for m in r.methods if m != "HEAD"}
+  documented = {(p, m) for p, ops in doc["paths"].items() for m in ops}
+  assert routes == documented
+  assert "413" in doc["paths"]["/v1/predict"]["post"]["responses"]
+
+
+# -- deadlines, disconnects, the memory bound ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def strict_server(evaluated_run, loaded):
+  """Short deadlines and one request slot: a slot that is not freed blocks the next request."""
+  opts = serve_lib.ServeOptions(model_dir=evaluated_run[0], port=0, max_upload_mb=1, max_inflight=1,
+                                header_timeout_s=1.5, body_timeout_s=1.5, access_log=False)
+  srv = serve_lib.make_server(opts, run=loaded)
+  serve_lib.start_in_thread(srv)
+  yield srv
+  srv.close()
+
+
+def test_a_trickled_body_gets_408_and_frees_its_slot(strict_server, real_files):
+  data = _read(real_files[0])
+  with socket.create_connection(strict_server.server_address[:2], timeout=TIMEOUT) as s:
+    s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(data))
+    resp = http.client.HTTPResponse(s)
+    sender = threading.Thread(target=lambda: [_send_quietly(s, data[i:i + 1], 0.5) for i in range(8)])
+    sender.start()
+    resp.begin()
+    out = json.loads(resp.read())
+    sender.join()
+  assert resp.status == 408 and "body_timeout_s" in out["error"] and resp.getheader("Connection") == "close"
+  status, out, _ = _request(strict_server, "POST", "/v1/predict", data, {"Content-Type": "image/jpeg"})
+  assert status == 200, out   # the only slot was freed
+
+
+def _send_quietly(s, data, pause):
+  time.sleep(pause)
+  try:
+    s.sendall(data)
+  except OSError:
+    pass
+
+
+def test_trickled_headers_are_cut_off(strict_server):
+  with socket.create_connection(strict_server.server_address[:2], timeout=TIMEOUT) as s:
+    t0 = time.monotonic()
+    got = b""
+    try:
+      for c in b"GET /healthz HTTP/1.1\r\nHost: x\r\n":
+        s.sendall(bytes([c]))
+        time.sleep(0.25)
+        s.setblocking(False)
+        try:
+          got += s.recv(4096)
+        except BlockingIOError:
+          pass
+        s.setblocking(True)
+        if got:
+          break
+    except OSError:
+      pass
+    s.settimeout(10)
+    try:
+      while True:
+        chunk = s.recv(4096)
+        if not chunk:
+          break
+        got += chunk
+    except OSError:
+      pass
+  assert got.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < 8, got
+
+
+@pytest.fixture(scope="module")
+def bounded_process(evaluated_run):
+  """The real entry point with a small decode budget: 4 Mpx images, one decoded at a time."""
+  flags = ["--max_pixels=4000000", "--decode_budget=4000000", "--max_inflight=20", "--max_upload_mb=1",
+           "--max_batch=8"]
+  with ServeProcess(evaluated_run[0], flags, timeout=300) as proc:
+    yield proc
+
+
+class _Address:
+  """A server subprocess's URL as `_request` takes a server: server_address = (host, port)."""
+
+  def __init__(self, url):
+    u = urllib.parse.urlsplit(url)
+    self.server_address = (u.hostname, u.port)
+
+
+def _vm(pid, key):
+  with open(f"/proc/{pid}/status") as f:
+    for line in f:
+      if line.startswith(key + ":"):
+        return int(line.split()[1]) * 1024
+  raise AssertionError(key)
+
+
+def _near_limit_png(width, height, seed):
+  """A smooth RGB gradient (small file, width x height pixels to decode)."""
+  x = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
+  y = np.linspace(0, 255, height, dtype=np.float32)[:, None, None]
+  img = ((x + y * 0.5 + seed * 7 + np.zeros((1, 1, 3), np.float32)) % 256).astype(np.uint8)
+  buf = io.BytesIO()
+  Image.fromarray(img).save(buf, format="PNG", compress_level=6)
+  return buf.getvalue()
+
+
+def test_memory_stays_under_the_stated_bound(bounded_process):
+  """20 clients post near-limit images at once: the server's peak RSS stays under
+  serve_lib.memory_bound (what README states), measured from /proc/PID/status."""
+  srv = _Address(bounded_process.url)
+  pid = bounded_process.pid
+  idle = _vm(pid, "VmHWM")
+  images = [_near_limit_png(2000, 2000, i) for i in range(20)]
+  with concurrent.futures.ThreadPoolExecutor(max_workers=20) as pool:
+    answers = list(pool.map(lambda d: _request(srv, "POST", "/v1/predict", d, {"Content-Type": "image/png"}),
+                            images))
+  assert all(status == 200 for status, _, _ in answers), [a[1] for a in answers if a[0] != 200][:2]
+  peak = _vm(pid, "VmHWM")
+  _, health, _ = _request(srv, "GET", "/healthz")
+  # The decoders held one 4 Mpx image at a time: the budget, never more.
+  assert health["decode_budget"] == {"pixels": 4_000_000, "peak_pixels": 4_000_000}
+  opts = serve_lib.ServeOptions(model_dir="x", max_pixels=4_000_000, decode_budget=4_000_000,
+                                max_inflight=20, max_upload_mb=1)
+  bound = serve_lib.memory_bound(opts, idle)
+  assert peak <= bound, f"idle {idle / serve_lib.MB:.0f} MiB, peak {peak / serve_lib.MB:.0f} MiB, " \
+                        f"bound {bound / serve_lib.MB:.0f} MiB"
+
+
+def test_a_client_that_disconnects_mid_upload_gives_one_quiet_log_line(bounded_process):
+  url = urllib.parse.urlsplit(bounded_process.url)
+  before = len(bounded_process.output)
+  for linger in (False, True):   # a clean close (FIN) and a reset (RST)
+    s = socket.create_connection((url.hostname, url.port), timeout=TIMEOUT)
+    s.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+              b"Content-Length: 100000\r\n\r\n" + b"\x89PNG" + b"\0" * 1000)
+    time.sleep(0.3)
+    if linger:
+      s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+  time.sleep(1.5)
+  status, health, _ = _request(_Address(bounded_process.url), "GET", "/healthz")
+  assert status == 200
+  lines = list(bounded_process.output)[before:]
+  assert not any("Traceback" in l or "Exception" in l for l in lines), "".join(lines)
+  about = [l for l in lines if "1004 of 100000 bytes" in l]
+  assert len(about) == 2, "".join(lines)

@@ -204,8 +204,16 @@ class ServeOptions:
                                "first, ms.")
   max_batch: int = _f(8, "Most images per model call. GPU/TPU: try 32+. CPU: measure with "
                       "benchmarks/serve_load.py; 1 (no batching) can be faster for 224-px models.")
-  max_inflight: int = 256          # requests decoded / waiting for the model at once; more wait
-  request_timeout_s: float = 60.0  # socket reads and the wait for the model
+  decode_budget: int = _f(100_000_000, "Most pixels (width x height, from the file headers) being decoded "
+                          "at once across all requests; more wait. The memory bound: see README, Serving.")
+  max_inflight: int = _f(64, "Most prediction requests in the server at once (reading, decoding or "
+                         "waiting for the model); more wait, then get 503.")
+  header_timeout_s: float = _f(10.0, "A request's line and headers must arrive within this many seconds "
+                               "(else 408 and the connection is closed).")
+  body_timeout_s: float = _f(60.0, "A request's whole body must arrive within this many seconds (else 408).")
+  request_timeout_s: float = 60.0  # the wait for a request slot and for the model (then 503)
+  model_name: str = _f("", "Name in TF Serving's /v1/models/<name> (empty = the run's model name; "
+                       "'default' is always accepted too).")
   access_log: bool = _f(True, "Log one line per request on stderr.")
 
   def validate(self) -> None:
@@ -218,7 +226,12 @@ class ServeOptions:
               (self.max_pixels >= 1, f"--max_pixels={self.max_pixels}: must be >= 1"),
               (self.batch_timeout_ms >= 0, f"--batch_timeout_ms={self.batch_timeout_ms}: must be >= 0"),
               (self.max_batch >= 1, f"--max_batch={self.max_batch}: must be >= 1"),
-              (self.max_inflight >= 1, f"max_inflight={self.max_inflight}: must be >= 1"),
+              (self.max_inflight >= 1, f"--max_inflight={self.max_inflight}: must be >= 1"),
+              (self.decode_budget >= self.max_pixels,
+               f"--decode_budget={self.decode_budget}: must be >= --max_pixels={self.max_pixels} "
+               "(one image of the largest size must fit)"),
+              (self.header_timeout_s > 0, f"--header_timeout_s={self.header_timeout_s}: must be > 0"),
+              (self.body_timeout_s > 0, f"--body_timeout_s={self.body_timeout_s}: must be > 0"),
               (self.request_timeout_s > 0, f"request_timeout_s={self.request_timeout_s}: must be > 0")]
     for ok, message in checks:
       if not ok:

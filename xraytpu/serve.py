@@ -1,18 +1,23 @@
-"""Serve a trained run: a web page and a JSON API for predictions.
+"""Serve a trained run: a web page, a JSON API and TensorFlow Serving's REST API for predictions.
 
   python -m xraytpu.serve --model_dir=RUN [--host=127.0.0.1 --port=8080]
-      [--max_upload_mb=32 --max_files=16 --max_pixels=50000000]
-      [--max_batch=8 --batch_timeout_ms=5]
+      [--max_upload_mb=32 --max_files=16 --max_pixels=50000000 --decode_budget=100000000]
+      [--max_batch=8 --batch_timeout_ms=5 --max_inflight=64]
+      [--header_timeout_s=10 --body_timeout_s=60 --model_name=NAME]
 
 Open http://127.0.0.1:8080/ and drop X-rays on the page, or call the API:
 
   curl -F file=@film.png 'http://127.0.0.1:8080/v1/predict?gradcam=1'
   curl --data-binary @film.jpeg http://127.0.0.1:8080/v1/predict
   curl http://127.0.0.1:8080/v1/model
+  curl -d '{"instances": [{"b64": "'$(base64 -w0 film.png)'"}]}' \
+      http://127.0.0.1:8080/v1/models/default:predict          (TF Serving's REST API)
+  curl http://127.0.0.1:8080/openapi.json
 
 Predictions are those of `python -m xraytpu.predict` (same preprocessing,
-same frozen RUN/threshold.json). See xraytpu.serve_lib for the API. Binds
-127.0.0.1 unless --host says otherwise; there is no authentication.
+same frozen RUN/threshold.json). Starlette on uvicorn; see xraytpu.serve_lib for
+the API. Vertex AI: AIP_HTTP_PORT, AIP_HEALTH_ROUTE and AIP_PREDICT_ROUTE are
+honoured. Binds 127.0.0.1 unless --host says otherwise; there is no authentication.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ decompression bomb is refused before anything is decoded.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import io
 import threading
@@ -70,15 +71,45 @@ def image_size(data: bytes, name: str = "") -> tuple[int, int]:
     raise RequestError(400, f"{kind} image ({type(e).__name__}: {e})") from None
 
 
+class PixelBudget:
+  """A weighted semaphore over pixels: the images being decoded at once, across all requests,
+  hold at most `capacity` pixels (width x height from their headers). This bounds the
+  decoders' memory (see README, Serving: the memory bound)."""
+
+  def __init__(self, capacity: int):
+    self.capacity, self.used, self.peak = int(capacity), 0, 0
+    self._cond = threading.Condition()
+
+  @contextlib.contextmanager
+  def hold(self, pixels: int, timeout: float | None = None):
+    """Waits until `pixels` (at most the whole budget) fit, holds them for the block.
+    Raises RequestError 503 when they do not fit within `timeout` seconds."""
+    n = min(int(pixels), self.capacity)
+    with self._cond:
+      if not self._cond.wait_for(lambda: self.used + n <= self.capacity, timeout):
+        raise RequestError(503, f"the server is busy decoding other images (waited {timeout:g} s); "
+                                "try again")
+      self.used += n
+      self.peak = max(self.peak, self.used)
+    try:
+      yield
+    finally:
+      with self._cond:
+        self.used -= n
+        self._cond.notify_all()
+
+
 def prepare_upload(run: rundir.LoadedRun, data: bytes, *, max_pixels: int,
-                   window: str | None = None, name: str = "") -> np.ndarray:
+                   window: str | None = None, name: str = "",
+                   budget: PixelBudget | None = None, timeout: float | None = None) -> np.ndarray:
   """An uploaded file's bytes -> uint8 [S, S, C], exactly as xraytpu.predict prepares a file
   (`predict_lib.file_bytes` then `predict_lib.file_pixels`, on bytes instead of a path).
 
   window: the DICOM rendering (`predict_lib.parse_window`); None = the run's dicom_window.
   name: the upload's file name (a .dcm without the DICM preamble is DICOM too).
   The pixel count is checked from the header first, so a decompression bomb
-  is refused before anything is decoded. Raises RequestError (4xx).
+  is refused before anything is decoded; with a `budget`, decoding waits (up to
+  `timeout` s) until the image's pixels fit in it. Raises RequestError (4xx, 503).
   """
   if not data:
     raise RequestError(400, "empty file (0 bytes)")
@@ -87,9 +118,10 @@ def prepare_upload(run: rundir.LoadedRun, data: bytes, *, max_pixels: int,
     raise RequestError(413, f"image is {width}x{height} = {width * height} pixels, more than the "
                             f"server's limit of {max_pixels} (--max_pixels)")
   try:
-    dicom_window = window or run.conversion.get("dicom_window", dicom.DEFAULT_WINDOW)
-    data = pixels.graph_input(data, dicom_window=dicom_window, name=name)
-    return run.module.file_pixels(data)
+    with budget.hold(width * height, timeout) if budget else contextlib.nullcontext():
+      dicom_window = window or run.conversion.get("dicom_window", dicom.DEFAULT_WINDOW)
+      data = pixels.graph_input(data, dicom_window=dicom_window, name=name)
+      return run.module.file_pixels(data)
   except pixels.ImageError as e:
     raise RequestError(_status(e.reason), e.reason) from None
 
@@ -113,7 +145,7 @@ class App:
     self.static = static or {}
     self.batcher = Batcher(self._predict_batch, max_batch=opts.max_batch,
                            timeout_s=opts.batch_timeout_ms / 1000.0)
-    self.inflight = threading.BoundedSemaphore(opts.max_inflight)
+    self.decode_budget = PixelBudget(opts.decode_budget)
     self.requests = 0
     self._requests_lock = threading.Lock()
     self._cam = None
@@ -161,7 +193,8 @@ class App:
     for i, (name, data) in enumerate(files):
       try:
         images.append(prepare_upload(run, data, max_pixels=self.opts.max_pixels, window=window,
-                                     name=name))
+                                     name=name, budget=self.decode_budget,
+                                     timeout=self.opts.request_timeout_s))
       except RequestError as e:
         where = f"file {i + 1} of {len(files)}" + (f" ({name})" if name else "")
         where = where if len(files) > 1 else (name or "the image")
@@ -213,7 +246,9 @@ class App:
     b = self.batcher
     return {"status": "ok", "model": self.card["model"], "requests": self.requests,
             "images": b.images, "batches": b.batches,
-            "mean_batch": round(b.images / b.batches, 2) if b.batches else None}
+            "mean_batch": round(b.images / b.batches, 2) if b.batches else None,
+            "decode_budget": {"pixels": self.decode_budget.capacity,
+                              "peak_pixels": self.decode_budget.peak}}
 
 
 def overlay_png_base64(pixels: np.ndarray, cam: np.ndarray) -> str:

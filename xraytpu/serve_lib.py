@@ -1,8 +1,10 @@
-"""Prediction web app and JSON API for a trained run (`python -m xraytpu.serve`).
+"""Prediction web app and JSON API for a trained run (`python -m xraytpu.serve`):
+Starlette on uvicorn.
 
   GET  /                 the page (xraytpu/static/: plain HTML + JS + CSS, no build step, no CDN)
   GET  /healthz          {"status": "ok", "model": ..., "requests": n, "images": n, "batches": n}
   GET  /v1/model         the model card (see `xraytpu.model_card`)
+  GET  /openapi.json     the OpenAPI 3 description of every route below
   POST /v1/predict[?gradcam=1][&window=auto|lung|...|CENTER,WIDTH]
                          body: multipart/form-data with one or more file parts
                          (curl -F file=@a.png -F file=@b.jpeg), or the raw bytes of one
@@ -20,42 +22,66 @@
               411 no Content-Length      413 body over --max_upload_mb (checked before
               reading), more than --max_files files, an image over --max_pixels (checked from
               the file header, before decoding)      415 not an image (or DICOM without pydicom)
-              404 unknown path    405 wrong method    408 body not sent in time
-              503 the model did not answer within request_timeout_s (busy)
+              404 unknown path    405 wrong method    408 body not sent within --body_timeout_s
+              503 no request slot (--max_inflight) or no model answer within request_timeout_s
 
-A request is all or nothing: every file is checked before any reaches the model.
+TensorFlow Serving's REST API (the same requests and answers as TF Serving serving
+`xraytpu.export`'s SavedModel, whose serving_default takes image_bytes): a client
+switches between the two by changing only the host. <name> is --model_name (default:
+the run's model name) or "default".
+
+  GET  /v1/models/<name>             {"model_version_status": [{"version": "1", "state": "AVAILABLE", ...}]}
+  GET  /v1/models/<name>/metadata    {"model_spec": ..., "metadata": {"signature_def": ...}}
+  POST /v1/models/<name>:predict     {"instances": [{"b64": "..."}, ...]}      (row format; also
+                                     [{"image_bytes": {"b64": "..."}}]) -> {"predictions": [
+                                     {"probabilities": [...], "label": "...", "label_index": 1}, ...]}
+                                     {"inputs": {"image_bytes": [{"b64": "..."}]}} (columnar; also
+                                     "inputs": [{"b64": ...}]) -> {"outputs": {"probabilities":
+                                     [[...]], "label": [...], "label_index": [...]}}
+                                     multi-label runs answer probabilities, positive and label.
+
+Vertex AI custom containers: the port is AIP_HTTP_PORT when set, and AIP_HEALTH_ROUTE /
+AIP_PREDICT_ROUTE become extra routes (health: GET, /healthz's answer; predict: POST, the
+TF Serving `instances` body and answer).
+
+Why Starlette and not FastAPI: every endpoint here must see the request before its body
+(413 from Content-Length, 411, the body read under a deadline, a quiet disconnect), and
+answers in one JSON error shape; FastAPI's value is pydantic models validating parsed
+bodies, which these image uploads do not have, and it would add pydantic as a dependency.
+Starlette gives the routing, 404/405, responses and a thread pool; the OpenAPI
+document is kept by hand beside the routes (`openapi()`), and a test checks it lists
+every route. uvicorn (h11) is the HTTP server; `_Protocol` adds a deadline for a
+request's line and headers, JSON answers for malformed requests, and keeps a half-closed
+connection open long enough to answer it.
+
+Memory: a request's body is at most --max_upload_mb and at most --max_inflight
+requests are in the server; decoding an image holds its width x height pixels of
+`App.decode_budget` (--decode_budget, across all requests) while it decodes, so the
+decoders never hold more than that many pixels at once (README, Serving, states the bound).
 
 This module is the HTTP layer only. What a request does is `xraytpu.serve_app`
 (the same run, pixel contract and InferenceModule as `xraytpu.predict` and the
 exported SavedModel); batching is `xraytpu.serve_batching`; the card is
-`xraytpu.model_card`.
-
-Threads: `ThreadingHTTPServer` reads and decodes each request in its own
-thread; one worker thread owns the model and runs it on batches gathered from
-concurrent requests (`Batcher`: up to `max_batch` images, waiting at most
-`batch_timeout_ms` after the first). Nothing a request sends is ever used as a
-file system path: the page's three files are read from the package at start-up.
+`xraytpu.model_card`. Nothing a request sends is ever used as a file system path:
+the page's three files are read from the package at start-up.
 """
 
 from __future__ import annotations
 
-import email.message
-import email.parser
-import email.policy
-import http
-import http.server
+import asyncio
+import base64
+import binascii
 import ipaddress
 import json
+import logging
 import os
 import socket
 import sys
 import threading
 import time
-import traceback
 import urllib.parse
 from importlib import resources
 from typing import Any
-
 
 from tfrecord_tools import storage
 from xraytpu import __version__, predict_lib, rundir
@@ -63,6 +89,7 @@ from xraytpu.config import ServeError, ServeOptions  # noqa: F401 - defined with
 from xraytpu.serve_app import App, RequestError
 
 MB = 1 << 20
+log = logging.getLogger("xraytpu.serve")
 
 # URL path -> (file in xraytpu/static, Content-Type). Read once at start-up.
 STATIC_FILES = {
@@ -76,11 +103,30 @@ PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 's
 _FILE_FIELDS = ("file", "files", "image", "images")
 _QUERY_PARAMS = ("gradcam", "window")
 _MAX_FILENAME = 200
+_SECURITY_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+                     "Referrer-Policy": "no-referrer"}
+# A refused body (413, 411) is read and dropped for at most this long / this much, so that
+# the client, still sending, reads our answer instead of a connection reset.
+_DRAIN_SECONDS, _DRAIN_BYTES = 1.0, 8 * MB
+# TF Serving's model version: one model per server.
+MODEL_VERSION = "1"
+SERVING_INPUT = "image_bytes"   # the exported serving_default's one input (xraytpu.inference)
 
 
+# Memory: decoding an image (pixels.load_file's decode, convert and resize in TensorFlow) took
+# 8-12 bytes per pixel of it at peak (measured: 16-bit gray and RGBA PNGs 8-9, 8-bit RGB PNGs
+# 12), so 16 is the bound used; tests/test_serve.py's memory test checks it. A request's body is
+# held about BODY_COPIES times (the received chunks, the joined body, the multipart parts).
+DECODE_BYTES_PER_PIXEL = 16
+BODY_COPIES = 3
+MEMORY_SLACK = 64 * MB   # thread stacks, allocator arenas, JSON answers
 
 
-
+def memory_bound(opts: ServeOptions, idle_bytes: int) -> int:
+  """The most memory the server holds (README, Serving): its idle peak RSS after warm-up, plus
+  --decode_budget pixels being decoded, plus --max_inflight bodies of --max_upload_mb."""
+  return (idle_bytes + opts.decode_budget * DECODE_BYTES_PER_PIXEL
+          + opts.max_inflight * opts.max_upload_bytes * BODY_COPIES + MEMORY_SLACK)
 
 
 def load_static() -> dict[str, tuple[bytes, str]]:
@@ -97,63 +143,74 @@ def load_static() -> dict[str, tuple[bytes, str]]:
 
 
 # --------------------------------------------------------------------------
-# HTTP.
+# Request bodies: multipart, query, TF Serving JSON.
 # --------------------------------------------------------------------------
 
 
-def _content_type(value: str) -> tuple[str, dict[str, str]]:
-  msg = email.message.Message()
-  msg["content-type"] = value or "application/octet-stream"
-  params = {k.lower(): v for k, v in msg.get_params()[1:]} if msg.get_params() else {}
-  return msg.get_content_type(), params
-
-
-def parse_multipart(body: bytes, boundary: str, max_files: int) -> list[tuple[str, bytes]]:
-  """multipart/form-data -> [(filename, bytes)] of its file parts, in order.
+def parse_multipart(body: bytes, content_type: str, max_files: int) -> list[tuple[str, bytes]]:
+  """multipart/form-data -> [(filename, bytes)] of its file parts, in order (python-multipart).
 
   Parts with a filename, or named file/files/image/images, are files; any
   other field is a 400 (the options are query parameters). Raises
   RequestError 400 (malformed / truncated: no closing boundary) or 413
   (more than max_files).
   """
+  from python_multipart.exceptions import MultipartParseError
+  from python_multipart.multipart import MultipartParser, parse_options_header
+  _, params = parse_options_header(content_type)
+  boundary = params.get(b"boundary", b"")
   if not boundary or len(boundary) > 200:
     raise RequestError(400, "multipart/form-data needs a boundary parameter (1-200 characters)")
-  delim = b"--" + boundary.encode("latin-1", "replace")
-  if body.startswith(delim):
-    pos = len(delim)
-  else:
-    i = body.find(b"\r\n" + delim)
-    if i < 0:
-      raise RequestError(400, "malformed multipart body: the boundary never appears")
-    pos = i + 2 + len(delim)
   files: list[tuple[str, bytes]] = []
-  parser = email.parser.BytesHeaderParser(policy=email.policy.HTTP)
-  while True:
-    if body.startswith(b"--", pos):  # the closing delimiter
-      return files
-    eol = body.find(b"\r\n", pos)
-    end = body.find(b"\r\n" + delim, pos)
-    if eol < 0 or end < 0:
-      raise RequestError(400, "malformed multipart body: it ends without its closing boundary "
-                              "(truncated upload?)")
-    part = body[eol + 2:end]
-    if part.startswith(b"\r\n"):
-      head, data = b"", part[2:]
-    else:
-      head, sep, data = part.partition(b"\r\n\r\n")
-      if not sep:
-        raise RequestError(400, "malformed multipart body: a part has no blank line after its headers")
-    headers = parser.parsebytes(head + b"\r\n\r\n")
-    name = headers.get_param("name", header="content-disposition") or ""
-    filename = headers.get_filename()
-    if filename is None and str(name).lower() not in _FILE_FIELDS:
-      raise RequestError(400, f"form field {str(name)[:50]!r} is not a file; send images as file parts "
+  part: dict[str, Any] = {}
+  ended = []
+
+  def on_part_begin():
+    part.clear()
+    part.update(headers={}, data=[], field=b"")
+
+  def on_header_field(data, start, end):
+    part["field"] += data[start:end]
+
+  def on_header_value(data, start, end):
+    key = part["field"].lower()
+    part["headers"][key] = part["headers"].get(key, b"") + data[start:end]
+
+  def on_header_end():
+    part["field"] = b""
+
+  def on_headers_finished():
+    _, disp = parse_options_header(part["headers"].get(b"content-disposition", b""))
+    name = disp.get(b"name", b"").decode("utf-8", "replace")
+    filename = disp.get(b"filename")
+    if filename is None and name.lower() not in _FILE_FIELDS:
+      raise RequestError(400, f"form field {name[:50]!r} is not a file; send images as file parts "
                               "(curl -F file=@x.png) and options as query parameters (?gradcam=1)")
     if len(files) >= max_files:
       raise RequestError(413, f"more than {max_files} files in one request (--max_files)")
-    filename = os.path.basename(str(filename or name).replace("\\", "/"))[:_MAX_FILENAME]
-    files.append((filename, data))
-    pos = end + 2 + len(delim)
+    name = filename.decode("utf-8", "replace") if filename is not None else name
+    part["name"] = os.path.basename(name.replace("\\", "/"))[:_MAX_FILENAME]
+
+  def on_part_data(data, start, end):
+    part["data"].append(data[start:end])
+
+  def on_part_end():
+    files.append((part["name"], b"".join(part["data"])))
+
+  parser = MultipartParser(boundary, callbacks={
+      "on_part_begin": on_part_begin, "on_header_field": on_header_field,
+      "on_header_value": on_header_value, "on_header_end": on_header_end,
+      "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
+      "on_part_end": on_part_end, "on_end": lambda: ended.append(True)})
+  try:
+    parser.write(body)
+    parser.finalize()
+  except MultipartParseError as e:
+    raise RequestError(400, f"malformed multipart body: {e}") from None
+  if not ended:
+    raise RequestError(400, "malformed multipart body: it ends without its closing boundary "
+                            "(truncated upload?)")
+  return files
 
 
 def _parse_query(query: str) -> tuple[bool, str | None]:
@@ -171,192 +228,536 @@ def _parse_query(query: str) -> tuple[bool, str | None]:
   return gradcam in ("", "1", "true", "yes"), window
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-  """Routes requests to the server's App. Every response is JSON except the page."""
+def _b64(value: Any, where: str) -> bytes:
+  """TF Serving's binary value {"b64": "..."} (or {"image_bytes": {"b64": ...}}) -> bytes."""
+  if isinstance(value, dict) and set(value) == {SERVING_INPUT}:
+    value = value[SERVING_INPUT]
+  if not (isinstance(value, dict) and set(value) == {"b64"} and isinstance(value["b64"], str)):
+    raise RequestError(400, f"{where}: expected {{\"b64\": \"<base64 of an image file>\"}} (or "
+                            f"{{\"{SERVING_INPUT}\": {{\"b64\": ...}}}}): the model's input is image bytes")
+  try:
+    return base64.b64decode(value["b64"], validate=True)
+  except (binascii.Error, ValueError):
+    raise RequestError(400, f"{where}: b64 is not valid base64") from None
 
-  server: "Server"
-  protocol_version = "HTTP/1.1"  # keep-alive: every response carries Content-Length
-  server_version = f"xraytpu-serve/{__version__}"
-  sys_version = ""
 
-  def setup(self):
-    self.timeout = self.server.app.opts.request_timeout_s
-    super().setup()
+def parse_tf_serving(body: bytes, max_files: int) -> tuple[str, list[tuple[str, bytes]]]:
+  """A TF Serving predict body -> ("instances" | "inputs", [(name, image bytes)]).
 
-  # -- responses ------------------------------------------------------------
+  Row format {"instances": [{"b64": ...} | {"image_bytes": {"b64": ...}}, ...]} or
+  columnar {"inputs": {"image_bytes": [{"b64": ...}, ...]}} / {"inputs": [{"b64": ...}]}
+  (`signature_name`, when given, must be serving_default). Raises RequestError 400 / 413.
+  """
+  try:
+    req = json.loads(body)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise RequestError(400, f"the body is not JSON ({e})") from None
+  if not isinstance(req, dict) or ("instances" in req) == ("inputs" in req):
+    raise RequestError(400, 'the body must be a JSON object with "instances" or "inputs" (not both), '
+                            "as for TensorFlow Serving's predict API")
+  if req.get("signature_name", "serving_default") != "serving_default":
+    raise RequestError(400, f"signature_name={str(req['signature_name'])[:50]!r}: only serving_default "
+                            "is served")
+  fmt = "instances" if "instances" in req else "inputs"
+  values = req[fmt]
+  if fmt == "inputs" and isinstance(values, dict):
+    if set(values) != {SERVING_INPUT}:
+      raise RequestError(400, f'"inputs" must name the one input, {SERVING_INPUT!r}')
+    values = values[SERVING_INPUT]
+  if not isinstance(values, list) or not values:
+    raise RequestError(400, f'"{fmt}" must be a non-empty list of images')
+  if len(values) > max_files:
+    raise RequestError(413, f"more than {max_files} images in one request (--max_files)")
+  return fmt, [("", _b64(v, f"{fmt}[{i}]")) for i, v in enumerate(values)]
 
-  def _send(self, status: int, body: bytes, content_type: str, extra: dict[str, str] | None = None):
-    self.send_response(status)
-    self.send_header("Content-Type", content_type)
-    self.send_header("Content-Length", str(len(body)))
-    self.send_header("Cache-Control", "no-store")
-    self.send_header("X-Content-Type-Options", "nosniff")
-    self.send_header("Referrer-Policy", "no-referrer")
-    for k, v in (extra or {}).items():
-      self.send_header(k, v)
-    if self.close_connection:
-      self.send_header("Connection", "close")
-    self.end_headers()
-    if self.command != "HEAD":
-      self.wfile.write(body)
 
-  def _json(self, status: int, obj: Any, extra: dict[str, str] | None = None):
-    body = (json.dumps(obj, allow_nan=False) + "\n").encode()
-    self._send(status, body, "application/json", extra)
+def tf_serving_answer(fmt: str, answer: dict[str, Any]) -> dict[str, Any]:
+  """App.predict's answer -> TF Serving's: the exported serving_default's outputs per image.
 
-  def _error(self, status: int, message: str, **extra: Any):
-    self._json(status, {"error": message, "status": status, **extra})
+  Single-label: probabilities [K], label, label_index; multi-label: probabilities [K],
+  positive [K], label. Row format -> {"predictions": [{...}, ...]}; columnar ->
+  {"outputs": {name: [per image]}}.
+  """
+  classes = answer["classes"]
+  rows = []
+  for p in answer["predictions"]:
+    row: dict[str, Any] = {"probabilities": [p["probabilities"][c] for c in classes]}
+    if "findings" in p:
+      row["positive"] = [c in p["findings"] for c in classes]
+      row["label"] = p["label"]
+    else:
+      row["label"] = p["label"]
+      row["label_index"] = p["label_index"]
+    rows.append(row)
+  if fmt == "instances":
+    return {"predictions": rows}
+  return {"outputs": {k: [r[k] for r in rows] for k in rows[0]}}
 
-  def send_error(self, code, message=None, explain=None):
-    """http.server's own errors (bad request line, 501 method) as JSON too."""
-    self.close_connection = True
+
+# --------------------------------------------------------------------------
+# The ASGI application.
+# --------------------------------------------------------------------------
+
+
+def _json_response(status: int, obj: Any, headers: dict[str, str] | None = None):
+  from starlette.responses import Response
+  body = (json.dumps(obj, allow_nan=False) + "\n").encode()
+  return Response(body, status, headers={**_SECURITY_HEADERS, **(headers or {})},
+                  media_type="application/json")
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None, **extra: Any):
+  return _json_response(status, {"error": message, "status": status, **extra}, headers)
+
+
+class _EarlyAnswer(Exception):
+  """The body could not be read; `response` is the answer."""
+
+  def __init__(self, response):
+    super().__init__()
+    self.response = response
+
+
+class Web:
+  """The Starlette application around an App: routes, body reading, TF Serving, Vertex AI."""
+
+  def __init__(self, app: App, *, model_name: str, extra_routes: dict[str, str] | None = None):
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.routing import Route
+    import anyio
+    self.app, self.opts = app, app.opts
+    self.model_names = {model_name, "default"}
+    self.model_name = model_name
+    self.extra_routes = dict(extra_routes or {})   # Vertex AI: {"health": route, "predict": route}
+    self.threads = anyio.CapacityLimiter(max(8, self.opts.max_inflight))
+    self._slots: asyncio.Semaphore | None = None
+    routes = [Route(path, self._static, methods=["GET"]) for path in app.static]
+    routes += [
+        Route("/healthz", self._health, methods=["GET"]),
+        Route("/v1/model", self._card, methods=["GET"]),
+        Route("/openapi.json", self._openapi, methods=["GET"]),
+        Route("/v1/predict", self._predict, methods=["POST"]),
+        Route("/v1/models/{name}:predict", self._tf_predict, methods=["POST"]),
+        Route("/v1/models/{name}", self._tf_status, methods=["GET"]),
+        Route("/v1/models/{name}/metadata", self._tf_metadata, methods=["GET"]),
+    ]
+    if self.extra_routes.get("health"):
+      routes.insert(0, Route(self.extra_routes["health"], self._health, methods=["GET"]))
+    if self.extra_routes.get("predict"):
+      routes.insert(0, Route(self.extra_routes["predict"], self._vertex_predict, methods=["POST"]))
+    self.routes = routes
+    self.asgi = Starlette(routes=routes, exception_handlers={HTTPException: self._http_error,
+                                                             Exception: self._internal_error})
+
+  # -- errors ---------------------------------------------------------------
+
+  async def _http_error(self, request, exc):
+    method, path = request.method, request.url.path[:100]
+    # A body we did not read is still on the socket: that connection ends with this answer.
+    unread = request.headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in request.headers
+    headers = {"Connection": "close"} if unread else {}
+    if exc.status_code == 405:
+      allowed = (exc.headers or {}).get("Allow", "")
+      if allowed:
+        headers["Allow"] = allowed
+      return _error(405, f"{method} is not supported for {path}; use {allowed or 'another method'}", headers)
+    if exc.status_code == 404:
+      return _error(404, f"no such endpoint: {method} {path}", headers)
+    return _error(exc.status_code, str(exc.detail), headers)
+
+  async def _internal_error(self, request, exc):
+    log.error("internal error on %s %s", request.method, request.url.path[:100], exc_info=exc)
+    return _error(500, f"internal error ({type(exc).__name__}); see the server's log", {"Connection": "close"})
+
+  # -- simple routes ----------------------------------------------------------
+
+  async def _static(self, request):
+    from starlette.responses import Response
+    body, ctype = self.app.static[request.url.path]
+    headers = dict(_SECURITY_HEADERS)
+    if ctype.startswith("text/html"):
+      headers.update({"Content-Security-Policy": PAGE_CSP, "X-Frame-Options": "DENY"})
+    return Response(body, 200, headers=headers, media_type=ctype)
+
+  async def _health(self, request):
+    return _json_response(200, self.app.health())
+
+  async def _card(self, request):
+    return _json_response(200, self.app.card)
+
+  async def _openapi(self, request):
+    return _json_response(200, openapi(self))
+
+  def _check_name(self, name: str):
+    if name not in self.model_names:
+      raise RequestError(404, f"Servable not found for request: Latest({name[:100]}); this server "
+                              f"serves {self.model_name!r} (or 'default')")
+
+  async def _tf_status(self, request):
     try:
-      phrase = http.HTTPStatus(code).phrase
-    except ValueError:
-      phrase = "error"
-    self._error(code, message or phrase)
+      self._check_name(request.path_params["name"])
+    except RequestError as e:
+      return _error(e.status, e.message)
+    return _json_response(200, {"model_version_status": [{
+        "version": MODEL_VERSION, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]})
 
-  def log_message(self, format, *args):  # noqa: A002 - http.server's signature
-    if self.server.app.opts.access_log:
-      super().log_message(format, *args)
+  async def _tf_metadata(self, request):
+    try:
+      self._check_name(request.path_params["name"])
+    except RequestError as e:
+      return _error(e.status, e.message)
+    return _json_response(200, tf_serving_metadata(self.app, request.path_params["name"]))
 
-  # -- routes ---------------------------------------------------------------
+  # -- predictions --------------------------------------------------------------
 
-  def do_GET(self):
-    self._discard_unexpected_body()
-    app = self.server.app
-    path = urllib.parse.urlsplit(self.path).path
-    if path in app.static:
-      body, ctype = app.static[path]
-      extra = {"Content-Security-Policy": PAGE_CSP, "X-Frame-Options": "DENY"}
-      return self._send(200, body, ctype, extra if ctype.startswith("text/html") else None)
-    if path == "/healthz":
-      return self._json(200, app.health())
-    if path == "/v1/model":
-      return self._json(200, app.card)
-    if path == "/v1/predict":
-      return self._error(405, "use POST for /v1/predict", allow="POST")
-    return self._error(404, f"no such page: {path[:100]}")
+  async def _predict(self, request):
+    async def handle(body: bytes) -> dict[str, Any]:
+      gradcam, window = _parse_query(request.url.query)
+      files = self._files(request, body)
+      return await self._run(files, gradcam=gradcam, window=window)
+    return await self._with_body(request, handle, check_first=lambda: _parse_query(request.url.query))
 
-  do_HEAD = do_GET
+  async def _tf_predict(self, request):
+    return await self._with_body(request, self._tf_handle,
+                                 check_first=lambda: self._check_name(request.path_params["name"]))
 
-  def _method_not_allowed(self):
-    self.close_connection = True
-    self._error(405, f"{self.command} is not supported here; use GET, or POST /v1/predict")
+  async def _vertex_predict(self, request):
+    return await self._with_body(request, self._tf_handle)
 
-  do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _method_not_allowed
+  async def _tf_handle(self, body: bytes) -> dict[str, Any]:
+    fmt, files = parse_tf_serving(body, self.opts.max_files)
+    return tf_serving_answer(fmt, await self._run(files))
 
-  def do_POST(self):
-    app = self.server.app
-    url = urllib.parse.urlsplit(self.path)
-    if url.path != "/v1/predict":
-      self.close_connection = True
-      return self._error(404, f"no such endpoint: POST {url.path[:100]}; use POST /v1/predict")
-    app.count_request()
-    self._body_read = False
-    acquired = app.inflight.acquire(timeout=app.opts.request_timeout_s)
-    if not acquired:
-      self.close_connection = True
-      return self._error(503, "the server is busy; try again")
+  async def _run(self, files, **kw) -> dict[str, Any]:
+    import anyio.to_thread
+    return await anyio.to_thread.run_sync(lambda: self.app.predict(files, **kw), limiter=self.threads)
+
+  def _files(self, request, body: bytes) -> list[tuple[str, bytes]]:
+    ctype = request.headers.get("content-type", "")
+    media = ctype.split(";", 1)[0].strip().lower()
+    if media == "multipart/form-data":
+      files = parse_multipart(body, ctype, self.opts.max_files)
+      if not files:
+        raise RequestError(400, "the form holds no files")
+      return files
+    if media.startswith("multipart/"):
+      raise RequestError(415, f"{media} is not accepted: use multipart/form-data or raw image bytes")
+    if not body:
+      raise RequestError(400, "empty body: send an image (raw bytes or multipart/form-data)")
+    return [("", body)]
+
+  async def _with_body(self, request, handle, check_first=None):
+    """Takes a request slot, reads the body under its limits, answers handle(body)'s JSON.
+
+    Every check that needs no body (the query, the model name, Content-Length) is made
+    first, so a refused request is answered without reading its body."""
+    self.app.count_request()
+    if self._slots is None:
+      self._slots = asyncio.Semaphore(self.opts.max_inflight)
+    try:
+      await asyncio.wait_for(self._slots.acquire(), self.opts.request_timeout_s)
+    except asyncio.TimeoutError:
+      return _error(503, "the server is busy; try again", {"Connection": "close"})
+    body_read = False
     try:
       try:
-        gradcam, window = _parse_query(url.query)
-        files = self._read_files()
-        self._json(200, app.predict(files, gradcam=gradcam, window=window))
+        if check_first:
+          check_first()
+        n = self._content_length(request)
+        if n > self.opts.max_upload_bytes:
+          await self._drain(request, n)
+          raise RequestError(413, f"upload of {n / MB:.1f} MiB is over the server's limit of "
+                                  f"{self.opts.max_upload_mb:g} MiB (--max_upload_mb)")
+        body = await self._read_body(request, n)
+        body_read = True
+        return _json_response(200, await handle(body))
       except RequestError as e:
-        if not self._body_read:  # the rest of the request is still on the socket
-          self.close_connection = True
-        self._error(e.status, e.message, **e.extra)
-      except (ConnectionError, TimeoutError):
-        self.close_connection = True
-      except Exception as e:  # noqa: BLE001 - a bug, not the client's fault: 500, logged
-        traceback.print_exc()
-        self.close_connection = True
-        self._error(500, f"internal error ({type(e).__name__}); see the server's log")
+        # The rest of an unread request is still on the socket: this connection ends here.
+        return _error(e.status, e.message, None if body_read else {"Connection": "close"}, **e.extra)
+      except _EarlyAnswer as e:
+        return e.response
     finally:
-      app.inflight.release()
+      self._slots.release()
 
-  # -- request bodies -------------------------------------------------------
-
-  def _content_length(self) -> int:
-    if self.headers.get("Transfer-Encoding"):
-      self.close_connection = True
+  def _content_length(self, request) -> int:
+    if request.headers.get("transfer-encoding"):
       raise RequestError(411, "chunked uploads are not accepted; send a Content-Length")
-    value = self.headers.get("Content-Length")
+    value = request.headers.get("content-length")
     if value is None:
-      self.close_connection = True
       raise RequestError(411, "Content-Length is required")
     try:
       n = int(value)
       if n < 0:
         raise ValueError
     except ValueError:
-      self.close_connection = True
       raise RequestError(400, f"bad Content-Length {value[:30]!r}") from None
     return n
 
-  def _read_files(self) -> list[tuple[str, bytes]]:
-    app = self.server.app
-    n = self._content_length()
-    limit = app.opts.max_upload_bytes
-    if n > limit:  # refused before reading a byte of it
-      self.close_connection = True
-      self._drain_after_refusal(n)
-      raise RequestError(413, f"upload of {n / MB:.1f} MiB is over the server's limit of "
-                              f"{app.opts.max_upload_mb:g} MiB (--max_upload_mb)")
-    try:
-      body = self.rfile.read(n)
-    except (TimeoutError, socket.timeout):
-      self.close_connection = True
-      raise RequestError(408, f"the body did not arrive within {app.opts.request_timeout_s:g} s") from None
-    self._body_read = True
-    if len(body) < n:
-      self.close_connection = True
-      raise RequestError(400, f"the body ended after {len(body)} of {n} bytes (truncated upload)")
-    ctype, params = _content_type(self.headers.get("Content-Type", ""))
-    if ctype == "multipart/form-data":
-      files = parse_multipart(body, params.get("boundary", ""), app.opts.max_files)
-      if not files:
-        raise RequestError(400, "the form holds no files")
-      return files
-    if ctype.startswith("multipart/"):
-      raise RequestError(415, f"{ctype} is not accepted: use multipart/form-data or raw image bytes")
-    if not body:
-      raise RequestError(400, "empty body: send an image (raw bytes or multipart/form-data)")
-    return [("", body)]
+  async def _read_body(self, request, n: int) -> bytes:
+    """The whole body within --body_timeout_s: 408 when late, 400 when it ends short,
+    nothing (one log line) when the client disconnects."""
+    receive = request.receive
+    chunks, got = [], 0
+    deadline = time.monotonic() + self.opts.body_timeout_s
+    where = f"{request.method} {request.url.path[:100]} from {_client(request)}"
+    while True:
+      left = deadline - time.monotonic()
+      try:
+        if left <= 0:
+          raise asyncio.TimeoutError
+        message = await asyncio.wait_for(receive(), left)
+      except asyncio.TimeoutError:
+        log.warning("%s: the body did not arrive within %g s (%d of %d bytes); answered 408",
+                    where, self.opts.body_timeout_s, got, n)
+        raise _EarlyAnswer(_error(408, f"the body did not arrive within {self.opts.body_timeout_s:g} s "
+                                     f"({got} of {n} bytes; --body_timeout_s)", {"Connection": "close"}))
+      if message["type"] == "http.disconnect":
+        log.warning("%s: the client disconnected after %d of %d bytes", where, got, n)
+        # Nobody reads this answer: uvicorn drops what is sent on a closed connection.
+        raise _EarlyAnswer(_error(400, "the client disconnected", {"Connection": "close"}))
+      chunk = message.get("body", b"")
+      got += len(chunk)
+      if got > n:  # h11 enforces Content-Length; kept as a guard
+        raise RequestError(400, "the body is longer than its Content-Length")
+      chunks.append(chunk)
+      if not message.get("more_body", False):
+        break
+    if got < n:
+      log.warning("%s: the body ended after %d of %d bytes", where, got, n)
+      raise RequestError(400, f"the body ended after {got} of {n} bytes (truncated upload)")
+    return b"".join(chunks)
 
-  def _drain_after_refusal(self, n: int) -> None:
-    """Reads (and drops) a little of a refused body so the client sees our 413, not a reset."""
-    left, deadline = min(n, 8 * MB), time.monotonic() + 1.0
-    try:
-      self.connection.settimeout(0.2)
-      while left > 0 and time.monotonic() < deadline:
-        chunk = self.rfile.read1(min(left, 64 * 1024)) if hasattr(self.rfile, "read1") else b""
-        if not chunk:
-          break
-        left -= len(chunk)
-    except OSError:
-      pass
-    finally:
-      self.connection.settimeout(self.timeout)
-
-  def _discard_unexpected_body(self) -> None:
-    if self.headers.get("Content-Length", "0") not in ("", "0") or self.headers.get("Transfer-Encoding"):
-      self.close_connection = True
+  async def _drain(self, request, n: int) -> None:
+    """Reads (and drops) a little of a refused body so the client sees our answer, not a reset."""
+    left, deadline = min(n, _DRAIN_BYTES), time.monotonic() + _DRAIN_SECONDS
+    while left > 0:
+      wait = min(0.2, deadline - time.monotonic())
+      if wait <= 0:
+        return
+      try:
+        message = await asyncio.wait_for(request.receive(), wait)
+      except asyncio.TimeoutError:
+        return
+      if message["type"] != "http.request" or not message.get("more_body", False):
+        return
+      left -= len(message.get("body", b""))
 
 
-class Server(http.server.ThreadingHTTPServer):
-  """ThreadingHTTPServer with the App attached; `url` is where it listens."""
+def _client(request) -> str:
+  c = request.client
+  return f"{c.host}:{c.port}" if c else "?"
 
-  daemon_threads = True
-  request_queue_size = 256  # listen backlog: many clients may connect at once
 
-  def __init__(self, address: tuple[str, int], app: App):
-    self.app = app
-    host = address[0]
-    if _is_ipv6(host):
-      self.address_family = socket.AF_INET6
-    super().__init__(address, _Handler)
+# --------------------------------------------------------------------------
+# TF Serving metadata and the OpenAPI document (kept by hand, beside the routes).
+# --------------------------------------------------------------------------
+
+
+def _tensor(dtype: str, dims: list[int], name: str) -> dict[str, Any]:
+  return {"dtype": dtype, "tensor_shape": {"dim": [{"size": str(d), "name": ""} for d in dims],
+                                           "unknown_rank": False}, "name": name}
+
+
+def tf_serving_metadata(app: App, name: str) -> dict[str, Any]:
+  """GET /v1/models/<name>/metadata: serving_default's signature as TF Serving describes the export."""
+  k = len(app.run.classes)
+  outputs = {"probabilities": _tensor("DT_FLOAT", [-1, k], "StatefulPartitionedCall:1"),
+             "label": _tensor("DT_STRING", [-1], "StatefulPartitionedCall:0")}
+  if app.run.multi_label:
+    outputs["positive"] = _tensor("DT_BOOL", [-1, k], "StatefulPartitionedCall:2")
+  else:
+    outputs["label_index"] = _tensor("DT_INT32", [-1], "StatefulPartitionedCall:2")
+  sig = {"inputs": {SERVING_INPUT: _tensor("DT_STRING", [-1], f"serving_default_{SERVING_INPUT}:0")},
+         "outputs": outputs, "method_name": "tensorflow/serving/predict", "defaults": {}}
+  return {"model_spec": {"name": name, "signature_name": "", "version": MODEL_VERSION},
+          "metadata": {"signature_def": {"signature_def": {"serving_default": sig}}}}
+
+
+_ERROR_SCHEMA = {"type": "object", "required": ["error", "status"],
+                 "properties": {"error": {"type": "string"}, "status": {"type": "integer"},
+                                "file": {"type": "string"}, "index": {"type": "integer"}}}
+_TF_REQUEST = {"type": "object", "description": "TF Serving predict body: instances (row) or inputs (columnar)",
+               "properties": {
+                   "signature_name": {"type": "string", "enum": ["serving_default"]},
+                   "instances": {"type": "array", "items": {"type": "object", "properties": {
+                       "b64": {"type": "string", "format": "byte"},
+                       SERVING_INPUT: {"type": "object", "properties": {"b64": {"type": "string"}}}}}},
+                   "inputs": {"oneOf": [{"type": "array"}, {"type": "object"}]}}}
+_TF_ANSWER = {"type": "object", "properties": {
+    "predictions": {"type": "array", "items": {"type": "object", "properties": {
+        "probabilities": {"type": "array", "items": {"type": "number"}}, "label": {"type": "string"},
+        "label_index": {"type": "integer"}, "positive": {"type": "array", "items": {"type": "boolean"}}}}},
+    "outputs": {"type": "object"}}}
+
+
+def _op(summary: str, *, ok: str, body: dict | None = None, errors: tuple[int, ...] = (),
+        params: list | None = None, media: str = "application/json") -> dict[str, Any]:
+  op: dict[str, Any] = {"summary": summary, "responses": {"200": {
+      "description": ok, "content": {media: {"schema": {"type": "object"} if media.endswith("json")
+                                             else {"type": "string"}}}}}}
+  for status in errors:
+    op["responses"][str(status)] = {"description": "error", "content": {
+        "application/json": {"schema": _ERROR_SCHEMA}}}
+  if body:
+    op["requestBody"] = {"required": True, "content": body}
+  if params:
+    op["parameters"] = params
+  return op
+
+
+_PREDICT_ERRORS = (400, 408, 411, 413, 415, 503)
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+         "description": "the run's model name (--model_name) or 'default'"}
+
+
+def openapi(web: Web) -> dict[str, Any]:
+  """The OpenAPI 3.1 document of every route (tests/test_serve.py checks none is missing)."""
+  image_body = {
+      "multipart/form-data": {"schema": {"type": "object", "properties": {
+          "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+      "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+  }
+  tf_body = {"application/json": {"schema": _TF_REQUEST}}
+  tf_ok = {"description": "TF Serving answer", "content": {"application/json": {"schema": _TF_ANSWER}}}
+  paths: dict[str, dict[str, Any]] = {}
+  for path in web.app.static:
+    paths[path] = {"get": _op("the prediction page", ok="the page", media=STATIC_FILES[path][1])}
+  paths["/healthz"] = {"get": _op("liveness and counters", ok="status")}
+  paths["/v1/model"] = {"get": _op("the model card (xraytpu.model_card)", ok="the card")}
+  paths["/openapi.json"] = {"get": _op("this document", ok="OpenAPI 3.1")}
+  paths["/v1/predict"] = {"post": _op(
+      "predict one or more images (multipart file parts, or one image as the raw body)",
+      ok="predictions (see xraytpu.serve_lib)", body=image_body, errors=_PREDICT_ERRORS, params=[
+          {"name": "gradcam", "in": "query", "schema": {"type": "string", "enum": ["0", "1"]}},
+          {"name": "window", "in": "query", "schema": {"type": "string"},
+           "description": "DICOM rendering: auto, full, file, none, lung, ... or CENTER,WIDTH"}])}
+  tf_predict = _op("TensorFlow Serving predict (serving_default)", ok="TF Serving answer", body=tf_body,
+                   errors=_PREDICT_ERRORS + (404,), params=[_NAME])
+  tf_predict["responses"]["200"] = tf_ok
+  paths["/v1/models/{name}:predict"] = {"post": tf_predict}
+  paths["/v1/models/{name}"] = {"get": _op("TensorFlow Serving model status", ok="model_version_status",
+                                           errors=(404,), params=[_NAME])}
+  paths["/v1/models/{name}/metadata"] = {"get": _op("TensorFlow Serving model metadata (signature_def)",
+                                                    ok="metadata", errors=(404,), params=[_NAME])}
+  if web.extra_routes.get("health"):
+    paths[web.extra_routes["health"]] = {"get": _op("Vertex AI health route (AIP_HEALTH_ROUTE)", ok="status")}
+  if web.extra_routes.get("predict"):
+    vp = _op("Vertex AI predict route (AIP_PREDICT_ROUTE): TF Serving instances",
+             ok="TF Serving answer", body=tf_body, errors=_PREDICT_ERRORS)
+    vp["responses"]["200"] = tf_ok
+    paths[web.extra_routes["predict"]] = {"post": vp}
+  return {"openapi": "3.1.0",
+          "info": {"title": "xraytpu.serve", "version": __version__,
+                   "description": f"Predictions of the run's model ({web.model_name}). "
+                                  "Not a diagnostic device."},
+          "paths": paths}
+
+
+# --------------------------------------------------------------------------
+# uvicorn: the protocol (header deadline, JSON for malformed requests) and the server.
+# --------------------------------------------------------------------------
+
+
+def _protocol_class(header_timeout_s: float):
+  """uvicorn's h11 protocol plus: a deadline for each request's line and headers (a
+  connection that trickles them is answered 408 and closed), JSON 400s for requests h11
+  refuses, and a half-closed connection (the client's FIN) kept open to answer it."""
+  import h11
+  from uvicorn.protocols.http.h11_impl import H11Protocol
+
+  class _Protocol(H11Protocol):
+    _header_timer = None
+    _bad_request = ""
+
+    def connection_made(self, transport):
+      super().connection_made(transport)
+      next_event = self.conn.next_event
+
+      def remembering_next_event():   # uvicorn drops h11's reason; keep it for the 400
+        try:
+          return next_event()
+        except h11.RemoteProtocolError as e:
+          self._bad_request = str(e)
+          raise
+      self.conn.next_event = remembering_next_event
+      self._arm_header_timer()
+
+    def _arm_header_timer(self):
+      if self._header_timer is None:
+        self._header_timer = self.loop.call_later(header_timeout_s, self._header_timeout)
+
+    def _disarm_header_timer(self):
+      if self._header_timer is not None:
+        self._header_timer.cancel()
+        self._header_timer = None
+
+    def _header_timeout(self):
+      self._header_timer = None
+      if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
+        return
+      log.warning("%s: no complete request line and headers within %g s; connection closed",
+                  _peer(self.client), header_timeout_s)
+      self._answer_and_close(408, "Request Timeout",
+                             f"the request headers did not arrive within {header_timeout_s:g} s")
+
+    def _answer_and_close(self, status: int, phrase: str, message: str):
+      body = json.dumps({"error": message, "status": status}).encode() + b"\n"
+      self.transport.write(f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json\r\n"
+                           f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+      self.transport.close()
+
+    def data_received(self, data):
+      idle = self.cycle is None or self.cycle.response_complete
+      before = self.cycle
+      if idle:
+        self._arm_header_timer()
+      super().data_received(data)
+      if self.cycle is not before:   # a request's headers are complete
+        self._disarm_header_timer()
+
+    def on_response_complete(self):
+      super().on_response_complete()
+      self._disarm_header_timer()   # the idle connection is uvicorn's keep-alive timeout's
+
+    def connection_lost(self, exc):
+      self._disarm_header_timer()
+      super().connection_lost(exc)
+
+    def eof_received(self):
+      # The client has sent all it will: a body still expected ends short (the app answers 400);
+      # the transport stays open so that answer can be written.
+      if self.cycle is not None and not self.cycle.response_complete and self.cycle.more_body:
+        self.cycle.more_body = False
+        self.cycle.message_event.set()
+        return True
+      return None
+
+    def send_400_response(self, msg):
+      self._answer_and_close(400, "Bad Request", f"bad request: {self._bad_request or msg}")
+
+  return _Protocol
+
+
+def _peer(client) -> str:
+  return f"{client[0]}:{client[1]}" if client else "?"
+
+
+class Server:
+  """The bound socket, the App, its Starlette application and uvicorn; `url` is where it listens."""
+
+  def __init__(self, sock: socket.socket, app: App, web: Web):
+    import uvicorn
+    self.socket, self.app, self.web = sock, app, web
+    self.server_address = sock.getsockname()
+    opts = app.opts
+    config = uvicorn.Config(web.asgi, http=_protocol_class(opts.header_timeout_s), lifespan="off",
+                            log_config=None, access_log=opts.access_log, server_header=False,
+                            date_header=True, timeout_keep_alive=5, backlog=256,
+                            headers=[("server", f"xraytpu-serve/{__version__}")],
+                            h11_max_incomplete_event_size=64 * 1024, timeout_graceful_shutdown=5)
+    self.uvicorn = uvicorn.Server(config)
+    self._thread: threading.Thread | None = None
 
   @property
   def url(self) -> str:
@@ -364,18 +765,17 @@ class Server(http.server.ThreadingHTTPServer):
     host = f"[{host}]" if ":" in host else host
     return f"http://{host}:{port}/"
 
+  def serve_forever(self) -> None:
+    """Serves in this thread until close() (from another thread)."""
+    asyncio.run(self.uvicorn.serve(sockets=[self.socket]))
+
   def close(self) -> None:
-    """Stops serving (when serve_forever runs in another thread), closes the socket and the worker."""
-    self.shutdown()
-    self.server_close()
+    """Stops serving, closes the socket and the model's worker."""
+    self.uvicorn.should_exit = True
+    if self._thread is not None:
+      self._thread.join(timeout=30)
+    self.socket.close()
     self.app.close()
-
-
-def _is_ipv6(host: str) -> bool:
-  try:
-    return ipaddress.ip_address(host).version == 6
-  except ValueError:
-    return False
 
 
 def is_loopback(host: str) -> bool:
@@ -385,6 +785,35 @@ def is_loopback(host: str) -> bool:
     return ipaddress.ip_address(host).is_loopback
   except ValueError:
     return False
+
+
+def _is_ipv6(host: str) -> bool:
+  try:
+    return ipaddress.ip_address(host).version == 6
+  except ValueError:
+    return False
+
+
+def vertex_settings(opts: ServeOptions, environ=os.environ) -> tuple[int, dict[str, str]]:
+  """Vertex AI custom-container conventions: (port, {"health": route, "predict": route}).
+
+  AIP_HTTP_PORT replaces --port; AIP_HEALTH_ROUTE and AIP_PREDICT_ROUTE add routes."""
+  port = opts.port
+  if environ.get("AIP_HTTP_PORT"):
+    try:
+      port = int(environ["AIP_HTTP_PORT"])
+      if not 0 <= port <= 65535:
+        raise ValueError
+    except ValueError:
+      raise ServeError(f"AIP_HTTP_PORT={environ['AIP_HTTP_PORT']!r}: not a port number") from None
+  routes = {}
+  for key, env in (("health", "AIP_HEALTH_ROUTE"), ("predict", "AIP_PREDICT_ROUTE")):
+    route = environ.get(env, "")
+    if route:
+      if not route.startswith("/") or "{" in route:
+        raise ServeError(f"{env}={route!r}: must be a path starting with /")
+      routes[key] = route
+  return port, routes
 
 
 def load_run(opts: ServeOptions) -> rundir.LoadedRun:
@@ -397,30 +826,44 @@ def load_run(opts: ServeOptions) -> rundir.LoadedRun:
     raise ServeError(str(e)) from e
 
 
-def make_server(opts: ServeOptions, run: rundir.LoadedRun | None = None) -> Server:
+def make_server(opts: ServeOptions, run: rundir.LoadedRun | None = None, environ=os.environ) -> Server:
   """Loads the run (unless given), warms the model up and binds host:port (not serving yet)."""
   opts.validate()
+  port, extra_routes = vertex_settings(opts, environ)
   run = run or load_run(opts)
   app = App(run, opts, static=load_static())
   app.warm_up()
+  web = Web(app, model_name=opts.model_name or app.card["model"], extra_routes=extra_routes)
   try:
-    return Server((opts.host, opts.port), app)
+    sock = socket.socket(socket.AF_INET6 if _is_ipv6(opts.host) else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+      sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+      sock.bind((opts.host, port))
+      sock.listen(256)
+    except OSError:
+      sock.close()
+      raise
   except OSError as e:
     app.close()
-    raise ServeError(f"cannot listen on {opts.host}:{opts.port}: {e.strerror or e}") from None
+    raise ServeError(f"cannot listen on {opts.host}:{port}: {e.strerror or e}") from None
+  return Server(sock, app, web)
 
 
 def start_in_thread(server: Server) -> threading.Thread:
-  """serve_forever in a daemon thread (tests, benchmarks); stop with server.close()."""
-  t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
-                       name="xraytpu-serve", daemon=True)
+  """Serves in a daemon thread (tests, benchmarks, `serve`); stop with server.close()."""
+  t = threading.Thread(target=server.serve_forever, name="xraytpu-serve", daemon=True)
+  server._thread = t
   t.start()
+  deadline = time.monotonic() + 30
+  while not server.uvicorn.started and t.is_alive() and time.monotonic() < deadline:
+    time.sleep(0.01)
   return t
 
 
 def serve(opts: ServeOptions, out=sys.stdout) -> None:
   """The serve command: loads the run and serves until Ctrl-C / SIGTERM."""
   import signal
+  logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
   server = make_server(opts)
   card = server.app.card
   ev = card["evaluation"]
@@ -433,17 +876,22 @@ def serve(opts: ServeOptions, out=sys.stdout) -> None:
   if not is_loopback(opts.host):
     print(f"  WARNING: listening on {opts.host}: anyone who can reach this machine can use it "
           "(no authentication, no TLS)", file=out)
-  print(f"Serving on {server.url} (Ctrl-C to stop)", file=out, flush=True)
+  print(f"  TF Serving REST: {server.url}v1/models/{server.web.model_name}:predict; "
+        f"OpenAPI: {server.url}openapi.json", file=out)
+  for key, route in server.web.extra_routes.items():
+    print(f"  Vertex AI {key} route: {route}", file=out)
 
   def _term(signum, frame):
     raise KeyboardInterrupt
   previous = signal.signal(signal.SIGTERM, _term)
   try:
-    server.serve_forever(poll_interval=0.2)
+    thread = start_in_thread(server)
+    print(f"Serving on {server.url} (Ctrl-C to stop)", file=out, flush=True)
+    while thread.is_alive():
+      thread.join(0.5)
   except KeyboardInterrupt:
     pass
   finally:
     signal.signal(signal.SIGTERM, previous)
-    server.server_close()
-    server.app.close()
+    server.close()
     print("xraytpu.serve: stopped", file=out, flush=True)
