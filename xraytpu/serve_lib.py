@@ -867,8 +867,12 @@ def serve(opts: ServeOptions, out=sys.stdout) -> None:
   server = make_server(opts)
   card = server.app.card
   ev = card["evaluation"]
+  if card.get("thresholds"):   # multi-label: a threshold per finding
+    rule = "thresholds " + ", ".join(f"{c} {t:.3f}" for c, t in card["thresholds"].items())
+  else:
+    rule = f"threshold {card['threshold']}"
   print(f"xraytpu.serve: {card['model']} from {opts.model_dir} ({', '.join(card['classes'])}; "
-        f"threshold {card['threshold']} {card['threshold_policy']})", file=out)
+        f"{rule} {card['threshold_policy']})", file=out)
   print(f"  evaluation: {ev['headline'] if ev and ev.get('headline') else 'none (run xraytpu.evaluate)'}",
         file=out)
   if card["threshold_note"]:
