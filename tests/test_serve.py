@@ -136,6 +136,11 @@ def test_health_and_model_card(server, evaluated_run, loaded):
   assert status == 200 and health["status"] == "ok" and health["model"] == "xray_cnn"
   status, card, _ = _request(server, "GET", "/v1/model")
   assert status == 200
+  # The model card as a file: the text evaluate wrote into the run, served as Markdown.
+  status, text, resp = _request(server, "GET", "/v1/model_card.md")
+  assert status == 200 and resp.getheader("Content-Type").startswith("text/markdown")
+  assert text.decode() == card["model_card_md"] == open(
+      os.path.join(evaluated_run[0], "MODEL_CARD.md"), encoding="utf-8").read()
   op = json.load(open(os.path.join(evaluated_run[0], "threshold.json")))
   assert card["classes"] == ["NORMAL", "PNEUMONIA"] and card["positive_class"] == "PNEUMONIA"
   assert card["input"] == {"size": 32, "channels": 1, "aspect": "squash", "dtype": "uint8"}

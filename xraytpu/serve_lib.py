@@ -336,6 +336,7 @@ class Web:
     routes += [
         Route("/healthz", self._health, methods=["GET"]),
         Route("/v1/model", self._card, methods=["GET"]),
+        Route("/v1/model_card.md", self._card_md, methods=["GET"]),
         Route("/openapi.json", self._openapi, methods=["GET"]),
         Route("/v1/predict", self._predict, methods=["POST"]),
         Route("/v1/models/{name}:predict", self._tf_predict, methods=["POST"]),
@@ -385,6 +386,11 @@ class Web:
 
   async def _card(self, request):
     return _json_response(200, self.app.card)
+
+  async def _card_md(self, request):
+    """MODEL_CARD.md as text (the same text evaluate writes into the run)."""
+    from starlette.responses import Response
+    return Response(self.app.card.get("model_card_md") or "", media_type="text/markdown; charset=utf-8")
 
   async def _openapi(self, request):
     return _json_response(200, openapi(self))
@@ -625,6 +631,8 @@ def openapi(web: Web) -> dict[str, Any]:
     paths[path] = {"get": _op("the prediction page", ok="the page", media=STATIC_FILES[path][1])}
   paths["/healthz"] = {"get": _op("liveness and counters", ok="status")}
   paths["/v1/model"] = {"get": _op("the model card (xraytpu.model_card)", ok="the card")}
+  paths["/v1/model_card.md"] = {"get": _op("the model card as Markdown (MODEL_CARD.md)",
+                                           ok="the card's text")}
   paths["/openapi.json"] = {"get": _op("this document", ok="OpenAPI 3.1")}
   paths["/v1/predict"] = {"post": _op(
       "predict one or more images (multipart file parts, or one image as the raw body)",
