@@ -151,3 +151,90 @@ def test_explicit_caches_keep_working(tiny_data, tmp_path, cache, caplog):
   assert not any("cache=auto" in r.getMessage() for r in caplog.records)
   if cache == "path":
     assert list((tmp_path / "explicit").glob("c-val-*"))
+
+
+# ---- grey films decoded as grey ------------------------------------------------
+
+def _film(h=90, w=70, seed=0) -> np.ndarray:
+  rng = np.random.default_rng(seed)
+  y, x = np.mgrid[0:h, 0:w]
+  return np.clip(40 + 2 * y + x + rng.integers(0, 30, (h, w)), 0, 255).astype(np.uint8)
+
+
+def _encode(a: np.ndarray, fmt: str, quality: int = 95) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(a).save(buf, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
+  return buf.getvalue()
+
+
+def _grey_as_rgb(fmt: str, **kw) -> tuple[np.ndarray, bytes]:
+  g = _film(**kw)
+  return g, _encode(np.stack([g] * 3, -1), fmt)
+
+
+def test_grey_png_stored_as_rgb_becomes_grey():
+  g, data = _grey_as_rgb("PNG")
+  p = pixels.prepare_image(data)
+  assert p.channels == 1 and p.image_format == "png"
+  stored = Image.open(io.BytesIO(p.encoded))
+  assert stored.mode == "L"                         # re-encoded grey: a third of the bytes
+  np.testing.assert_array_equal(np.asarray(stored), g)
+
+
+def test_grey_jpeg_stored_as_rgb_keeps_its_bytes_as_one_channel():
+  _, data = _grey_as_rgb("JPEG")
+  p = pixels.prepare_image(data)
+  assert p.encoded == data                          # no second lossy encode
+  assert p.channels == 1
+  # What makes that safe: libjpeg's grey output is its RGB output's every channel.
+  rgb = tf.io.decode_jpeg(data, 3, dct_method="INTEGER_ACCURATE").numpy()
+  grey = tf.io.decode_jpeg(data, 1, dct_method="INTEGER_ACCURATE").numpy()
+  np.testing.assert_array_equal(rgb[..., 0], rgb[..., 1])
+  np.testing.assert_array_equal(grey[..., 0], rgb[..., 0])
+
+
+def test_grey_jpeg_reencoded_when_resized_is_grey():
+  _, data = _grey_as_rgb("JPEG", h=400, w=300)
+  p = pixels.prepare_image(data, max_side=100)
+  assert p.channels == 1 and Image.open(io.BytesIO(p.encoded)).mode == "L"
+  assert max(p.height, p.width) == 100
+
+
+def test_colour_and_explicit_channels_are_untouched():
+  g = _film()
+  colour = np.stack([g, g, np.roll(g, 1, axis=0)], -1)     # one channel differs
+  assert pixels.prepare_image(_encode(colour, "PNG")).channels == 3
+  _, grey_rgb = _grey_as_rgb("PNG")
+  assert pixels.prepare_image(grey_rgb, channels="3").channels == 3
+  assert pixels.prepare_image(grey_rgb, channels="1").channels == 1
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_graph_half_follows_the_grey_rule(fmt):
+  _, data = _grey_as_rgb(fmt)
+  want = pixels.prepare_image(data)
+  got = pixels.prepare_in_graph(tf.constant(data)).numpy()
+  if fmt == "JPEG":
+    assert got == want.encoded == data               # kept byte for byte on both sides
+  else:
+    assert Image.open(io.BytesIO(got)).mode == "L"    # re-encoded grey on both sides
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(got))),
+                                  np.asarray(Image.open(io.BytesIO(want.encoded))))
+
+
+def test_converter_records_grey_rgb_films_as_one_channel(tmp_path):
+  from tfrecord_tools import convert_lib, schema
+  from xraytpu.data import stats
+  for c, cls in enumerate(("NORMAL", "PNEUMONIA")):
+    (tmp_path / "in" / cls).mkdir(parents=True)
+    for i in range(3):
+      _, data = _grey_as_rgb("JPEG" if i % 2 else "PNG", seed=10 * c + i)
+      (tmp_path / "in" / cls / f"{i}.{'jpg' if i % 2 else 'png'}").write_bytes(data)
+  out = tmp_path / "out"
+  convert_lib.convert(convert_lib.ConvertOptions(
+      input_dir=str(tmp_path / "in"), output_dir=str(out), num_shards=1, num_workers=1,
+      quiet=True, val_fraction=0.0, test_fraction=0.0))
+  manifest = schema.read_manifest(str(out))
+  assert manifest["pixel_contract"] == pixels.CONTRACT_VERSION == 3
+  assert {str(k): v for k, v in manifest["image_stats"]["channels"].items() if v} == {"1": 6}
+  assert stats.input_channels(manifest, Config()) == 1
