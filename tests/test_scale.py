@@ -99,7 +99,7 @@ def test_pipeline_auto_picks_memory_for_tiny_data(tiny_data, caplog, tmp_path, m
   monkeypatch.setattr(input_pipeline, "_MEMORY_CACHED", {})
   spec = input_pipeline.InputSpec(image_size=SIZE, channels=1, aspect="squash", cache="auto",
                                   cache_dir=str(tmp_path / "c"))
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):
     ds = input_pipeline.eval_dataset(tiny_data, "val", spec, batch_size=4)
     first = np.concatenate([x.numpy() for x, _ in ds])
     again = np.concatenate([x.numpy() for x, _ in ds])
@@ -120,7 +120,7 @@ def test_pipeline_auto_falls_back_to_a_file(tiny_data, caplog, tmp_path, monkeyp
   monkeypatch.setattr(input_pipeline, "available_ram", lambda: 100)   # no room in RAM
   spec = input_pipeline.InputSpec(image_size=SIZE, channels=1, aspect="squash", cache="auto",
                                   cache_dir=str(tmp_path / "c"))
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):
     ds = input_pipeline.eval_dataset(tiny_data, "val", spec, batch_size=4)
     n = sum(int(x.shape[0]) for x, _ in ds)
   assert n == 10
@@ -134,7 +134,7 @@ def test_pipeline_auto_off_when_nothing_fits(tiny_data, caplog, tmp_path, monkey
   monkeypatch.setattr(input_pipeline, "_disk_free", lambda folder: 100)
   spec = input_pipeline.InputSpec(image_size=SIZE, channels=1, aspect="squash", cache="auto",
                                   cache_dir=str(tmp_path / "c"))
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):
     ds = input_pipeline.eval_dataset(tiny_data, "val", spec, batch_size=4)
     assert sum(int(x.shape[0]) for x, _ in ds) == 10
   assert any("cache=auto -> off" in r.getMessage() for r in caplog.records)
@@ -145,7 +145,7 @@ def test_pipeline_auto_off_when_nothing_fits(tiny_data, caplog, tmp_path, monkey
 def test_explicit_caches_keep_working(tiny_data, tmp_path, cache, caplog):
   value = str(tmp_path / "explicit" / "c") if cache == "path" else cache
   spec = input_pipeline.InputSpec(image_size=SIZE, channels=1, aspect="squash", cache=value)
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):
     ds = input_pipeline.eval_dataset(tiny_data, "val", spec, batch_size=4)
     assert sum(int(x.shape[0]) for x, _ in ds) == 10
   assert not any("cache=auto" in r.getMessage() for r in caplog.records)
