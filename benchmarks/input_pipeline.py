@@ -140,7 +140,7 @@ def source_folder(image_dir: str, work_dir: str, max_images: int,
     k = max(1, round(max_images * len(fs) / total))
     os.makedirs(os.path.join(out, c), exist_ok=True)
     for f in rng.sample(fs, min(k, len(fs))):
-      os.symlink(os.path.join(root, c, f), os.path.join(out, c, f))
+      os.symlink(os.path.abspath(os.path.join(root, c, f)), os.path.join(out, c, f))
     counts[c] = min(k, len(fs))
   return out, sorted(files), counts
 

@@ -238,3 +238,41 @@ def test_converter_records_grey_rgb_films_as_one_channel(tmp_path):
   assert manifest["pixel_contract"] == pixels.CONTRACT_VERSION == 3
   assert {str(k): v for k, v in manifest["image_stats"]["channels"].items() if v} == {"1": 6}
   assert stats.input_channels(manifest, Config()) == 1
+
+
+# ---- benchmarks: the new cases run and report (no timing assertions) -------------
+
+def test_input_benchmark_bound_and_fractions(tiny_data):
+  from benchmarks import input_pipeline as bench
+  bound = bench.run_bound(tiny_data, SIZE, 8, 1, passes=2)
+  assert bound.name == "bound" and bound.images == 24 and bound.images_per_sec > 0
+  report = {"contenders": [
+      {"name": "idg_flow_from_directory", "label": "(1)", "images_per_sec": 10.0,
+       "ratio_to_idg": 1.0, "median_wait_ms": 1.0},
+      {"name": "xraytpu_first_epoch", "label": "(4) first", "images_per_sec": 90.0,
+       "ratio_to_idg": 9.0, "median_wait_ms": 1.0},
+      {"name": "xraytpu_steady", "label": "(4) steady", "images_per_sec": 500.0,
+       "ratio_to_idg": 50.0, "median_wait_ms": 1.0},
+      {"name": "xraytpu_no_cache", "label": "(4n)", "images_per_sec": 70.0,
+       "ratio_to_idg": 7.0, "median_wait_ms": 1.0},
+      {"name": "bound", "label": "(B)", "images_per_sec": 100.0, "ratio_to_idg": 10.0,
+       "median_wait_ms": None}]}
+  table = bench.format_table(report)
+  assert "first epoch >= 80% of the bound (B): 90% met" in table
+  assert "no cache >= 80% of the bound (B): 70% NOT met" in table
+  assert "steady >= 40x (1): 50.0x met" in table
+
+
+def test_convert_benchmark_speedup_and_peak_rss(tmp_path):
+  from benchmarks import convert as bench
+  from tfrecord_tools import synthetic
+  inp = tmp_path / "in"
+  synthetic.generate(str(inp), num_images=6, size=64, image_format="jpeg", rgb=True)
+  res = bench.run_benchmark(str(inp), str(tmp_path / "work"), max_side=32, workers=1,
+                            worker_counts=[1, 2], num_shards=2, rss_scales=[1, 3])
+  ours = [r for r in res["rows"] if "speedup_vs_1" in r]
+  assert [r["workers"] for r in ours] == [1, 2] and ours[0]["speedup_vs_1"] == 1.0
+  assert [(r["scale"], r["images"], r["converted"]) for r in res["peak_rss"]] == [(1, 6, 6), (3, 18, 18)]
+  assert all(r["total_peak_mib"] > 0 and r["main_peak_mib"] > 0 for r in res["peak_rss"])
+  table = bench.format_table(res)
+  assert "vs 1 worker" in table and "peak RSS, 18 images (3x)" in table
