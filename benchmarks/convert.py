@@ -10,7 +10,15 @@ the tf.train.Example and appends it to a TFRecordWriter. The converter runs
 the same files with the same arguments through `convert_lib.convert`, once
 with one worker process and once with one per core (--workers, default all
 cores). Files are read once beforehand so every run sees a warm page cache.
-Prints a table with images/sec and the ratio to the baseline; --json saves it.
+Prints a table with images/sec, the ratio to the baseline and the speed-up
+of N workers over 1 (--worker_counts); --json saves it.
+
+--rss_scales=1,10 also measures the converter's peak RSS (a fresh process
+per run, its process tree sampled from /proc every 50 ms: all processes
+together, the main one, the largest other one; the same shard count) on the folder and on a
+folder with 10x the images (each file plus copies that differ only in
+trailing bytes after the image data, so none is a duplicate and each is the
+same work). A streaming converter's peak stays flat as the images grow.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +45,10 @@ _CHANNELS = flags.DEFINE_enum("channels", "keep", list(pixels.CHANNELS), "Output
 _NUM_SHARDS = flags.DEFINE_integer("num_shards", 0, "Shards per split for the converter "
                                    "(0: 4 per core, so every worker has work).")
 _WORKERS = flags.DEFINE_integer("workers", 0, "Workers of the parallel run (0: all cores).")
+_WORKER_COUNTS = flags.DEFINE_list("worker_counts", [], "Worker counts to time (default: 1 and "
+                                   "--workers); the speed-up is to 1 worker.")
+_RSS_SCALES = flags.DEFINE_list("rss_scales", [], "Also measure the converter's peak RSS on the "
+                                "images repeated this many times, e.g. 1,10 (empty: skip).")
 _JSON = flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
 _WORK_DIR = flags.DEFINE_string("work_dir", None, "Scratch folder for the outputs "
                                 "(default: a temporary folder, removed afterwards).")
@@ -90,9 +103,95 @@ def _cores() -> int:
     return os.cpu_count() or 1
 
 
+def scaled_folder(found, classes_dir: str, scale: int) -> int:
+  """Links/copies every source `scale` times into classes_dir/<class>/ (copies get trailing bytes).
+
+  Returns the number of images written.
+  """
+  n = 0
+  for s in found.sources:
+    folder = os.path.join(classes_dir, s.source_class)
+    os.makedirs(folder, exist_ok=True)
+    stem, ext = os.path.splitext(os.path.basename(s.path))
+    with open(s.path, "rb") as f:
+      data = f.read()
+    for k in range(scale):
+      # Decoders stop at the image's end marker: the pixels are the same, the sha256 differs.
+      with open(os.path.join(folder, f"{stem}_x{k}{ext}"), "wb") as f:
+        f.write(data + (b"\0" * k))
+      n += 1
+  return n
+
+
+_RSS_SCRIPT = """
+import json, os, sys, threading, time
+from tfrecord_tools import convert_lib
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+def tree_rss():
+  # RSS of this process and all its descendants (the forkserver and its workers), from /proc.
+  parent, rss = {}, {}
+  for d in os.listdir("/proc"):
+    if d.isdigit():
+      try:
+        with open(f"/proc/{d}/stat") as f:
+          parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        with open(f"/proc/{d}/statm") as f:
+          rss[int(d)] = int(f.read().split()[1]) * PAGE
+      except (OSError, IndexError, ValueError):
+        pass
+  tree, todo = set(), [os.getpid()]
+  while todo:
+    p = todo.pop()
+    tree.add(p)
+    todo += [c for c, q in parent.items() if q == p and c not in tree]
+  others = [rss.get(p, 0) for p in tree if p != os.getpid()]
+  return sum(rss.get(p, 0) for p in tree), rss.get(os.getpid(), 0), max(others, default=0)
+
+peak = [0, 0, 0]
+done = threading.Event()
+def watch():
+  while not done.is_set():
+    peak[:] = [max(a, b) for a, b in zip(peak, tree_rss())]
+    time.sleep(0.05)
+t = threading.Thread(target=watch, daemon=True)
+t.start()
+opts = convert_lib.ConvertOptions(**json.loads(sys.argv[1]))
+m = convert_lib.convert(opts)
+done.set()
+t.join()
+# Not ru_maxrss: Linux keeps it across exec, so it would hold the benchmark's own peak.
+print(json.dumps({"converted": m["num_converted"], "tree_peak": peak[0], "main_peak": peak[1],
+                  "worker_peak": peak[2]}))
+"""
+
+
+def peak_rss(found, work_dir: str, scales: Sequence[int], workers: int, **convert_args) -> list[dict]:
+  """The converter's peak RSS (MiB) per scale of the image set, each in a fresh process."""
+  out = []
+  for scale in scales:
+    src = os.path.join(work_dir, f"rss_x{scale}")
+    n = scaled_folder(found, src, scale)
+    args = dict(input_dir=src, output_dir=os.path.join(work_dir, f"rss_out_x{scale}"),
+                num_workers=workers, quiet=True, max_skipped_fraction=1.0, val_fraction=0.0,
+                test_fraction=0.0, **convert_args)
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, json.dumps(args)], check=True,
+                          capture_output=True, text=True)
+    secs = time.perf_counter() - t
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    out.append({"scale": scale, "images": n, "converted": r["converted"], "workers": workers,
+                "seconds": secs, "main_peak_mib": r["main_peak"] / 2**20,
+                "worker_peak_mib": r["worker_peak"] / 2**20,
+                "total_peak_mib": r["tree_peak"] / 2**20})
+    shutil.rmtree(src, ignore_errors=True)
+  return out
+
+
 def run_benchmark(image_dir: str, work_dir: str, *, max_side: int = 0,
                   image_format: str = "keep", channels: str = "keep", num_shards: int = 0,
-                  workers: int = 0) -> dict:
+                  workers: int = 0, worker_counts: Sequence[int] = (),
+                  rss_scales: Sequence[int] = ()) -> dict:
   """Runs the three methods; returns the results (rows with images_per_sec and ratio)."""
   import tensorflow as tf  # noqa: F401  (imported before timing the baseline)
   cores = _cores()
@@ -115,7 +214,7 @@ def run_benchmark(image_dir: str, work_dir: str, *, max_side: int = 0,
   rows.append({"method": "naive loop (1 process, TF decode)", "workers": 1,
                "seconds": naive_s, "converted": done, "skipped": failed})
 
-  for w in sorted({1, workers}):
+  for w in sorted({1, workers, *worker_counts}):
     out = os.path.join(work_dir, f"ours_{w}")
     opts = convert_lib.ConvertOptions(
         input_dir=image_dir, output_dir=out, max_side=max_side, image_format=image_format,
@@ -127,15 +226,21 @@ def run_benchmark(image_dir: str, work_dir: str, *, max_side: int = 0,
     rows.append({"method": f"tfrecord_tools.convert, {w} worker{'s' if w > 1 else ''}",
                  "workers": w, "seconds": secs, "converted": m["num_converted"],
                  "skipped": m["num_skipped"]})
+  one = next(r["seconds"] for r in rows if r["method"].startswith("tfrecord_tools") and r["workers"] == 1)
   for r in rows:
     r["images_per_sec"] = n / r["seconds"]
     r["vs_naive"] = naive_s / r["seconds"]
+    if r["method"].startswith("tfrecord_tools"):
+      r["speedup_vs_1"] = one / r["seconds"]
+  rss = peak_rss(found, work_dir, rss_scales, workers, max_side=max_side,
+                 image_format=image_format, channels=channels,
+                 num_shards=num_shards) if rss_scales else []
   return {
       "image_dir": image_dir, "num_images": n, "megabytes": n_bytes / 2**20,
       "max_side": max_side, "image_format": image_format, "channels": channels,
       "num_shards_per_split": num_shards, "cores": cores,
       "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-      "rows": rows,
+      "rows": rows, "peak_rss": rss,
   }
 
 
@@ -143,10 +248,16 @@ def format_table(res: dict) -> str:
   head = (f"conversion of {res['num_images']} images ({res['megabytes']:.1f} MB) from "
           f"{res['image_dir']}\nmax_side={res['max_side']} image_format={res['image_format']} "
           f"channels={res['channels']} cores={res['cores']}")
-  lines = [head, f"{'method':<38} {'images/s':>9} {'seconds':>8} {'vs naive':>9}"]
+  lines = [head, f"{'method':<38} {'images/s':>9} {'seconds':>8} {'vs naive':>9} {'vs 1 worker':>12}"]
   for r in res["rows"]:
+    up = f"{r['speedup_vs_1']:.2f}x ({r['speedup_vs_1'] / r['workers']:.0%}/N)" if "speedup_vs_1" in r else "-"
     lines.append(f"{r['method']:<38} {r['images_per_sec']:>9.1f} {r['seconds']:>8.2f} "
-                 f"{r['vs_naive']:>8.2f}x")
+                 f"{r['vs_naive']:>8.2f}x {up:>12}")
+  for r in res.get("peak_rss", []):
+    lines.append(f"peak RSS, {r['images']} images ({r['scale']}x), {r['workers']} worker(s): all "
+                 f"processes {r['total_peak_mib']:.0f} MiB, main {r['main_peak_mib']:.0f} MiB, "
+                 f"largest other process {r['worker_peak_mib']:.0f} MiB "
+                 f"({r['converted']} converted in {r['seconds']:.1f} s)")
   return "\n".join(lines)
 
 
@@ -158,7 +269,9 @@ def main(argv: Sequence[str]) -> None:
   try:
     res = run_benchmark(_IMAGE_DIR.value, work, max_side=_MAX_SIDE.value,
                         image_format=_IMAGE_FORMAT.value, channels=_CHANNELS.value,
-                        num_shards=_NUM_SHARDS.value, workers=_WORKERS.value)
+                        num_shards=_NUM_SHARDS.value, workers=_WORKERS.value,
+                        worker_counts=[int(w) for w in _WORKER_COUNTS.value],
+                        rss_scales=[int(k) for k in _RSS_SCALES.value])
   except convert_lib.ConvertError as e:
     print(f"benchmark: error: {e}", file=sys.stderr)
     sys.exit(2)

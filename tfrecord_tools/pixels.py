@@ -18,6 +18,11 @@ exported SavedModel (TensorFlow half, the same steps as graph ops).
                   grey palettes -> L, other palettes -> RGB, CMYK -> RGB.
    4 channels     the converter's --channels: keep | 1 (ITU-R 601 luma,
                   (19595 R + 38470 G + 7471 B + 2^15) >> 16, PIL's "L") | 3 (replicated).
+                  keep: an RGB image whose three channels are equal everywhere (a grey
+                  film stored as RGB) is grey, "L" with the same values; it is stored
+                  grey when re-encoded. A JPEG kept byte for byte stays as it is but
+                  counts as 1 channel: libjpeg's grey output (the Y plane) equals its
+                  RGB output there, since the chroma planes are flat.
                   16-bit grey becomes 8-bit, round(v / 257), only when the output
                   needs 8 bits (JPEG or 3 channels).
    5 downscale    --max_side: never enlarges; the longer side becomes max_side,
@@ -59,9 +64,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tfrecord_tools import errors
 
-# Bumped whenever a step above changes the pixels (2: area downscale, accurate IDCT);
+# Bumped whenever a step above changes the pixels (2: area downscale, accurate IDCT;
+# 3: R=G=B images are grey);
 # part of the converter's shard fingerprint, so a resume never mixes contracts.
-CONTRACT_VERSION = 2
+CONTRACT_VERSION = 3
 PNG_COMPRESS_LEVEL = 3    # ~3x faster than PIL's default 6, a few % larger
 JPEG_QUALITY = 95
 CHANNELS = ("keep", "1", "3")
@@ -125,6 +131,12 @@ def _to_canonical(im: Image.Image) -> Image.Image:
       raise ImageError(f"unsupported pixel values for mode {mode} (outside 0..65535)")
     return Image.fromarray(a.astype(np.uint16))
   raise ImageError(f"unsupported image mode {mode}")
+
+
+def _is_grey(rgb: Image.Image) -> bool:
+  """True when an "RGB" image's three channels are equal at every pixel."""
+  a = np.asarray(rgb)
+  return bool(np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 0], a[..., 2]))
 
 
 def _to_8bit(im16: Image.Image) -> Image.Image:
@@ -274,6 +286,11 @@ def prepare_image(data: bytes, *, max_side: int = 0, channels: str = "keep",
 
   if channels == "1" and canonical.mode == "RGB":
     canonical, changed = canonical.convert("L"), True
+  if channels == "keep" and canonical.mode == "RGB" and _is_grey(canonical):
+    # A grey film stored as RGB: "L", the same values (luma of v, v, v is v).
+    # A JPEG whose bytes are kept decodes to the same grey (see step 4).
+    canonical = canonical.convert("L")
+    changed = changed or source_format != "JPEG"
   if canonical.mode == "I;16" and (channels == "3" or out_format == "jpeg"):
     canonical, changed = _to_8bit(canonical), True
   if channels == "3" and canonical.mode == "L":
@@ -488,7 +505,9 @@ def prepare_in_graph(encoded, *, max_side: int = 0, channels: str = "keep",
     image = _switch_ratio(encoded, ratio)                   # step 1: decode (native channels)
     image = _orient(image, orientation)                     # step 2
     changed = tf.logical_or(orientation != 1, ratio > 1)
-    return _finish_8bit(image, changed, keepable=True, out_format=out_for("jpeg"), **finish)
+    # Bytes are kept only as a JPEG (`prepare_image`'s keep_bytes).
+    return _finish_8bit(image, changed, keepable=out_for("jpeg") == "jpeg",
+                        out_format=out_for("jpeg"), grey_keeps_bytes=True, **finish)
 
   def png():
     bit_depth = tf.strings.substr(encoded, _PNG_BIT_DEPTH_OFFSET, 1)
@@ -532,10 +551,19 @@ def prepare_in_graph(encoded, *, max_side: int = 0, channels: str = "keep",
 
 
 def _finish_8bit(image, changed, *, keepable: bool, out_format: str, max_side: int,
-                 channels: str, quality: int, original):
-  """Steps 4-6 for uint8 [H, W, 1|3]: channels, downscale, the stored bytes."""
+                 channels: str, quality: int, original, grey_keeps_bytes: bool = False):
+  """Steps 4-6 for uint8 [H, W, 1|3]: channels, downscale, the stored bytes.
+
+  grey_keeps_bytes: a JPEG source, whose bytes may be kept when its RGB is grey.
+  """
   tf = _tf()
   n = tf.shape(image)[-1]
+  if channels == "keep":
+    # R=G=B everywhere: grey, the same values; re-encoded grey unless a JPEG is kept.
+    grey = tf.logical_and(n == 3, tf.reduce_all(tf.equal(image, image[..., :1])))
+    image = tf.cond(grey, lambda: image[..., :1], lambda: image)
+    if not grey_keeps_bytes:
+      changed = tf.logical_or(changed, grey)
   if channels == "1":
     changed = tf.logical_or(changed, n == 3)
     image = tf.cond(n == 3, lambda: _pil_luma(image), lambda: image)

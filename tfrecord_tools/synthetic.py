@@ -198,13 +198,18 @@ def render(height: int, width: int, label: int, anatomy: dict,
   return np.clip(img, 0.0, 1.0).astype(np.float32)
 
 
-def encode(img: np.ndarray, bit_depth: int, image_format: str) -> bytes:
-  """float [H, W] in [0, 1] -> PNG (8- or 16-bit grayscale) or JPEG bytes."""
+def encode(img: np.ndarray, bit_depth: int, image_format: str, rgb: bool = False) -> bytes:
+  """float [H, W] in [0, 1] -> PNG (8- or 16-bit grayscale) or JPEG bytes.
+
+  rgb: an 8-bit grey film stored as RGB (R = G = B), as many public sets ship them.
+  """
   buf = io.BytesIO()
   if bit_depth == 16:
     pil = Image.fromarray(np.round(img * 65535.0).astype(np.uint16))  # mode I;16
   else:
     pil = Image.fromarray(np.round(img * 255.0).astype(np.uint8), mode="L")
+    if rgb:
+      pil = pil.convert("RGB")
   if image_format == "jpeg":
     pil.save(buf, format="JPEG", quality=92)
   else:
@@ -320,8 +325,11 @@ def generate(output_dir: str, *, num_images: int = 200, size: int = 256,
              bit_depth: int = 8, num_classes: int = 2, seed: int = 0,
              with_splits: bool = False, images_per_patient: int = 1,
              image_format: str = "png", size_jitter: float = 0.0,
-             dicom_variants: Sequence[str] = DICOM_VARIANTS, overwrite: bool = False) -> dict:
+             dicom_variants: Sequence[str] = DICOM_VARIANTS, overwrite: bool = False,
+             rgb: bool = False) -> dict:
   """Writes the data set; returns the summary also saved as OUTPUT/synthetic.json.
+
+  rgb: 8-bit PNG/JPEG films stored as RGB with equal channels (grey stored as RGB).
 
   `size` is the image height; the width is `size` too unless `size_jitter`
   > 0, then each image's width is size * U(1 - jitter, 1) (mixed sizes, like
@@ -345,6 +353,8 @@ def generate(output_dir: str, *, num_images: int = 200, size: int = 256,
     raise SyntheticError("JPEG cannot hold 16-bit images: use --image_format=png")
   if images_per_patient < 1:
     raise SyntheticError("--images_per_patient must be >= 1")
+  if rgb and (bit_depth == 16 or image_format == "dicom"):
+    raise SyntheticError("--rgb needs 8-bit PNG or JPEG films")
   if not 0.0 <= size_jitter < 1.0:
     raise SyntheticError("--size_jitter must be in [0, 1)")
   _prepare_output(output_dir, overwrite)
@@ -370,7 +380,7 @@ def generate(output_dir: str, *, num_images: int = 200, size: int = 256,
         f.write(encode_dicom(img, dicom_variants[n % len(dicom_variants)],
                              patient_id=f"p{patient:05d}", uid_seed=f"{seed}/{patient}/{j}"))
       else:
-        f.write(encode(img, bit_depth, image_format))
+        f.write(encode(img, bit_depth, image_format, rgb=rgb))
     os.replace(tmp, path)
     key = split or "all"
     counts.setdefault(key, {}).setdefault(cls, 0)
@@ -381,6 +391,7 @@ def generate(output_dir: str, *, num_images: int = 200, size: int = 256,
       "bit_depth": bit_depth, "classes": class_names(num_classes), "seed": seed,
       "with_splits": with_splits, "images_per_patient": images_per_patient,
       "image_format": image_format, "size_jitter": size_jitter,
+      **({"rgb": True} if rgb else {}),
       **({"dicom_variants": list(dicom_variants)} if image_format == "dicom" else {}),
       "group_regex": r"^(p\d+)_", "counts": counts,
   }
@@ -539,6 +550,7 @@ def _define_flags() -> None:
                     f"variants written in turn, from {', '.join(DICOM_VARIANTS)}.")
   flags.DEFINE_float("size_jitter", 0.0, "Width = size * U(1 - jitter, 1): mixed image sizes.")
   flags.DEFINE_bool("overwrite", False, "Replace an earlier synthetic set in --output_dir.")
+  flags.DEFINE_bool("rgb", False, "Store the grey films as RGB (R = G = B), as many public sets do.")
   flags.DEFINE_enum("labels_layout", "folders", ["folders", *LABEL_LAYOUTS], "folders: class "
                     "per folder. nih / chexpert: a multi-label set with label CSVs as NIH "
                     "ChestX-ray14 / CheXpert ship them (each finding its own visible sign; "
@@ -563,7 +575,7 @@ def main(argv: Sequence[str]) -> None:
                      bit_depth=int(f.bit_depth), num_classes=f.classes, seed=f.seed,
                      with_splits=f.with_splits, images_per_patient=f.images_per_patient,
                      image_format=f.image_format, size_jitter=f.size_jitter,
-                     dicom_variants=f.dicom_variants, overwrite=f.overwrite)
+                     dicom_variants=f.dicom_variants, overwrite=f.overwrite, rgb=f.rgb)
   print(f"wrote {summary['num_images']} images to {f.output_dir}: "
         + json.dumps(summary["counts"]))
 

@@ -66,7 +66,8 @@ class Config:
   channels: int = _f(0, "Channels fed to the model: 1, 3, or 0 = from the data set (1 if every image is grayscale).")
   aspect: str = _f("squash", "How a non-square image becomes square: squash (plain resize), pad (letterbox with black), center_crop.",
                    ("squash", "pad", "center_crop"))
-  cache: str = _f("memory", "Cache the decoded, resized uint8 images: 'memory', 'off', or a file path prefix.")
+  cache: str = _f("auto", "Cache the decoded, resized uint8 images: 'auto' (memory if they fit half the available RAM, else a file under --cache_dir if the disk has room, else off), 'memory', 'off', or a file path prefix.")
+  cache_dir: str = _f("", "Folder of --cache=auto's file cache (empty = the system temp folder).")
   shuffle_buffer: int = _f(4096, "Shuffle buffer in examples (after the cache; capped at the split size).")
   deterministic: bool = _f(False, "Deterministic input order even when training (slower interleave).")
   private_threads: int = _f(0, "Give tf.data a private thread pool of this size (0 = shared pool).")

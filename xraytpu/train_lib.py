@@ -65,7 +65,7 @@ from tfrecord_tools import storage
 # Config fields that may differ when an unfinished run is resumed: where and
 # how it runs, not what it trains.
 RESUME_MAY_CHANGE = frozenset({
-    "overwrite", "strategy", "tpu", "cache", "deterministic", "private_threads",
+    "overwrite", "strategy", "tpu", "cache", "cache_dir", "deterministic", "private_threads",
     "ram_budget_mb", "data_service_address", "data_dir", "mixed_precision",
     "jit_compile", "steps_per_execution", "shuffle_buffer", "profile_steps",
 })

@@ -23,7 +23,7 @@ The chain (`_dataset`), top to bottom:
   -> interleave the shards' records (parallel, non-deterministic when training)
   -> parse (records.feature_spec; multi-label: multi_hot, mask as [K]) -> decode
      -> resize -> uint8 [S, S, C]
-  -> cache (memory | file | off)          decoded pixels only; never augmentation
+  -> cache (auto | memory | file | off)   decoded pixels only; never augmentation
   -> shuffle (seeded) -> repeat           training only, after the cache
   -> batch (per-replica batch; drop_remainder when training)
   -> labels in the loss's form -> prefetch(AUTOTUNE)
@@ -34,6 +34,12 @@ batch) as a "distributed_epoch" job: the dispatcher hands each shard file to
 one worker, so an epoch holds every example once across all workers and
 trainers. The trainer unbatches, repeats (each repetition is a new job
 iteration, i.e. a new epoch) and batches again: full batches, same size.
+
+cache="auto" (`decide_cache`) sizes the decoded split from the manifest
+(examples x S x S x C bytes, this pipeline's share) and uses memory when
+that fits CACHE_RAM_SHARE of the host's available RAM (less what other
+splits of this process already cache there), else a local file cache when
+the disk has room, else nothing; one log line says which and why.
 
 Augmentation is not here: it runs inside the model, on the device
 (`xraytpu.data.augment`), so the cache never freezes it and the host only
@@ -50,6 +56,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import shutil
+import tempfile
 
 import tensorflow as tf
 from absl import logging
@@ -69,6 +77,16 @@ _MAX_CYCLE_LENGTH = 16
 # ("distributed_epoch"), so an epoch holds every example at most once across
 # all workers, and a lost worker costs only its in-flight elements.
 _SERVICE_SHARDING = tf.data.experimental.service.ShardingPolicy.DYNAMIC
+# cache="auto": the decoded pixels go to memory when they fit this share of
+# the host's available RAM (MemAvailable), and to a file cache when they fit
+# this share of the cache folder's free disk; otherwise nothing is cached.
+CACHE_RAM_SHARE = 0.5
+CACHE_DISK_SHARE = 0.5
+# Where cache="auto" writes a file cache when InputSpec.cache_dir is empty.
+_DEFAULT_CACHE_DIR = os.path.join(tempfile.gettempdir(), "xraytpu-cache")
+# Bytes this process already holds in in-memory caches, by cache key (train
+# and val both cache): an "auto" decision leaves them out of the RAM share.
+_MEMORY_CACHED: dict[str, int] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +102,7 @@ class InputSpec:
   image_size: int           # S, the side of the square image
   channels: int             # C: 1 or 3; 0 = from the data set (stats.input_channels)
   aspect: str               # non-square -> square: squash | pad | center_crop
-  cache: str = "off"        # decoded pixels: "memory", "off", or a file path prefix
+  cache: str = "off"        # decoded pixels: "auto", "memory", "off", or a file path prefix
   shuffle_buffer: int = 0   # training: the after-cache shuffle buffer, in examples (capped at the
                             # split size; 0 or 1 = none, only the file order is shuffled)
   deterministic: bool = False   # training: keep the input order (evaluation always does)
@@ -92,6 +110,7 @@ class InputSpec:
   ram_budget_mb: int = 0    # > 0: tf.data autotune's RAM budget, MiB
   data_service_address: str = ""  # training: grpc://host:port of a tf.data service dispatcher
   seed: int | None = None   # training: file and example shuffling
+  cache_dir: str = ""       # cache="auto": folder of a file cache ("" = the system temp folder)
 
   @classmethod
   def from_config(cls, cfg, manifest: dict | None = None) -> InputSpec:
@@ -101,7 +120,7 @@ class InputSpec:
                cache=cfg.cache, shuffle_buffer=int(cfg.shuffle_buffer),
                deterministic=bool(cfg.deterministic), private_threads=int(cfg.private_threads),
                ram_budget_mb=int(cfg.ram_budget_mb), data_service_address=cfg.data_service_address,
-               seed=cfg.seed)
+               seed=cfg.seed, cache_dir=cfg.cache_dir)
 
 
 def train_dataset(data_dir: str, spec: InputSpec, *, global_batch: int, input_context=None,
@@ -237,6 +256,7 @@ def _dataset(data_dir: str, split: str, spec: InputSpec, *, training: bool, batc
   # Cache the deterministic work. Augmentation is random and lives in the model.
   key = _settings_key(data_dir, files, split, size, aspect, channels, with_filenames,
                       multi_label=label_mode == "multi_label")
+  cache = spec.cache
   if use_service:
     # Service workers: one shuffled epoch, no cache (a worker would cache only
     # its share of one epoch), batched for fewer RPCs (the last batches short).
@@ -249,7 +269,10 @@ def _dataset(data_dir: str, split: str, spec: InputSpec, *, training: bool, batc
     # Trainer: every example once per epoch, full batches across epoch ends.
     ds = ds.unbatch().repeat()
   else:
-    ds = _cache(ds, spec.cache, f"{key}-{pipeline_id}of{num_pipelines}")
+    if cache == "auto":
+      cache = _auto_cache(split, f"{key}-{pipeline_id}of{num_pipelines}", examples_here, size,
+                          channels, spec.cache_dir)
+    ds = _cache(ds, cache, f"{key}-{pipeline_id}of{num_pipelines}")
   if training and not use_service:
     # Shuffle after the cache (a fresh order each epoch), then repeat forever:
     # Keras counts epochs with steps_per_epoch (stats.steps_per_epoch).
@@ -269,9 +292,108 @@ def _dataset(data_dir: str, split: str, spec: InputSpec, *, training: bool, batc
   logging.info("%s: %d examples in %d shards -> batches of %d (%s), %dx%dx%d %s, cache=%s%s",
                split, num_examples, len(files), batch,
                "training: shuffled, repeated" if training else "one ordered pass",
-               size, size, channels, aspect, spec.cache or "off",
+               size, size, channels, aspect,
+               cache if cache == spec.cache else f"{spec.cache} ({cache})",
                f", pipeline {pipeline_id + 1}/{num_pipelines}" if num_pipelines > 1 else "")
   return ds
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheDecision:
+  """What cache="auto" chose and the numbers behind it (`decide_cache`)."""
+  choice: str          # "memory", "file" or "off"
+  needed: int          # bytes of decoded pixels to cache
+  ram_available: int   # the host's MemAvailable, bytes
+  ram_taken: int       # bytes other in-memory caches of this process already hold
+  ram_share: float
+  disk_free: int       # free bytes on the cache folder's disk (-1: unknown)
+  disk_share: float
+
+  def describe(self) -> str:
+    """The one log line: the choice, then needed bytes, RAM, share, disk."""
+    room = max(0, int(self.ram_available * self.ram_share) - self.ram_taken)
+    disk = _human(self.disk_free) if self.disk_free >= 0 else "unknown"
+    return (f"cache=auto -> {self.choice}: needs {_human(self.needed)}; RAM {_human(room)} free for "
+            f"caches ({self.ram_share:.0%} of {_human(self.ram_available)} available, less "
+            f"{_human(self.ram_taken)} already cached); disk {disk} free "
+            f"(uses up to {self.disk_share:.0%})")
+
+
+def decide_cache(needed: int, *, ram_available: int, ram_taken: int = 0, disk_free: int = -1,
+                 ram_share: float = CACHE_RAM_SHARE,
+                 disk_share: float = CACHE_DISK_SHARE) -> CacheDecision:
+  """cache="auto": memory when `needed` bytes fit ram_share of the available
+  RAM less what other caches took, else a file when they fit disk_share of
+  the free disk, else off. Pure: the caller measures RAM and disk."""
+  if needed <= int(ram_available * ram_share) - ram_taken:
+    choice = "memory"
+  elif disk_free >= 0 and needed <= int(disk_free * disk_share):
+    choice = "file"
+  else:
+    choice = "off"
+  return CacheDecision(choice, int(needed), int(ram_available), int(ram_taken), ram_share,
+                       int(disk_free), disk_share)
+
+
+def decoded_bytes(examples: int, size: int, channels: int) -> int:
+  """Bytes of `examples` decoded uint8 S x S x C images (what a cache holds, labels aside)."""
+  return int(examples) * int(size) * int(size) * int(channels)
+
+
+def available_ram() -> int:
+  """The host's MemAvailable in bytes (/proc/meminfo), else free physical pages."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  try:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (ValueError, OSError, AttributeError):
+    return 0
+
+
+def _disk_free(folder: str) -> int:
+  """Free bytes on the disk holding `folder` (or its nearest existing parent); -1 if unknown."""
+  path = os.path.abspath(folder)
+  while path and not os.path.exists(path):
+    parent = os.path.dirname(path)
+    if parent == path:
+      break
+    path = parent
+  try:
+    return shutil.disk_usage(path).free
+  except OSError:
+    return -1
+
+
+def _auto_cache(split: str, key: str, examples: int, size: int, channels: int,
+                cache_dir: str) -> str:
+  """cache="auto" for one split's pipeline: "memory", a file prefix or "off" (logged)."""
+  folder = cache_dir or _DEFAULT_CACHE_DIR
+  local = "://" not in folder
+  taken = sum(v for k, v in _MEMORY_CACHED.items() if k != key)
+  decision = decide_cache(decoded_bytes(examples, size, channels), ram_available=available_ram(),
+                          ram_taken=taken, disk_free=_disk_free(folder) if local else -1)
+  logging.info("%s (%d examples x %dx%dx%d B): %s", split, examples, size, size, channels,
+               decision.describe())
+  if decision.choice == "memory":
+    _MEMORY_CACHED[key] = decision.needed
+    return "memory"
+  if decision.choice == "file":
+    return os.path.join(folder, "cache")
+  return "off"
+
+
+def _human(n: int) -> str:
+  n = float(n)
+  for unit in ("B", "KB", "MB", "GB", "TB"):
+    if abs(n) < 1000 or unit == "TB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1000
+  return f"{n:.1f} TB"
 
 
 def _cache(ds: tf.data.Dataset, cache: str, key: str) -> tf.data.Dataset:
