@@ -71,7 +71,7 @@ _TRAIN = textwrap.dedent("""
     for strategy in {strategies}:
       cfg = Config(data_dir={data!r}, model_dir={run!r} + "/" + strategy, strategy=strategy,
                    model="xray_cnn", image_size=32, batch_size=8, epochs=1, steps_per_epoch=4,
-                   steps_per_execution=2, augment="light", seed=0).resolve_augment()
+                   steps_per_execution={spe}, augment="light", seed=0).resolve_augment()
       r = train_lib.train_and_evaluate(cfg, verbose=0)
       p = r.model.predict(np.zeros((3, 32, 32, 1), np.uint8), verbose=0)
       out[strategy] = dict(replicas=r.strategy.replicas, devices=list(r.strategy.devices),
@@ -113,7 +113,7 @@ def _env(**extra) -> dict:
 @pytest.mark.slow
 def test_mirrored_over_two_logical_cpus_matches_default(demo_data_dir, tmp_path):
   code = _TRAIN.format(split_cpu=True, strategies=["default", "mirrored"], data=demo_data_dir,
-                       run=str(tmp_path), weights=str(tmp_path))
+                       run=str(tmp_path), weights=str(tmp_path), spe=2)
   out = _result(_run(code, _env(), 300), 300)
   assert out["mirrored"]["replicas"] == 2 and len(out["mirrored"]["devices"]) == 2
   assert out["default"]["replicas"] == 1
@@ -122,6 +122,15 @@ def test_mirrored_over_two_logical_cpus_matches_default(demo_data_dir, tmp_path)
   cfg = json.load(open(tmp_path / "mirrored" / "config.json"))
   assert cfg["run"]["per_replica_batch"] == 4 and cfg["run"]["global_batch"] == 8
   assert (tmp_path / "mirrored" / "model.keras").is_file()
+
+
+@pytest.mark.slow
+def test_mirrored_validates_with_one_step_per_execution(demo_data_dir, tmp_path):
+  """Keras needs validation_steps for a distributed validation set, whatever steps_per_execution."""
+  code = _TRAIN.format(split_cpu=True, strategies=["mirrored"], data=demo_data_dir,
+                       run=str(tmp_path), weights=str(tmp_path), spe=1)
+  out = _result(_run(code, _env(), 300), 300)
+  assert out["mirrored"]["replicas"] == 2 and "val_auc" in out["mirrored"]["history"][0]
 
 
 def _free_ports(n: int) -> list[int]:
@@ -145,7 +154,7 @@ def test_multi_worker_two_processes_agree_on_weights(demo_data_dir, tmp_path):
       wdir = tmp_path / f"w{i}"
       wdir.mkdir()
       code = _TRAIN.format(split_cpu=False, strategies=["multi_worker"], data=demo_data_dir,
-                           run=str(tmp_path / "shared"), weights=str(wdir))
+                           run=str(tmp_path / "shared"), weights=str(wdir), spe=2)
       procs.append(_run(code, _env(TF_CONFIG=tf_config), 300))
     outs = []
     for p in procs:  # collect both logs before judging, so a failure shows the culprit

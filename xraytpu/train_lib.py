@@ -634,10 +634,11 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
 
 def _validation_steps(cfg: Config, manifest: dict, info: distribute.StrategyInfo,
                       per_replica: int, has_val: bool) -> int | None:
-  """None (one full pass, Keras counts) unless steps_per_execution > 1, where Keras
-  needs the count: each worker reads ~1/num_workers of the split in per-replica
-  batches, and one step takes a batch for each of its local replicas."""
-  if not has_val or (cfg.steps_per_execution <= 1 and info.num_workers <= 1):
+  """None (one full pass, Keras counts) for a single replica with one step per
+  execution. Otherwise Keras needs the count (a distributed validation set, or
+  steps_per_execution > 1): each worker reads ~1/num_workers of the split in
+  per-replica batches, and one step takes a batch for each of its local replicas."""
+  if not has_val or (cfg.steps_per_execution <= 1 and info.num_workers <= 1 and info.replicas <= 1):
     return None
   n = -(-int(manifest["splits"]["val"]["num_examples"]) // info.num_workers)
   local = max(1, info.replicas // info.num_workers) * per_replica
