@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import errno
 import hashlib
 import json
 import math
@@ -1419,12 +1418,10 @@ def _write_tfds_metadata(out: str, manifest: dict, log: Callable[[str], None]) -
 
 
 def _io_error_text(e: BaseException) -> str:
-  """One line for an I/O error at write time, e.g. 'cannot write X: No space left on device (ENOSPC)'."""
+  """One line for an I/O error at write time (shards.write_error_text's wording)."""
   if isinstance(e, shards.ShardWriteError):
     return str(e)
-  code = errno.errorcode.get(getattr(e, "errno", None) or -1)
-  where = f" {e.filename}" if getattr(e, "filename", None) else ""
-  return f"cannot write{where}: {e.strerror or e}" + (f" ({code})" if code else "")
+  return shards.write_error_text(getattr(e, "filename", None) or "", e)
 
 
 def run_locally(todo: list[ShardTask], opts: ConvertOptions, log) -> tuple[list, float, int, dict]:

@@ -226,7 +226,7 @@ def write_records(output_dir: str, file: str, split: str, fingerprint: str,
           patients.add(info["patient_id"])
   except OSError as e:
     _discard(tmp, final)
-    raise ShardWriteError(_write_error(final, e)) from None
+    raise ShardWriteError(write_error_text(final, e)) from None
   result = {
       "file": file, "split": split, "fingerprint": fingerprint,
       "num_examples": converted, "class_counts": class_counts, "skipped": skipped,
@@ -239,7 +239,7 @@ def write_records(output_dir: str, file: str, split: str, fingerprint: str,
       storage.rename(tmp, final)
   except OSError as e:
     _discard(tmp, final)
-    raise ShardWriteError(_write_error(final, e)) from None
+    raise ShardWriteError(write_error_text(final, e)) from None
   return result
 
 
@@ -247,10 +247,12 @@ class ShardWriteError(errors.UserError):
   """A shard could not be written (disk full, permissions, ...): one line; its temp file is gone."""
 
 
-def _write_error(path: str, e: OSError) -> str:
+def write_error_text(path: str, e: OSError) -> str:
+  """One line for an I/O error at write time: 'cannot write PATH: No space left on device (ENOSPC)'."""
   import errno  # noqa: PLC0415
-  code = errno.errorcode.get(e.errno or -1)
-  return f"cannot write {path}: {e.strerror or e}" + (f" ({code})" if code else "")
+  code = errno.errorcode.get(getattr(e, "errno", None) or -1)
+  where = f" {path}" if path else ""
+  return f"cannot write{where}: {getattr(e, 'strerror', None) or e}" + (f" ({code})" if code else "")
 
 
 def _discard(tmp: str, final: str) -> None:

@@ -39,8 +39,9 @@ from xraytpu import metrics, plots, rundir
 
 def split_labels(y: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
   """The pipeline's y [n, 2K] (multi_hot | mask) -> (labels int [n, K], mask bool [n, K])."""
-  y = np.asarray(y, np.float32).reshape(-1, 2 * k)
-  return (y[:, :k] > 0.5).astype(np.int64), y[:, k:] > 0.5
+  from xraytpu.data import input_pipeline  # noqa: PLC0415 - the one definition of y's layout
+  multi_hot, mask = input_pipeline.split_multi_label(np.asarray(y, np.float32).reshape(-1, 2 * k))
+  return (multi_hot > 0.5).astype(np.int64), mask > 0.5
 
 
 def match_findings(run_classes: Sequence[str], data_classes: Sequence[str], data_dir: str,
@@ -106,19 +107,15 @@ def choose_operating_point(run: rundir.LoadedRun, val, policy: str, temperature_
 
 
 def _bootstrap_macro(stat_rows, n: int, n_resamples: int, seed: int):
-  """95% percentile CI of a macro statistic over images resampled with replacement."""
+  """95% percentile CI of a macro statistic over images resampled with replacement
+  (metrics' percentile rule: undefined when fewer than half the resamples define it)."""
   if n == 0:
     return None
   rng = np.random.default_rng(seed)
-  vals = []
-  for _ in range(n_resamples):
-    v = stat_rows(rng.integers(0, n, n))
-    if v is not None:
-      vals.append(v)
-  if len(vals) < max(10, n_resamples // 2):
-    return None
-  lo, hi = np.percentile(vals, [2.5, 97.5])
-  return [float(lo), float(hi)]
+  vals = [stat_rows(rng.integers(0, n, n)) for _ in range(n_resamples)]
+  ci, _ = metrics._percentile_ci(np.array([np.nan if v is None else v for v in vals]),
+                                 metrics.DEFAULT_ALPHA)
+  return list(ci) if ci else None
 
 
 def _macro(values: Sequence[float | None]) -> float | None:
