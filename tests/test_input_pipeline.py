@@ -192,6 +192,29 @@ def test_training_epoch_is_a_permutation_and_repeats(tiny_data):
   assert epochs[0] != epochs[1]  # reshuffled each epoch
 
 
+def test_cached_training_streams_epoch_one_then_replays_the_cache(tiny_data, tmp_path):
+  """Epoch 1 fills the cache through a one-batch buffer; epochs 2+ are read from the
+  cache (the shard files are gone by then), each a fresh permutation."""
+  import shutil
+  data = tmp_path / "data"
+  shutil.copytree(tiny_data, data)
+  n, batch = LAYOUT["train"][0], 4
+  assert input_pipeline._first_epoch_buffer(batch, n) == batch < n
+  ds = input_pipeline.train_dataset(str(data), _spec(cache="memory"), global_batch=batch,
+                                    with_filenames=True)
+  it = iter(ds)
+  take = lambda: [x.decode() for _ in range(n // batch) for x in next(it)[2].numpy()]  # noqa: E731
+  epoch1 = take()
+  m = schema.read_manifest(str(data))
+  for path in schema.shard_paths(str(data), m, "train"):
+    os.remove(path)
+  epochs = [epoch1, take(), take(), take()]
+  want = sorted(manifest_order(tiny_data)["train"])
+  for e in epochs:
+    assert sorted(e) == want
+  assert len({tuple(e) for e in epochs[1:]}) > 1  # the full buffer reshuffles each epoch
+
+
 def test_cache_does_not_freeze_augmentation(tiny_data):
   """Two epochs: identical un-augmented batches (cached), different augmented ones."""
   ds = input_pipeline.eval_dataset(str(tiny_data), "val", _spec(cache="memory"), batch_size=4)

@@ -721,16 +721,33 @@ def _resize_to_uint8(image, size):
   return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
 
 
-def _decode_jpeg_scaled(encoded, channels: int, min_side: int):
-  """Decodes at the coarsest DCT scale keeping the shorter side >= min_side."""
+def _jpeg_ratio_index(encoded, min_side: int):
+  """Index into _JPEG_RATIOS of the coarsest DCT scale keeping the shorter side >= min_side."""
   tf = _tf()
   shape = tf.io.extract_jpeg_shape(encoded)
   shorter = tf.minimum(shape[0], shape[1])
   # libjpeg's scaled size is ceil(side / ratio); pick the largest ratio that
-  # still leaves `min_side` pixels (index into _JPEG_RATIOS).
+  # still leaves `min_side` pixels.
   index = tf.constant(0)
   for i, r in enumerate(_JPEG_RATIOS[1:], start=1):
     index = tf.where((shorter + r - 1) // r >= min_side, i, index)
+  return index
+
+
+def jpeg_dct_ratio(encoded, min_side: int):
+  """The DCT scale (1, 2, 4 or 8) `decode_image(..., min_side=min_side)` decodes
+  a record's image at: int32 scalar, 1 for anything but a JPEG."""
+  tf = _tf()
+  encoded = tf.convert_to_tensor(encoded, tf.string)
+  is_jpeg = tf.equal(tf.strings.substr(encoded, 0, len(_JPEG_SIGNATURE)), _JPEG_SIGNATURE)
+  return tf.cond(is_jpeg,
+                 lambda: tf.gather(tf.constant(_JPEG_RATIOS), _jpeg_ratio_index(encoded, min_side)),
+                 lambda: tf.constant(1))
+
+
+def _decode_jpeg_scaled(encoded, channels: int, min_side: int):
+  """Decodes at the coarsest DCT scale keeping the shorter side >= min_side."""
+  tf = _tf()
   branches = [lambda r=r: tf.io.decode_jpeg(encoded, channels, ratio=r, dct_method=_DCT)
               for r in _JPEG_RATIOS]
-  return tf.switch_case(index, branches)
+  return tf.switch_case(_jpeg_ratio_index(encoded, min_side), branches)

@@ -24,7 +24,9 @@ The chain (`_dataset`), top to bottom:
   -> parse (records.feature_spec; multi-label: multi_hot, mask as [K]) -> decode
      -> resize -> uint8 [S, S, C]
   -> cache (auto | memory | file | off)   decoded pixels only; never augmentation
-  -> shuffle (seeded) -> repeat           training only, after the cache
+  -> shuffle (seeded) -> repeat           training only, after the cache; with a cache,
+                                          epoch 1 (which fills it) streams through a
+                                          buffer of FIRST_EPOCH_BATCHES batches
   -> batch (per-replica batch; drop_remainder when training)
   -> labels in the loss's form -> prefetch(AUTOTUNE)
 
@@ -82,6 +84,11 @@ _SERVICE_SHARDING = tf.data.experimental.service.ShardingPolicy.DYNAMIC
 # this share of the cache folder's free disk; otherwise nothing is cached.
 CACHE_RAM_SHARE = 0.5
 CACHE_DISK_SHARE = 0.5
+# Cache values that mean no cache at all.
+NO_CACHE = ("", "off", "none")
+# A cached pipeline's first epoch (the one that decodes and fills the cache)
+# shuffles through a buffer of this many batches instead of the full one.
+FIRST_EPOCH_BATCHES = 1
 # Where cache="auto" writes a file cache when InputSpec.cache_dir is empty.
 _DEFAULT_CACHE_DIR = os.path.join(tempfile.gettempdir(), "xraytpu-cache")
 # Bytes this process already holds in in-memory caches, by cache key (train
@@ -276,9 +283,17 @@ def _dataset(data_dir: str, split: str, spec: InputSpec, *, training: bool, batc
   if training and not use_service:
     # Shuffle after the cache (a fresh order each epoch), then repeat forever:
     # Keras counts epochs with steps_per_epoch (stats.steps_per_epoch).
-    ds = ds.shuffle(max(1, min(int(spec.shuffle_buffer), examples_here)), seed=spec.seed,
-                    reshuffle_each_iteration=True)
-    ds = ds.repeat()
+    buffer = max(1, min(int(spec.shuffle_buffer), examples_here))
+    later = ds.shuffle(buffer, seed=spec.seed, reshuffle_each_iteration=True).repeat()
+    first = _first_epoch_buffer(batch, buffer)
+    if cache not in NO_CACHE and first < buffer:
+      # Epoch 1 fills the cache through a small buffer, so the first step does
+      # not wait for a whole buffer of decoded images (the converter stored
+      # the records in shuffled order, and the files come shuffled and
+      # interleaved); every later epoch replays the cache through the full one.
+      ds = ds.shuffle(first, seed=spec.seed).concatenate(later)
+    else:
+      ds = later
   # Batch the per-replica batch. drop_remainder makes the shape fully static
   # (TPU, XLA) and every training step the same size.
   ds = ds.batch(batch, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE,
@@ -398,7 +413,7 @@ def _human(n: int) -> str:
 
 def _cache(ds: tf.data.Dataset, cache: str, key: str) -> tf.data.Dataset:
   """cache: 'memory' (RAM), 'off'/'' (none), else a file prefix (local or gs://)."""
-  if cache in ("", "off", "none"):
+  if cache in NO_CACHE:
     return ds
   if cache == "memory":
     return ds.cache()
@@ -410,6 +425,11 @@ def _cache(ds: tf.data.Dataset, cache: str, key: str) -> tf.data.Dataset:
     tf.io.gfile.makedirs(parent)
   logging.info("caching decoded images to %s*", path)
   return ds.cache(path)
+
+
+def _first_epoch_buffer(batch: int, buffer: int) -> int:
+  """The shuffle buffer of a cached pipeline's first epoch: FIRST_EPOCH_BATCHES batches."""
+  return min(buffer, max(1, FIRST_EPOCH_BATCHES * int(batch)))
 
 
 def _settings_key(data_dir, files, split, size, aspect, channels, with_filenames,
