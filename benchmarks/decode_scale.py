@@ -85,16 +85,12 @@ def test_images(data_dir: str, size: int, channels: int, which: str) -> tuple[np
 
 def scale_ratios(data_dir: str, size: int) -> dict[int, int]:
   """How many test records each JPEG DCT ratio decodes (1 = full size; PNGs count as 1)."""
-  import tensorflow as tf
-  from tfrecord_tools import pixels, records, schema
-  manifest = schema.read_manifest(data_dir)
+  from benchmarks import stored
+  from tfrecord_tools import pixels
   counts: dict[int, int] = {}
-  for path in schema.shard_paths(data_dir, manifest, "test"):
-    for raw in tf.data.TFRecordDataset(path):
-      ex = tf.train.Example.FromString(raw.numpy())
-      data = ex.features.feature[records.ENCODED].bytes_list.value[0]
-      ratio = int(pixels.jpeg_dct_ratio(data, size))
-      counts[ratio] = counts.get(ratio, 0) + 1
+  for data in stored.encoded_images(data_dir, "test"):
+    ratio = int(pixels.jpeg_dct_ratio(data, size))
+    counts[ratio] = counts.get(ratio, 0) + 1
   return dict(sorted(counts.items()))
 
 
