@@ -392,6 +392,12 @@ def _tf():
   return tf
 
 
+def _starts_with(encoded, signature: bytes):
+  """bool scalar: the encoded bytes (tf.string scalar) begin with `signature`."""
+  tf = _tf()
+  return tf.equal(tf.strings.substr(encoded, 0, len(signature)), signature)
+
+
 def decode_image(encoded, channels: int, *, min_side: int = 0):
   """Step 7: one encoded record image -> uint8 [H, W, channels].
 
@@ -410,8 +416,8 @@ def decode_image(encoded, channels: int, *, min_side: int = 0):
   if channels not in (1, 3):
     raise ValueError(f"channels must be 1 or 3, got {channels}")
   encoded = tf.convert_to_tensor(encoded, tf.string)
-  is_png = tf.equal(tf.strings.substr(encoded, 0, len(_PNG_SIGNATURE)), _PNG_SIGNATURE)
-  is_jpeg = tf.equal(tf.strings.substr(encoded, 0, len(_JPEG_SIGNATURE)), _JPEG_SIGNATURE)
+  is_png = _starts_with(encoded, _PNG_SIGNATURE)
+  is_jpeg = _starts_with(encoded, _JPEG_SIGNATURE)
 
   def png():
     bit_depth = tf.strings.substr(encoded, _PNG_BIT_DEPTH_OFFSET, 1)
@@ -492,8 +498,8 @@ def prepare_in_graph(encoded, *, max_side: int = 0, channels: str = "keep",
   tf = _tf()
   channels = _normalise_channels(channels)
   encoded = tf.convert_to_tensor(encoded, tf.string)
-  is_png = tf.equal(tf.strings.substr(encoded, 0, len(_PNG_SIGNATURE)), _PNG_SIGNATURE)
-  is_jpeg = tf.equal(tf.strings.substr(encoded, 0, len(_JPEG_SIGNATURE)), _JPEG_SIGNATURE)
+  is_png = _starts_with(encoded, _PNG_SIGNATURE)
+  is_jpeg = _starts_with(encoded, _JPEG_SIGNATURE)
   out_for = lambda source: source if image_format == "keep" else image_format  # noqa: E731
   finish = dict(max_side=max_side, channels=channels, quality=jpeg_quality, original=encoded)
 
@@ -739,7 +745,7 @@ def jpeg_dct_ratio(encoded, min_side: int):
   a record's image at: int32 scalar, 1 for anything but a JPEG."""
   tf = _tf()
   encoded = tf.convert_to_tensor(encoded, tf.string)
-  is_jpeg = tf.equal(tf.strings.substr(encoded, 0, len(_JPEG_SIGNATURE)), _JPEG_SIGNATURE)
+  is_jpeg = _starts_with(encoded, _JPEG_SIGNATURE)
   return tf.cond(is_jpeg,
                  lambda: tf.gather(tf.constant(_JPEG_RATIOS), _jpeg_ratio_index(encoded, min_side)),
                  lambda: tf.constant(1))
