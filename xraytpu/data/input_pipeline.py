@@ -296,11 +296,15 @@ def _dataset(data_dir: str, split: str, spec: InputSpec, *, training: bool, batc
       ds = later
   # Batch the per-replica batch. drop_remainder makes the shape fully static
   # (TPU, XLA) and every training step the same size.
+  # Always in order (here and in the label map): a batch built or passed on
+  # out of order moves examples across the epoch boundary (one epoch sees an
+  # example twice, the next not at all). The order within the stream stays
+  # random: the shuffle makes it, the interleave and the decode map may vary it.
   ds = ds.batch(batch, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE,
-                deterministic=deterministic)
+                deterministic=True)
   # Labels in the form the loss wants (vectorised, per batch).
   ds = ds.map(_label_fn(label_mode, len(classes)), num_parallel_calls=AUTOTUNE,
-              deterministic=deterministic)
+              deterministic=True)  # batches in order, as above
   # Overlap host work with the device step.
   ds = ds.prefetch(AUTOTUNE)
   ds = ds.with_options(_options(spec, deterministic, own_sharding=num_pipelines > 1))
