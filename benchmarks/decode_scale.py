@@ -61,8 +61,9 @@ def decoding(which: str):
     return
   contract = pixels.load_image
 
-  def full_size(encoded, *, channels, size, aspect="squash"):
-    return pixels.resize_image(pixels.decode_image(encoded, channels, min_side=0), size, aspect)
+  def full_size(encoded, *, channels, size, aspect="squash", forms=None):
+    return pixels.resize_image(pixels.decode_image(encoded, channels, min_side=0, forms=forms),
+                               size, aspect)
   pixels.load_image = full_size
   try:
     yield

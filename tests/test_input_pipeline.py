@@ -168,6 +168,25 @@ def test_pixels_match_the_source_images(tiny_data):
       assert abs(img[3:13].mean() - (10 + 9 * i + 2)) < 1.5, name
 
 
+def test_decode_follows_the_manifests_image_stats(tiny_data):
+  """With image_stats naming the record forms (PNG 8/16-bit and JPEG here) the
+  pipeline builds only those decode branches: the same pixels as without
+  statistics; a manifest that leaves out a form its records have fails loudly."""
+  m = schema.read_manifest(str(tiny_data))
+  stats_true = {**m["image_stats"], "format": {"png": 16, "jpeg": 8}, "bit_depth": {"8": 16, "16": 8},
+                "height": {"min": 24, "max": 24, "mean": 24.0},
+                "width": {"min": 40, "max": 40, "mean": 40.0}}
+
+  def images(image_stats):
+    ds = input_pipeline.eval_dataset(str(tiny_data), "train", _spec(aspect="pad"), batch_size=8,
+                                     manifest={**m, "image_stats": image_stats})
+    return np.concatenate([x.numpy() for x, _ in ds])
+
+  np.testing.assert_array_equal(images(stats_true), images(m["image_stats"]))
+  with pytest.raises(tf.errors.InvalidArgumentError, match="manifest"):
+    images({**stats_true, "bit_depth": {"8": 24}})
+
+
 # ---------------------------------------------------------------------------
 # Evaluation: order kept, every example once; training: one permutation per epoch
 # ---------------------------------------------------------------------------

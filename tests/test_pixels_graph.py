@@ -142,3 +142,80 @@ def test_load_image_in_a_saved_model_serving_function(tmp_path):
   got = loaded(tf.constant(batch)).numpy()
   want = np.stack([preprocess.load_image(b, channels=1, size=12, aspect="pad").numpy() for b in batch])
   np.testing.assert_array_equal(got, want)
+
+
+# ---------------------------------------------------------------------------
+# StoredForms: only the decode branches a data set needs, the same pixels
+# ---------------------------------------------------------------------------
+
+def _stats(formats, depths, height=96, width=128):
+  return {"format": {f: 1 for f in formats}, "bit_depth": {str(d): 1 for d in depths},
+          "height": {"min": 1, "max": height, "mean": 1.0},
+          "width": {"min": 1, "max": width, "mean": 1.0}}
+
+
+def test_stored_forms_from_image_stats():
+  forms = preprocess.StoredForms.from_image_stats(_stats(["png", "jpeg"], [8]))
+  assert forms == preprocess.StoredForms(png8=True, png16=False, jpeg=True, max_short_side=96)
+  assert preprocess.StoredForms.from_image_stats(_stats(["png"], [16])) == preprocess.StoredForms(
+      png8=False, png16=True, jpeg=False, max_short_side=96)
+  # Anything the converter does not write, or no statistics: decode anything.
+  assert preprocess.StoredForms.from_image_stats(None) is None
+  assert preprocess.StoredForms.from_image_stats({"channels": {"1": 3}}) is None
+  assert preprocess.StoredForms.from_image_stats(_stats(["png", "bmp"], [8])) is None
+  assert preprocess.StoredForms.from_image_stats(_stats(["png"], [8, 12])) is None
+  assert preprocess.StoredForms.from_image_stats(_stats(["jpeg"], [16])) is None
+  # Unknown sides: the scaled JPEG decode is kept.
+  no_sides = {"format": {"jpeg": 2}, "bit_depth": {"8": 2}}
+  assert preprocess.StoredForms.from_image_stats(no_sides).max_short_side == 0
+
+
+def _forms_images():
+  """(name, encoded, form) for every form a record can take."""
+  ramp16 = (np.linspace(0, 65535, 40 * 48)).astype(np.uint16).reshape(40, 48)
+  return [("png8 grey", _png(_smooth(40, 48)), "png8"),
+          ("png8 rgb", _png(_smooth(40, 48, 3)), "png8"),
+          ("png16", _png(ramp16), "png16"),
+          ("jpeg small", _jpeg(_smooth(40, 48)), "jpeg"),
+          ("jpeg rgb large", _jpeg(_smooth(96, 128, 3)), "jpeg")]
+
+
+@pytest.mark.parametrize("formats,depths", [(["png"], [8]), (["png"], [16]), (["png"], [8, 16]),
+                                            (["jpeg"], [8]), (["png", "jpeg"], [8]),
+                                            (["png", "jpeg"], [8, 16])])
+def test_stored_forms_decode_exactly_as_the_full_contract(formats, depths):
+  """Every image a data set's forms admit decodes to the same pixels with and
+  without them, inside tf.data (a graph, as in training), for each channel
+  count, output size and aspect; max_short_side both exact and larger."""
+  for height in (40, 96):
+    forms = preprocess.StoredForms.from_image_stats(_stats(formats, depths, height, 128))
+    allowed = {("png8" if d == 8 else "png16") for d in depths if "png" in formats}
+    allowed |= {"jpeg"} if "jpeg" in formats else set()
+    images = [(n, e) for n, e, form in _forms_images() if form in allowed
+              and not (n == "jpeg rgb large" and height < 96)]
+    assert images
+    encoded = tf.constant([e for _, e in images])
+    for channels, size, aspect in ((1, 20, "squash"), (3, 20, "pad"), (1, 44, "squash"),
+                                   (3, 12, "center_crop")):
+      def run(f):
+        ds = tf.data.Dataset.from_tensor_slices(encoded).map(
+            lambda b: preprocess.load_image(b, channels=channels, size=size, aspect=aspect,
+                                            forms=f))
+        return [x.numpy() for x in ds]
+      for (name, _), want, got in zip(images, run(None), run(forms)):
+        np.testing.assert_array_equal(got, want, err_msg=f"{name} {channels} {size} {aspect}")
+
+
+@pytest.mark.parametrize("formats,depths,image", [
+    (["png"], [8], "jpeg small"), (["png"], [8], "png16"), (["png"], [16], "png8 grey"),
+    (["jpeg"], [8], "png8 grey"), (["png", "jpeg"], [8], "png16"), (["png", "jpeg"], [8, 16], "bmp")])
+def test_a_record_that_contradicts_its_manifest_fails_loudly(formats, depths, image):
+  forms = preprocess.StoredForms.from_image_stats(_stats(formats, depths))
+  found = {n: e for n, e, _ in _forms_images()}
+  buf = io.BytesIO()
+  Image.fromarray(_smooth(40, 48)).save(buf, format="BMP")
+  found["bmp"] = buf.getvalue()
+  ds = tf.data.Dataset.from_tensors(found[image]).map(
+      lambda b: preprocess.decode_image(b, 1, min_side=20, forms=forms))
+  with pytest.raises(tf.errors.InvalidArgumentError, match="manifest"):
+    list(ds)

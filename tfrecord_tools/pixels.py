@@ -38,6 +38,9 @@ exported SavedModel (TensorFlow half, the same steps as graph ops).
    7 decode       as step 1, at the coarsest DCT scale keeping the shorter side
                   >= the model's size; 16-bit -> round(v / 257); to the model's
                   channels (JPEG: libjpeg's own grey/RGB output; PNG: libpng's).
+                  The input pipeline builds only the decode branches its data
+                  set's manifest says occur (`StoredForms`): same pixels, less
+                  start-up in every fresh pipeline.
    8 resize       to S x S by the aspect policy (squash | pad | center_crop),
                   bilinear with antialiasing, rounded to uint8.
   -> uint8 [S, S, C]: what the model sees. The model rescales.
@@ -398,7 +401,39 @@ def _starts_with(encoded, signature: bytes):
   return tf.equal(tf.strings.substr(encoded, 0, len(signature)), signature)
 
 
-def decode_image(encoded, channels: int, *, min_side: int = 0):
+@dataclasses.dataclass(frozen=True)
+class StoredForms:
+  """What a data set's record images can be, read from its manifest's image_stats.
+
+  Step 7 for records only builds the decode branches these need. Every branch
+  is instantiated in every fresh tf.data pipeline: the full set (PNG 8/16-bit,
+  JPEG at four DCT scales, BMP/GIF with their channel conversions) delays the
+  first batch by about 0.1 s over a plain decode, and a data set with no cache
+  pays that every epoch. The pixels are the same: only branches that cannot be
+  taken are left out, and a record that contradicts its manifest fails loudly.
+  """
+  png8: bool
+  png16: bool
+  jpeg: bool
+  max_short_side: int   # an upper bound of any record image's shorter side; 0: unknown
+
+  @classmethod
+  def from_image_stats(cls, image_stats: dict | None) -> StoredForms | None:
+    """None (decode anything) when the statistics are missing or name a form
+    the converter does not write (it writes PNG and JPEG, 8 or 16 bits)."""
+    formats = set((image_stats or {}).get("format") or ())
+    depths = set((image_stats or {}).get("bit_depth") or ())
+    if not formats or not depths or not formats <= {"png", "jpeg"} or not depths <= {"8", "16"}:
+      return None
+    if "16" in depths and "png" not in formats:
+      return None
+    sides = [(image_stats.get(k) or {}).get("max", 0) for k in ("height", "width")]
+    return cls(png8="png" in formats and "8" in depths, png16="16" in depths,
+               jpeg="jpeg" in formats, max_short_side=int(min(sides)))
+
+
+def decode_image(encoded, channels: int, *, min_side: int = 0,
+                 forms: StoredForms | None = None):
   """Step 7: one encoded record image -> uint8 [H, W, channels].
 
   Args:
@@ -408,6 +443,8 @@ def decode_image(encoded, channels: int, *, min_side: int = 0):
     min_side: 0 decodes at full size. Otherwise a JPEG whose shorter side is
       at least 2x this many pixels is decoded at 1/2, 1/4 or 1/8 scale while
       its shorter side stays >= min_side. `load_image` sets it to the output size.
+    forms: what the images can be (`StoredForms`, from a data set's manifest):
+      only those branches are built, with the same pixels. None: any image.
 
   Returns:
     uint8 [H, W, channels]; a 16-bit PNG mapped by round(v / 257).
@@ -416,27 +453,70 @@ def decode_image(encoded, channels: int, *, min_side: int = 0):
   if channels not in (1, 3):
     raise ValueError(f"channels must be 1 or 3, got {channels}")
   encoded = tf.convert_to_tensor(encoded, tf.string)
+  if forms is not None:
+    image = _decode_stored(encoded, channels, min_side, forms)
+    image.set_shape([None, None, channels])
+    return image
   is_png = _starts_with(encoded, _PNG_SIGNATURE)
   is_jpeg = _starts_with(encoded, _JPEG_SIGNATURE)
-
-  def png():
-    bit_depth = tf.strings.substr(encoded, _PNG_BIT_DEPTH_OFFSET, 1)
-    return tf.cond(tf.equal(bit_depth, b"\x10"),
-                   lambda: _uint16_to_uint8(tf.io.decode_png(encoded, channels, dtype=tf.uint16)),
-                   lambda: tf.io.decode_png(encoded, channels))
-
-  def jpeg():
-    if min_side <= 0:
-      return tf.io.decode_jpeg(encoded, channels, dct_method=_DCT)
-    return _decode_jpeg_scaled(encoded, channels, min_side)
 
   def other():  # BMP, GIF: decode as stored, then convert the channels
     return _to_channels(tf.io.decode_image(encoded, dtype=tf.uint8, expand_animations=False),
                         channels)
 
-  image = tf.case([(is_png, png), (is_jpeg, jpeg)], default=other, exclusive=True)
+  image = tf.case([(is_png, lambda: _decode_png(encoded, channels)),
+                   (is_jpeg, lambda: _decode_jpeg(encoded, channels, min_side))],
+                  default=other, exclusive=True)
   image.set_shape([None, None, channels])
   return image
+
+
+def _decode_png(encoded, channels: int, depths: tuple[int, ...] = (8, 16)):
+  """A PNG of one of `depths` bits -> uint8 (16-bit: round(v / 257))."""
+  tf = _tf()
+  png8 = lambda: tf.io.decode_png(encoded, channels)  # noqa: E731
+  png16 = lambda: _uint16_to_uint8(tf.io.decode_png(encoded, channels, dtype=tf.uint16))  # noqa: E731
+  is16 = tf.equal(tf.strings.substr(encoded, _PNG_BIT_DEPTH_OFFSET, 1), b"\x10")
+  if len(depths) == 2:
+    return tf.cond(is16, png16, png8)
+  with tf.control_dependencies([_expect(is16 if depths == (16,) else tf.logical_not(is16),
+                                        f"a {depths[0]}-bit PNG")]):
+    return png16() if depths == (16,) else png8()
+
+
+def _decode_jpeg(encoded, channels: int, min_side: int, max_short_side: int = 0):
+  """A JPEG -> uint8, at the coarsest DCT scale keeping the shorter side >= min_side.
+
+  With `max_short_side` (> 0) known, no image can be scaled when even that
+  side cannot: then the one full-scale decode is built."""
+  tf = _tf()
+  if min_side <= 0 or (max_short_side > 0
+                       and _ratio_index(max_short_side, min_side, _py_where) == 0):
+    return tf.io.decode_jpeg(encoded, channels, dct_method=_DCT)
+  return _decode_jpeg_scaled(encoded, channels, min_side)
+
+
+def _decode_stored(encoded, channels: int, min_side: int, forms: StoredForms):
+  """decode_image's branches for `forms` only; a record of another form fails."""
+  tf = _tf()
+  depths = tuple(d for d, on in ((8, forms.png8), (16, forms.png16)) if on)
+  png = lambda: _decode_png(encoded, channels, depths)  # noqa: E731
+  jpeg = lambda: _decode_jpeg(encoded, channels, min_side, forms.max_short_side)  # noqa: E731
+  is_png = _starts_with(encoded, _PNG_SIGNATURE)
+  is_jpeg = _starts_with(encoded, _JPEG_SIGNATURE)
+  if depths and forms.jpeg:
+    with tf.control_dependencies([_expect(tf.logical_or(is_png, is_jpeg), "a PNG or JPEG")]):
+      return tf.cond(is_png, png, jpeg)
+  with tf.control_dependencies([_expect(is_png if depths else is_jpeg,
+                                        "a PNG" if depths else "a JPEG")]):
+    return png() if depths else jpeg()
+
+
+def _expect(condition, what: str):
+  """An assertion that a record image is what its manifest's image_stats say."""
+  return _tf().debugging.Assert(condition, [
+      f"a record image is not {what}, as its data set's manifest (image_stats) says: the "
+      "shards were changed after conversion; convert the data set again"])
 
 
 def resize_image(image, size: int, aspect: str = "squash"):
@@ -471,13 +551,14 @@ def resize_image(image, size: int, aspect: str = "squash"):
   return out
 
 
-def load_image(encoded, *, channels: int, size: int, aspect: str = "squash"):
+def load_image(encoded, *, channels: int, size: int, aspect: str = "squash",
+               forms: StoredForms | None = None):
   """Steps 7-8: a record's encoded bytes -> uint8 [size, size, channels].
 
-  What the input pipeline maps over every record and what every request
-  ends with (`load_file`).
+  What the input pipeline maps over every record (with its data set's
+  `forms`) and what every request ends with (`load_file`).
   """
-  return resize_image(decode_image(encoded, channels, min_side=size), size, aspect)
+  return resize_image(decode_image(encoded, channels, min_side=size, forms=forms), size, aspect)
 
 
 def load_file(encoded, *, conversion: dict, channels: int, size: int, aspect: str = "squash"):
@@ -731,13 +812,21 @@ def _jpeg_ratio_index(encoded, min_side: int):
   """Index into _JPEG_RATIOS of the coarsest DCT scale keeping the shorter side >= min_side."""
   tf = _tf()
   shape = tf.io.extract_jpeg_shape(encoded)
-  shorter = tf.minimum(shape[0], shape[1])
-  # libjpeg's scaled size is ceil(side / ratio); pick the largest ratio that
-  # still leaves `min_side` pixels.
-  index = tf.constant(0)
+  return _ratio_index(tf.minimum(shape[0], shape[1]), min_side, tf.where)
+
+
+def _ratio_index(shorter, min_side: int, where):
+  """libjpeg's scaled size is ceil(side / ratio): the index of the largest ratio
+  that still leaves `min_side` pixels. `where` is tf.where for a tensor side,
+  `_py_where` for a Python int."""
+  index = 0
   for i, r in enumerate(_JPEG_RATIOS[1:], start=1):
-    index = tf.where((shorter + r - 1) // r >= min_side, i, index)
+    index = where((shorter + r - 1) // r >= min_side, i, index)
   return index
+
+
+def _py_where(condition: bool, a, b):
+  return a if condition else b
 
 
 def jpeg_dct_ratio(encoded, min_side: int):

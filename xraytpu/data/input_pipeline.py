@@ -21,12 +21,13 @@ The chain (`_dataset`), top to bottom:
   list shards from the manifest
   -> shard per input pipeline (by file when enough shards, else by element)
   -> interleave the shards' records (parallel, non-deterministic when training)
+  -> [with a cache, training: shuffle the encoded records of epoch 1 through a
+     buffer of FIRST_EPOCH_BATCHES batches, the epoch that fills the cache]
   -> parse (records.feature_spec; multi-label: multi_hot, mask as [K]) -> decode
      -> resize -> uint8 [S, S, C]
   -> cache (auto | memory | file | off)   decoded pixels only; never augmentation
   -> shuffle (seeded) -> repeat           training only, after the cache; with a cache,
-                                          epoch 1 (which fills it) streams through a
-                                          buffer of FIRST_EPOCH_BATCHES batches
+                                          from epoch 2 (epoch 1 streams as decoded)
   -> batch (per-replica batch; drop_remainder when training)
   -> labels in the loss's form -> prefetch(AUTOTUNE)
 
@@ -87,7 +88,8 @@ CACHE_DISK_SHARE = 0.5
 # Cache values that mean no cache at all.
 NO_CACHE = ("", "off", "none")
 # A cached pipeline's first epoch (the one that decodes and fills the cache)
-# shuffles through a buffer of this many batches instead of the full one.
+# shuffles its encoded records, before the decode, through a buffer of this
+# many batches instead of the full buffer of decoded images.
 FIRST_EPOCH_BATCHES = 1
 # Where cache="auto" writes a file cache when InputSpec.cache_dir is empty.
 _DEFAULT_CACHE_DIR = os.path.join(tempfile.gettempdir(), "xraytpu-cache")
@@ -224,11 +226,16 @@ def _dataset(data_dir: str, split: str, spec: InputSpec, *, training: bool, batc
     parse_spec.pop(records.LABEL)
     parse_spec.update(_multi_label_spec(len(classes)))
 
+  # What the record images can be (PNG/JPEG, bit depths, largest side), from
+  # the manifest: the contract builds only those decode branches.
+  forms = pixels.StoredForms.from_image_stats(manifest.get("image_stats"))
+
   def to_pixels(serialized):
     # parse -> decode -> resize -> uint8: the per-record work the cache saves.
     features = tf.io.parse_single_example(serialized, parse_spec)
     # The pixel contract: encoded bytes -> uint8 [S, S, C], the one per-record pixel call.
-    image = pixels.load_image(features[records.ENCODED], channels=channels, size=size, aspect=aspect)
+    image = pixels.load_image(features[records.ENCODED], channels=channels, size=size,
+                              aspect=aspect, forms=forms)
     if label_mode == "multi_label":
       label = multi_label_targets(features[records.MULTI_HOT], features[records.MASK])
     else:
@@ -258,12 +265,25 @@ def _dataset(data_dir: str, split: str, spec: InputSpec, *, training: bool, batc
   # Too few files for the pipelines: shard by element (every file read everywhere).
   if shard_by_element:
     ds = ds.shard(num_pipelines, pipeline_id)
-  # Parse, decode and resize in parallel, to uint8 [S, S, C].
-  ds = ds.map(to_pixels, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-  # Cache the deterministic work. Augmentation is random and lives in the model.
   key = _settings_key(data_dir, files, split, size, aspect, channels, with_filenames,
                       multi_label=label_mode == "multi_label")
   cache = spec.cache
+  if cache == "auto" and not use_service:
+    cache = _auto_cache(split, f"{key}-{pipeline_id}of{num_pipelines}", examples_here, size,
+                        channels, spec.cache_dir)
+  buffer = max(1, min(int(spec.shuffle_buffer), examples_here))
+  first = _first_epoch_buffer(batch, buffer)
+  stream_first_epoch = training and not use_service and cache not in NO_CACHE and first < buffer
+  if stream_first_epoch:
+    # A cached pipeline's epoch 1 (the one that decodes and fills the cache)
+    # is shuffled here, as still-encoded records, through a buffer of
+    # FIRST_EPOCH_BATCHES batches: the first step waits for one batch of
+    # decoding, not for a buffer of decoded images. The converter stored the
+    # records in shuffled order, and the files come shuffled and interleaved.
+    ds = ds.shuffle(first, seed=spec.seed)
+  # Parse, decode and resize in parallel, to uint8 [S, S, C].
+  ds = ds.map(to_pixels, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+  # Cache the deterministic work. Augmentation is random and lives in the model.
   if use_service:
     # Service workers: one shuffled epoch, no cache (a worker would cache only
     # its share of one epoch), batched for fewer RPCs (the last batches short).
@@ -276,24 +296,14 @@ def _dataset(data_dir: str, split: str, spec: InputSpec, *, training: bool, batc
     # Trainer: every example once per epoch, full batches across epoch ends.
     ds = ds.unbatch().repeat()
   else:
-    if cache == "auto":
-      cache = _auto_cache(split, f"{key}-{pipeline_id}of{num_pipelines}", examples_here, size,
-                          channels, spec.cache_dir)
     ds = _cache(ds, cache, f"{key}-{pipeline_id}of{num_pipelines}")
   if training and not use_service:
     # Shuffle after the cache (a fresh order each epoch), then repeat forever:
     # Keras counts epochs with steps_per_epoch (stats.steps_per_epoch).
-    buffer = max(1, min(int(spec.shuffle_buffer), examples_here))
     later = ds.shuffle(buffer, seed=spec.seed, reshuffle_each_iteration=True).repeat()
-    first = _first_epoch_buffer(batch, buffer)
-    if cache not in NO_CACHE and first < buffer:
-      # Epoch 1 fills the cache through a small buffer, so the first step does
-      # not wait for a whole buffer of decoded images (the converter stored
-      # the records in shuffled order, and the files come shuffled and
-      # interleaved); every later epoch replays the cache through the full one.
-      ds = ds.shuffle(first, seed=spec.seed).concatenate(later)
-    else:
-      ds = later
+    # With a cache, epoch 1 streams as it is decoded (shuffled above, before
+    # the decode); every later epoch replays the cache through the full buffer.
+    ds = ds.concatenate(later) if stream_first_epoch else later
   # Batch the per-replica batch. drop_remainder makes the shape fully static
   # (TPU, XLA) and every training step the same size.
   # Always in order (here and in the label map): a batch built or passed on
