@@ -253,6 +253,27 @@ def test_cache_does_not_freeze_augmentation(tiny_data):
   assert key(pixels[:n]) == key(pixels[n:])
 
 
+def test_a_finished_file_cache_is_shuffled_from_epoch_one(tiny_data, tmp_path):
+  """Epoch 1 of a run that finds a file cache an earlier run finished reads the
+  cache through the full buffer: it is not the earlier run's epoch 1 again
+  (the order the cache was written in)."""
+  n, batch = LAYOUT["train"][0], 4
+  spec = _spec(cache=str(tmp_path / "cache" / "c"), seed=3)
+
+  def epoch_one():
+    ds = input_pipeline.train_dataset(str(tiny_data), spec, global_batch=batch, with_filenames=True)
+    it = iter(ds)
+    names = [x.decode() for _ in range(n // batch) for x in next(it)[2].numpy()]
+    [next(it) for _ in range(n // batch)]  # epoch 2 from the cache: epoch 1 was all written
+    return names
+
+  written = epoch_one()
+  assert any(f.endswith(".index") for f in os.listdir(tmp_path / "cache"))
+  again = epoch_one()
+  assert sorted(again) == sorted(written) == sorted(manifest_order(tiny_data)["train"])
+  assert again != written
+
+
 def test_file_cache_is_keyed_and_read_back(tmp_path):
   data = write_tiny_dataset(tmp_path / "data", layout={"val": (6, 2)})
   prefix = tmp_path / "cache" / "c"

@@ -267,13 +267,16 @@ def _dataset(data_dir: str, split: str, spec: InputSpec, *, training: bool, batc
     ds = ds.shard(num_pipelines, pipeline_id)
   key = _settings_key(data_dir, files, split, size, aspect, channels, with_filenames,
                       multi_label=label_mode == "multi_label")
+  cache_key = f"{key}-{pipeline_id}of{num_pipelines}"
   cache = spec.cache
   if cache == "auto" and not use_service:
-    cache = _auto_cache(split, f"{key}-{pipeline_id}of{num_pipelines}", examples_here, size,
-                        channels, spec.cache_dir)
+    cache = _auto_cache(split, cache_key, examples_here, size, channels, spec.cache_dir)
   buffer = max(1, min(int(spec.shuffle_buffer), examples_here))
   first = _first_epoch_buffer(batch, buffer)
-  stream_first_epoch = training and not use_service and cache not in NO_CACHE and first < buffer
+  # A file cache an earlier run finished is read, not decoded: nothing to
+  # stream, so its epoch 1 is shuffled like every other.
+  stream_first_epoch = (training and not use_service and cache not in NO_CACHE and first < buffer
+                        and not _file_cache_written(cache, cache_key))
   if stream_first_epoch:
     # A cached pipeline's epoch 1 (the one that decodes and fills the cache)
     # is shuffled here, as still-encoded records, through a buffer of
@@ -296,7 +299,7 @@ def _dataset(data_dir: str, split: str, spec: InputSpec, *, training: bool, batc
     # Trainer: every example once per epoch, full batches across epoch ends.
     ds = ds.unbatch().repeat()
   else:
-    ds = _cache(ds, cache, f"{key}-{pipeline_id}of{num_pipelines}")
+    ds = _cache(ds, cache, cache_key)
   if training and not use_service:
     # Shuffle after the cache (a fresh order each epoch), then repeat forever:
     # Keras counts epochs with steps_per_epoch (stats.steps_per_epoch).
@@ -431,14 +434,24 @@ def _cache(ds: tf.data.Dataset, cache: str, key: str) -> tf.data.Dataset:
     return ds
   if cache == "memory":
     return ds.cache()
-  # One file set per (data, split, size, aspect, channels, pipeline): a cache
-  # written for other settings is never read back by mistake.
-  path = f"{cache}-{key}"
+  path = _file_cache_path(cache, key)
   parent = os.path.dirname(path)
   if parent and not tf.io.gfile.exists(parent):
     tf.io.gfile.makedirs(parent)
   logging.info("caching decoded images to %s*", path)
   return ds.cache(path)
+
+
+def _file_cache_path(cache: str, key: str) -> str:
+  # One file set per (data, split, size, aspect, channels, pipeline): a cache
+  # written for other settings is never read back by mistake.
+  return f"{cache}-{key}"
+
+
+def _file_cache_written(cache: str, key: str) -> bool:
+  """A complete file cache is there: tf.data writes its index when an epoch finishes."""
+  return (cache not in NO_CACHE and cache != "memory"
+          and tf.io.gfile.exists(_file_cache_path(cache, key) + ".index"))
 
 
 def _first_epoch_buffer(batch: int, buffer: int) -> int:
