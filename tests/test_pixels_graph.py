@@ -219,3 +219,17 @@ def test_a_record_that_contradicts_its_manifest_fails_loudly(formats, depths, im
       lambda b: preprocess.decode_image(b, 1, min_side=20, forms=forms))
   with pytest.raises(tf.errors.InvalidArgumentError, match="manifest"):
     list(ds)
+
+
+def test_a_jpeg_larger_than_its_manifest_says_fails_loudly():
+  """When the manifest's largest side rules out any DCT scaling, only the
+  full-scale decode is built; a JPEG that could have been scaled is refused,
+  not decoded differently from the full contract."""
+  forms = preprocess.StoredForms.from_image_stats(_stats(["jpeg"], [8], height=40, width=48))
+  small, large = _jpeg(_smooth(40, 48)), _jpeg(_smooth(96, 128, 3))
+  load = lambda b: preprocess.decode_image(b, 3, min_side=24, forms=forms)  # noqa: E731
+  ds = tf.data.Dataset.from_tensors(small).map(load)
+  np.testing.assert_array_equal(next(iter(ds)).numpy(),
+                                preprocess.decode_image(small, 3, min_side=24).numpy())
+  with pytest.raises(tf.errors.InvalidArgumentError, match="shorter side <= 40"):
+    list(tf.data.Dataset.from_tensors(large).map(load))

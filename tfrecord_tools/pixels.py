@@ -490,9 +490,13 @@ def _decode_jpeg(encoded, channels: int, min_side: int, max_short_side: int = 0)
   With `max_short_side` (> 0) known, no image can be scaled when even that
   side cannot: then the one full-scale decode is built."""
   tf = _tf()
-  if min_side <= 0 or (max_short_side > 0
-                       and _ratio_index(max_short_side, min_side, _py_where) == 0):
+  if min_side <= 0:
     return tf.io.decode_jpeg(encoded, channels, dct_method=_DCT)
+  if max_short_side > 0 and _ratio_index(max_short_side, min_side, _py_where) == 0:
+    shape = tf.io.extract_jpeg_shape(encoded)
+    fits = tf.minimum(shape[0], shape[1]) <= max_short_side
+    with tf.control_dependencies([_expect(fits, f"a JPEG with a shorter side <= {max_short_side}")]):
+      return tf.io.decode_jpeg(encoded, channels, dct_method=_DCT)
   return _decode_jpeg_scaled(encoded, channels, min_side)
 
 
