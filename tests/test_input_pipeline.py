@@ -272,6 +272,25 @@ def test_a_finished_file_cache_is_shuffled_from_epoch_one(tiny_data, tmp_path):
   again = epoch_one()
   assert sorted(again) == sorted(written) == sorted(manifest_order(tiny_data)["train"])
   assert again != written
+  # With deterministic input a rerun repeats the first run, cache or not.
+  spec = _spec(cache=str(tmp_path / "det" / "c"), seed=3, deterministic=True)
+  assert epoch_one() == epoch_one()
+
+
+def test_training_sharded_by_element_partitions_every_epoch(tmp_path):
+  """Fewer files than input pipelines: every pipeline must draw the same file
+  order and read it in order before taking every n-th record, also unseeded."""
+  data = write_tiny_dataset(tmp_path / "data", layout={"train": (12, 2)})
+  want = sorted(manifest_order(data)["train"])
+  spec = input_pipeline.InputSpec(image_size=SIZE, channels=1, aspect="squash", seed=None)
+  streams = []
+  for i in range(3):
+    ds = input_pipeline.train_dataset(str(data), spec, global_batch=6, input_context=_ctx(i, 3),
+                                      with_filenames=True)
+    streams.append([x.decode() for b in ds.take(12) for x in b[2].numpy()])  # 6 epochs of 2 x 2
+  for e in range(6):
+    epoch = [n for s in streams for n in s[4 * e:4 * e + 4]]
+    assert sorted(epoch) == want, e
 
 
 def test_file_cache_is_keyed_and_read_back(tmp_path):

@@ -27,7 +27,8 @@ The chain (`_dataset`), top to bottom:
      -> resize -> uint8 [S, S, C]
   -> cache (auto | memory | file | off)   decoded pixels only; never augmentation
   -> shuffle (seeded) -> repeat           training only, after the cache; with a cache,
-                                          from epoch 2 (epoch 1 streams as decoded)
+                                          from epoch 2 (epoch 1 streams as decoded;
+                                          a finished file cache: from epoch 1)
   -> batch (per-replica batch; drop_remainder when training)
   -> labels in the loss's form -> prefetch(AUTOTUNE)
 
@@ -252,13 +253,17 @@ def _dataset(data_dir: str, split: str, spec: InputSpec, *, training: bool, batc
   if training and not use_service:
     # A new file order each epoch (matters only when nothing is cached). Not
     # with the service: its dispatcher must see the file list to split it.
-    ds = ds.shuffle(len(files), seed=spec.seed, reshuffle_each_iteration=True)
+    # Sharding by element, every pipeline must draw the same file order.
+    seed = 0 if shard_by_element and spec.seed is None else spec.seed
+    ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
   if training:
     # Interleave: read several shards at once; non-deterministic order lets a
-    # slow read (gs://) not stall the others.
+    # slow read (gs://) not stall the others. In order when sharding by
+    # element: each pipeline takes every n-th record of the same sequence.
     ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, buffer_size=_READ_BUFFER_BYTES),
                        cycle_length=min(len(files), _MAX_CYCLE_LENGTH), block_length=1,
-                       num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+                       num_parallel_calls=AUTOTUNE,
+                       deterministic=deterministic or shard_by_element)
   else:
     # Evaluation: shard after shard, records in file order (manifest order).
     ds = ds.flat_map(lambda f: tf.data.TFRecordDataset(f, buffer_size=_READ_BUFFER_BYTES))
@@ -274,9 +279,11 @@ def _dataset(data_dir: str, split: str, spec: InputSpec, *, training: bool, batc
   buffer = max(1, min(int(spec.shuffle_buffer), examples_here))
   first = _first_epoch_buffer(batch, buffer)
   # A file cache an earlier run finished is read, not decoded: nothing to
-  # stream, so its epoch 1 is shuffled like every other.
+  # stream, so its epoch 1 is shuffled like every other; except with
+  # spec.deterministic, where a rerun must repeat the first run's order.
   stream_first_epoch = (training and not use_service and cache not in NO_CACHE and first < buffer
-                        and not _file_cache_written(cache, cache_key))
+                        and (bool(spec.deterministic)
+                             or not _file_cache_written(cache, cache_key)))
   if stream_first_epoch:
     # A cached pipeline's epoch 1 (the one that decodes and fills the cache)
     # is shuffled here, as still-encoded records, through a buffer of
