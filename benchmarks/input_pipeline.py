@@ -324,6 +324,11 @@ def run_keras_tpu(images_path, paths_path, classes, n, size, batch, epochs, step
   return [first, steady] if epochs > 1 else [first]
 
 
+def no_step(batch) -> float:
+  """The loop's step for the rows that time the input alone: the batches only."""
+  return 0.0
+
+
 class XraytpuContender:
   """(4) or, with cache="off", (4n), timed round by round (`run_rounds`);
   with `alone`, (4a) / (4na): the same pipeline with no step, the batches only.
@@ -340,7 +345,7 @@ class XraytpuContender:
     cfg = Config(image_size=size, batch_size=batch, channels=channels, cache=cache, seed=seed,
                  augment="tutorial").resolve_augment()
     self.data_dir, self.batch, self.epochs = data_dir, batch, epochs
-    self.step = (lambda x: 0.0) if alone else steps_fn["xraytpu"]
+    self.step = no_step if alone else steps_fn["xraytpu"]
     self.manifest = schema.read_manifest(data_dir)
     self.spec = input_pipeline.InputSpec.from_config(cfg, self.manifest)
     self.steps = stats.steps_per_epoch(self.manifest, "train", batch, drop_remainder=True)
@@ -385,7 +390,7 @@ class BoundContender:
         num_parallel_calls=tf.data.AUTOTUNE).batch(batch).prefetch(tf.data.AUTOTUNE)
     if step is None:
       self.result = Result("bound", f"(B) bound: decode_image + resize from memory, {channels} ch")
-      self.step = lambda x: 0.0  # no step: the batches only
+      self.step = no_step
     else:
       self.result = Result("bound_step", f"(BS) bound (B) + the same step as (4), {channels} ch")
       self.step = step
