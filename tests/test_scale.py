@@ -238,6 +238,28 @@ def test_converter_records_grey_rgb_films_as_one_channel(tmp_path):
   assert manifest["pixel_contract"] == pixels.CONTRACT_VERSION == 3
   assert {str(k): v for k, v in manifest["image_stats"]["channels"].items() if v} == {"1": 6}
   assert stats.input_channels(manifest, Config()) == 1
+  # inspect reads every record back: a kept grey-as-RGB JPEG recorded as 1
+  # channel is consistent (its three channels are equal) ...
+  from tfrecord_tools import inspect as tfr_inspect
+  from tfrecord_tools import records
+  report = tfr_inspect.inspect_dataset(str(out), log=lambda line: None)
+  assert report["ok"], report["problems"]
+  # ... and a real colour JPEG recorded as 1 channel is not.
+  shard = out / manifest["splits"]["train"]["shards"][0]["file"]
+  examples = [tf.train.Example.FromString(r) for r in tf.data.TFRecordDataset(str(shard)).as_numpy_iterator()]
+  fmt = examples[0].features.feature[records.FORMAT].bytes_list.value[0]
+  h = examples[0].features.feature[records.HEIGHT].int64_list.value[0]
+  w = examples[0].features.feature[records.WIDTH].int64_list.value[0]
+  colour = np.zeros((h, w, 3), np.uint8)
+  colour[..., 0] = 200
+  buf = io.BytesIO()
+  Image.fromarray(colour).save(buf, format="JPEG" if fmt == b"jpeg" else "PNG")
+  examples[0].features.feature[records.ENCODED].bytes_list.value[0] = buf.getvalue()
+  with tf.io.TFRecordWriter(str(shard)) as writer:
+    for ex in examples:
+      writer.write(ex.SerializeToString())
+  report = tfr_inspect.inspect_dataset(str(out), log=lambda line: None)
+  assert not report["ok"] and any("but the record says" in p for p in report["problems"])
 
 
 # ---- decode scale: the coarsest JPEG DCT scale that still covers the input ------

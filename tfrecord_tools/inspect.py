@@ -41,7 +41,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from tfrecord_tools import _entry, errors, records, schema, storage
+from tfrecord_tools import _entry, errors, pixels, records, schema, storage
 from tfrecord_tools.labels import MULTI_LABEL, NO_FINDING
 
 
@@ -153,6 +153,10 @@ def inspect_dataset(data_dir: str, *, grid_path: str | None = None, grid_per_cla
             problems.append(f"{where}: image does not decode ({str(e).splitlines()[0]})")
             continue
           want = (int(ex[records.HEIGHT]), int(ex[records.WIDTH]), int(ex[records.CHANNELS]))
+          if want[2] == 1 and img.ndim == 3 and img.shape[2] == 3 and pixels.is_grey(img):
+            # The pixel contract's step 4: a grey film stored as RGB (a JPEG kept
+            # byte for byte) is recorded as 1 channel; decoded grey, it is.
+            img = img[..., :1]
           if img.shape != want:
             problems.append(f"{where}: decoded shape {img.shape} but the record says {want}")
           if ex[records.SHA256]:

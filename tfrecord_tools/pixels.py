@@ -136,8 +136,9 @@ def _to_canonical(im: Image.Image) -> Image.Image:
   raise ImageError(f"unsupported image mode {mode}")
 
 
-def _is_grey(rgb: Image.Image) -> bool:
-  """True when an "RGB" image's three channels are equal at every pixel."""
+def is_grey(rgb) -> bool:
+  """True when an "RGB" image's (PIL image or [H, W, 3] array) three channels
+  are equal at every pixel: step 4's grey film, recorded as 1 channel."""
   a = np.asarray(rgb)
   return bool(np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 0], a[..., 2]))
 
@@ -289,7 +290,7 @@ def prepare_image(data: bytes, *, max_side: int = 0, channels: str = "keep",
 
   if channels == "1" and canonical.mode == "RGB":
     canonical, changed = canonical.convert("L"), True
-  if channels == "keep" and canonical.mode == "RGB" and _is_grey(canonical):
+  if channels == "keep" and canonical.mode == "RGB" and is_grey(canonical):
     # A grey film stored as RGB: "L", the same values (luma of v, v, v is v).
     # A JPEG whose bytes are kept decodes to the same grey (see step 4).
     canonical = canonical.convert("L")
