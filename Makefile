@@ -2,12 +2,15 @@
 #   make demo   create/reuse .venv, generate (or take DATA=path) images, convert, inspect, train, evaluate
 #   make test   create/reuse .venv and run the test suite (what CI runs)
 # GPU box: make venv TF_WHEEL='tensorflow[and-cuda]~=2.21.0'   (see WORKSPACE.md for TPU VMs)
+# TensorFlow 2.20 (what Cloud TPU VMs get): make venv TF=2.20 VENV=.venv-tf220
 # JPEG-LS / JPEG-lossless DICOM: make venv EXTRAS=dev,beam,dicom-jpeg   (GPL-3.0 decoder)
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TF_WHEEL ?= tensorflow-cpu~=2.21.0
+# Supported: 2.20 and 2.21. tf-keras always takes TensorFlow's minor version.
+TF ?= 2.21
+TF_WHEEL ?= tensorflow-cpu~=$(TF).0
 # pydicom comes with the package itself (setup.cfg install_requires).
 EXTRAS ?= dev,beam
 STAMP := $(VENV)/.xraytpu-installed
@@ -29,7 +32,7 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TF_WHEEL)"
-	$(PY) -m pip install -q --no-deps "tf-keras~=2.21.0"
+	$(PY) -m pip install -q --no-deps "tf-keras~=$(TF).0"
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	$(PY) -c "import tensorflow as tf, tf_keras; print('TensorFlow', tf.__version__, '| tf_keras', tf_keras.__version__)"
 	touch $@

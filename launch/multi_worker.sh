@@ -8,6 +8,8 @@
 #
 # Local mode starts every worker here and waits for all of them; with --hosts it
 # starts only worker --index on this machine (run it once on each host).
+# --install=cpu|gpu|tpu first installs TensorFlow, tf-keras and xraytpu here (run from the
+# repository folder; the commands are launch/common.sh's INSTALL_*).
 # Worker 0 is the chief: it writes the run directory; the others write to
 # temporary directories that are removed at the end (see xraytpu.train_lib).
 set -euo pipefail
@@ -15,7 +17,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=launch/common.sh
 source "$here/common.sh"
 
-NUM_WORKERS=2; HOSTS=""; INDEX=""; LOG_DIR=""; PYTHON=${PYTHON:-python}
+NUM_WORKERS=2; HOSTS=""; INDEX=""; LOG_DIR=""; PYTHON=${PYTHON:-python}; INSTALL=""
 TRAIN_ARGS=()
 while [ $# -gt 0 ]; do
   case $1 in
@@ -24,14 +26,22 @@ while [ $# -gt 0 ]; do
     --index=*) INDEX=${1#*=} ;;
     --log_dir=*) LOG_DIR=${1#*=} ;;
     --python=*) PYTHON=${1#*=} ;;
+    --install=*) INSTALL=${1#*=} ;;
     --dry_run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     --) shift; TRAIN_ARGS=("$@"); break ;;
     *) die "unknown argument: $1 (launcher flags first, then -- and the xraytpu.train flags)" ;;
   esac
   shift
 done
 [ ${#TRAIN_ARGS[@]} -gt 0 ] || die "no training flags: add -- --data_dir=... --model_dir=..."
+case $INSTALL in
+  "") ;;
+  cpu) run bash -c "$INSTALL_CPU" ;;
+  gpu) run bash -c "$INSTALL_GPU" ;;
+  tpu) run bash -c "$INSTALL_TPU" ;;
+  *) die "--install must be cpu, gpu or tpu" ;;
+esac
 
 if [ -z "$HOSTS" ]; then
   [[ "$NUM_WORKERS" =~ ^[1-9][0-9]*$ ]] || die "--num_workers must be a positive integer"

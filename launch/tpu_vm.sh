@@ -51,8 +51,7 @@ run python -m tfrecord_tools.convert --input_dir="$IMAGES" --output_dir="$DATA" 
 run gcloud compute tpus tpu-vm create "$NAME" --project="$PROJECT" --zone="$ZONE" \
   --accelerator-type="$ACCELERATOR_TYPE" --version="$RUNTIME"
 # 3. Install: TensorFlow for TPU (with libtpu) and tf-keras, then xraytpu.
-INSTALL="set -e; python3 -m pip install -q tensorflow-tpu~=2.21.0 -f https://storage.googleapis.com/libtpu-tf-releases/index.html; \
-python3 -m pip install -q --no-deps tf-keras~=2.21.0; git clone -q $REPO xraytpu || true; cd xraytpu && python3 -m pip install -q -e .[gcs]"
+INSTALL="set -e; git clone -q $REPO xraytpu || true; cd xraytpu && $INSTALL_TPU"
 run gcloud compute tpus tpu-vm ssh "$NAME" --project="$PROJECT" --zone="$ZONE" --command="$INSTALL"
 # 4. Train on the TPU: data and run directory on GCS (preemption-safe: rerun the same command).
 TRAIN="cd xraytpu && python3 -m xraytpu.train --strategy=tpu --tpu=local --data_dir=$DATA --model_dir=$RUN \

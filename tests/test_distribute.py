@@ -110,29 +110,6 @@ def _env(**extra) -> dict:
   return env
 
 
-@pytest.mark.slow
-def test_mirrored_over_two_logical_cpus_matches_default(demo_data_dir, tmp_path):
-  code = _TRAIN.format(split_cpu=True, strategies=["default", "mirrored"], data=demo_data_dir,
-                       run=str(tmp_path), weights=str(tmp_path), spe=2)
-  out = _result(_run(code, _env(), 300), 300)
-  assert out["mirrored"]["replicas"] == 2 and len(out["mirrored"]["devices"]) == 2
-  assert out["default"]["replicas"] == 1
-  assert out["mirrored"]["shape"] == out["default"]["shape"] == [3, 1]
-  assert out["mirrored"]["history"] == out["default"]["history"]  # same epochs and metric columns
-  cfg = json.load(open(tmp_path / "mirrored" / "config.json"))
-  assert cfg["run"]["per_replica_batch"] == 4 and cfg["run"]["global_batch"] == 8
-  assert (tmp_path / "mirrored" / "model.keras").is_file()
-
-
-@pytest.mark.slow
-def test_mirrored_validates_with_one_step_per_execution(demo_data_dir, tmp_path):
-  """Keras needs validation_steps for a distributed validation set, whatever steps_per_execution."""
-  code = _TRAIN.format(split_cpu=True, strategies=["mirrored"], data=demo_data_dir,
-                       run=str(tmp_path), weights=str(tmp_path), spe=1)
-  out = _result(_run(code, _env(), 300), 300)
-  assert out["mirrored"]["replicas"] == 2 and "val_auc" in out["mirrored"]["history"][0]
-
-
 def _free_ports(n: int) -> list[int]:
   socks = [socket.socket() for _ in range(n)]
   try:

@@ -549,3 +549,58 @@ def test_stats_edge_cases(tiny_data):
   with pytest.raises(DataError):
     stats.input_channels(m, Config(channels=2))
   assert dataclasses.replace(Config(), channels=1).channels == 1
+
+
+@pytest.mark.parametrize("pipelines,replicas,batch", [(1, 1, 3), (1, 2, 8), (2, 1, 8), (2, 2, 3),
+                                                      (3, 1, 5), (2, 4, 16)])
+def test_padded_evaluation_counts_every_example_once(demo_data_dir, pipelines, replicas, batch):
+  """Distributed validation: every pipeline yields the plan's steps x its replicas full batches,
+  padding weighs 0, and the real examples (by file name) are the split, each exactly once."""
+  manifest = schema.read_manifest(demo_data_dir)
+  spec = input_pipeline.InputSpec(image_size=16, channels=0, aspect="squash")
+  global_batch = batch * pipelines * replicas
+  for split in ("train", "val"):   # 44 and 8 examples in 2 shards: by file and by element
+    want = sorted(f.decode() for _, _, f in input_pipeline.eval_dataset(
+        demo_data_dir, split, spec, batch_size=1000, with_filenames=True).unbatch().as_numpy_iterator())
+    plan = input_pipeline.eval_plan(manifest, split, global_batch, pipelines)
+    assert plan.examples == len(want) and plan.steps * global_batch == plan.examples + plan.padding
+    assert plan.weight == pytest.approx(plan.steps * global_batch / len(want))
+    got, total_weight = [], 0.0
+    for pid in range(pipelines):
+      ctx = tf.distribute.InputContext(pipelines, pid, pipelines * replicas)
+      ds = input_pipeline.eval_dataset(demo_data_dir, split, spec, batch_size=global_batch,
+                                       input_context=ctx, with_filenames=True, padded=True,
+                                       manifest=manifest)
+      batches = list(ds.as_numpy_iterator())
+      assert len(batches) == plan.steps * replicas
+      for image, label, weight, names in batches:
+        assert image.shape == (batch, 16, 16, 1) and weight.shape == (batch,)
+        assert np.all(np.isclose(weight, plan.weight, rtol=1e-6) | (weight == 0))
+        got += [n.decode() for n, w in zip(names, weight) if w > 0]
+        assert all(n == b"" for n, w in zip(names, weight) if w == 0)
+        total_weight += float(weight.sum())
+    assert sorted(got) == want
+    assert total_weight == pytest.approx(plan.steps * global_batch)
+
+
+def test_padded_multi_label_evaluation_masks_the_padding(tmp_path):
+  """Multi-label padding carries an all-zero label mask (the loss and AUCs skip it), weight 1."""
+  from tfrecord_tools import convert_lib, synthetic
+  images = tmp_path / "images"
+  synthetic.generate_labelled(str(images), "nih", num_images=40, size=32, seed=1)
+  out = tmp_path / "rec"
+  convert_lib.convert(convert_lib.ConvertOptions(
+      input_dir=str(images), output_dir=str(out), num_workers=1, quiet=True,
+      labels_csv=str(images / synthetic.NIH_CSV)))
+  manifest = schema.read_manifest(str(out))
+  k = len(manifest["classes"])
+  spec = input_pipeline.InputSpec(image_size=16, channels=0, aspect="squash")
+  n = manifest["splits"]["val"]["num_examples"]
+  ctx = tf.distribute.InputContext(1, 0, 2)
+  ds = input_pipeline.eval_dataset(str(out), "val", spec, batch_size=8, input_context=ctx,
+                                   label_mode="multi_label", padded=True, manifest=manifest)
+  ys, ws = zip(*[(y, w) for _, y, w in ds.as_numpy_iterator()])
+  y, w = np.concatenate(ys), np.concatenate(ws)
+  plan = input_pipeline.eval_plan(manifest, "val", 8, 1, multi_label=True)
+  assert len(y) == plan.steps * 8 and plan.weight == 1.0 and np.all(w == 1.0)
+  assert np.all(y[n:] == 0) and np.all(y[:n, k:].sum(axis=1) > 0)   # padding: mask 0

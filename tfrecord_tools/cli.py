@@ -7,6 +7,13 @@ dataclass back with `from_flags(Options)` inside `main`. So each default and
 each help text is written once, in the dataclass the library takes; library
 code never reads flags. A field without a default is a required flag.
 
+Help: `--help` (also `-h`, `--helpshort`) prints the command's docstring and its
+own flags grouped by topic, and exits 0, the same whether the command runs as
+`python -m MODULE` or as an installed console script (absl's own --help lists
+only the flags of the `__main__` module, which for a console script is the
+generated wrapper: nothing). A dataclass names the topics of its fields with
+`FLAG_TOPICS = {"topic": ("field", ...)}` or one `FLAG_TOPIC` for all of them.
+
 `run(main)` starts a command (absl's `app.run`) and is the one place that
 turns a user's mistake into one line, `<prog>: error: <message>`, and exit
 code 2: a `tfrecord_tools.errors.UserError` (xraytpu's errors subclass it), a
@@ -32,6 +39,14 @@ flags.disclaim_key_flags()
 
 EXIT_USER_ERROR = 2
 T = TypeVar("T")
+HELP_FLAGS = ("--help", "-h", "--helpshort", "-?")
+# flag name -> its help topic, filled by define_flags (flags defined by hand: the command's own)
+_TOPIC_OF: dict[str, str] = {}
+# What to install when TensorFlow or tf-keras is missing (WORKSPACE.md has the details).
+INSTALL_HINT = ("install TensorFlow and tf-keras for this machine: CPU: pip install "
+                "'xraytpu[cpu]' && pip install --no-deps 'tf-keras~=2.21.0'; GPU: pip install "
+                "'xraytpu[gpu]'; Cloud TPU VM: pip install 'xraytpu[tpu]' && pip install --no-deps "
+                "'tf-keras~=2.20.0' (WORKSPACE.md)")
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 
 
@@ -63,7 +78,10 @@ def define_flags(cls: type, names: Iterable[str] | None = None,
                  flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """Defines one absl flag per field of the dataclass `cls` (or per field in `names`)."""
   fv = dict(flag_values=flag_values)
+  topics = getattr(cls, "FLAG_TOPICS", {})
   for f in fields(cls, names):
+    _TOPIC_OF[f.name] = next((t for t, members in topics.items() if f.name in members),
+                             getattr(cls, "FLAG_TOPIC", "options"))
     required = f.default is dataclasses.MISSING
     default = None if required else f.default
     help_, choices, kind = f.metadata["help"], f.metadata["choices"], _type_of(f)
@@ -124,15 +142,52 @@ def _parse_flags(argv: list[str]) -> list[str]:
     raise  # not reached
 
 
+def help_text(doc: str = "", flag_values: flags.FlagValues = flags.FLAGS) -> str:
+  """The command's docstring, then its flags grouped by topic (absl's own flags left out)."""
+  import textwrap  # noqa: PLC0415
+  groups: dict[str, list] = {}
+  for module, module_flags in flag_values.flags_by_module_dict().items():
+    if module.startswith("absl") or module.startswith("tensorflow"):
+      continue
+    for fl in module_flags:
+      groups.setdefault(_TOPIC_OF.get(fl.name, prog()), []).append(fl)
+  lines = [textwrap.dedent(doc).strip(), ""] if doc and doc.strip() else []
+  lines.append(f"usage: {prog()} [--flag=value ...]   (--flagfile=FILE: one --flag=value per line)")
+  for topic, group in groups.items():
+    lines += ["", f"{topic}:"]
+    for fl in sorted({f.name: f for f in group}.values(), key=lambda f: f.name):
+      name = f"--[no]{fl.name}" if fl.boolean else f"--{fl.name}"
+      default = "" if fl.default is None else f" (default: {fl.default_as_str or repr(fl.default)})"
+      lines += textwrap.wrap(f"{name}: {fl.help}{default}", width=100, initial_indent="  ",
+                             subsequent_indent="      ")
+  lines += ["", "--helpfull: every flag, absl's included."]
+  return "\n".join(lines)
+
+
+def _missing_tensorflow(e: ImportError) -> bool:
+  return (getattr(e, "name", None) or "").split(".")[0] in ("tensorflow", "tf_keras")
+
+
 def run(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
   """Runs `main` under absl (flags parsed, logging set up); user errors become one line + exit code."""
   from absl import app  # noqa: PLC0415
+
+  args = sys.argv if argv is None else argv
+  if any(a in HELP_FLAGS for a in args[1:]):
+    module = sys.modules.get(getattr(main, "__module__", ""), None)
+    print(help_text(getattr(module, "__doc__", "") or ""))
+    sys.exit(0)
 
   def guarded(args: list[str]) -> Any:
     try:
       return main(args)
     except errors.UserError as e:
       fail(e)
+    except ImportError as e:
+      if not _missing_tensorflow(e):
+        raise
+      # xraytpu._keras words its own (a tf-keras that does not match TensorFlow, ...)
+      fail(str(e) if "pip install" in str(e) else f"{e.name} is not installed: {INSTALL_HINT}", 1)
     except Exception as e:  # noqa: BLE001 - only classes that name their exit code are caught
       code = getattr(type(e), "exit_code", None)
       if not isinstance(code, int):

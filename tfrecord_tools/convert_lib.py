@@ -57,7 +57,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 from tfrecord_tools import __version__, cli, dicom, errors, locks, pixels, pool, records, schema, shards, storage
 from tfrecord_tools import labels as labels_lib
@@ -88,6 +88,7 @@ DEFAULT_FRACTION = 0.15
 @dataclasses.dataclass
 class ConvertOptions:
   """Arguments of one conversion: the flags of `python -m tfrecord_tools.convert`, defaults and help."""
+  FLAG_TOPIC: ClassVar[str] = "conversion"   # --help heading (tfrecord_tools.cli.help_text)
   input_dir: str = cli.field(help="Folder of images: input/<class>/* or input/<split>/<class>/*; for "
                              "keras_pair, the folder of the images.tfrec + paths.tfrec pair (or of "
                              "train/, test/ with one); with --labels_csv, the image root.")

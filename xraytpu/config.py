@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 from tfrecord_tools import cli
 from xraytpu import errors
@@ -116,6 +116,18 @@ class Config:
                           "profile_batch); empty = off.")
   overwrite: bool = _f(False, "Allow replacing a finished run in --model_dir.")
 
+  # --help groups the flags by these topics (tfrecord_tools.cli.help_text); the rest: "training".
+  FLAG_TOPIC: ClassVar[str] = "training"
+  FLAG_TOPICS: ClassVar[dict[str, tuple[str, ...]]] = {
+      "data": ("data_dir", "tfds_data_dir", "tfds_manual_dir", "tfds_cache_dir", "image_size",
+               "channels", "aspect", "cache", "cache_dir", "shuffle_buffer", "deterministic",
+               "private_threads", "ram_budget_mb", "data_service_address"),
+      "augmentation": ("augment",) + tuple(AUGMENT_PRESETS["none"]),
+      "model": ("model", "weights", "head", "dropout"),
+      "distribution": ("strategy", "tpu", "mixed_precision", "steps_per_execution", "jit_compile"),
+      "run directory": ("model_dir", "overwrite", "profile_steps"),
+  }
+
   def resolve_augment(self, explicit: set[str] | None = None) -> "Config":
     """Applies `augment`'s preset to every augmentation field not in `explicit`."""
     preset = AUGMENT_PRESETS[self.augment]
@@ -148,6 +160,7 @@ RUN_DIR_HELP = "Run directory written by xraytpu.train."
 @dataclasses.dataclass
 class EvalConfig:
   """What `python -m xraytpu.evaluate` takes (see xraytpu.evaluate_lib.evaluate)."""
+  FLAG_TOPIC: ClassVar[str] = "evaluation"   # --help heading
   model_dir: str = _f(help=RUN_DIR_HELP)
   data_dir: str = _f("", "Converted data set to evaluate (default: the run's training data). "
                      "Its classes must be known to the model (matched by name).")
@@ -167,6 +180,7 @@ class EvalConfig:
 @dataclasses.dataclass
 class PredictConfig:
   """What `python -m xraytpu.predict` takes besides the paths (see xraytpu.predict_lib.run_predict)."""
+  FLAG_TOPIC: ClassVar[str] = "prediction"   # --help heading
   model_dir: str = _f(help=RUN_DIR_HELP)
   output: str = _f("", "Also write the predictions to FILE.csv or FILE.jsonl.")
   gradcam: str = _f("", "Write a Grad-CAM overlay PNG per image to this folder.")
@@ -181,6 +195,7 @@ class PredictConfig:
 @dataclasses.dataclass
 class ExportConfig:
   """What `python -m xraytpu.export` takes (see xraytpu.export_lib.export)."""
+  FLAG_TOPIC: ClassVar[str] = "export"   # --help heading
   model_dir: str = _f(help=RUN_DIR_HELP)
   version: int = _f(0, "Integer version folder (0 = the next free one).")
   export_dir: str = _f("", "Parent folder of the version folders (default RUN/export), e.g. a TF Serving "
@@ -194,6 +209,7 @@ class ServeError(errors.UserError):
 @dataclasses.dataclass
 class ServeOptions:
   """What `python -m xraytpu.serve` takes (see xraytpu.serve_lib.serve); fields without help are not flags."""
+  FLAG_TOPIC: ClassVar[str] = "serving"   # --help heading
   model_dir: str = _f(help="Run directory written by xraytpu.train (and xraytpu.evaluate).")
   host: str = _f("127.0.0.1", "Address to listen on (0.0.0.0 = every interface: no authentication!).")
   port: int = _f(8080, "Port to listen on (0 = any free port, printed at start-up).")

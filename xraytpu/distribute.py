@@ -7,7 +7,10 @@ It never falls back silently to another strategy: a failed TPU connection that
 quietly trains on CPU wastes a day.
 
   default       tf.distribute default strategy: one device, whatever TF picks.
-  one_device    OneDeviceStrategy on /gpu:0 when a GPU is visible, else /cpu:0.
+  one_device    one replica on /gpu:0 when a GPU is visible, else /cpu:0: a
+                MirroredStrategy over that one device. tf.distribute's
+                OneDeviceStrategy cannot train here: tf_keras' BackupAndRestore
+                (resume after preemption) refuses it ("not supported yet").
   mirrored      MirroredStrategy over every local GPU; without GPUs, over every
                 logical CPU device (1 unless the process split its CPU).
   multi_worker  MultiWorkerMirroredStrategy; the cluster comes from TF_CONFIG
@@ -72,7 +75,8 @@ def get_strategy(name: str, *, tpu: str = "local") -> tf.distribute.Strategy:
     strategy = tf.distribute.get_strategy()
   elif name == "one_device":
     gpus = tf.config.list_logical_devices("GPU")
-    strategy = tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
+    device = (gpus or tf.config.list_logical_devices("CPU"))[0].name
+    strategy = tf.distribute.MirroredStrategy(devices=[device])
   elif name == "mirrored":
     gpus = tf.config.list_logical_devices("GPU")
     devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
@@ -93,6 +97,23 @@ def get_strategy(name: str, *, tpu: str = "local") -> tf.distribute.Strategy:
   logging.info("Strategy %s (%s): %d replica(s) in sync on %d worker(s); this worker's devices: %s",
                name, info.cls, info.replicas, info.num_workers, ", ".join(info.devices))
   return strategy
+
+
+def check_supported(info: StrategyInfo, *, jit_compile: bool) -> None:
+  """Refuses, before any work, what TensorFlow cannot run: XLA (--jit_compile)
+  over more than one replica on CPUs. In one process, XLA compiles every replica
+  for the first CPU device, where the other replicas' variables are not
+  ("Trying to access resource .../replica_1 located in device CPU:1 from device
+  CPU:0", tensorflow/tensorflow#53140); across worker processes, XLA has no CPU
+  collectives ("Collectives are not yet implemented for CPU devices when
+  compiling with XLA"). One replica compiles on a CPU; GPUs and TPUs compile
+  any number."""
+  if jit_compile and info.accelerator == "cpu" and info.replicas > 1:
+    raise StrategyError(
+        f"--jit_compile with --strategy={info.name} over {info.replicas} CPU replicas cannot run: "
+        "TensorFlow's XLA has no multi-replica CPU support (one process compiles every replica "
+        "for the first device; workers have no XLA collectives on CPU). Drop --jit_compile, or "
+        "train one CPU replica (--strategy=default)")
 
 
 def _check_tf_config(text: str) -> None:

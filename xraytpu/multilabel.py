@@ -130,5 +130,7 @@ class MaskedAUC(keras.metrics.AUC):
 def make_metrics(findings: list[str]) -> list:
   """The mean AUC ("auc") first, then one "auc_<finding>" per finding, in `findings` order."""
   k = len(findings)
-  return [MaskedAUC(k, name=MEAN_AUC)] + [MaskedAUC(k, finding=i, name=name)
-                                          for i, name in enumerate(metric_names(findings).values())]
+  # float32 under any mixed-precision policy (see train_lib.make_metrics).
+  return [MaskedAUC(k, name=MEAN_AUC, dtype="float32")] + [
+      MaskedAUC(k, finding=i, name=name, dtype="float32")
+      for i, name in enumerate(metric_names(findings).values())]

@@ -309,10 +309,16 @@ def make_metrics(num_classes: int, *, task: str = stats.SINGLE_LABEL,
   """
   if task == stats.MULTI_LABEL:
     return multilabel.make_metrics(list(findings or []))
-  acc = (keras.metrics.BinaryAccuracy(name="accuracy") if num_classes == 2
-         else keras.metrics.CategoricalAccuracy(name="accuracy"))
-  return [acc, keras.metrics.Precision(name="precision"), keras.metrics.Recall(name="recall"),
-          keras.metrics.AUC(name="auc"), keras.metrics.AUC(curve="PR", name="pr_auc")]
+  # float32 whatever the mixed-precision policy: under a strategy, metric variables are
+  # sync-on-read, and the policy's AutoCastVariable wrapper cannot be read (sliced) inside
+  # result() there (PR AUC's interpolation fails with "read_value() inside
+  # variable_sync_on_read_context"). Counts want float32 anyway.
+  f32 = dict(dtype="float32")
+  acc = (keras.metrics.BinaryAccuracy(name="accuracy", **f32) if num_classes == 2
+         else keras.metrics.CategoricalAccuracy(name="accuracy", **f32))
+  return [acc, keras.metrics.Precision(name="precision", **f32),
+          keras.metrics.Recall(name="recall", **f32), keras.metrics.AUC(name="auc", **f32),
+          keras.metrics.AUC(curve="PR", name="pr_auc", **f32)]
 
 
 def compile_model(model: keras.Model, cfg: Config, *, learning_rate, num_classes: int,
@@ -321,7 +327,12 @@ def compile_model(model: keras.Model, cfg: Config, *, learning_rate, num_classes
   """Optimizer, loss and metrics; multi-label takes the findings and optional positive weights."""
   model.compile(optimizer=make_optimizer(cfg.optimizer, learning_rate, cfg.weight_decay),
                 loss=make_loss(num_classes, cfg.label_smoothing, task=task, pos_weight=pos_weight),
-                metrics=make_metrics(num_classes, task=task, findings=findings),
+                # Weighted: validation pads its last steps with weight-0 examples
+                # (input_pipeline.eval_plan), and Keras applies sample weights only to
+                # `weighted_metrics`. Training with --class_weight=balanced therefore
+                # logs class-weighted training accuracy/precision (ROC AUC is unchanged
+                # by per-class weights); validation carries no class weights.
+                weighted_metrics=make_metrics(num_classes, task=task, findings=findings),
                 steps_per_execution=cfg.steps_per_execution,
                 jit_compile=jit_compile)
 
@@ -344,15 +355,18 @@ def _class_weight_fn(weights: dict[int, float], num_classes: int):
 
 
 def make_datasets(cfg: Config, strategy, manifest: dict, *, label_mode: str,
-                  class_weights: dict[int, float] | None, has_val: bool,
-                  eval_drop_remainder: bool = False):
-  """Distributed train (repeating, weighted) and val (one pass) datasets.
+                  class_weights: dict[int, float] | None, has_val: bool):
+  """Distributed train (repeating, weighted) and val (one padded pass) datasets,
+  and the number of validation steps.
 
   class_weights: single-label only, as per-example weights; multi-label
   weighting lives in the loss (positive weights per finding).
 
-  eval_drop_remainder: drop the last partial validation batch (TPU: every
-  batch must have the same shape).
+  Validation, under every strategy, is `input_pipeline.eval_dataset(padded=True)`:
+  each replica gets the same number of full batches (static shapes for XLA and
+  TPU, no replica left with an empty batch), padding weighs 0, and every val
+  example counts exactly once in the loss and metrics. The step count is
+  `input_pipeline.eval_plan`'s, over the input pipelines the strategy made.
   """
   num_classes = len(manifest["classes"])
   spec = input_pipeline.InputSpec.from_config(cfg, manifest)
@@ -365,14 +379,23 @@ def make_datasets(cfg: Config, strategy, manifest: dict, *, label_mode: str,
                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds
 
+  pipelines: list[int] = []
+
   def val_fn(ctx: tf.distribute.InputContext):
+    pipelines.append(ctx.num_input_pipelines)
     return input_pipeline.eval_dataset(cfg.data_dir, "val", spec, batch_size=cfg.batch_size,
                                        input_context=ctx, label_mode=label_mode, manifest=manifest,
-                                       drop_remainder=eval_drop_remainder)
+                                       padded=True)
 
   train = strategy.distribute_datasets_from_function(train_fn)
-  val = strategy.distribute_datasets_from_function(val_fn) if has_val else None
-  return train, val
+  if not has_val:
+    return train, None, None
+  val = strategy.distribute_datasets_from_function(val_fn)
+  plan = input_pipeline.eval_plan(manifest, "val", cfg.batch_size, max(pipelines or [1]),
+                                  multi_label=label_mode == "multi_label")
+  logging.info("Validation: %d example(s) in %d step(s) of %d (%d padding, weight 0)",
+               plan.examples, plan.steps, cfg.batch_size, plan.padding)
+  return train, val, plan.steps
 
 
 # ---------------------------------------------------------------------------
@@ -471,6 +494,7 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
   if strategy is None:
     strategy = distribute.get_strategy(cfg.strategy, tpu=cfg.tpu)
   info = distribute.describe(strategy, cfg.strategy)
+  distribute.check_supported(info, jit_compile=cfg.jit_compile)
   per_replica = distribute.per_replica_batch(cfg.batch_size, strategy)
   global_batch = cfg.batch_size
 
@@ -512,9 +536,8 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
     pos_weight = None
   output_bias = np.asarray(stats.initial_bias(manifest), np.float32).reshape(-1)
   loss_kw = dict(task=task, findings=classes, pos_weight=pos_weight)
-  train_ds, val_ds = make_datasets(cfg, strategy, manifest, label_mode=label_mode,
-                                   class_weights=class_weights, has_val=has_val,
-                                   eval_drop_remainder=info.accelerator == "tpu")
+  train_ds, val_ds, val_steps = make_datasets(cfg, strategy, manifest, label_mode=label_mode,
+                                              class_weights=class_weights, has_val=has_val)
   monitor = "val_auc" if has_val else "auc"
   if not has_val:
     logging.warning("The data set has no 'val' split: the best checkpoint is chosen by training AUC.")
@@ -571,7 +594,7 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
   total_epochs = cfg.epochs + (cfg.fine_tune_epochs if cfg.fine_tune_at >= 0 else 0)
   nan = StopOnNaN()
   fit_kw = dict(steps_per_epoch=steps_per_epoch, validation_data=val_ds,
-                validation_steps=_validation_steps(cfg, manifest, info, per_replica, has_val),
+                validation_steps=val_steps,
                 verbose=verbose if chief else 0)
   phase1_done = storage.exists(rundir.path(run_dir, rundir.PHASE1_WEIGHTS))
   log_kw = dict(log_dir=log_mirror.local, log_mirror=log_mirror) if log_mirror is not None else {}
@@ -630,19 +653,6 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
                "lines); run dir %s", len(history), monitor, "n/a" if best is None else f"{best:.4f}",
                "n/a" if best_epoch is None else int(best_epoch) + 1, cfg.model_dir)
   return TrainResult(model=model, history=history, run_dir=cfg.model_dir, config=cfg, strategy=info)
-
-
-def _validation_steps(cfg: Config, manifest: dict, info: distribute.StrategyInfo,
-                      per_replica: int, has_val: bool) -> int | None:
-  """None (one full pass, Keras counts) for a single replica with one step per
-  execution. Otherwise Keras needs the count (a distributed validation set, or
-  steps_per_execution > 1): each worker reads ~1/num_workers of the split in
-  per-replica batches, and one step takes a batch for each of its local replicas."""
-  if not has_val or (cfg.steps_per_execution <= 1 and info.num_workers <= 1 and info.replicas <= 1):
-    return None
-  n = -(-int(manifest["splits"]["val"]["num_examples"]) // info.num_workers)
-  local = max(1, info.replicas // info.num_workers) * per_replica
-  return max(1, n // local if info.accelerator == "tpu" else -(-n // local))
 
 
 def _best(run_dir: str, monitor: str) -> float | None:

@@ -9,7 +9,9 @@ Two builders, one chain:
 
   train_dataset(data_dir, spec, global_batch=...)    shuffled, repeated, fixed-shape batches
   eval_dataset(data_dir, split, spec, batch_size=...) manifest order, every example exactly
-                                                     once, last batch kept
+                                                     once, last batch kept; or, with
+                                                     padded=True, equal full steps on every
+                                                     replica, padding weighted 0 (`eval_plan`)
 
 `spec` is an `InputSpec`: what the model sees (image_size, channels, aspect)
 and how the pipeline runs (cache, shuffle buffer, determinism, threads, RAM
@@ -29,6 +31,8 @@ The chain (`_dataset`), top to bottom:
   -> shuffle (seeded) -> repeat           training only, after the cache; with a cache,
                                           from epoch 2 (epoch 1 streams as decoded;
                                           a finished file cache: from epoch 1)
+  -> [padded evaluation: a sample weight per example, then weight-0 padding up to
+     `eval_plan`'s steps: every replica gets the same number of full batches]
   -> batch (per-replica batch; drop_remainder when training)
   -> labels in the loss's form -> prefetch(AUTOTUNE)
 
@@ -164,26 +168,76 @@ def train_dataset(data_dir: str, spec: InputSpec, *, global_batch: int, input_co
 
 def eval_dataset(data_dir: str, split: str, spec: InputSpec, *, batch_size: int,
                  input_context=None, label_mode: str = "int", with_filenames: bool = False,
-                 drop_remainder: bool = False, manifest: dict | None = None) -> tf.data.Dataset:
+                 padded: bool = False, manifest: dict | None = None) -> tf.data.Dataset:
   """One pass over `split` in manifest order: every example exactly once.
 
   Args as `train_dataset`, and:
     split: "train", "val" or "test" (a key of the manifest's "splits").
     batch_size: the global batch (per-replica share with input_context).
-    drop_remainder: drop the last partial batch, e.g. for evaluation on TPU
-      where every batch must have the same shape.
+    padded: for a distributed evaluation (Keras' `validation_data` under any
+      strategy): every element gets a sample weight, and weight-0 padding
+      brings this pipeline to exactly `eval_plan(...).steps` steps of full
+      per-replica batches. Every replica then runs the same number of steps on
+      static shapes (XLA, TPU), none gets an empty batch, and the weighted
+      loss and metrics count each real example exactly once (`EvalPlan`).
+      Yields (image, label, weight) or (image, label, weight, filename).
 
   The spec's training-only settings (shuffle, seed, tf.data service) do not
   apply: evaluation data is always read in-process, in order.
   """
   return _dataset(data_dir, split, spec, training=False, batch_size=batch_size,
                   input_context=input_context, label_mode=label_mode,
-                  with_filenames=with_filenames, drop_remainder=drop_remainder, manifest=manifest)
+                  with_filenames=with_filenames, drop_remainder=False, manifest=manifest,
+                  padded=padded)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalPlan:
+  """A split evaluated in equal, full global batches (`eval_dataset(padded=True)`).
+
+  steps: global batches that cover every input pipeline's share of the split
+    (the pipeline with the most examples decides; the others pad more).
+  weight: the sample weight of a real example; padding weighs 0. It is
+    steps * global_batch / examples, so that Keras' loss, a mean over every
+    batch element weighted by batch size, comes out as the mean over the real
+    examples; accuracy, precision, recall and AUC are ratios of weighted
+    counts, so a common weight leaves them exact. Multi-label targets carry
+    their own mask (padding's is 0): there the weight is 1 for every element.
+  """
+  steps: int
+  weight: float
+  examples: int
+  padding: int
+
+
+def pipeline_examples(manifest: dict, split: str, num_pipelines: int = 1) -> list[int]:
+  """Examples each input pipeline reads of an evaluation split (`_dataset`'s sharding:
+  by file, files i, i + n, ...; by element when there are fewer files than pipelines)."""
+  n = stats.num_examples(manifest, split)
+  if num_pipelines <= 1:
+    return [n]
+  shards = schema.split_info(manifest, split).get("shards") or []
+  if len(shards) >= num_pipelines and all("num_examples" in s for s in shards):
+    return [sum(int(s["num_examples"]) for s in shards[i::num_pipelines])
+            for i in range(num_pipelines)]
+  return [len(range(i, n, num_pipelines)) for i in range(num_pipelines)]
+
+
+def eval_plan(manifest: dict, split: str, global_batch: int, num_pipelines: int = 1,
+              multi_label: bool = False) -> EvalPlan:
+  """Steps and weights of a padded evaluation over `num_pipelines` input pipelines."""
+  counts = pipeline_examples(manifest, split, num_pipelines)
+  per_step = max(1, int(global_batch) // max(1, num_pipelines))   # one pipeline's share of a step
+  steps = max(1, max(-(-c // per_step) for c in counts))
+  examples = sum(counts)
+  padding = steps * per_step * len(counts) - examples
+  weight = 1.0 if multi_label else steps * per_step * len(counts) / max(examples, 1)
+  return EvalPlan(steps=steps, weight=weight, examples=examples, padding=padding)
 
 
 def _dataset(data_dir: str, split: str, spec: InputSpec, *, training: bool, batch_size: int,
              input_context, label_mode: str, with_filenames: bool, drop_remainder: bool,
-             manifest: dict | None) -> tf.data.Dataset:
+             manifest: dict | None, padded: bool = False) -> tf.data.Dataset:
   """The one chain behind both builders (see the module docstring)."""
   if label_mode not in LABEL_MODES:
     raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
@@ -307,6 +361,19 @@ def _dataset(data_dir: str, split: str, spec: InputSpec, *, training: bool, batc
     ds = ds.unbatch().repeat()
   else:
     ds = _cache(ds, cache, cache_key)
+  if padded and not training:
+    # Distributed evaluation: a weight per example, then weight-0 padding up to
+    # the plan's steps, so every replica runs the same number of full batches.
+    global_batch = batch * (input_context.num_replicas_in_sync if input_context else 1)
+    plan = eval_plan(manifest, split, global_batch, num_pipelines,
+                     multi_label=label_mode == "multi_label")
+    here = pipeline_examples(manifest, split, num_pipelines)[pipeline_id]
+    wanted = plan.steps * (global_batch // num_pipelines)   # whole batches for each local replica
+    ds = ds.map(lambda image, label, *rest: (image, label, tf.constant(plan.weight, tf.float32), *rest))
+    blank = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
+    pad_weight = plan.weight if label_mode == "multi_label" else 0.0
+    blank = (blank[0], blank[1], tf.constant(pad_weight, tf.float32), *blank[3:])
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(wanted - here))
   if training and not use_service:
     # Shuffle after the cache (a fresh order each epoch), then repeat forever:
     # Keras counts epochs with steps_per_epoch (stats.steps_per_epoch).
@@ -320,7 +387,7 @@ def _dataset(data_dir: str, split: str, spec: InputSpec, *, training: bool, batc
   # out of order moves examples across the epoch boundary (one epoch sees an
   # example twice, the next not at all). The order within the stream stays
   # random: the shuffle makes it, the interleave and the decode map may vary it.
-  ds = ds.batch(batch, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE,
+  ds = ds.batch(batch, drop_remainder=drop_remainder or padded, num_parallel_calls=AUTOTUNE,
                 deterministic=True)
   # Labels in the form the loss wants (vectorised, per batch).
   ds = ds.map(_label_fn(label_mode, len(classes)), num_parallel_calls=AUTOTUNE,
