@@ -71,7 +71,7 @@ def measure(cfg, steps_per_execution: list[int], steps: int, repeats: int) -> di
   keras.utils.set_random_seed(cfg.seed)
   label_mode = "binary" if num_classes == 2 else "one_hot"
   weights = stats.class_weights(manifest, "train") if cfg.class_weight == "balanced" else None
-  real, _ = train_lib.make_datasets(cfg, strategy, manifest, label_mode=label_mode,
+  real, _, _ = train_lib.make_datasets(cfg, strategy, manifest, label_mode=label_mode,
                                     class_weights=weights, has_val=False)
 
   # (b): one per-replica batch of the real pipeline, repeated from memory.

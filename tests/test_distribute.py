@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_single_process_strategies():
-  for name, cls in [("default", "_DefaultDistributionStrategy"), ("one_device", "OneDeviceStrategy"),
+  for name, cls in [("default", "_DefaultDistributionStrategy"), ("one_device", "MirroredStrategy"),
                     ("mirrored", "MirroredStrategy")]:
     s = distribute.get_strategy(name)
     info = distribute.describe(s, name)
@@ -161,3 +161,42 @@ def test_multi_worker_two_processes_agree_on_weights(demo_data_dir, tmp_path):
   doc = json.load(open(run / "config.json"))
   assert doc["status"] == "finished" and doc["run"]["strategy"]["num_workers"] == 2
   assert (run / "model.keras").is_file()
+
+
+@pytest.mark.parametrize("tpu,connects", [("local", False), ("my-tpu-node", True),
+                                          ("grpc://10.0.0.2:8470", True), ("", False)])
+def test_tpu_start_up_sequence(monkeypatch, tpu, connects):
+  """What TensorFlow allows without the chip: the resolver gets --tpu (None for local/empty),
+  a remote TPU is connected before initialisation, and TPUStrategy gets the resolver."""
+  calls = []
+
+  class Resolver:
+    def __init__(self, tpu=None):
+      calls.append(("resolver", tpu))
+
+  monkeypatch.setattr(tf.distribute.cluster_resolver, "TPUClusterResolver", Resolver)
+  monkeypatch.setattr(tf.config, "experimental_connect_to_cluster",
+                      lambda r: calls.append(("connect", type(r).__name__)))
+  monkeypatch.setattr(tf.tpu.experimental, "initialize_tpu_system",
+                      lambda r: calls.append(("initialize", type(r).__name__)))
+  monkeypatch.setattr(tf.distribute, "TPUStrategy",
+                      lambda r: calls.append(("strategy", type(r).__name__)) or "S")
+  assert distribute._tpu_strategy(tpu) == "S"   # noqa: SLF001
+  want = [("resolver", tpu or None)] + ([("connect", "Resolver")] if connects else []) + [
+      ("initialize", "Resolver"), ("strategy", "Resolver")]
+  assert calls == want
+
+
+def test_tpu_initialisation_failure_is_one_line(monkeypatch):
+  class Resolver:
+    def __init__(self, tpu=None):
+      pass
+
+  def fail(resolver):
+    raise tf.errors.NotFoundError(None, None, "no TPU\nplatform found")
+
+  monkeypatch.setattr(tf.distribute.cluster_resolver, "TPUClusterResolver", Resolver)
+  monkeypatch.setattr(tf.tpu.experimental, "initialize_tpu_system", fail)
+  with pytest.raises(distribute.StrategyError) as e:
+    distribute._tpu_strategy("local")   # noqa: SLF001
+  assert str(e.value) == "--strategy=tpu: no TPU found at 'local' (NotFoundError: no TPU platform found)"
