@@ -178,7 +178,7 @@ def smoke(work: str, images: str, data_dir: str, strategy_name: str, tpu: str, p
                  "--steps_per_execution=2", "--verbosity=-1"]),
       ("evaluate", [py, "-m", "xraytpu.evaluate", f"--model_dir={run}", "--noplots",
                     "--bootstrap_resamples=100"]),
-      ("export", [py, "-m", "xraytpu.export", f"--model_dir={run}"]),
+      ("export_savedmodel", [py, "-m", "xraytpu.export", f"--model_dir={run}"]),
   ]
   out: dict = {}
   for name, cmd in steps:
@@ -188,8 +188,8 @@ def smoke(work: str, images: str, data_dir: str, strategy_name: str, tpu: str, p
     if r.returncode:
       out[name]["error"] = (r.stderr.strip().splitlines() or ["?"])[-1][:300]
       return out
-  report = json.load(open(next(os.path.join(d, "report.json") for d, _, f in
-                              os.walk(os.path.join(run, "eval")) if "report.json" in f)))
+  from xraytpu import rundir  # noqa: PLC0415 - the run directory's layout lives there
+  report = json.load(open(rundir.eval_report_paths(run)[0]))
   auc = report.get("auc")
   out["evaluate"]["test_auc"] = round(auc.get("value") if isinstance(auc, dict) else auc, 3)
   port = _free_port()

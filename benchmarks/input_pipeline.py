@@ -95,7 +95,8 @@ ALL_CONTENDERS = DEFAULT_CONTENDERS + ("ids_xraytpu_aug",)
 
 def define_flags() -> None:
   """The command's flags, defined when it runs (device_check imports this module as a library)."""
-  global _IMAGE_DIR, _IMAGE_SIZE, _BATCH_SIZE, _EPOCHS, _JSON, _MAX_IMAGES, _MAX_SIDE, _CHANNELS, _CONTENDERS, _WORK_DIR, _SEED, _ROUNDS
+  global _IMAGE_DIR, _IMAGE_SIZE, _BATCH_SIZE, _EPOCHS, _JSON, _MAX_IMAGES, _MAX_SIDE  # noqa: PLW0603
+  global _CHANNELS, _CONTENDERS, _WORK_DIR, _SEED, _ROUNDS, _UPSCALE  # noqa: PLW0603
   _IMAGE_DIR = flags.DEFINE_string("image_dir", None, "Class-per-folder images (DIR/<class>/*).")
   _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Side of the square batches, pixels.")
   _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Batch size.")
@@ -115,6 +116,9 @@ def define_flags() -> None:
   _WORK_DIR = flags.DEFINE_string("work_dir", "",
                                   "Scratch folder (default: a temporary one, removed at the end).")
   _SEED = flags.DEFINE_integer("seed", 0, "Seed for the subset, shuffles and augmentation.")
+  _UPSCALE = flags.DEFINE_integer(
+      "upscale", 0, "Upscale every source image to this long side (px, bicubic, JPEG q90) first: "
+      "full-resolution films from small ones (0 = as they are).")
   _ROUNDS = flags.DEFINE_integer(
       "rounds", 3, "(4), (S), (4n), (4a), (4na), (B) and (BS) run in this many alternating rounds: "
       "each round --epochs epochs of a fresh xraytpu pipeline, one pass of (S), (B), (BS).")
@@ -185,6 +189,25 @@ def source_folder(image_dir: str, work_dir: str, max_images: int,
       os.symlink(os.path.abspath(os.path.join(root, c, f)), os.path.join(out, c, f))
     counts[c] = min(k, len(fs))
   return out, sorted(files), counts
+
+
+def upscaled_folder(folder: str, classes: Sequence[str], work_dir: str, side: int) -> str:
+  """Every image of `folder` as a full-resolution film: grey, long side `side` px (bicubic),
+  JPEG quality 90, into WORK/upscaled/<class>/ (the shared sets are 400x300 films; real
+  CR/DX films are 2000-3000 px and decode ~10x slower, which changes what bounds the input)."""
+  from PIL import Image
+  out = os.path.join(work_dir, "upscaled")
+  for c in classes:
+    os.makedirs(os.path.join(out, c), exist_ok=True)
+    for f in sorted(os.listdir(os.path.join(folder, c))):
+      if not f.lower().endswith(IMAGE_SUFFIXES):
+        continue
+      with Image.open(os.path.join(folder, c, f)) as im:
+        im = im.convert("L")
+        scale = side / max(im.size)
+        im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.BICUBIC)
+        im.save(os.path.join(out, c, os.path.splitext(f)[0] + ".jpeg"), quality=90)
+  return out
 
 
 def convert(folder: str, work_dir: str, max_side: int) -> tuple[str, float]:
@@ -423,6 +446,7 @@ class IndependentBound:
   runs per image. One pass per round."""
 
   def __init__(self, encoded: Sequence[bytes], size, channels):
+    import numpy as np
     import tensorflow as tf
     jpeg = all(bytes(b[:2]) == b"\xff\xd8" for b in encoded)
     decode = ((lambda b: tf.io.decode_jpeg(b, channels=channels)) if jpeg
@@ -430,6 +454,7 @@ class IndependentBound:
     self.ds = tf.data.Dataset.from_tensor_slices(tf.constant(list(encoded))).map(
         lambda b: tf.image.resize(decode(b), [size, size]), num_parallel_calls=tf.data.AUTOTUNE)
     self.n = len(encoded)
+    self.ds.take(2).reduce(np.int64(0), lambda count, _: count + 1)   # trace + threads: untimed
     self.result = Result("bound_independent",
                          f"(Bj) independent bound: decode_{'jpeg' if jpeg else 'png'} + "
                          f"tf.image.resize, no batch, {channels} ch")
@@ -533,7 +558,7 @@ def make_steps(size: int, batch_sizes: Sequence[int], channels: int, seed: int) 
 def run_benchmark(image_dir: str, *, image_size: int = 224, batch_size: int = 32, epochs: int = 3,
                   max_images: int = 0, max_side: int = 0, channels: int = 0,
                   contenders: Sequence[str] = DEFAULT_CONTENDERS,
-                  work_dir: str = "", seed: int = 0, rounds: int = 3) -> dict:
+                  work_dir: str = "", seed: int = 0, rounds: int = 3, upscale: int = 0) -> dict:
   """Runs the contenders; returns the JSON-ready report."""
   unknown = set(contenders) - set(ALL_CONTENDERS)
   if unknown:
@@ -546,6 +571,8 @@ def run_benchmark(image_dir: str, *, image_size: int = 224, batch_size: int = 32
   try:
     import tensorflow as tf
     folder, classes, counts = source_folder(image_dir, work, max_images, seed)
+    if upscale:
+      folder = upscaled_folder(folder, classes, work, upscale)
     n = sum(counts.values())
     print(f"source: {folder}: {n} images, classes {counts}", flush=True)
     data_dir, convert_s = convert(folder, work, max_side)
@@ -604,7 +631,7 @@ def run_benchmark(image_dir: str, *, image_size: int = 224, batch_size: int = 32
     return {
         "args": dict(image_dir=image_dir, image_size=image_size, batch_size=batch_size, epochs=epochs,
                      max_images=max_images, max_side=max_side, channels=channels, seed=seed,
-                     rounds=rounds),
+                     rounds=rounds, upscale=upscale),
         "machine": {"cpus": os.cpu_count(), "tensorflow": tf.__version__,
                     "devices": [d.device_type for d in tf.config.list_logical_devices()]},
         "data": {"images": n, "classes": counts, "image_stats": hs,
@@ -688,7 +715,7 @@ def main(argv: Sequence[str]) -> None:
         _IMAGE_DIR.value, image_size=_IMAGE_SIZE.value, batch_size=_BATCH_SIZE.value,
         epochs=_EPOCHS.value, max_images=_MAX_IMAGES.value, max_side=_MAX_SIDE.value,
         channels=_CHANNELS.value, contenders=_CONTENDERS.value, work_dir=_WORK_DIR.value,
-        seed=_SEED.value, rounds=_ROUNDS.value)
+        seed=_SEED.value, rounds=_ROUNDS.value, upscale=_UPSCALE.value)
   except (BenchmarkError, ConvertError, DataError, ManifestError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

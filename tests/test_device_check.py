@@ -33,7 +33,7 @@ def test_device_check_runs_every_part_on_cpu(tmp_path):
   i = report["input"]
   assert i["input_images_per_sec"] > 0 and i["bound_images_per_sec"] > 0
   assert isinstance(i["step_waits_on_input"], bool)
-  assert set(report["smoke"]) == {"train", "evaluate", "export", "serve"}
+  assert set(report["smoke"]) == {"train", "evaluate", "export_savedmodel", "serve"}
   assert all(s["ok"] for s in report["smoke"].values()), report["smoke"]
   table = r.stdout[r.stdout.index("devices:"):]
   for part in ("| training |", "| sweep |", "| input |", "| smoke | serve |"):

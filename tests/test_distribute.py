@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
 import pytest
+
+from tests import _net
 import tensorflow as tf
 
 from xraytpu import distribute
@@ -110,20 +111,9 @@ def _env(**extra) -> dict:
   return env
 
 
-def _free_ports(n: int) -> list[int]:
-  socks = [socket.socket() for _ in range(n)]
-  try:
-    for s in socks:
-      s.bind(("127.0.0.1", 0))
-    return [s.getsockname()[1] for s in socks]
-  finally:
-    for s in socks:
-      s.close()
-
-
 @pytest.mark.slow
 def test_multi_worker_two_processes_agree_on_weights(demo_data_dir, tmp_path):
-  workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+  workers = [f"127.0.0.1:{p}" for p in _net.free_ports(2)]
   procs = []
   try:
     for i in range(2):

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+
+from tests import _net
 
 from xraytpu import distribute
 
@@ -119,21 +120,10 @@ def test_matrix_one_and_two_cpu_devices(awkward_data, tmp_path):
   assert "\n" not in refused["message"]
 
 
-def _free_ports(n: int) -> list[int]:
-  socks = [socket.socket() for _ in range(n)]
-  try:
-    for s in socks:
-      s.bind(("127.0.0.1", 0))
-    return [s.getsockname()[1] for s in socks]
-  finally:
-    for s in socks:
-      s.close()
-
-
 @pytest.mark.slow
 def test_matrix_multi_worker_mixed_precision(awkward_data, tmp_path):
   """Two worker processes, bfloat16, steps_per_execution 3, 2 shards per split (by file)."""
-  workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+  workers = [f"127.0.0.1:{p}" for p in _net.free_ports(2)]
   procs = []
   for i in range(2):
     conf = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})

@@ -187,7 +187,7 @@ def run(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None
       if not _missing_tensorflow(e):
         raise
       # xraytpu._keras words its own (a tf-keras that does not match TensorFlow, ...)
-      fail(str(e) if "pip install" in str(e) else f"{e.name} is not installed: {INSTALL_HINT}", 1)
+      fail(str(e) if "pip install" in str(e) else f"{e.name} is not installed: {INSTALL_HINT}")
     except Exception as e:  # noqa: BLE001 - only classes that name their exit code are caught
       code = getattr(type(e), "exit_code", None)
       if not isinstance(code, int):

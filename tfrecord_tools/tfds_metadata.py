@@ -42,6 +42,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import threading
 
 from tfrecord_tools import records, storage
 
@@ -63,6 +64,31 @@ def remove(output_dir: str) -> None:
   for name in storage.listdir(output_dir):
     if is_metadata_file(name):
       storage.remove(storage.join(output_dir, name))
+
+
+_PRELOAD: list[threading.Thread] = []
+
+
+def preload() -> None:
+  """Starts importing tensorflow_datasets on a daemon thread (once): the converter calls it
+  when its workers start, so `write` at the end finds the module loaded. Python's per-module
+  import locks make the concurrent import safe; `write` waits for the thread first."""
+  if _PRELOAD:
+    return
+
+  def load():
+    try:
+      import tensorflow_datasets  # noqa: F401, PLC0415
+    except Exception:  # noqa: BLE001 - `write` imports again and reports the failure
+      pass
+  thread = threading.Thread(target=load, name="tfds-preload", daemon=True)
+  _PRELOAD.append(thread)
+  thread.start()
+
+
+def _wait_preload() -> None:
+  for thread in _PRELOAD:
+    thread.join()
 
 
 def dataset_name(manifest: dict) -> str:
@@ -108,6 +134,7 @@ def write(output_dir: str, manifest: dict) -> list[str]:
   Raises whatever TensorFlow / tensorflow_datasets raise (ImportError when not
   installed): the converter turns that into a one-line warning.
   """
+  _wait_preload()
   import tensorflow_datasets as tfds
 
   remove(output_dir)

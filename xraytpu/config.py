@@ -195,7 +195,7 @@ class PredictConfig:
 @dataclasses.dataclass
 class ExportConfig:
   """What `python -m xraytpu.export` takes (see xraytpu.export_lib.export)."""
-  FLAG_TOPIC: ClassVar[str] = "export"   # --help heading
+  FLAG_TOPIC: ClassVar[str] = "exporting"   # --help heading
   model_dir: str = _f(help=RUN_DIR_HELP)
   version: int = _f(0, "Integer version folder (0 = the next free one).")
   export_dir: str = _f("", "Parent folder of the version folders (default RUN/export), e.g. a TF Serving "
