@@ -95,31 +95,27 @@ ALL_CONTENDERS = DEFAULT_CONTENDERS + ("ids_xraytpu_aug",)
 
 def define_flags() -> None:
   """The command's flags, defined when it runs (device_check imports this module as a library)."""
-  global _IMAGE_DIR, _IMAGE_SIZE, _BATCH_SIZE, _EPOCHS, _JSON, _MAX_IMAGES, _MAX_SIDE  # noqa: PLW0603
-  global _CHANNELS, _CONTENDERS, _WORK_DIR, _SEED, _ROUNDS, _UPSCALE  # noqa: PLW0603
-  _IMAGE_DIR = flags.DEFINE_string("image_dir", None, "Class-per-folder images (DIR/<class>/*).")
-  _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Side of the square batches, pixels.")
-  _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Batch size.")
-  _EPOCHS = flags.DEFINE_integer("epochs", 3,
-                                 "Epochs per contender (xraytpu: the first, then steady state).")
-  _JSON = flags.DEFINE_string("json", "", "Also write the results here.")
-  _MAX_IMAGES = flags.DEFINE_integer(
+  flags.DEFINE_string("image_dir", None, "Class-per-folder images (DIR/<class>/*).")
+  flags.DEFINE_integer("image_size", 224, "Side of the square batches, pixels.")
+  flags.DEFINE_integer("batch_size", 32, "Batch size.")
+  flags.DEFINE_integer("epochs", 3, "Epochs per contender (xraytpu: the first, then steady state).")
+  flags.DEFINE_string("json", "", "Also write the results here.")
+  flags.DEFINE_integer(
       "max_images", 0, "Use a seeded, class-stratified subset of this many images (0 = all).")
-  _MAX_SIDE = flags.DEFINE_integer(
+  flags.DEFINE_integer(
       "max_side", 0,
       "Converter --max_side for xraytpu's shards (0 = keep originals, as every other contender).")
-  _CHANNELS = flags.DEFINE_integer(
+  flags.DEFINE_integer(
       "channels", 0, "xraytpu channels: 0 = from the data (1 for grayscale X-rays), or 3 (RGB, as "
       "the tutorials).")
-  _CONTENDERS = flags.DEFINE_list("contenders", ",".join(DEFAULT_CONTENDERS),
-                                  f"Which contenders to run, of: {', '.join(ALL_CONTENDERS)}.")
-  _WORK_DIR = flags.DEFINE_string("work_dir", "",
-                                  "Scratch folder (default: a temporary one, removed at the end).")
-  _SEED = flags.DEFINE_integer("seed", 0, "Seed for the subset, shuffles and augmentation.")
-  _UPSCALE = flags.DEFINE_integer(
+  flags.DEFINE_list("contenders", ",".join(DEFAULT_CONTENDERS),
+                    f"Which contenders to run, of: {', '.join(ALL_CONTENDERS)}.")
+  flags.DEFINE_string("work_dir", "", "Scratch folder (default: a temporary one, removed at the end).")
+  flags.DEFINE_integer("seed", 0, "Seed for the subset, shuffles and augmentation.")
+  flags.DEFINE_integer(
       "upscale", 0, "Upscale every source image to this long side (px, bicubic, JPEG q90) first: "
       "full-resolution films from small ones (0 = as they are).")
-  _ROUNDS = flags.DEFINE_integer(
+  flags.DEFINE_integer(
       "rounds", 3, "(4), (S), (4n), (4a), (4na), (B) and (BS) run in this many alternating rounds: "
       "each round --epochs epochs of a fresh xraytpu pipeline, one pass of (S), (B), (BS).")
 
@@ -708,23 +704,24 @@ def main(argv: Sequence[str]) -> None:
   from xraytpu.data import DataError
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not _IMAGE_DIR.value:
+  F = flags.FLAGS
+  if not F.image_dir:
     raise app.UsageError("--image_dir is required")
   try:
     report = run_benchmark(
-        _IMAGE_DIR.value, image_size=_IMAGE_SIZE.value, batch_size=_BATCH_SIZE.value,
-        epochs=_EPOCHS.value, max_images=_MAX_IMAGES.value, max_side=_MAX_SIDE.value,
-        channels=_CHANNELS.value, contenders=_CONTENDERS.value, work_dir=_WORK_DIR.value,
-        seed=_SEED.value, rounds=_ROUNDS.value, upscale=_UPSCALE.value)
+        F.image_dir, image_size=F.image_size, batch_size=F.batch_size,
+        epochs=F.epochs, max_images=F.max_images, max_side=F.max_side,
+        channels=F.channels, contenders=F.contenders, work_dir=F.work_dir,
+        seed=F.seed, rounds=F.rounds, upscale=F.upscale)
   except (BenchmarkError, ConvertError, DataError, ManifestError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print()
   print(format_table(report))
-  if _JSON.value:
+  if F.json:
     from tfrecord_tools import storage
-    storage.write_bytes(_JSON.value, (json.dumps(report, indent=2) + "\n").encode())
-    print(f"wrote {_JSON.value}")
+    storage.write_bytes(F.json, (json.dumps(report, indent=2) + "\n").encode())
+    print(f"wrote {F.json}")
 
 
 def run() -> None:

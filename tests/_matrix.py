@@ -110,12 +110,8 @@ def run_combo(combo: str, data_dir: str, out_dir: str, batch: int, evaluate: boo
     ds = input_pipeline.eval_dataset(data_dir, "test", spec, batch_size=64, label_mode="binary")
     x, _ = next(iter(ds))
     want = np.asarray(r.model(x, training=False), np.float32).reshape(-1)
-    import tensorflow as tf  # noqa: PLC0415
-    raw = [rec for rec in tf.data.TFRecordDataset(schema.shard_paths(data_dir, manifest, "test"))]
-    from tfrecord_tools import records  # noqa: PLC0415
-    enc = [tf.io.parse_single_example(s, {records.ENCODED: tf.io.FixedLenFeature([], tf.string)})
-           [records.ENCODED].numpy() for s in raw]
-    got = export_lib.serve(path, enc)[:, -1]
+    from benchmarks import stored  # noqa: PLC0415 - the records' bytes, in manifest order
+    got = export_lib.serve(path, stored.encoded_images(data_dir, "test"))[:, -1]
     row["export_max_gap"] = float(np.max(np.abs(got - want)))
   return row
 

@@ -164,6 +164,11 @@ def help_text(doc: str = "", flag_values: flags.FlagValues = flags.FLAGS) -> str
   return "\n".join(lines)
 
 
+def not_installed(module: str | None) -> str:
+  """The one line for a missing TensorFlow or tf-keras: which, and the install commands."""
+  return f"{module or 'tensorflow'} is not installed: {INSTALL_HINT}"
+
+
 def _missing_tensorflow(e: ImportError) -> bool:
   return (getattr(e, "name", None) or "").split(".")[0] in ("tensorflow", "tf_keras")
 
@@ -183,11 +188,10 @@ def run(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None
       return main(args)
     except errors.UserError as e:
       fail(e)
-    except ImportError as e:
+    except ImportError as e:   # xraytpu._keras's own error is a UserError, caught above
       if not _missing_tensorflow(e):
         raise
-      # xraytpu._keras words its own (a tf-keras that does not match TensorFlow, ...)
-      fail(str(e) if "pip install" in str(e) else f"{e.name} is not installed: {INSTALL_HINT}")
+      fail(not_installed(e.name))
     except Exception as e:  # noqa: BLE001 - only classes that name their exit code are caught
       code = getattr(type(e), "exit_code", None)
       if not isinstance(code, int):

@@ -173,33 +173,10 @@ def area_resize(a: np.ndarray, height: int, width: int) -> np.ndarray:
   return x.reshape((height, width) + rest)
 
 
-_SCIPY_PRELOAD: list = []
-
-
-def preload_resize() -> None:
-  """Starts importing scipy.sparse (0.15-0.4 s, `area_resize`'s only dependency) on a daemon
-  thread, once per process: a converter worker calls it when it starts a shard, so the
-  import overlaps the first files' reading and decoding instead of delaying the first resize."""
-  if _SCIPY_PRELOAD:
-    return
-  import threading  # noqa: PLC0415
-
-  def load():
-    try:
-      import scipy.sparse  # noqa: F401, PLC0415
-    except ImportError:  # the resize imports again and raises
-      pass
-  thread = threading.Thread(target=load, name="scipy-preload", daemon=True)
-  _SCIPY_PRELOAD.append(thread)
-  thread.start()
-
-
 @functools.lru_cache(maxsize=64)
 def _area_matrix(n_in: int, n_out: int):
   """scipy.sparse CSR [n_out, n_in]: row i averages input cells [i s, (i + 1) s), s = n_in / n_out,
   each weighted by the part of it the interval covers (cached: a data set has few sizes)."""
-  for thread in _SCIPY_PRELOAD:
-    thread.join()
   import scipy.sparse  # noqa: PLC0415 - only conversion resizes
   scale = n_in / n_out
   lo = np.arange(n_out) * scale

@@ -201,7 +201,6 @@ def write_records(output_dir: str, file: str, split: str, fingerprint: str,
   {"file", "split", "fingerprint", "num_examples", "class_counts", "skipped",
    "patients", "stats"}.
   """
-  pixels.preload_resize()   # scipy.sparse for --max_side, imported beside the first decodes
   final = storage.join(output_dir, file)
   # A retried Beam bundle may run beside the first try: a temp name per process and thread.
   tmp = (final if storage.is_remote(final)

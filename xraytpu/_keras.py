@@ -12,7 +12,7 @@ Supported: TensorFlow 2.20 and 2.21 with the tf-keras of the same minor version
 match: it is checked here, with one line that says what to install.
 """
 
-from tfrecord_tools.cli import INSTALL_HINT
+from tfrecord_tools.cli import not_installed
 from xraytpu import errors
 
 SUPPORTED_TF = ("2.20", "2.21")
@@ -27,8 +27,7 @@ try:
   import tensorflow as _tf
   import tf_keras as keras  # noqa: F401
 except ImportError as e:  # pragma: no cover - depends on the environment
-  raise KerasInstallError(f"{e.name or 'tensorflow'} is not installed: {INSTALL_HINT}",
-                          name=e.name) from e
+  raise KerasInstallError(not_installed(e.name), name=e.name) from e
 
 
 def _minor(version: str) -> str:

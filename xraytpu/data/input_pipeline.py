@@ -208,6 +208,8 @@ class EvalPlan:
   weight: float
   examples: int
   padding: int
+  counts: tuple[int, ...]   # examples each input pipeline reads (`pipeline_examples`)
+  per_step: int             # one pipeline's examples in a step: its replicas' batches
 
 
 def pipeline_examples(manifest: dict, split: str, num_pipelines: int = 1) -> list[int]:
@@ -232,7 +234,8 @@ def eval_plan(manifest: dict, split: str, global_batch: int, num_pipelines: int 
   examples = sum(counts)
   padding = steps * per_step * len(counts) - examples
   weight = 1.0 if multi_label else steps * per_step * len(counts) / max(examples, 1)
-  return EvalPlan(steps=steps, weight=weight, examples=examples, padding=padding)
+  return EvalPlan(steps=steps, weight=weight, examples=examples, padding=padding,
+                  counts=tuple(counts), per_step=per_step)
 
 
 def _dataset(data_dir: str, split: str, spec: InputSpec, *, training: bool, batch_size: int,
@@ -367,13 +370,12 @@ def _dataset(data_dir: str, split: str, spec: InputSpec, *, training: bool, batc
     global_batch = batch * (input_context.num_replicas_in_sync if input_context else 1)
     plan = eval_plan(manifest, split, global_batch, num_pipelines,
                      multi_label=label_mode == "multi_label")
-    here = pipeline_examples(manifest, split, num_pipelines)[pipeline_id]
-    wanted = plan.steps * (global_batch // num_pipelines)   # whole batches for each local replica
+    padding = plan.steps * plan.per_step - plan.counts[pipeline_id]   # this pipeline's share
     ds = ds.map(lambda image, label, *rest: (image, label, tf.constant(plan.weight, tf.float32), *rest))
     blank = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), ds.element_spec)
     pad_weight = plan.weight if label_mode == "multi_label" else 0.0
     blank = (blank[0], blank[1], tf.constant(pad_weight, tf.float32), *blank[3:])
-    ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(wanted - here))
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(blank).repeat(padding))
   if training and not use_service:
     # Shuffle after the cache (a fresh order each epoch), then repeat forever:
     # Keras counts epochs with steps_per_epoch (stats.steps_per_epoch).
