@@ -1358,9 +1358,6 @@ def _convert_owned(opts: ConvertOptions, log: Callable[[str], None], run_tasks) 
   elif results:
     log(f"resuming: {len(results)} of {len(tasks)} shards were finished by an earlier run")
   try:
-    # tensorflow_datasets (~0.25 s to import) is needed only for the metadata at the end:
-    # imported on a thread while the workers convert, off the critical path.
-    tfds_metadata.preload()
     new_results, rate, num_workers, extra_args = (run_tasks or run_locally)(todo, opts, log)
   except (OSError, shards.ShardWriteError) as e:
     # Disk full, a read-only or vanished folder: no traceback, no temp files left behind;
