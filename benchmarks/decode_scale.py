@@ -98,7 +98,9 @@ def scale_ratios(data_dir: str, size: int) -> dict[int, int]:
 def run(image_dir: str, work_dir: str, *, class_map: str, image_size: int, epochs: int, model: str,
         batch_size: int, seed: int) -> dict:
   from tfrecord_tools import convert_lib
-  from xraytpu import evaluate_lib, metrics, rundir, train_lib
+  from xraytpu.evaluation import evaluate_lib, metrics
+  from xraytpu.run import rundir
+  from xraytpu.training import train_lib
   from xraytpu.config import Config
   from xraytpu.data import stats
 

@@ -11,7 +11,7 @@ It prints one table (and --json writes the numbers):
   2. training images/sec of each --models entry on batches held in device memory (the step
      alone: Keras' compiled train step, augmentation included), float32 and the accelerator's
      mixed precision (bfloat16 on TPU and CPU, float16 on GPU), with XLA wherever TensorFlow
-     can compile it (not over several CPU replicas: xraytpu.distribute.check_supported);
+     can compile it (not over several CPU replicas: xraytpu.training.distribute.check_supported);
   3. a steps_per_execution sweep of the first model at the mixed precision;
   4. the input pipeline (xraytpu.data, no cache: every film decoded) against the independent
      decode bound (benchmarks.input_pipeline's (Bj)) on --films synthetic JPEG films of
@@ -63,7 +63,7 @@ _WORK = flags.DEFINE_string("work_dir", "", "Scratch folder (default: a temporar
 
 def pick_strategy(name: str, tpu: str):
   import tensorflow as tf  # noqa: PLC0415
-  from xraytpu import distribute  # noqa: PLC0415
+  from xraytpu.training import distribute  # noqa: PLC0415
   if name == "auto":
     if tf.config.list_logical_devices("TPU"):
       name = "tpu"
@@ -79,7 +79,7 @@ def pick_strategy(name: str, tpu: str):
 
 def devices(strategy, name: str) -> dict:
   import tensorflow as tf  # noqa: PLC0415
-  from xraytpu import distribute  # noqa: PLC0415
+  from xraytpu.training import distribute  # noqa: PLC0415
   info = distribute.describe(strategy, name)
   physical = [f"{d.device_type}:{d.name.split(':')[-1]}" for d in tf.config.list_physical_devices()]
   gpu_names = []
@@ -99,7 +99,8 @@ def step_speed(strategy, name: str, model: str, precision: str, *, size: int, ch
   """Images/sec of Keras' compiled train step on one batch held on the device, repeated."""
   import numpy as np  # noqa: PLC0415
   import tensorflow as tf  # noqa: PLC0415
-  from xraytpu import distribute, models, train_lib  # noqa: PLC0415
+  from xraytpu.training import distribute, train_lib  # noqa: PLC0415
+  from xraytpu import models
   from xraytpu._keras import keras  # noqa: PLC0415
   from xraytpu.config import Config  # noqa: PLC0415
   info = distribute.describe(strategy, name)
@@ -188,7 +189,7 @@ def smoke(work: str, images: str, data_dir: str, strategy_name: str, tpu: str, p
     if r.returncode:
       out[name]["error"] = (r.stderr.strip().splitlines() or ["?"])[-1][:300]
       return out
-  from xraytpu import rundir  # noqa: PLC0415 - the run directory's layout lives there
+  from xraytpu.run import rundir  # noqa: PLC0415 - the run directory's layout lives there
   report = json.load(open(rundir.eval_report_paths(run)[0]))
   auc = report.get("auc")
   out["evaluate"]["test_auc"] = round(auc.get("value") if isinstance(auc, dict) else auc, 3)

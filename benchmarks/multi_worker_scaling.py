@@ -33,7 +33,7 @@ from typing import Sequence
 
 from absl import app, flags
 
-from xraytpu import rundir
+from xraytpu.run import rundir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "launch" / "multi_worker.sh"

@@ -35,7 +35,7 @@ import urllib.parse
 from absl import app, flags
 
 from tests._serve_process import ServeProcess
-from xraytpu import serve_lib
+from xraytpu.serving import http_api
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", "", "Run directory to serve (omit with --url).")
 _URL = flags.DEFINE_string("url", "", "Benchmark an already running server on 127.0.0.1 instead.")
@@ -269,7 +269,7 @@ def main(argv):
                         clients=_CLIENTS.value, requests=_REQUESTS.value, max_seconds=_MAX_SECONDS.value,
                         max_batch=max_batch, batch_timeout_ms=_BATCH_TIMEOUT_MS.value,
                         gradcam=_GRADCAM.value, baseline=_BASELINE.value)
-  except (BenchmarkError, serve_lib.ServeError) as e:
+  except (BenchmarkError, http_api.ServeError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print()

@@ -55,7 +55,8 @@ def measure(cfg, steps_per_execution: list[int], steps: int, repeats: int) -> di
   import tensorflow as tf  # noqa: PLC0415
 
   from tfrecord_tools import schema  # noqa: PLC0415
-  from xraytpu import distribute, models, train_lib  # noqa: PLC0415
+  from xraytpu.training import distribute, train_lib  # noqa: PLC0415
+  from xraytpu import models
   from xraytpu._keras import keras  # noqa: PLC0415
   from xraytpu.data import stats  # noqa: PLC0415
 
@@ -173,7 +174,7 @@ def main(argv):
   except ValueError:
     print(f"train_throughput: error: --steps_per_execution takes integers, got {_SPE.value}", file=sys.stderr)
     sys.exit(2)
-  from xraytpu import train_lib  # noqa: PLC0415
+  from xraytpu.training import train_lib  # noqa: PLC0415
   try:
     res = measure(cfg, spe, _STEPS.value, _REPEATS.value)
   except train_lib.USAGE_ERRORS as e:

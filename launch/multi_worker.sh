@@ -11,7 +11,7 @@
 # --install=cpu|gpu|tpu first installs TensorFlow, tf-keras and xraytpu here (run from the
 # repository folder; the commands are launch/common.sh's INSTALL_*).
 # Worker 0 is the chief: it writes the run directory; the others write to
-# temporary directories that are removed at the end (see xraytpu.train_lib).
+# temporary directories that are removed at the end (see xraytpu.training.train_lib).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=launch/common.sh

@@ -69,7 +69,9 @@ def run_combo(combo: str, data_dir: str, out_dir: str, batch: int, evaluate: boo
               export: bool) -> dict:
   import numpy as np  # noqa: PLC0415
   from tfrecord_tools import schema  # noqa: PLC0415
-  from xraytpu import distribute, evaluate_lib, export_lib, train_lib  # noqa: PLC0415
+  from xraytpu.training import distribute, train_lib  # noqa: PLC0415
+  from xraytpu.evaluation import evaluate_lib
+  from xraytpu.inference import export_lib
   from xraytpu.config import Config  # noqa: PLC0415
   from xraytpu.data import input_pipeline  # noqa: PLC0415
   strategy, precision, jit, spe, *rest = combo.split(":")

@@ -1,7 +1,7 @@
 """A real training run on the demo data, shared by the evaluate/predict/export tests.
 
 `trained_run(demo_data_dir, tmp_path_factory)` runs the real
-`xraytpu.train_lib.train_and_evaluate` once per test session (1 epoch,
+`xraytpu.training.train_lib.train_and_evaluate` once per test session (1 epoch,
 32x32 px, xray_cnn) and returns the run directory; tests that write into a
 run (threshold.json, eval/, export/) take a private copy with `copy_run`;
 `evaluated_copy` is such a copy already evaluated (the serving tests).
@@ -16,7 +16,7 @@ _RUNS: dict[str, str] = {}
 
 def trained_run(demo_data_dir: str, tmp_path_factory) -> str:
   if demo_data_dir not in _RUNS:
-    from xraytpu import train_lib
+    from xraytpu.training import train_lib
     from xraytpu.config import Config
     run_dir = str(tmp_path_factory.mktemp("trained") / "run")
     cfg = Config(data_dir=demo_data_dir, model_dir=run_dir, model="xray_cnn", image_size=32,
@@ -40,7 +40,7 @@ def evaluated_copy(demo_data_dir: str, tmp_path_factory, name: str) -> tuple[str
   Writes threshold.json (Youden's J on val) and eval/ into the copy (50 bootstrap
   resamples, no plots: fast); returns (run_dir, the test report dict).
   """
-  from xraytpu import evaluate_lib
+  from xraytpu.evaluation import evaluate_lib
   run = copy_run(trained_run(demo_data_dir, tmp_path_factory), tmp_path_factory.mktemp(name))
   report = evaluate_lib.evaluate(run, split="test", n_resamples=50, write_plots=False)
   return run, report

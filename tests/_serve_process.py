@@ -12,7 +12,7 @@ import sys
 import threading
 from typing import Sequence
 
-from xraytpu.serve_lib import ServeError
+from xraytpu.serving.http_api import ServeError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `-m xraytpu.serve` resolves
 

@@ -85,8 +85,9 @@ def test_every_user_error_class_is_a_user_error():
   # Every library module of both packages, found by walking them (the entry points define
   # their flags on import; their errors are the libraries').
   entry_points = {"convert", "data_service", "evaluate", "export", "predict", "serve", "train"}
-  modules = {pkg.__name__: [m.name for m in pkgutil.walk_packages(pkg.__path__)
-                            if m.name not in entry_points]
+  modules = {pkg.__name__: [m.name.split(".", 1)[1]
+                            for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")
+                            if m.name.split(".", 1)[1] not in entry_points]
              for pkg in (tfrecord_tools, xraytpu)}
   seen = set()
   for package, names in modules.items():
@@ -99,8 +100,9 @@ def test_every_user_error_class_is_a_user_error():
           assert issubclass(value, base), f"{package}.{name}.{attr}"
           seen.add(attr)
   assert len(seen) >= 16, seen
-  from xraytpu import serve_lib, train_lib
-  assert serve_lib.ServeOptions is config.ServeOptions and serve_lib.ServeError is config.ServeError
+  from xraytpu.serving import http_api
+  from xraytpu.training import train_lib
+  assert http_api.ServeOptions is config.ServeOptions and http_api.ServeError is config.ServeError
   assert train_lib.TrainingDiverged.exit_code == 3
 
 

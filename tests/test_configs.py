@@ -52,7 +52,7 @@ def test_the_seed_recipes_have_flagfiles():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_flagfile_as_written_is_a_valid_config(path):
-  from xraytpu import train_lib
+  from xraytpu.training import train_lib
   fv = flags.FlagValues()
   xflags.define_config_flags(flag_values=fv)
   fv(["train", f"--flagfile={path}", "--data_dir=d", "--model_dir=m"])

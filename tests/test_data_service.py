@@ -24,7 +24,7 @@ import pytest
 import tensorflow as tf
 
 from tfrecord_tools import convert_lib, records, schema
-from xraytpu import data_service_lib
+from xraytpu.data import data_service_lib
 from xraytpu._keras import keras
 from xraytpu.config import Config
 from xraytpu.data import input_pipeline

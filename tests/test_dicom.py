@@ -450,7 +450,7 @@ def test_synthetic_writes_dicom_variants_in_turn(tmp_path):
 
 @pytest.fixture(scope="module")
 def loaded(demo_data_dir, tmp_path_factory):
-  from xraytpu import predict_lib
+  from xraytpu.inference import predict_lib
   return predict_lib.load(trained_run(demo_data_dir, tmp_path_factory))
 
 
@@ -475,7 +475,7 @@ def films(demo_data_dir, tmp_path_factory):
 
 
 def test_the_same_film_scores_the_same_as_png_or_any_dicom_variant(loaded, films):
-  from xraytpu import predict_lib
+  from xraytpu.inference import predict_lib
   assert loaded.conversion["dicom_window"] == "full"      # recorded by the converter
   for paths in films:
     results = predict_lib.predict_files(loaded, list(paths.values()))
@@ -498,7 +498,7 @@ def test_the_same_film_scores_the_same_as_png_or_any_dicom_variant(loaded, films
 
 def test_predict_follows_the_runs_dicom_window_and_reports_non_images(loaded, films, tmp_path):
   import dataclasses
-  from xraytpu import predict_lib
+  from xraytpu.inference import predict_lib
   film = films[0]["windowed"]
   as_file = dataclasses.replace(loaded, conversion={**loaded.conversion, "dicom_window": "2048,300"})
   a = predict_lib.predict_files(as_file, [film])[0]
@@ -516,20 +516,21 @@ def test_predict_follows_the_runs_dicom_window_and_reports_non_images(loaded, fi
 
 
 def test_serve_upload_of_dicom_is_predicts_answer(loaded, films):
-  from xraytpu import predict_lib, serve_app
+  from xraytpu.inference import model_call, predict_lib
+  from xraytpu.serving import service
   paths = films[1]
   for variant in ("monochrome1", "rle", "bare"):
     data = open(paths[variant], "rb").read()
-    got = serve_app.prepare_upload(loaded, data, max_pixels=10_000)
-    want = predict_lib.file_pixels(loaded.module, predict_lib.file_bytes(paths[variant]))
+    got = service.prepare_upload(loaded, data, max_pixels=10_000)
+    want = predict_lib.file_pixels(model_call.module_of(loaded), predict_lib.file_bytes(paths[variant]))
     np.testing.assert_array_equal(got, want)
-    assert serve_app.image_size(data, os.path.basename(paths[variant])) == (64, 64)
+    assert service.image_size(data, os.path.basename(paths[variant])) == (64, 64)
   sr = _bytes(_dataset(None, sop_class=uid.BasicTextSRStorage, Modality="SR"))
   cine = _bytes(_dataset(np.stack([_ramp()] * 2)))
   for data, status, text in ((sr, 415, "not an image"), (cine, 415, "multi-frame"),
                              (open(paths["rle"], "rb").read(), 413, "more than")):
-    with pytest.raises(serve_app.RequestError) as e:
-      serve_app.prepare_upload(loaded, data, max_pixels=1000 if status == 413 else 10_000)
+    with pytest.raises(service.RequestError) as e:
+      service.prepare_upload(loaded, data, max_pixels=1000 if status == 413 else 10_000)
     assert e.value.status == status and text in e.value.message
 
 

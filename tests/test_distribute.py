@@ -15,7 +15,7 @@ import pytest
 from tests import _net
 import tensorflow as tf
 
-from xraytpu import distribute
+from xraytpu.training import distribute
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,7 +66,7 @@ _TRAIN = textwrap.dedent("""
     if {split_cpu}:
       cpu = tf.config.list_physical_devices("CPU")[0]
       tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from xraytpu import train_lib
+    from xraytpu.training import train_lib
     from xraytpu.config import Config
     out = {{}}
     for strategy in {strategies}:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from _runs import copy_run, trained_run
-from xraytpu import evaluate_lib, metrics
+from xraytpu.evaluation import evaluate_lib, metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED_KEYS = ("auc", "auc_ci", "pr_auc", "threshold", "threshold_policy", "threshold_source_split",
@@ -86,7 +86,7 @@ def test_policy_and_temperature_are_rechosen_on_val(run_dir, tmp_path):
   assert fixed["threshold"] == 0.3 and fixed["threshold_policy"] == "fixed:0.3"
   assert json.load(open(os.path.join(run, "threshold.json")))["threshold"] == 0.3
   # Reused while nothing else is asked for.
-  from xraytpu import predict_lib
+  from xraytpu.inference import predict_lib
   loaded = predict_lib.load(run)
   assert evaluate_lib.resolve_operating_point(loaded, policy=None, temperature_scaling=None)["threshold"] == 0.3
   assert evaluate_lib.resolve_operating_point(loaded, policy="fixed:0.3", temperature_scaling=False)["threshold"] == 0.3

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from _runs import copy_run, trained_run
-from xraytpu import export_lib, predict_lib
+from xraytpu.inference import export_lib, model_call, predict_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +64,7 @@ def test_export_round_trip_equals_predict_on_real_bytes(run_dir, shared_data, tm
   assert out["label_index"].numpy().tolist() == [loaded_run.classes.index(r.label) for r in want]
 
   # The pixel signature takes what the input pipeline yields.
-  pixels = np.stack([predict_lib.file_pixels(loaded_run.module, open(f, "rb").read()) for f in files[:3]])
+  pixels = np.stack([predict_lib.file_pixels(model_call.module_of(loaded_run), open(f, "rb").read()) for f in files[:3]])
   out2 = served.signatures["serving_pixels"](image=tf.constant(pixels))
   np.testing.assert_allclose(out2["probabilities"].numpy(), expected[:3], atol=1e-5)
 

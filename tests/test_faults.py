@@ -122,14 +122,15 @@ def _train_cfg(data, run, **kw):
 
 def _interrupt(run):
   """Marks a finished run as interrupted (what a kill after epoch 1 leaves behind)."""
-  from xraytpu import rundir
+  from xraytpu.run import rundir
   doc = rundir.read_config(str(run))
   doc["status"] = "running"
   rundir.write_config(str(run), doc)
 
 
 def test_resume_on_other_data_is_refused_and_on_a_copy_allowed(tmp_path):
-  from xraytpu import rundir, train_lib
+  from xraytpu.run import rundir
+  from xraytpu.training import train_lib
   src = _images(tmp_path, n=40)
   a, b = tmp_path / "a", tmp_path / "b"
   _convert(src, a, seed=0)
@@ -233,7 +234,7 @@ def truncated_data(demo_data_dir, tmp_path):
 
 
 def test_a_truncated_shard_in_train_is_one_line_and_marks_the_run_failed(truncated_data, tmp_path):
-  from xraytpu import rundir
+  from xraytpu.run import rundir
   data, m = truncated_data
   run = tmp_path / "run"
   proc = _cli("xraytpu.train", f"--data_dir={data}", f"--model_dir={run}", "--model=xray_cnn",

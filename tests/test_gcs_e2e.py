@@ -127,7 +127,7 @@ def test_convert_inspect_train_evaluate_export_predict_on_gcs(gcs_emulator, demo
   assert len(rows) == 8 and all(r["path"].startswith(test_images) and not r["error"] for r in rows)
   assert "wrote 8 predictions" in pr.stderr
 
-  from xraytpu import export_lib  # noqa: PLC0415
+  from xraytpu.inference import export_lib  # noqa: PLC0415
   first = sorted(rows, key=lambda r: r["path"])[0]
   probs = export_lib.serve(f"{run}/export/1", [storage.read_bytes(first["path"])])
   assert abs(float(probs[0, 1]) - float(first["prob_PNEUMONIA"])) < 1e-4
@@ -139,7 +139,7 @@ def test_convert_inspect_train_evaluate_export_predict_on_gcs(gcs_emulator, demo
 def test_train_resumes_from_the_gcs_copy(gcs_emulator, demo_data_dir, tmp_path):
   """A preempted run (backup on GCS, no model.keras) resumes on a machine that has
   no local copy: the mirror pulls the backup, training goes on from the next epoch."""
-  from xraytpu import train_lib  # noqa: PLC0415
+  from xraytpu.training import train_lib  # noqa: PLC0415
   from xraytpu.config import Config  # noqa: PLC0415
   run = gcs_emulator.url(f"resume/{tmp_path.name}")
   cfg = Config(data_dir=demo_data_dir, model_dir=run, model="xray_cnn", image_size=32,

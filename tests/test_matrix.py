@@ -21,7 +21,7 @@ import pytest
 
 from tests import _net
 
-from xraytpu import distribute
+from xraytpu.training import distribute
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,4 +1,4 @@
-"""xraytpu.metrics against hand-worked examples, degenerate data and scikit-learn."""
+"""xraytpu.evaluation.metrics against hand-worked examples, degenerate data and scikit-learn."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from xraytpu import metrics as M
+from xraytpu.evaluation import metrics as M
 
 # The hand-worked example used throughout:
 #   label  0    0    1     1

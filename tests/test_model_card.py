@@ -9,8 +9,9 @@ import os
 import pytest
 
 from tests._runs import copy_run, evaluated_copy, trained_run
-from xraytpu import export_lib, model_card, predict_lib, rundir
+from xraytpu.inference import export_lib, predict_lib
 
+from xraytpu.run import model_card, rundir
 SECTIONS = ("## Intended use", "## Model", "## Data", "## Metrics", "## Operating point",
             "## Limitations", "## Notice")
 

@@ -73,7 +73,7 @@ def write_multilabel_set(out: str, n: dict[str, int], seed: int = 0) -> dict:
 
 @pytest.fixture(scope="module")
 def multi_run(tmp_path_factory):
-  from xraytpu import train_lib
+  from xraytpu.training import train_lib
   from xraytpu.config import Config
   root = tmp_path_factory.mktemp("multilabel")
   data = str(root / "data")
@@ -88,7 +88,8 @@ def multi_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_evaluate_reports_each_finding_with_thresholds_chosen_on_val(multi_run):
-  from xraytpu import evaluate_lib, rundir
+  from xraytpu.evaluation import evaluate_lib
+  from xraytpu.run import reports, rundir
   data, run = multi_run
   report = evaluate_lib.evaluate(run, split="test", n_resamples=200)
   assert report["task"] == "multi_label" and report["classes"] == FINDINGS
@@ -113,13 +114,16 @@ def test_evaluate_reports_each_finding_with_thresholds_chosen_on_val(multi_run):
   md = open(os.path.join(out, "report.md")).read()
   assert "| Effusion |" in md and "Macro mean" in md
   assert os.path.exists(os.path.join(out, "roc.png"))
-  assert "macro AUC" in evaluate_lib.headline(report)
+  assert "macro AUC" in reports.headline(report)
 
 
 @pytest.mark.slow
 def test_predict_export_and_serve_agree_per_finding(multi_run, tmp_path):
   import tensorflow as tf
-  from xraytpu import evaluate_lib, export_lib, model_card, predict_lib, serve_app
+  from xraytpu.evaluation import evaluate_lib
+  from xraytpu.inference import export_lib, predict_lib
+  from xraytpu.run import model_card
+  from xraytpu.serving import service
   from xraytpu.config import ServeOptions
   data, run = multi_run
   evaluate_lib.evaluate(run, split="test", n_resamples=50, write_plots=False)
@@ -148,7 +152,7 @@ def test_predict_export_and_serve_agree_per_finding(multi_run, tmp_path):
   assert [s.decode() for s in out["label"].numpy()] == [r.label for r in want]
   assert out["positive"].numpy().tolist() == [[c in r.findings for c in FINDINGS] for r in want]
 
-  app = serve_app.App(loaded, ServeOptions(model_dir=run))
+  app = service.App(loaded, ServeOptions(model_dir=run))
   try:
     answer = app.predict([(os.path.basename(f), open(f, "rb").read()) for f in films])
   finally:
@@ -162,7 +166,9 @@ def test_predict_export_and_serve_agree_per_finding(multi_run, tmp_path):
 @pytest.mark.slow
 def test_model_card_of_a_multi_label_run(multi_run, tmp_path):
   """MODEL_CARD.md: per-finding AUCs with CIs and thresholds, positives per finding."""
-  from xraytpu import evaluate_lib, export_lib, model_card, rundir
+  from xraytpu.evaluation import evaluate_lib
+  from xraytpu.inference import export_lib
+  from xraytpu.run import model_card, rundir
   data, run = multi_run
   report = evaluate_lib.evaluate(run, split="test", n_resamples=50, write_plots=False)
   text = open(os.path.join(run, "MODEL_CARD.md")).read()

@@ -10,7 +10,8 @@ import pytest
 def test_chest_xray_multi_label_view_trains_and_evaluates_per_finding(shared_data, tmp_path):
   from benchmarks import real_data_views as real_data
   from tfrecord_tools import convert_lib
-  from xraytpu import evaluate_lib, train_lib
+  from xraytpu.evaluation import evaluate_lib
+  from xraytpu.training import train_lib
   from xraytpu.config import Config
   images = shared_data / "chest_xray_400x300"
   labels = real_data.write_chest_xray_labels(str(images), str(tmp_path / "labels.csv"))

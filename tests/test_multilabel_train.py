@@ -25,7 +25,9 @@ import tensorflow as tf
 from PIL import Image
 
 from tfrecord_tools import records, schema
-from xraytpu import models, multilabel, rundir, train_lib
+from xraytpu import models
+from xraytpu.training import multilabel, train_lib
+from xraytpu.run import rundir
 from xraytpu._keras import keras
 from xraytpu.config import Config
 from xraytpu.data import DataError, input_pipeline, stats

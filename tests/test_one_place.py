@@ -44,7 +44,7 @@ RUN_FILES = ("config.json", "history.csv", "threshold.json", "model.keras", "che
 
 @pytest.mark.parametrize("name", RUN_FILES)
 def test_run_directory_names_live_in_rundir(name):
-  assert _spelled_in(name) == {"xraytpu/rundir.py"}
+  assert _spelled_in(name) == {"xraytpu/run/rundir.py"}
 
 
 def test_record_feature_keys_live_in_records():
@@ -68,4 +68,4 @@ def test_the_model_is_called_for_predictions_in_one_module():
         callers.add(str(path.relative_to(ROOT)))
   callers -= {"xraytpu/models/applications.py"}       # a frozen backbone inside the model itself
   callers -= {"xraytpu/data/input_pipeline.py"}        # _dataset(training=False): not a model call
-  assert callers == {"xraytpu/inference.py", "xraytpu/gradcam.py"}
+  assert callers == {"xraytpu/inference/model_call.py", "xraytpu/inference/gradcam.py"}

@@ -118,7 +118,7 @@ def test_accurate_idct_matches_pil(shared_data):
 def full_size_run(shared_data, tmp_path_factory):
   """Real full-size films + 2048-px synthetic films, converted with --max_side, a 1-epoch run."""
   from tfrecord_tools import convert_lib, synthetic
-  from xraytpu import train_lib
+  from xraytpu.training import train_lib
   from xraytpu.config import Config
   root = tmp_path_factory.mktemp("contract")
   src = root / "images"                       # class-per-folder: NORMAL/, PNEUMONIA/
@@ -152,7 +152,9 @@ def full_size_run(shared_data, tmp_path_factory):
 def test_export_serve_and_evaluate_answer_as_predict_on_original_bytes(full_size_run, tmp_path):
   import tensorflow as tf
   from tfrecord_tools import records, schema
-  from xraytpu import export_lib, predict_lib, rundir, serve_app, serve_lib
+  from xraytpu.inference import export_lib, model_call, predict_lib
+  from xraytpu.run import rundir
+  from xraytpu.serving import service, http_api
   data_dir, run_dir, originals = full_size_run
   rundir.write_operating_point(run_dir, {"threshold": 0.5, "policy": "fixed:0.5", "temperature": 1.3})
   files = sorted(originals.values())
@@ -172,7 +174,7 @@ def test_export_serve_and_evaluate_answer_as_predict_on_original_bytes(full_size
   assert [s.decode() for s in out["label"].numpy()] == [r.label for r in want]
 
   # serve: the web API's application layer on the same bytes.
-  app = serve_app.App(loaded, serve_lib.ServeOptions(model_dir=run_dir))
+  app = service.App(loaded, http_api.ServeOptions(model_dir=run_dir))
   try:
     answer = app.predict([(os.path.basename(f), open(f, "rb").read()) for f in files])
   finally:
@@ -190,7 +192,7 @@ def test_export_serve_and_evaluate_answer_as_predict_on_original_bytes(full_size
       for raw in tf.data.TFRecordDataset(shard):
         ex = tf.io.parse_single_example(raw, records.feature_spec())
         stored[ex[records.FILENAME].numpy().decode()] = ex[records.ENCODED]
-  module = loaded.module
+  module = model_call.module_of(loaded)
   worst_pixel, worst_prob = 0, 0.0
   for rel, path in originals.items():
     from_file = module.pixels(tf.constant([open(path, "rb").read()]))[0].numpy().astype(int)

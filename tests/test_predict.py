@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from _runs import copy_run, trained_run
-from xraytpu import predict_lib
+from xraytpu.inference import predict_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +37,7 @@ def _test_images(demo_data_dir):
 
 def test_same_pixels_and_probabilities_as_the_input_pipeline(loaded, demo_data_dir):
   """predict on the source files == the model on the converted records (one code path)."""
-  from xraytpu import evaluate_lib
+  from xraytpu.evaluation import evaluate_lib
   root, files = _test_images(demo_data_dir)
   split = evaluate_lib.predict_split(loaded, demo_data_dir, "test")
   by_name = {name: p for name, p in zip(split.filenames, split.probs)}
@@ -172,7 +172,7 @@ def test_dicom_without_pydicom_is_a_clear_per_file_error(loaded, tmp_path, monke
 
 def test_gradcam_points_at_the_evidence():
   """A model whose only evidence is brightness: the map must peak on the bright patch."""
-  from xraytpu import gradcam
+  from xraytpu.inference import gradcam
   from xraytpu._keras import keras
   inp = keras.Input((16, 16, 1), dtype="uint8")
   x = keras.layers.Rescaling(1 / 255.0)(inp)

@@ -25,8 +25,10 @@ from PIL import Image
 
 from _runs import copy_run, evaluated_copy, trained_run
 from _serve_process import ServeProcess
-from xraytpu import model_card, predict_lib, serve_batching, serve_lib
+from xraytpu.run import model_card
 
+from xraytpu.inference import predict_lib
+from xraytpu.serving import batching, http_api
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 60  # seconds, per HTTP request
 
@@ -47,11 +49,11 @@ def loaded(evaluated_run):
 
 @pytest.fixture(scope="module")
 def server(evaluated_run, loaded):
-  opts = serve_lib.ServeOptions(model_dir=evaluated_run[0], host="127.0.0.1", port=0, max_upload_mb=1,
+  opts = http_api.ServeOptions(model_dir=evaluated_run[0], host="127.0.0.1", port=0, max_upload_mb=1,
                                 max_files=3, max_pixels=1_000_000, batch_timeout_ms=20, max_batch=8,
                                 access_log=False)
-  srv = serve_lib.make_server(opts, run=loaded)
-  serve_lib.start_in_thread(srv)
+  srv = http_api.make_server(opts, run=loaded)
+  http_api.start_in_thread(srv)
   yield srv
   srv.close()
 
@@ -165,7 +167,7 @@ def test_page_and_static_files_are_served_with_a_strict_policy(server):
     status, body, _ = _request(server, "GET", path)
     assert status == 200 and body
   # Nothing else is reachable, whatever the path says.
-  for path in ("/static/../serve_lib.py", "/static/%2e%2e/serve_lib.py", "/static/index.html",
+  for path in ("/static/../http_api.py", "/static/%2e%2e/http_api.py", "/static/index.html",
                "//etc/passwd", "/static/app.js/../../serve.py"):
     status, body, _ = _request(server, "GET", path)
     assert status == 404, path
@@ -282,7 +284,7 @@ def test_upload_size_is_checked_before_reading(server, real_files):
   status, out = _raw_exchange(server, head)
   assert status == 413 and "max_upload_mb" in out["error"] and "953.7 MiB" in out["error"]
   # A real 1.5 MiB body over the 1 MiB limit: the client still reads the 413.
-  big = b"\0" * (3 * serve_lib.MB // 2)
+  big = b"\0" * (3 * http_api.MB // 2)
   status, out, resp = _request(server, "POST", "/v1/predict", big, {"Content-Type": "image/png"})
   assert status == 413 and "1 MiB" in out["error"] and resp.getheader("Connection") == "close"
   # No Content-Length (chunked) and a body shorter than its Content-Length.
@@ -327,11 +329,11 @@ def test_batcher_gathers_waiting_jobs_up_to_max_batch():
     for j in jobs:
       j.finish(result=len(j.pixels))
 
-  batcher = serve_batching.Batcher(fn, max_batch=4, timeout_s=0.2)
+  batcher = batching.Batcher(fn, max_batch=4, timeout_s=0.2)
   try:
-    first = batcher.submit(serve_batching.Job(np.zeros((4, 2, 2, 1), np.uint8)))  # full batch: runs at once
+    first = batcher.submit(batching.Job(np.zeros((4, 2, 2, 1), np.uint8)))  # full batch: runs at once
     assert started.wait(30)
-    rest = [batcher.submit(serve_batching.Job(np.zeros((1, 2, 2, 1), np.uint8))) for _ in range(6)]
+    rest = [batcher.submit(batching.Job(np.zeros((1, 2, 2, 1), np.uint8))) for _ in range(6)]
     release.set()
     assert first.wait(30) == 4 and [j.wait(30) for j in rest] == [1] * 6
     assert calls == [[4], [1, 1, 1, 1], [1, 1]]
@@ -347,28 +349,28 @@ def test_a_failing_batch_fails_its_requests_and_the_worker_goes_on():
     for j in jobs:
       j.finish(result="ok")
 
-  batcher = serve_batching.Batcher(fn, max_batch=1, timeout_s=0.0)
+  batcher = batching.Batcher(fn, max_batch=1, timeout_s=0.0)
   try:
     with pytest.raises(RuntimeError, match="boom"):
-      batcher.submit(serve_batching.Job(np.zeros((1, 1, 1, 1), np.uint8), gradcam=True)).wait(30)
-    assert batcher.submit(serve_batching.Job(np.zeros((1, 1, 1, 1), np.uint8))).wait(30) == "ok"
+      batcher.submit(batching.Job(np.zeros((1, 1, 1, 1), np.uint8), gradcam=True)).wait(30)
+    assert batcher.submit(batching.Job(np.zeros((1, 1, 1, 1), np.uint8))).wait(30) == "ok"
   finally:
     batcher.stop()
 
 
 def test_options_are_validated():
-  with pytest.raises(serve_lib.ServeError, match="max_batch"):
-    serve_lib.ServeOptions(model_dir="run", max_batch=0).validate()
-  with pytest.raises(serve_lib.ServeError, match="port"):
-    serve_lib.ServeOptions(model_dir="run", port=70000).validate()
-  with pytest.raises(serve_lib.ServeError, match="max_upload_mb"):
-    serve_lib.ServeOptions(model_dir="run", max_upload_mb=0).validate()
-  with pytest.raises(serve_lib.ServeError, match="decode_budget"):
-    serve_lib.ServeOptions(model_dir="run", max_pixels=10, decode_budget=9).validate()
-  with pytest.raises(serve_lib.ServeError, match="body_timeout_s"):
-    serve_lib.ServeOptions(model_dir="run", body_timeout_s=0).validate()
-  assert serve_lib.is_loopback("127.0.0.1") and serve_lib.is_loopback("::1")
-  assert not serve_lib.is_loopback("0.0.0.0")
+  with pytest.raises(http_api.ServeError, match="max_batch"):
+    http_api.ServeOptions(model_dir="run", max_batch=0).validate()
+  with pytest.raises(http_api.ServeError, match="port"):
+    http_api.ServeOptions(model_dir="run", port=70000).validate()
+  with pytest.raises(http_api.ServeError, match="max_upload_mb"):
+    http_api.ServeOptions(model_dir="run", max_upload_mb=0).validate()
+  with pytest.raises(http_api.ServeError, match="decode_budget"):
+    http_api.ServeOptions(model_dir="run", max_pixels=10, decode_budget=9).validate()
+  with pytest.raises(http_api.ServeError, match="body_timeout_s"):
+    http_api.ServeOptions(model_dir="run", body_timeout_s=0).validate()
+  assert http_api.is_loopback("127.0.0.1") and http_api.is_loopback("::1")
+  assert not http_api.is_loopback("0.0.0.0")
 
 
 def test_entry_point_reports_a_missing_run_in_one_line(tmp_path):
@@ -381,8 +383,8 @@ def test_entry_point_reports_a_missing_run_in_one_line(tmp_path):
 
 
 def test_serve_process_that_does_not_start_raises_with_its_output(tmp_path):
-  """serve_lib.ServeProcess (the browser test's and benchmarks/serve_load's server): the child's error comes back."""
-  with pytest.raises(serve_lib.ServeError, match=r"did not start \(exit code 2\)(.|\n)*no such run directory"):
+  """http_api.ServeProcess (the browser test's and benchmarks/serve_load's server): the child's error comes back."""
+  with pytest.raises(http_api.ServeError, match=r"did not start \(exit code 2\)(.|\n)*no such run directory"):
     ServeProcess(str(tmp_path / "nope"), timeout=120)
 
 
@@ -425,9 +427,9 @@ def test_card_of_an_unevaluated_run_says_so(demo_data_dir, tmp_path_factory, tmp
 
 
 def test_a_busy_port_is_a_clear_error(server, evaluated_run, loaded):
-  opts = serve_lib.ServeOptions(model_dir=evaluated_run[0], port=server.server_address[1], access_log=False)
-  with pytest.raises(serve_lib.ServeError, match="cannot listen on 127.0.0.1"):
-    serve_lib.make_server(opts, run=loaded)
+  opts = http_api.ServeOptions(model_dir=evaluated_run[0], port=server.server_address[1], access_log=False)
+  with pytest.raises(http_api.ServeError, match="cannot listen on 127.0.0.1"):
+    http_api.make_server(opts, run=loaded)
 
 
 # -- TensorFlow Serving's REST API, Vertex AI, OpenAPI ------------------------------
@@ -457,7 +459,7 @@ def _post_json(srv, path, obj):
 
 def test_tf_serving_predict_equals_the_exported_saved_model(server, evaluated_run, demo_files, real_files):
   """The same TF Serving request, to xraytpu.serve and to the export's serving_default: same answer."""
-  from xraytpu import export_lib
+  from xraytpu.inference import export_lib
   export_path = export_lib.export(evaluated_run[0])
   images = [_read(f) for f in demo_files[:1] + real_files[:2]]   # --max_files=3
   b64 = [base64.b64encode(d).decode() for d in images]
@@ -518,12 +520,12 @@ def test_tf_serving_status_metadata_and_errors(server):
 
 def test_vertex_ai_routes_and_port(evaluated_run, loaded, real_files):
   env = {"AIP_HTTP_PORT": "0", "AIP_HEALTH_ROUTE": "/vertex/health", "AIP_PREDICT_ROUTE": "/vertex/predict"}
-  opts = serve_lib.ServeOptions(model_dir=evaluated_run[0], port=12345, access_log=False)
-  assert serve_lib.vertex_settings(opts, {"AIP_HTTP_PORT": "8081"}) == (8081, {})
-  with pytest.raises(serve_lib.ServeError, match="AIP_HTTP_PORT"):
-    serve_lib.vertex_settings(opts, {"AIP_HTTP_PORT": "http"})
-  srv = serve_lib.make_server(opts, run=loaded, environ=env)
-  serve_lib.start_in_thread(srv)
+  opts = http_api.ServeOptions(model_dir=evaluated_run[0], port=12345, access_log=False)
+  assert http_api.vertex_settings(opts, {"AIP_HTTP_PORT": "8081"}) == (8081, {})
+  with pytest.raises(http_api.ServeError, match="AIP_HTTP_PORT"):
+    http_api.vertex_settings(opts, {"AIP_HTTP_PORT": "http"})
+  srv = http_api.make_server(opts, run=loaded, environ=env)
+  http_api.start_in_thread(srv)
   try:
     assert srv.server_address[1] != 12345   # AIP_HTTP_PORT=0 won over --port
     status, health, _ = _request(srv, "GET", "/vertex/health")
@@ -553,10 +555,10 @@ def test_openapi_describes_every_route(server):
 @pytest.fixture(scope="module")
 def strict_server(evaluated_run, loaded):
   """Short deadlines and one request slot: a slot that is not freed blocks the next request."""
-  opts = serve_lib.ServeOptions(model_dir=evaluated_run[0], port=0, max_upload_mb=1, max_inflight=1,
+  opts = http_api.ServeOptions(model_dir=evaluated_run[0], port=0, max_upload_mb=1, max_inflight=1,
                                 header_timeout_s=1.5, body_timeout_s=1.5, access_log=False)
-  srv = serve_lib.make_server(opts, run=loaded)
-  serve_lib.start_in_thread(srv)
+  srv = http_api.make_server(opts, run=loaded)
+  http_api.start_in_thread(srv)
   yield srv
   srv.close()
 
@@ -652,7 +654,7 @@ def _near_limit_png(width, height, seed):
 
 def test_memory_stays_under_the_stated_bound(bounded_process):
   """20 clients post near-limit images at once: the server's peak RSS stays under
-  serve_lib.memory_bound (what README states), measured from /proc/PID/status."""
+  http_api.memory_bound (what README states), measured from /proc/PID/status."""
   srv = _Address(bounded_process.url)
   pid = bounded_process.pid
   idle = _vm(pid, "VmHWM")
@@ -665,11 +667,11 @@ def test_memory_stays_under_the_stated_bound(bounded_process):
   _, health, _ = _request(srv, "GET", "/healthz")
   # The decoders held one 4 Mpx image at a time: the budget, never more.
   assert health["decode_budget"] == {"pixels": 4_000_000, "peak_pixels": 4_000_000}
-  opts = serve_lib.ServeOptions(model_dir="x", max_pixels=4_000_000, decode_budget=4_000_000,
+  opts = http_api.ServeOptions(model_dir="x", max_pixels=4_000_000, decode_budget=4_000_000,
                                 max_inflight=20, max_upload_mb=1)
-  bound = serve_lib.memory_bound(opts, idle)
-  assert peak <= bound, f"idle {idle / serve_lib.MB:.0f} MiB, peak {peak / serve_lib.MB:.0f} MiB, " \
-                        f"bound {bound / serve_lib.MB:.0f} MiB"
+  bound = http_api.memory_bound(opts, idle)
+  assert peak <= bound, f"idle {idle / http_api.MB:.0f} MiB, peak {peak / http_api.MB:.0f} MiB, " \
+                        f"bound {bound / http_api.MB:.0f} MiB"
 
 
 def test_a_client_that_disconnects_mid_upload_gives_one_quiet_log_line(bounded_process):

@@ -71,7 +71,8 @@ def browser():
 
 def test_page_predicts_real_films_like_xraytpu_predict(browser, server_url, evaluated_run, shared_data,
                                                        tmp_path):
-  from xraytpu import predict_lib, rundir
+  from xraytpu.inference import predict_lib
+  from xraytpu.run import rundir
   run_dir, report = evaluated_run
   films = (sorted(glob.glob(str(shared_data / "chest_xray_400x300" / "Normal" / "*.jpeg")))[:1] +
            sorted(glob.glob(str(shared_data / "chest_xray_400x300" / "ViralPneumonia" / "*.jpeg")))[1:2])

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from tfrecord_tools import storage
-from xraytpu import callbacks, rundir, train_lib
+from xraytpu.training import callbacks, train_lib
+from xraytpu.run import rundir
 from xraytpu.config import Config
 
 

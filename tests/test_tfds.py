@@ -342,7 +342,9 @@ class TinyMultiXrays(tfds.core.GeneratorBasedBuilder):
 
 
 def test_tfds_source_is_converted_once_and_trained_on(tmp_path):
-  from xraytpu import evaluate_lib, rundir, train_lib
+  from xraytpu.evaluation import evaluate_lib
+  from xraytpu.run import rundir
+  from xraytpu.training import train_lib
   from xraytpu.config import Config
   from xraytpu.data import tfds_source
   tfds_dir = tmp_path / "tensorflow_datasets"

@@ -16,7 +16,11 @@ import time
 import numpy as np
 import pytest
 
-from xraytpu import models, rundir, train_lib
+from xraytpu import models
+
+from xraytpu.run import rundir
+
+from xraytpu.training import train_lib
 from xraytpu._keras import keras
 from xraytpu.config import Config
 from xraytpu.models import applications

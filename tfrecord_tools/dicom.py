@@ -45,7 +45,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from tfrecord_tools.pixels import PNG_COMPRESS_LEVEL, ImageError
+from tfrecord_tools.errors import ImageError
 
 EXTENSIONS = (".dcm", ".dicom")
 WINDOW_KINDS = ("full", "file", "none")
@@ -397,7 +397,7 @@ class Rendered:
   description: str     # e.g. "DICOM MONOCHROME1 12-bit RLE Lossless": the manifest's source_mode
 
 
-def render(data: bytes, window: Window | str = DEFAULT_WINDOW) -> Rendered:
+def render(data: bytes, window: Window | str = DEFAULT_WINDOW, *, png_compress_level: int = 6) -> Rendered:
   """A DICOM file's bytes -> PNG (16-bit grey for `full`, else 8-bit grey; 8-bit
   RGB for colour) and a short description. Raises ImageError."""
   from PIL import Image  # noqa: PLC0415
@@ -410,7 +410,7 @@ def render(data: bytes, window: Window | str = DEFAULT_WINDOW) -> Rendered:
   except Exception as e:  # noqa: BLE001 - a malformed header must not stop a conversion
     raise ImageError(f"unreadable DICOM ({_why(e)})") from None
   buf = io.BytesIO()
-  Image.fromarray(image).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+  Image.fromarray(image).save(buf, format="PNG", compress_level=png_compress_level)
   syntax = ds.file_meta.TransferSyntaxUID
   syntax = "" if not syntax.is_compressed else f" {syntax.name}"
   description = (f"DICOM {str(ds.get('PhotometricInterpretation', 'MONOCHROME2')).upper()} "

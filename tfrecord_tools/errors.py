@@ -11,3 +11,11 @@ from __future__ import annotations
 
 class UserError(ValueError):
   """A mistake the user can fix; its message is one line meant for them."""
+
+
+class ImageError(UserError):
+  """The bytes are not a usable image; `reason` is a short human-readable cause."""
+
+  def __init__(self, reason: str):
+    super().__init__(reason)
+    self.reason = reason

@@ -66,7 +66,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from tfrecord_tools import errors
+from tfrecord_tools import dicom
+from tfrecord_tools.errors import ImageError  # noqa: F401 - pixels.ImageError, what every door catches
 
 # Bumped whenever a step above changes the pixels (2: area downscale, accurate IDCT;
 # 3: R=G=B images are grey);
@@ -78,14 +79,6 @@ CHANNELS = ("keep", "1", "3")
 IMAGE_FORMATS = ("keep", "png", "jpeg")
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-class ImageError(errors.UserError):
-  """The bytes are not a usable image; `reason` is a short human-readable cause."""
-
-  def __init__(self, reason: str):
-    super().__init__(reason)
-    self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,14 +339,13 @@ def prepare_image(data: bytes, *, max_side: int = 0, channels: str = "keep",
 
 def _render_dicom(data: bytes, dicom_window: str, name: str):
   """The DICOM hook of every door: a DICOM file's `dicom.Rendered` PNG, None for other bytes."""
-  from tfrecord_tools import dicom  # noqa: PLC0415 - dicom imports this module
   if not dicom.is_dicom(data, name):
     return None
   try:
     window = dicom.parse_window(dicom_window)
   except ValueError as e:
     raise ValueError(f"dicom_window {e}") from None
-  return dicom.render(data, window)
+  return dicom.render(data, window, png_compress_level=PNG_COMPRESS_LEVEL)
 
 
 # ==========================================================================

@@ -1,12 +1,21 @@
 """xraytpu: train chest X-ray and CT classifiers fast on TPU, GPU or CPU.
 
-Map of the package (data flows top to bottom):
+  import xraytpu
+  run = xraytpu.load("runs/cxr")
+  run.predict("film.png")      # probabilities, label and threshold, as `python -m xraytpu.predict`
 
-  tfrecord_tools.convert   image folders -> sharded TFRecords + dataset.json
-  xraytpu.data             dataset.json + shards -> tf.data batches of (uint8 image, label)
-  xraytpu.models           registry name -> keras.Model (augmentation + rescaling inside)
-  xraytpu.train_lib        strategy + data + model -> run directory
-  xraytpu.evaluate/predict/export   run directory -> reports, predictions, SavedModel
+(xraytpu.api: load, convert, train, evaluate.) Map of the package, each layer
+importing only the ones above it (tests/test_layers.py keeps it so):
+
+  tfrecord_tools       image folders -> sharded TFRecords + dataset.json; the pixel contract
+  xraytpu.config       every option, one dataclass per command (errors, _keras beside it)
+  xraytpu.data         dataset.json + shards -> tf.data batches of (uint8 image, label)
+  xraytpu.models       registry name -> keras.Model (augmentation + rescaling inside)
+  xraytpu.run          a run directory: layout, operating point, reports, model card, loading
+  xraytpu.inference    the one model call; predict, export, Grad-CAM
+  xraytpu.training     strategy + data + model -> run directory
+  xraytpu.evaluation   run + data -> clinical report (AUC with CIs, operating point)
+  xraytpu.serving      run -> HTTP (web page, JSON API, TF Serving's REST shape)
 
 Entry points (`python -m xraytpu.train`, ...) only parse flags into a
 `xraytpu.config.Config` and call a library function; libraries never read flags.
@@ -18,4 +27,7 @@ import os as _os
 # every entry point; warnings and errors still print. Set before TF is imported.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-__version__ = "0.1.0"
+from tfrecord_tools import __version__  # noqa: E402 - one distribution, one version
+from xraytpu.api import Run, convert, evaluate, load, train  # noqa: E402
+
+__all__ = ["Run", "__version__", "convert", "evaluate", "load", "train"]

@@ -151,7 +151,7 @@ AUGMENT_FIELDS = tuple(AUGMENT_PRESETS["none"])
 
 
 # ---- the other commands ------------------------------------------------------
-# Bootstrap confidence intervals: xraytpu.metrics' defaults too.
+# Bootstrap confidence intervals: xraytpu.evaluation.metrics' defaults too.
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
 RUN_DIR_HELP = "Run directory written by xraytpu.train."
@@ -159,7 +159,7 @@ RUN_DIR_HELP = "Run directory written by xraytpu.train."
 
 @dataclasses.dataclass
 class EvalConfig:
-  """What `python -m xraytpu.evaluate` takes (see xraytpu.evaluate_lib.evaluate)."""
+  """What `python -m xraytpu.evaluate` takes (see xraytpu.evaluation.evaluate_lib.evaluate)."""
   FLAG_TOPIC: ClassVar[str] = "evaluation"   # --help heading
   model_dir: str = _f(help=RUN_DIR_HELP)
   data_dir: str = _f("", "Converted data set to evaluate (default: the run's training data). "
@@ -179,7 +179,7 @@ class EvalConfig:
 
 @dataclasses.dataclass
 class PredictConfig:
-  """What `python -m xraytpu.predict` takes besides the paths (see xraytpu.predict_lib.run_predict)."""
+  """What `python -m xraytpu.predict` takes besides the paths (see xraytpu.inference.predict_lib.run_predict)."""
   FLAG_TOPIC: ClassVar[str] = "prediction"   # --help heading
   model_dir: str = _f(help=RUN_DIR_HELP)
   output: str = _f("", "Also write the predictions to FILE.csv or FILE.jsonl.")
@@ -194,7 +194,7 @@ class PredictConfig:
 
 @dataclasses.dataclass
 class ExportConfig:
-  """What `python -m xraytpu.export` takes (see xraytpu.export_lib.export)."""
+  """What `python -m xraytpu.export` takes (see xraytpu.inference.export_lib.export)."""
   FLAG_TOPIC: ClassVar[str] = "exporting"   # --help heading
   model_dir: str = _f(help=RUN_DIR_HELP)
   version: int = _f(0, "Integer version folder (0 = the next free one).")
@@ -208,7 +208,7 @@ class ServeError(errors.UserError):
 
 @dataclasses.dataclass
 class ServeOptions:
-  """What `python -m xraytpu.serve` takes (see xraytpu.serve_lib.serve); fields without help are not flags."""
+  """What `python -m xraytpu.serve` takes (see xraytpu.serving.http_api.serve); fields without help are not flags."""
   FLAG_TOPIC: ClassVar[str] = "serving"   # --help heading
   model_dir: str = _f(help="Run directory written by xraytpu.train (and xraytpu.evaluate).")
   host: str = _f("127.0.0.1", "Address to listen on (0.0.0.0 = every interface: no authentication!).")

@@ -10,7 +10,7 @@ r"""Run a tf.data service dispatcher or worker (TensorFlow's own servers) until 
 
 The workers run the training input pipeline (read shards, decode, resize,
 shuffle, batch) and stream batches to the trainers; see
-`xraytpu.data_service_lib` for what the servers do and what survives a lost
+`xraytpu.data.data_service_lib` for what the servers do and what survives a lost
 worker (restart workers at the same address: a supervisor's job). Prints one line "<role> listening on grpc://HOST:PORT" once serving,
 then blocks; stop it with Ctrl-C or SIGTERM.
 """
@@ -51,7 +51,7 @@ def main(argv: Sequence[str]) -> None:
   # blocked in every thread (the servers' threads inherit this) and taken below.
   stop_signals = {signal.SIGINT, signal.SIGTERM}
   signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-  from xraytpu import data_service_lib as lib  # TensorFlow: after the flags are checked
+  from xraytpu.data import data_service_lib as lib  # TensorFlow: after the flags are checked
   if _ROLE.value == "dispatcher":
     server = lib.start_dispatcher(_PORT.value, work_dir=_WORK_DIR.value,
                                   job_gc_timeout_ms=_JOB_GC.value)

@@ -6,7 +6,7 @@
 The operating threshold is chosen on the VAL split of the run's training data,
 stored in RUN/threshold.json, and applied unchanged to --split. Writes
 RUN/eval/<dataset>-<split>/ (predictions.csv, report.json, report.md, plots);
-see xraytpu.evaluate_lib for the report's keys.
+see xraytpu.evaluation.evaluate_lib for the report's keys.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ cli.define_flags(EvalConfig)
 def main(argv):
   cli.no_arguments(argv)
   opts = cli.from_flags(EvalConfig)
-  from xraytpu import evaluate_lib
+  from xraytpu.evaluation import evaluate_lib
+  from xraytpu.run import reports
   if opts.bootstrap_resamples < 1000:
     logging.warning("--bootstrap_resamples=%d: fewer than 1000 resamples give unstable intervals",
                     opts.bootstrap_resamples)
@@ -31,7 +32,7 @@ def main(argv):
       threshold_policy=opts.threshold_policy, temperature_scaling=opts.temperature_scaling,
       n_resamples=opts.bootstrap_resamples, seed=opts.bootstrap_seed, batch_size=opts.batch_size,
       out_dir=opts.out_dir, write_plots=opts.plots)
-  print(evaluate_lib.headline(report))
+  print(reports.headline(report))
   for note in report["notes"]:
     print(f"note: {note}")
   files = report["files"]

@@ -4,7 +4,7 @@
 
 Writes RUN/export/<N>/ (N = next free integer) whose serving signature takes
 encoded PNG/JPEG bytes and returns class probabilities; see
-xraytpu.export_lib for the signatures and layout.
+xraytpu.inference.export_lib for the signatures and layout.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ cli.define_flags(ExportConfig)
 def main(argv):
   cli.no_arguments(argv)
   opts = cli.from_flags(ExportConfig)
-  from xraytpu import export_lib
+  from xraytpu.inference import export_lib
   path = export_lib.export(opts.model_dir, version=opts.version, export_dir=opts.export_dir)
   meta = export_lib.load_metadata(path)
   print(f"SavedModel written to {path}")

@@ -22,7 +22,7 @@ cli.define_flags(PredictConfig)
 
 def main(argv):
   opts = cli.from_flags(PredictConfig)
-  from xraytpu import predict_lib
+  from xraytpu.inference import predict_lib
   failed = predict_lib.run_predict(opts.model_dir, argv[1:], window=opts.window,
                                    output=opts.output or None, gradcam_dir=opts.gradcam or None,
                                    batch_size=opts.batch_size)

@@ -15,7 +15,7 @@ Open http://127.0.0.1:8080/ and drop X-rays on the page, or call the API:
   curl http://127.0.0.1:8080/openapi.json
 
 Predictions are those of `python -m xraytpu.predict` (same preprocessing,
-same frozen RUN/threshold.json). Starlette on uvicorn; see xraytpu.serve_lib for
+same frozen RUN/threshold.json). Starlette on uvicorn; see xraytpu.serving.http_api for
 the API. Vertex AI: AIP_HTTP_PORT, AIP_HEALTH_ROUTE and AIP_PREDICT_ROUTE are
 honoured. Binds 127.0.0.1 unless --host says otherwise; there is no authentication.
 """
@@ -31,8 +31,8 @@ cli.define_flags(ServeOptions)
 def main(argv):
   cli.no_arguments(argv)
   opts = cli.from_flags(ServeOptions)
-  from xraytpu import serve_lib
-  serve_lib.serve(opts)
+  from xraytpu.serving import http_api
+  http_api.serve(opts)
 
 
 def run():

@@ -12,9 +12,10 @@ import json
 import statistics
 
 from tfrecord_tools import cli, storage
-from xraytpu import errors, rundir
+from xraytpu import errors
 
 
+from xraytpu.run import rundir
 class SummaryError(errors.UserError):
   """The folder is not a run directory, or one of its files cannot be read."""
 

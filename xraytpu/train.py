@@ -13,7 +13,7 @@ r"""Train a classifier on TFRecords written by tfrecord_tools.convert.
 
 Run the same command again after a crash or preemption to resume. A finished
 run directory is never replaced without --overwrite. The run directory layout
-is described in xraytpu/train_lib.py. --augment_preview=PATH writes a PNG grid
+is described in xraytpu/training/train_lib.py. --augment_preview=PATH writes a PNG grid
 of training images before/after augmentation and exits without training.
 """
 
@@ -38,7 +38,7 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
   cfg = xflags.config_from_flags(xflags.ALL_FIELDS)
   # Imported here so `--help` stays fast (TensorFlow loads in these).
-  from xraytpu import train_lib  # noqa: PLC0415
+  from xraytpu.training import train_lib  # noqa: PLC0415
   if _AUGMENT_PREVIEW.value:
     from xraytpu.data import preview  # noqa: PLC0415
     if not cfg.data_dir:

@@ -17,7 +17,7 @@ trains from the start), or PATH to a local .weights.h5 / .h5 file holding the
 backbone's no-top weights (e.g. keras' `*_notop.h5`, or one written by
 `model.get_layer("backbone").save_weights(PATH)`).
 
-Training phases (see xraytpu.train_lib): with pretrained weights the backbone
+Training phases (see xraytpu.training.train_lib): with pretrained weights the backbone
 is frozen for --epochs, then `set_fine_tune(model, fine_tune_at)` unfreezes
 its layers from index --fine_tune_at on for --fine_tune_epochs.
 """

@@ -2,8 +2,8 @@
 -> the run's InferenceModule -> the JSON answer.
 
 Predictions are those of `python -m xraytpu.predict`: the same run
-(`xraytpu.rundir.load`), the same pixel contract and model call
-(`LoadedRun.module`, the InferenceModule that export saves), the same
+(`xraytpu.run.rundir.load`), the same pixel contract and model call
+(`model_call.module_of(run)`, the InferenceModule that export saves), the same
 DICOM rendering (`tfrecord_tools.dicom` through `pixels.graph_input`, with the
 run's dicom_window unless ?window= says otherwise) and the same Grad-CAM.
 Uploads are checked from their header first (pixel count), so a
@@ -23,9 +23,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from tfrecord_tools import dicom, pixels
-from xraytpu import model_card as card_lib
-from xraytpu import predict_lib, rundir
-from xraytpu.serve_batching import Batcher, BatchTimeout, Job
+from xraytpu.inference import model_call, predict_lib
+from xraytpu.run import model_card as card_lib
+from xraytpu.run import rundir
+from xraytpu.serving.batching import Batcher, BatchTimeout, Job
 
 
 class RequestError(Exception):
@@ -121,7 +122,7 @@ def prepare_upload(run: rundir.LoadedRun, data: bytes, *, max_pixels: int,
     with budget.hold(width * height, timeout) if budget else contextlib.nullcontext():
       dicom_window = window or run.conversion.get("dicom_window", dicom.DEFAULT_WINDOW)
       data = pixels.graph_input(data, dicom_window=dicom_window, name=name)
-      return run.module.file_pixels(data)
+      return model_call.module_of(run).file_pixels(data)
   except pixels.ImageError as e:
     raise RequestError(_status(e.reason), e.reason) from None
 
@@ -140,7 +141,7 @@ class App:
 
   def __init__(self, run: rundir.LoadedRun, opts, static: dict[str, tuple[bytes, str]] | None = None):
     self.run, self.opts = run, opts
-    self.module = run.module
+    self.module = model_call.module_of(run)
     self.card = card_lib.model_card(run, opts)
     self.static = static or {}
     self.batcher = Batcher(self._predict_batch, max_batch=opts.max_batch,
@@ -157,7 +158,7 @@ class App:
   def _gradcam(self):
     """Built on first use, in the worker thread (the only thread that runs the model)."""
     if self._cam is None and self._cam_error is None:
-      from xraytpu import gradcam
+      from xraytpu.inference import gradcam
       try:
         self._cam = gradcam.GradCam(self.run.model)
       except ValueError as e:
@@ -254,7 +255,7 @@ class App:
 def overlay_png_base64(pixels: np.ndarray, cam: np.ndarray) -> str:
   """uint8 [S, S, C] + map [S, S] -> base64 PNG of gradcam.overlay (what predict --gradcam writes)."""
   from PIL import Image
-  from xraytpu import gradcam
+  from xraytpu.inference import gradcam
   buf = io.BytesIO()
   Image.fromarray(gradcam.overlay(pixels, cam)).save(buf, format="PNG")
   return base64.b64encode(buf.getvalue()).decode("ascii")

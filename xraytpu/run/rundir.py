@@ -16,7 +16,7 @@ local or gs://):
                      phase1_done.weights.h5, phase<N>_plateau.json
   model.keras        the final model (architecture + weights, no optimizer)
   threshold.json     the operating point chosen by xraytpu.evaluate (see below)
-  MODEL_CARD.md      the model card (xraytpu.model_card), written by xraytpu.evaluate
+  MODEL_CARD.md      the model card (xraytpu.run.model_card), written by xraytpu.evaluate
   eval/<dataset>-<split>/   report.json, report.md, predictions.csv, *.png
   export/<version>/  SavedModel; assets.extra/xraytpu.json (metadata), assets.extra/MODEL_CARD.md
 
@@ -30,7 +30,7 @@ threshold.json:
    "fallback_reason": null, "num_examples": 524, "created": "2026-11-23T18:00:00Z"}
 
 `load(run_dir)` gives a `LoadedRun` (config, manifest, model, operating
-point); `xraytpu.inference.InferenceModule.from_run` turns it into the one
+point); `xraytpu.inference.model_call.InferenceModule.from_run` turns it into the one
 way of calling the model.
 """
 
@@ -231,15 +231,9 @@ class LoadedRun:
   aspect: str
   conversion: dict[str, Any]
   operating_point: dict[str, Any] | None
-  _module: Any = dataclasses.field(default=None, repr=False, compare=False)
-
-  @property
-  def module(self):
-    """The run's `xraytpu.inference.InferenceModule` (built on first use): the one way to call the model."""
-    if self._module is None:
-      from xraytpu import inference  # noqa: PLC0415
-      self._module = inference.InferenceModule.from_run(self)
-    return self._module
+  # The run's InferenceModule once built (xraytpu.inference.model_call.module_of builds it: the
+  # run directory knows nothing of TensorFlow graphs, so that dependency points one way).
+  module_cache: Any = dataclasses.field(default=None, repr=False, compare=False)
 
   @property
   def task(self) -> str:

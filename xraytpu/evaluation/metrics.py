@@ -24,7 +24,7 @@ Threshold policies (binary only; a score >= threshold is called positive):
   specificity:X    the lowest threshold whose specificity is >= X (best sensitivity)
   fixed:X          X itself
 The threshold is chosen on validation data and then applied unchanged to the
-evaluated split (see xraytpu.evaluate_lib).
+evaluated split (see xraytpu.evaluation.evaluate_lib).
 """
 
 from __future__ import annotations

@@ -4,15 +4,15 @@
 
   1. check the run directory (a finished run is kept unless cfg.overwrite; an
      unfinished one with the same settings is resumed),
-  2. start the strategy (xraytpu.distribute), set the mixed-precision policy,
+  2. start the strategy (xraytpu.training.distribute), set the mixed-precision policy,
   3. read dataset.json: task, classes, class weights, initial output bias, steps/epoch,
   4. build and compile the model inside `strategy.scope()`,
   5. fit phase 1 (backbones frozen when pretrained), then optionally phase 2
      (fine-tune from --fine_tune_at at --fine_tune_learning_rate),
-  6. write the final model and mark the run finished (xraytpu.rundir).
+  6. write the final model and mark the run finished (xraytpu.run.rundir).
 
 The run directory (`cfg.model_dir`, local or gs://): its layout, and every
-read and write of it, are `xraytpu.rundir`'s.
+read and write of it, are `xraytpu.run.rundir`'s.
 
 Preemption: kill the process at any moment and run the same command again;
 BackupAndRestore restores weights, optimizer and epoch of the last completed
@@ -44,12 +44,13 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-import xraytpu
-from xraytpu import distribute, errors, multilabel
-from xraytpu import rundir
+import tfrecord_tools
+from xraytpu.training import distribute, multilabel
+from xraytpu import errors
+from xraytpu.run import rundir
 from xraytpu import models as models_lib
 from xraytpu._keras import keras
-from xraytpu.callbacks import StopOnNaN, _save_and_discard, make_callbacks, parse_profile_steps
+from xraytpu.training.callbacks import StopOnNaN, _save_and_discard, make_callbacks, parse_profile_steps
 from xraytpu.config import Config
 from xraytpu.data import DataError
 from xraytpu.data import input_pipeline
@@ -219,7 +220,7 @@ def _manifest_digest(data_dir: str) -> str:
 
 def _versions() -> dict[str, str]:
   import sklearn  # noqa: PLC0415 - only for the version string
-  return {"xraytpu": xraytpu.__version__, "python": platform.python_version(),
+  return {"xraytpu": tfrecord_tools.__version__, "python": platform.python_version(),
           "tensorflow": tf.__version__, "tf_keras": keras.__version__,
           "numpy": np.__version__, "scikit-learn": sklearn.__version__}
 
@@ -290,7 +291,7 @@ def make_learning_rate(cfg: Config, steps_per_epoch: int):
 def make_loss(num_classes: int, label_smoothing: float, *, task: str = stats.SINGLE_LABEL,
               pos_weight=None):
   """Binary / categorical cross-entropy; multi-label: the masked BCE with optional
-  per-finding positive weights (xraytpu.multilabel.MaskedBinaryCrossentropy)."""
+  per-finding positive weights (xraytpu.training.multilabel.MaskedBinaryCrossentropy)."""
   if task == stats.MULTI_LABEL:
     return multilabel.MaskedBinaryCrossentropy(pos_weight=pos_weight, label_smoothing=label_smoothing)
   if num_classes == 2:
@@ -304,7 +305,7 @@ def make_metrics(num_classes: int, *, task: str = stats.SINGLE_LABEL,
 
   Multi-class: one-hot labels, precision/recall/AUC micro-averaged over classes.
   Multi-label: "auc", the mean over findings of each finding's ROC AUC, and
-  "auc_<finding>" per finding (xraytpu.multilabel.metric_names), all over
+  "auc_<finding>" per finding (xraytpu.training.multilabel.metric_names), all over
   labelled entries only.
   """
   if task == stats.MULTI_LABEL:
@@ -423,7 +424,7 @@ def train_and_evaluate(cfg: Config, *, strategy: tf.distribute.Strategy | None =
 
   Args:
     cfg: the run's Config (augmentation preset already resolved by the caller).
-    strategy: a started strategy; None builds `cfg.strategy` via xraytpu.distribute.
+    strategy: a started strategy; None builds `cfg.strategy` via xraytpu.training.distribute.
     verbose: Keras fit verbosity for the chief (progress bar = 1).
   Raises:
     TrainError / StrategyError / ModelError / ManifestError / StorageError

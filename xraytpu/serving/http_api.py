@@ -1,9 +1,9 @@
 """Prediction web app and JSON API for a trained run (`python -m xraytpu.serve`):
 Starlette on uvicorn.
 
-  GET  /                 the page (xraytpu/static/: plain HTML + JS + CSS, no build step, no CDN)
+  GET  /                 the page (xraytpu/serving/static/: plain HTML + JS + CSS, no build step, no CDN)
   GET  /healthz          {"status": "ok", "model": ..., "requests": n, "images": n, "batches": n}
-  GET  /v1/model         the model card (see `xraytpu.model_card`)
+  GET  /v1/model         the model card (see `xraytpu.run.model_card`)
   GET  /openapi.json     the OpenAPI 3 description of every route below
   POST /v1/predict[?gradcam=1][&window=auto|lung|...|CENTER,WIDTH]
                          body: multipart/form-data with one or more file parts
@@ -59,10 +59,10 @@ requests are in the server; decoding an image holds its width x height pixels of
 `App.decode_budget` (--decode_budget, across all requests) while it decodes, so the
 decoders never hold more than that many pixels at once (README, Serving, states the bound).
 
-This module is the HTTP layer only. What a request does is `xraytpu.serve_app`
+This module is the HTTP layer only. What a request does is `xraytpu.serving.service`
 (the same run, pixel contract and InferenceModule as `xraytpu.predict` and the
-exported SavedModel); batching is `xraytpu.serve_batching`; the card is
-`xraytpu.model_card`. Nothing a request sends is ever used as a file system path:
+exported SavedModel); batching is `xraytpu.serving.batching`; the card is
+`xraytpu.run.model_card`. Nothing a request sends is ever used as a file system path:
 the page's three files are read from the package at start-up.
 """
 
@@ -84,14 +84,16 @@ from importlib import resources
 from typing import Any
 
 from tfrecord_tools import storage
-from xraytpu import __version__, predict_lib, rundir
+from tfrecord_tools import __version__
+from xraytpu.inference import predict_lib
+from xraytpu.run import rundir
 from xraytpu.config import ServeError, ServeOptions  # noqa: F401 - defined with the other options
-from xraytpu.serve_app import App, RequestError
+from xraytpu.serving.service import App, RequestError
 
 MB = 1 << 20
 log = logging.getLogger("xraytpu.serve")
 
-# URL path -> (file in xraytpu/static, Content-Type). Read once at start-up.
+# URL path -> (file in xraytpu/serving/static, Content-Type). Read once at start-up.
 STATIC_FILES = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/index.html": ("index.html", "text/html; charset=utf-8"),
@@ -110,7 +112,7 @@ _SECURITY_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nos
 _DRAIN_SECONDS, _DRAIN_BYTES = 1.0, 8 * MB
 # TF Serving's model version: one model per server.
 MODEL_VERSION = "1"
-SERVING_INPUT = "image_bytes"   # the exported serving_default's one input (xraytpu.inference)
+SERVING_INPUT = "image_bytes"   # the exported serving_default's one input (xraytpu.inference.model_call)
 
 
 # Memory: decoding an image (pixels.load_file's decode, convert and resize in TensorFlow) took
@@ -131,7 +133,7 @@ def memory_bound(opts: ServeOptions, idle_bytes: int) -> int:
 
 def load_static() -> dict[str, tuple[bytes, str]]:
   """URL path -> (bytes, Content-Type) for the page, from the installed package."""
-  root = resources.files("xraytpu") / "static"
+  root = resources.files("xraytpu.serving") / "static"
   out = {}
   for path, (name, ctype) in STATIC_FILES.items():
     try:
@@ -630,13 +632,13 @@ def openapi(web: Web) -> dict[str, Any]:
   for path in web.app.static:
     paths[path] = {"get": _op("the prediction page", ok="the page", media=STATIC_FILES[path][1])}
   paths["/healthz"] = {"get": _op("liveness and counters", ok="status")}
-  paths["/v1/model"] = {"get": _op("the model card (xraytpu.model_card)", ok="the card")}
+  paths["/v1/model"] = {"get": _op("the model card (xraytpu.run.model_card)", ok="the card")}
   paths["/v1/model_card.md"] = {"get": _op("the model card as Markdown (MODEL_CARD.md)",
                                            ok="the card's text")}
   paths["/openapi.json"] = {"get": _op("this document", ok="OpenAPI 3.1")}
   paths["/v1/predict"] = {"post": _op(
       "predict one or more images (multipart file parts, or one image as the raw body)",
-      ok="predictions (see xraytpu.serve_lib)", body=image_body, errors=_PREDICT_ERRORS, params=[
+      ok="predictions (see xraytpu.serving.http_api)", body=image_body, errors=_PREDICT_ERRORS, params=[
           {"name": "gradcam", "in": "query", "schema": {"type": "string", "enum": ["0", "1"]}},
           {"name": "window", "in": "query", "schema": {"type": "string"},
            "description": "DICOM rendering: auto, full, file, none, lung, ... or CENTER,WIDTH"}])}

@@ -18,7 +18,7 @@ probabilities -> the label at the frozen operating point.
 and serve (files -> pixels -> predict_pixels) call it, and xraytpu.export saves
 it as the SavedModel (serving_default = predict_bytes). Threshold and
 temperature are variables, saved with it. Numpy temperature code remains only
-where the temperature is fitted (xraytpu.metrics.fit_temperature).
+where the temperature is fitted (xraytpu.evaluation.metrics.fit_temperature).
 """
 
 from __future__ import annotations
@@ -30,12 +30,19 @@ import tensorflow as tf
 
 from tfrecord_tools import pixels
 from tfrecord_tools import schema
-from xraytpu import rundir
+from xraytpu.run import rundir
 
 # Probabilities are clipped this far from 0 and 1 before the logit.
 _EPS = 1e-7
 # The label of a multi-label prediction with no finding above its threshold.
 NO_FINDING = schema.NO_FINDING
+
+
+def module_of(run: rundir.LoadedRun) -> "InferenceModule":
+  """The run's InferenceModule, built on first use and kept on the run: the one way to call it."""
+  if run.module_cache is None:
+    run.module_cache = InferenceModule.from_run(run)
+  return run.module_cache
 
 
 class InferenceModule(tf.Module):

@@ -4,7 +4,7 @@ as every other door.
   file bytes ─(DICOM: tfrecord_tools.dicom -> PNG, rendered as the run's training
      │           data was (the manifest's dicom_window) unless --window says otherwise;
      │           TIFF/WebP -> PNG: `pixels.graph_input`)
-     └─ xraytpu.inference.InferenceModule.file_pixels     the pixel contract (tfrecord_tools.pixels):
+     └─ xraytpu.inference.model_call.InferenceModule.file_pixels     the pixel contract (tfrecord_tools.pixels):
           │                                               the converter's steps replayed in the graph,
           │                                               then what the input pipeline does to a record
           └─ InferenceModule.predict_batches              model -> calibrated probabilities [K]
@@ -31,8 +31,9 @@ from tfrecord_tools import dicom
 from tfrecord_tools import pixels
 from tfrecord_tools import storage
 from xraytpu import errors
-from xraytpu import rundir
 from xraytpu.config import PredictConfig
+from xraytpu.inference import model_call
+from xraytpu.run import rundir
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 
@@ -116,9 +117,13 @@ def read_file(path: str) -> bytes:
 def file_bytes(path: str, dicom_window: str = dicom.DEFAULT_WINDOW) -> bytes:
   """A file's bytes as the inference graph takes them (`pixels.graph_input`: DICOM
   rendered with `dicom_window`, TIFF/WebP decoded, both to PNG); InputError when unusable."""
-  data = read_file(path)
+  return graph_bytes(read_file(path), dicom_window, name=path)
+
+
+def graph_bytes(data: bytes, dicom_window: str = dicom.DEFAULT_WINDOW, name: str = "") -> bytes:
+  """Encoded bytes as the inference graph takes them (see file_bytes); InputError when unusable."""
   try:
-    return pixels.graph_input(data, dicom_window=dicom_window, name=path)
+    return pixels.graph_input(data, dicom_window=dicom_window, name=name)
   except pixels.ImageError as e:
     raise InputError(e.reason) from None
 
@@ -182,9 +187,8 @@ class Prediction:
 def multi_label_prediction(run: rundir.LoadedRun, path: str, probs, positive,
                            gradcam: str | None = None) -> Prediction:
   """A multi-label result: every finding's probability, those at/above their thresholds."""
-  from xraytpu import inference
   findings = [c for c, on in zip(run.classes, positive) if on]
-  return Prediction(path=path, label="|".join(findings) or inference.NO_FINDING, probability=None,
+  return Prediction(path=path, label="|".join(findings) or model_call.NO_FINDING, probability=None,
                     probabilities={c: float(v) for c, v in zip(run.classes, probs)},
                     threshold=None, gradcam=gradcam, findings=findings,
                     thresholds=dict(zip(run.classes, run.thresholds)))
@@ -209,30 +213,11 @@ def predict_files(run: rundir.LoadedRun, paths: Sequence[str], *, window: str = 
   dicom_window = parse_window(window) or run.conversion.get("dicom_window", dicom.DEFAULT_WINDOW)
   items = expand_inputs(paths)
   results: list[Prediction] = []
-  cam = None
+  cams: dict = {}
   pending: list[tuple[str, np.ndarray]] = []
 
   def flush():
-    nonlocal cam
-    if not pending:
-      return
-    pix = np.stack([p for _, p in pending])
-    out = run.module.predict_batches(pix, batch_size)
-    probs = out["probabilities"].astype(np.float64)
-    # Multi-label: Grad-CAM explains the most probable finding.
-    labels = probs.argmax(axis=1) if run.multi_label else out["label_index"]
-    cam_paths: list[str | None] = [None] * len(pending)
-    if gradcam_dir:
-      from xraytpu import gradcam
-      cam = cam or gradcam.GradCam(run.model)
-      cam_paths = _write_gradcams(cam, pix, labels, [p for p, _ in pending], gradcam_dir, run)
-    for i, ((path, _), pr, lab, cp) in enumerate(zip(pending, probs, labels, cam_paths)):
-      if run.multi_label:
-        r = multi_label_prediction(run, path, pr, out["positive"][i], gradcam=cp)
-      else:
-        r = Prediction(path=path, label=run.classes[lab], probability=float(pr[lab]),
-                       probabilities={c: float(v) for c, v in zip(run.classes, pr)},
-                       threshold=run.threshold, gradcam=cp)
+    for r in predict_pixels(run, pending, gradcam_dir=gradcam_dir, batch_size=batch_size, cams=cams):
       results.append(r)
       if progress:
         progress(r)
@@ -241,7 +226,7 @@ def predict_files(run: rundir.LoadedRun, paths: Sequence[str], *, window: str = 
   for path, error in items:
     if error is None:
       try:
-        pending.append((path, file_pixels(run.module, file_bytes(path, dicom_window))))
+        pending.append((path, file_pixels(model_call.module_of(run), file_bytes(path, dicom_window))))
       except InputError as e:
         error = str(e)
     if error is not None:
@@ -257,9 +242,39 @@ def predict_files(run: rundir.LoadedRun, paths: Sequence[str], *, window: str = 
   return results
 
 
+def predict_pixels(run: rundir.LoadedRun, named: Sequence[tuple[str, np.ndarray]], *,
+                   gradcam_dir: str | None = None, batch_size: int = PredictConfig.batch_size,
+                   cams: dict | None = None) -> list[Prediction]:
+  """(name, uint8 [S, S, C] from `file_pixels`) pairs -> their Predictions, in order: the model
+  call, the label at the run's operating point, and Grad-CAM PNGs when `gradcam_dir` is set
+  (`cams` keeps the Grad-CAM model between calls)."""
+  if not named:
+    return []
+  pix = np.stack([p for _, p in named])
+  out = model_call.module_of(run).predict_batches(pix, batch_size)
+  probs = out["probabilities"].astype(np.float64)
+  # Multi-label: Grad-CAM explains the most probable finding.
+  labels = probs.argmax(axis=1) if run.multi_label else out["label_index"]
+  cam_paths: list[str | None] = [None] * len(named)
+  if gradcam_dir:
+    from xraytpu.inference import gradcam
+    cams = {} if cams is None else cams
+    cam = cams["cam"] = cams.get("cam") or gradcam.GradCam(run.model)
+    cam_paths = _write_gradcams(cam, pix, labels, [p for p, _ in named], gradcam_dir, run)
+  results = []
+  for i, ((path, _), pr, lab, cp) in enumerate(zip(named, probs, labels, cam_paths)):
+    if run.multi_label:
+      results.append(multi_label_prediction(run, path, pr, out["positive"][i], gradcam=cp))
+    else:
+      results.append(Prediction(path=path, label=run.classes[lab], probability=float(pr[lab]),
+                                probabilities={c: float(v) for c, v in zip(run.classes, pr)},
+                                threshold=run.threshold, gradcam=cp))
+  return results
+
+
 def _write_gradcams(cam, pixels, labels, paths, out_dir, run) -> list[str]:
   from PIL import Image
-  from xraytpu import gradcam
+  from xraytpu.inference import gradcam
   maps = cam(pixels, labels)
   out = []
   for img, m, path, lab in zip(pixels, maps, paths, labels):

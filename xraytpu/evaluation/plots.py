@@ -1,6 +1,6 @@
 """Evaluation plots as PNG files (matplotlib, headless Agg backend).
 
-Every function takes plain numpy data (as computed by xraytpu.metrics), writes
+Every function takes plain numpy data (as computed by xraytpu.evaluation.metrics), writes
 one PNG to `path` (local or gs://, written atomically) and returns `path`.
 No TensorFlow needed except for gs:// paths.
 """
@@ -142,7 +142,7 @@ def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], path: str, *
 
 
 def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
-  """history rows (xraytpu.rundir.read_history) -> one float array per column (NaN where missing)."""
+  """history rows (xraytpu.run.rundir.read_history) -> one float array per column (NaN where missing)."""
   keys = sorted({k for r in rows for k in r})
   return {k: np.array([float(r[k]) if k in r else np.nan for r in rows]) for k in keys}
 
@@ -150,7 +150,7 @@ def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
 def training_history(rows: list[dict], path: str) -> str | None:
   """Loss and every other metric per epoch, training vs validation (val_*) side by side.
 
-  rows: xraytpu.rundir.read_history(RUN). Returns None (and writes nothing) when empty.
+  rows: xraytpu.run.rundir.read_history(RUN). Returns None (and writes nothing) when empty.
   """
   if not rows:
     return None
@@ -188,7 +188,7 @@ def roc_and_pr_per_class(entries, roc_path: str, pr_path: str, *, roc_title: str
   entries: [(name, its AUC as text, y_true [n], score [n])]. A class without both
   labels has no curve. Returns {"roc": roc_path, "pr": pr_path} for the plots written.
   """
-  from xraytpu import metrics  # noqa: PLC0415
+  from xraytpu.evaluation import metrics  # noqa: PLC0415
   curves, prs = {}, {}
   for name, auc_text, y, p in entries:
     cv = metrics.roc_curve(y, p)

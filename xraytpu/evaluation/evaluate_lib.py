@@ -9,7 +9,7 @@
       roc.png pr.png confusion_matrix.png calibration.png samples.png history.png
 
 The operating point: binary tasks call P(positive) >= threshold positive, with
-the threshold chosen by `threshold_policy` (see xraytpu.metrics:
+the threshold chosen by `threshold_policy` (see xraytpu.evaluation.metrics:
 youden | sensitivity:X | specificity:X | fixed:X) on the val split of the data
 the run was trained on, written to RUN/threshold.json and then applied
 unchanged to whatever split / data set is evaluated. An existing
@@ -52,8 +52,11 @@ import numpy as np
 from absl import logging
 
 from tfrecord_tools import storage
-from xraytpu import errors, evaluate_multilabel, metrics, plots, predict_lib, rundir
+from xraytpu import errors
 from xraytpu.config import EvalConfig
+from xraytpu.evaluation import metrics, multilabel, plots
+from xraytpu.inference import model_call, predict_lib
+from xraytpu.run import model_card, reports, rundir
 
 REPORT_VERSION = 1
 DEFAULT_POLICY = "youden"
@@ -95,7 +98,7 @@ def class_probabilities(run: rundir.LoadedRun, raw: np.ndarray, *, temperature: 
   each finding against its threshold (`thresholds` [K]; None keeps the module's).
   """
   import tensorflow as tf  # noqa: PLC0415
-  module = run.module
+  module = model_call.module_of(run)
   module.set_operating_point(threshold, temperature, thresholds)
   out = module.decide(tf.constant(np.asarray(raw, np.float32)))
   decision = out["positive"] if run.multi_label else out["label_index"]
@@ -105,11 +108,6 @@ def class_probabilities(run: rundir.LoadedRun, raw: np.ndarray, *, temperature: 
 # --------------------------------------------------------------------------
 # Data and predictions.
 # --------------------------------------------------------------------------
-
-
-def dataset_name(data_dir: str, manifest: dict) -> str:
-  name = manifest.get("name") or os.path.basename(os.path.normpath(data_dir)) or "data"
-  return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
 
 
 def match_classes(run_classes: Sequence[str], data_classes: Sequence[str], data_dir: str = "") -> np.ndarray:
@@ -151,7 +149,7 @@ def predict_split(run: rundir.LoadedRun, data_dir: str, split: str, *, manifest:
     if manifest.get("task") != rundir.MULTI_LABEL:
       raise EvaluateError(f"{data_dir} is a single-label data set; the run predicts {len(run.classes)} "
                           "findings (multi-label): evaluate it on multi-label data")
-    cols = evaluate_multilabel.match_findings(run.classes, manifest["classes"], data_dir, EvaluateError)
+    cols = multilabel.match_findings(run.classes, manifest["classes"], data_dir, EvaluateError)
   else:
     if manifest.get("task") == rundir.MULTI_LABEL:
       raise EvaluateError(f"{data_dir} is a multi-label data set; the run is single-label")
@@ -169,7 +167,7 @@ def predict_split(run: rundir.LoadedRun, data_dir: str, split: str, *, manifest:
   start, last_log, seen = time.time(), time.time(), 0
   with integrity.named_data_errors(data_dir, manifest, (split,)):
     for image, label, filename in ds:
-      raws.append(run.module.raw(image).numpy())
+      raws.append(model_call.module_of(run).raw(image).numpy())
       labels.append(label.numpy() if multi else mapping[label.numpy()])
       names.extend(f.decode("utf-8", "replace") for f in filename.numpy())
       img = image.numpy()
@@ -187,12 +185,12 @@ def predict_split(run: rundir.LoadedRun, data_dir: str, split: str, *, manifest:
   mask = None
   if multi:
     y = np.concatenate(labels) if labels else np.zeros((0, 2 * len(manifest["classes"])), np.float32)
-    y, mask = evaluate_multilabel.align(*evaluate_multilabel.split_labels(y, len(manifest["classes"])),
+    y, mask = multilabel.align(*multilabel.split_labels(y, len(manifest["classes"])),
                                         cols)
   else:
     y = np.concatenate(labels) if labels else np.zeros(0, np.int64)
   return SplitPredictions(
-      dataset=dataset_name(data_dir, manifest), data_dir=data_dir, split=split, filenames=names,
+      dataset=reports.dataset_name(data_dir, manifest), data_dir=data_dir, split=split, filenames=names,
       labels=y, raw=raw, probs=class_probabilities(run, raw)[0], images=images, mask=mask)
 
 
@@ -297,7 +295,7 @@ def resolve_operating_point(run: rundir.LoadedRun, *, policy: str | None,
       if cache is not None:
         cache[key] = val
   if run.multi_label:
-    op = evaluate_multilabel.choose_operating_point(run, val, policy, temperature_scaling,
+    op = multilabel.choose_operating_point(run, val, policy, temperature_scaling,
                                                     class_probabilities, EvaluateError)
   else:
     op = choose_operating_point(run, val, policy, temperature_scaling)
@@ -494,8 +492,7 @@ def evaluate(model_dir: str, *, data_dir: str = EvalConfig.data_dir, split: str 
 
 
 def _with_model_card(run: rundir.LoadedRun, report: dict) -> dict:
-  """RUN/MODEL_CARD.md rewritten now that the run has a new report (xraytpu.model_card)."""
-  from xraytpu import model_card  # noqa: PLC0415 - model_card imports this module
+  """RUN/MODEL_CARD.md rewritten now that the run has a new report (xraytpu.run.model_card)."""
   logging.info("model card written to %s", model_card.write(run))
   return report
 
@@ -515,10 +512,10 @@ def _write_report(report: dict, files: dict, out_dir: str, markdown_fn) -> dict:
 def _evaluate_multilabel(run: rundir.LoadedRun, preds: SplitPredictions, op: dict, notes: list, *,
                          data_dir: str, split: str, n_resamples: int, seed: int, out_dir: str,
                          write_plots: bool) -> dict:
-  """evaluate()'s second half for a multi-label run (xraytpu.evaluate_multilabel)."""
+  """evaluate()'s second half for a multi-label run (xraytpu.evaluation.multilabel)."""
   probs, positive = class_probabilities(run, preds.raw, temperature=op.get("temperature"),
                                         thresholds=rundir.thresholds_of(op, run.classes))
-  rep = evaluate_multilabel.compute_report(run.classes, preds.labels, preds.mask, probs, op,
+  rep = multilabel.compute_report(run.classes, preds.labels, preds.mask, probs, op,
                                            n_resamples=n_resamples, seed=seed)
   fallbacks = {c: e["fallback_reason"] for c, e in (op.get("per_finding") or {}).items()
                if e.get("fallback_reason")}
@@ -533,10 +530,10 @@ def _evaluate_multilabel(run: rundir.LoadedRun, preds: SplitPredictions, op: dic
             "dataset": preds.dataset, "split": split, **rep, "notes": notes,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
   files = {k: rundir.EVAL_FILES[k] for k in ("predictions", "report_json", "report_md")}
-  evaluate_multilabel.write_predictions(storage.join(out_dir, files["predictions"]), run.classes,
+  multilabel.write_predictions(storage.join(out_dir, files["predictions"]), run.classes,
                                         preds, probs, positive)
   if write_plots:
-    files.update(evaluate_multilabel.write_plots(out_dir, run, preds, probs, positive, rep))
+    files.update(multilabel.write_plots(out_dir, run, preds, probs, positive, rep))
     hist = plots.training_history(rundir.read_history(run.model_dir),
                                   storage.join(out_dir, rundir.EVAL_FILES["history"]))
     if hist:
@@ -623,31 +620,6 @@ def _fmt(v, digits: int = 3) -> str:
   return "n/a" if v is None else f"{v:.{digits}f}"
 
 
-def _fmt_ci(report: dict, name: str) -> str:
-  v, ci = report.get(name), report.get(f"{name}_ci")
-  if v is None:
-    why = report.get("undefined", {}).get(name)
-    return f"n/a ({why})" if why else "n/a"
-  return f"{v:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
-
-
-def headline(report: dict) -> str:
-  """One line: 'test (chest_xray, 624 images): AUC 0.91 (0.88-0.94), sensitivity ...'."""
-  if report["task"] == rundir.MULTI_LABEL:
-    return evaluate_multilabel.headline(report)
-  parts = [f"{report['split']} ({report['dataset']}, {report['num_examples']} images): "
-           f"AUC {_fmt_ci(report, 'auc')}"]
-  if report["task"] == "binary":
-    parts.append(f"sensitivity {_fmt_ci(report, 'sensitivity')}")
-    parts.append(f"specificity {_fmt_ci(report, 'specificity')}")
-    parts.append(f"threshold {report['threshold']:.3f} ({report['threshold_policy']} on "
-                 f"{report['threshold_source_split'] or 'no data'})")
-  else:
-    parts.append(f"micro AUC {_fmt_ci(report, 'micro_auc')}")
-    parts.append(f"accuracy {_fmt_ci(report, 'accuracy')}")
-  return ", ".join(parts)
-
-
 def render_markdown(report: dict, classification_text: str = "") -> str:
   """report.md: the same numbers as report.json, for people."""
   r = report
@@ -656,7 +628,7 @@ def render_markdown(report: dict, classification_text: str = "") -> str:
            f"{r['num_examples']} images: " + ", ".join(f"{c} {n}" for c, n in r["class_counts"].items()) + ")",
            f"- task: {r['task']}, classes {', '.join(r['classes'])}"]
   if r["task"] == rundir.MULTI_LABEL:
-    lines += evaluate_multilabel.render_markdown(r)
+    lines += multilabel.render_markdown(r)
     return _markdown_tail(r, lines, classification_text)
   if r["task"] == "binary":
     src = r["threshold_source_split"]
@@ -679,7 +651,7 @@ def render_markdown(report: dict, classification_text: str = "") -> str:
             "accuracy": "accuracy"}
   for n in names:
     suffix = " (macro)" if r["task"] != "binary" and n in ("sensitivity", "specificity", "ppv", "npv", "f1") else ""
-    lines.append(f"| {labels[n]}{suffix} | {_fmt_ci(r, n)} |")
+    lines.append(f"| {labels[n]}{suffix} | {reports.metric(r, n)} |")
   lines.append(f"| Brier score | {_fmt(r['brier'], 4)} |")
   lines.append(f"| ECE (10 bins) | {_fmt(r['ece'], 4)} |")
   if r.get("temperature") is not None:

@@ -1,8 +1,8 @@
-"""The Keras callbacks of a training run (`xraytpu.train_lib` builds the list).
+"""The Keras callbacks of a training run (`xraytpu.training.train_lib` builds the list).
 
   make_callbacks(cfg, run_dir, ...)  the list for one phase, in the order that matters
   EpochSummary     lr / images_per_sec / epoch_seconds in the logs, one log line per epoch
-  HistoryCSV       history.csv, rewritten each epoch, resume-aware (xraytpu.rundir reads and writes it)
+  HistoryCSV       history.csv, rewritten each epoch, resume-aware (xraytpu.run.rundir reads and writes it)
   tensorboard      Keras' TensorBoard callback: epoch scalars (lr included), graph, profiler trace
   StopOnNaN        stops at the first NaN/inf loss and remembers where
   SaveOnTrainEnd   the phase's final weights, before BackupAndRestore deletes its state
@@ -24,7 +24,7 @@ import numpy as np
 from xraytpu._keras import keras
 from xraytpu.config import Config
 from tfrecord_tools import storage
-from xraytpu import rundir
+from xraytpu.run import rundir
 
 
 def current_learning_rate(model: keras.Model) -> float:

@@ -4,9 +4,9 @@ Layout (TF Serving watches RUN/export/ and serves the highest integer version):
 
   RUN/export/<version>/saved_model.pb, variables/
   RUN/export/<version>/assets.extra/xraytpu.json   classes, threshold, input size, ...
-  RUN/export/<version>/assets.extra/MODEL_CARD.md  the run's model card (xraytpu.model_card)
+  RUN/export/<version>/assets.extra/MODEL_CARD.md  the run's model card (xraytpu.run.model_card)
 
-The SavedModel IS the run's `xraytpu.inference.InferenceModule` (the one way
+The SavedModel IS the run's `xraytpu.inference.model_call.InferenceModule` (the one way
 every door calls the model), saved with its operating point:
 
   serving_default   image_bytes: tf.string [B], the bytes of a PNG (8/16-bit), JPEG,
@@ -40,10 +40,9 @@ import tensorflow as tf
 
 from tfrecord_tools import storage
 from xraytpu import errors
-from xraytpu import model_card
-from xraytpu import predict_lib
-from xraytpu import rundir
 from xraytpu.config import ExportConfig
+from xraytpu.inference import model_call, predict_lib
+from xraytpu.run import model_card, rundir
 
 class ExportError(errors.UserError):
   """A user mistake (missing run, existing version); one line for the user."""
@@ -78,7 +77,7 @@ def export(model_dir: str, *, version: int = ExportConfig.version,
   if storage.exists(target):
     raise ExportError(f"{target} already exists; pick another --version or leave it at 0 (next free)")
   op = run.operating_point or {}
-  module = run.module
+  module = model_call.module_of(run)
   signatures = {
       "serving_default": module.predict_bytes.get_concrete_function(),
       "serving_pixels": module.predict_pixels.get_concrete_function(),

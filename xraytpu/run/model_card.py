@@ -18,7 +18,7 @@ import os
 from typing import Any
 
 from tfrecord_tools import storage
-from xraytpu import rundir
+from xraytpu.run import reports, rundir
 
 DISCLAIMER = ("Not a diagnostic device. This is research software: its output is not a diagnosis, has "
               "not been cleared by any regulator, and must not be used to make clinical decisions.")
@@ -36,9 +36,8 @@ def find_eval_report(run: rundir.LoadedRun) -> dict | None:
   Order: <training dataset>-test, any *-test, then any other report; the
   first that parses. None when the run has not been evaluated.
   """
-  from xraytpu import evaluate_lib
   paths = rundir.eval_report_paths(run.model_dir)
-  preferred = f"{evaluate_lib.dataset_name(run.cfg.data_dir or '', run.manifest)}-test"
+  preferred = f"{reports.dataset_name(run.cfg.data_dir or '', run.manifest)}-test"
 
   def rank(path: str) -> tuple[int, str]:
     name = os.path.basename(os.path.dirname(path))
@@ -69,7 +68,6 @@ def model_card(run: rundir.LoadedRun, opts=None) -> dict[str, Any]:
    "disclaimer": str, "model_card_md": render_markdown(card), the card as Markdown (MODEL_CARD.md),
    "limits": {"max_upload_mb", "max_files", "max_pixels"} (with serve's options only)}
   """
-  from xraytpu import evaluate_lib
   op = run.operating_point or {}
   manifest = run.manifest
   splits = {}
@@ -87,7 +85,7 @@ def model_card(run: rundir.LoadedRun, opts=None) -> dict[str, Any]:
       "positive_class": run.classes[1] if run.binary else None,
       "input": {"size": run.size, "channels": run.channels, "aspect": run.aspect, "dtype": "uint8"},
       "preprocessing": run.conversion,
-      "training_data": {"dataset": evaluate_lib.dataset_name(run.cfg.data_dir or "", manifest),
+      "training_data": {"dataset": reports.dataset_name(run.cfg.data_dir or "", manifest),
                         "splits": splits},
       "threshold": run.threshold,
       "thresholds": dict(zip(run.classes, run.thresholds)) if run.multi_label else None,
@@ -106,7 +104,7 @@ def model_card(run: rundir.LoadedRun, opts=None) -> dict[str, Any]:
   if report is not None:
     ev = {k: report.get(k) for k in _CARD_METRICS}
     try:
-      ev["headline"] = evaluate_lib.headline(report)
+      ev["headline"] = reports.headline(report)
     except (KeyError, TypeError, ValueError):
       ev["headline"] = None
     if run.multi_label:

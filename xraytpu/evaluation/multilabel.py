@@ -1,7 +1,7 @@
 """Clinical evaluation of a multi-label run (K findings, K sigmoids): per finding, and the
 macro mean over findings.
 
-Used by `xraytpu.evaluate_lib.evaluate` when the run's data set is multi-label
+Used by `xraytpu.evaluation.evaluate_lib.evaluate` when the run's data set is multi-label
 (manifest "task": "multi_label"). Ignored labels (mask 0: uncertain or blank
 cells the converter was told to ignore) never count, for any metric.
 
@@ -34,9 +34,10 @@ import numpy as np
 from absl import logging
 
 from tfrecord_tools import storage
-from xraytpu import metrics, plots, rundir
+from xraytpu.evaluation import metrics, plots
 
 
+from xraytpu.run import reports, rundir
 def split_labels(y: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
   """The pipeline's y [n, 2K] (multi_hot | mask) -> (labels int [n, K], mask bool [n, K])."""
   from xraytpu.data import input_pipeline  # noqa: PLC0415 - the one definition of y's layout
@@ -204,17 +205,17 @@ def write_plots(out_dir: str, run: rundir.LoadedRun, preds, probs: np.ndarray, p
   """One ROC plot and one PR plot with a curve per finding; pooled calibration; samples."""
   files: dict[str, str] = {}
   tag = f"{preds.dataset} {preds.split}"
-  entries = [(c, _fmt(report["per_finding"][c]["auc"]), preds.labels[preds.mask[:, j], j],
+  entries = [(c, reports.fmt(report["per_finding"][c]["auc"]), preds.labels[preds.mask[:, j], j],
               probs[preds.mask[:, j], j]) for j, c in enumerate(run.classes)]
   written = plots.roc_and_pr_per_class(
       entries, storage.join(out_dir, rundir.EVAL_FILES["roc"]),
       storage.join(out_dir, rundir.EVAL_FILES["pr"]),
-      roc_title=f"ROC per finding, {tag} (macro AUC {_fmt(report['auc'])})",
+      roc_title=f"ROC per finding, {tag} (macro AUC {reports.fmt(report['auc'])})",
       pr_title=f"Precision-recall per finding, {tag}")
   files.update({k: rundir.EVAL_FILES[k] for k in written})
   plots.reliability(metrics.calibration_bins(preds.labels[preds.mask], probs[preds.mask]),
                     storage.join(out_dir, rundir.EVAL_FILES["calibration"]),
-                    title=f"Calibration over labelled findings, {tag} (ECE {_fmt(report['ece'])})")
+                    title=f"Calibration over labelled findings, {tag} (ECE {reports.fmt(report['ece'])})")
   files["calibration"] = rundir.EVAL_FILES["calibration"]
   if preds.images:
     chosen = sorted(preds.images)[:16]
@@ -234,23 +235,6 @@ def write_plots(out_dir: str, run: rundir.LoadedRun, preds, probs: np.ndarray, p
   return files
 
 
-def _fmt(v, digits: int = 3) -> str:
-  return "n/a" if v is None else f"{v:.{digits}f}"
-
-
-def _ci(v, ci) -> str:
-  return _fmt(v) + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
-
-
-def headline(report: dict) -> str:
-  """One line: 'test (nih, 300 images, 14 findings): macro AUC 0.81 (0.78-0.84), ...'."""
-  return (f"{report['split']} ({report['dataset']}, {report['num_examples']} images, "
-          f"{len(report['classes'])} findings): macro AUC {_ci(report['auc'], report['auc_ci'])}, "
-          f"macro sensitivity {_fmt(report['sensitivity'])}, macro specificity "
-          f"{_fmt(report['specificity'])} at per-finding thresholds ({report['threshold_policy']} on "
-          f"{report['threshold_source_split'] or 'no data'})")
-
-
 def render_markdown(report: dict) -> list[str]:
   """The multi-label part of report.md: the per-finding table."""
   lines = [f"- task: multi-label, {len(report['classes'])} findings; each finding is positive when "
@@ -260,15 +244,15 @@ def render_markdown(report: dict) -> list[str]:
     lines.append(f"- temperature scaling: T = {report['temperature']:.3f} (fitted on val)")
   lines += ["", f"95% confidence intervals: {report['ci']['method']}, {report['ci']['resamples']} "
             f"resamples, seed {report['ci']['seed']}.", "",
-            f"**Macro mean over findings**: ROC AUC {_ci(report['auc'], report['auc_ci'])}, "
-            f"PR AUC {_fmt(report['pr_auc'])}, sensitivity {_fmt(report['sensitivity'])}, "
-            f"specificity {_fmt(report['specificity'])}; Brier {_fmt(report['brier'], 4)}, "
-            f"ECE {_fmt(report['ece'], 4)} (labelled pairs).", "",
+            f"**Macro mean over findings**: ROC AUC {reports.fmt_ci(report['auc'], report['auc_ci'])}, "
+            f"PR AUC {reports.fmt(report['pr_auc'])}, sensitivity {reports.fmt(report['sensitivity'])}, "
+            f"specificity {reports.fmt(report['specificity'])}; Brier {reports.fmt(report['brier'], 4)}, "
+            f"ECE {reports.fmt(report['ece'], 4)} (labelled pairs).", "",
             "| finding | ROC AUC (95% CI) | PR AUC (95% CI) | threshold | sensitivity | specificity "
             "| PPV | positives / negatives / ignored |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
   for c, d in report["per_finding"].items():
-    lines.append(f"| {c} | {_ci(d['auc'], d['auc_ci'])} | {_ci(d['pr_auc'], d['pr_auc_ci'])} | "
-                 f"{d['threshold']:.3f} | {_ci(d['sensitivity'], d['sensitivity_ci'])} | "
-                 f"{_ci(d['specificity'], d['specificity_ci'])} | {_fmt(d['ppv'])} | "
+    lines.append(f"| {c} | {reports.fmt_ci(d['auc'], d['auc_ci'])} | {reports.fmt_ci(d['pr_auc'], d['pr_auc_ci'])} | "
+                 f"{d['threshold']:.3f} | {reports.fmt_ci(d['sensitivity'], d['sensitivity_ci'])} | "
+                 f"{reports.fmt_ci(d['specificity'], d['specificity_ci'])} | {reports.fmt(d['ppv'])} | "
                  f"{d['positives']} / {d['negatives']} / {d['ignored']} |")
   return lines

@@ -1,0 +1,59 @@
+"""A run's evaluation reports, read back: where they are named from, and their one-line headline.
+
+RUN/eval/<dataset>-<split>/report.json is written by xraytpu.evaluation; what
+reads it back (the model card, `xraytpu.summary`, `xraytpu.evaluate`'s last
+line, the server's start-up line) renders it here, so the headline reads the
+same everywhere. No TensorFlow, no numpy.
+"""
+
+from __future__ import annotations
+
+import os
+
+from tfrecord_tools.schema import MULTI_LABEL
+
+
+def dataset_name(data_dir: str, manifest: dict) -> str:
+  """The name a data set's reports are filed under: the manifest's name, else the folder's."""
+  name = manifest.get("name") or os.path.basename(os.path.normpath(data_dir)) or "data"
+  return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
+
+
+def fmt(v, digits: int = 3) -> str:
+  """A metric value, or n/a."""
+  return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def fmt_ci(v, ci) -> str:
+  """'0.912 (0.880-0.940)': a value with its 95% interval, when there is one."""
+  return fmt(v) + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+
+
+def metric(report: dict, name: str) -> str:
+  """report[name] with its interval, or n/a with the report's reason."""
+  v = report.get(name)
+  if v is None:
+    why = report.get("undefined", {}).get(name)
+    return f"n/a ({why})" if why else "n/a"
+  return fmt_ci(v, report.get(f"{name}_ci"))
+
+
+def headline(report: dict) -> str:
+  """One line: 'test (chest_xray, 624 images): AUC 0.91 (0.88-0.94), sensitivity ...'."""
+  if report["task"] == MULTI_LABEL:
+    return (f"{report['split']} ({report['dataset']}, {report['num_examples']} images, "
+            f"{len(report['classes'])} findings): macro AUC {fmt_ci(report['auc'], report['auc_ci'])}, "
+            f"macro sensitivity {fmt(report['sensitivity'])}, macro specificity "
+            f"{fmt(report['specificity'])} at per-finding thresholds ({report['threshold_policy']} on "
+            f"{report['threshold_source_split'] or 'no data'})")
+  parts = [f"{report['split']} ({report['dataset']}, {report['num_examples']} images): "
+           f"AUC {metric(report, 'auc')}"]
+  if report["task"] == "binary":
+    parts.append(f"sensitivity {metric(report, 'sensitivity')}")
+    parts.append(f"specificity {metric(report, 'specificity')}")
+    parts.append(f"threshold {report['threshold']:.3f} ({report['threshold_policy']} on "
+                 f"{report['threshold_source_split'] or 'no data'})")
+  else:
+    parts.append(f"micro AUC {metric(report, 'micro_auc')}")
+    parts.append(f"accuracy {metric(report, 'accuracy')}")
+  return ", ".join(parts)
