@@ -155,3 +155,25 @@ def test_every_entry_point_reports_a_bad_flag_in_one_line(module):
   assert r.returncode == 2, r.stderr
   assert r.stderr.strip() == (f"{module}: error: Unknown command line flag 'no_such_flag' "
                               "(--helpfull lists the flags)")
+
+
+def test_a_renamed_flag_keeps_its_old_spelling_with_a_warning(capsys):
+  """predict's --window became --dicom_window (convert's name for the same idea)."""
+  from absl import flags as absl_flags
+
+  from xraytpu.config import PredictConfig
+  fv = absl_flags.FlagValues()
+  cli.define_flags(PredictConfig, flag_values=fv)
+  fv(["predict", "--model_dir=run", "--window=file"])
+  assert cli.from_flags(PredictConfig, flag_values=fv).dicom_window == "file"
+  assert "warning: --window is deprecated; use --dicom_window" in capsys.readouterr().err
+  fv = absl_flags.FlagValues()
+  cli.define_flags(PredictConfig, flag_values=fv)
+  fv(["predict", "--model_dir=run", "--dicom_window=lung"])
+  assert cli.from_flags(PredictConfig, flag_values=fv).dicom_window == "lung"
+  assert "deprecated" not in capsys.readouterr().err
+  fv = absl_flags.FlagValues()
+  cli.define_flags(PredictConfig, flag_values=fv)
+  fv(["predict", "--model_dir=run", "--dicom_window=lung", "--window=file"])
+  with pytest.raises(errors.UserError, match="give only --dicom_window"):
+    cli.from_flags(PredictConfig, flag_values=fv)

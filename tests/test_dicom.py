@@ -484,10 +484,10 @@ def test_the_same_film_scores_the_same_as_png_or_any_dicom_variant(loaded, films
     for name, r in zip(paths, results):
       assert abs(r.probabilities["PNEUMONIA"] - png) <= 0.02, (name, r.probabilities, png)
     # the windowed variant rendered with its own window (8-bit) is that film too
-    (r,) = predict_lib.predict_files(loaded, [paths["windowed"]], window="file")
+    (r,) = predict_lib.predict_files(loaded, [paths["windowed"]], dicom_window="file")
     assert abs(r.probabilities["PNEUMONIA"] - png) <= 0.02
   # --window overrides the run's rendering: a narrow window is another image
-  narrow = predict_lib.predict_files(loaded, [films[0]["windowed"]], window="2048,300")[0]
+  narrow = predict_lib.predict_files(loaded, [films[0]["windowed"]], dicom_window="2048,300")[0]
   default = predict_lib.predict_files(loaded, [films[0]["windowed"]])[0]
   assert narrow.error is None and narrow.probabilities != default.probabilities
   # folders: extension-less DICOM files are found by their preamble
@@ -502,7 +502,7 @@ def test_predict_follows_the_runs_dicom_window_and_reports_non_images(loaded, fi
   film = films[0]["windowed"]
   as_file = dataclasses.replace(loaded, conversion={**loaded.conversion, "dicom_window": "2048,300"})
   a = predict_lib.predict_files(as_file, [film])[0]
-  b = predict_lib.predict_files(loaded, [film], window="2048,300")[0]
+  b = predict_lib.predict_files(loaded, [film], dicom_window="2048,300")[0]
   assert a.probabilities == pytest.approx(b.probabilities, abs=1e-6)
   sr = tmp_path / "report.dcm"
   sr.write_bytes(_bytes(_dataset(None, sop_class=uid.BasicTextSRStorage, Modality="SR")))
@@ -511,8 +511,8 @@ def test_predict_follows_the_runs_dicom_window_and_reports_non_images(loaded, fi
   r_sr, r_cine = predict_lib.predict_files(loaded, [str(sr), str(cine)])
   assert r_sr.error.startswith("not an image: DICOM Basic Text SR Storage")
   assert r_cine.error.startswith("multi-frame DICOM (4 frames)")
-  with pytest.raises(predict_lib.PredictError, match="--window='wide'"):
-    predict_lib.run_predict("unused", [film], window="wide")
+  with pytest.raises(predict_lib.PredictError, match="--dicom_window='wide'"):
+    predict_lib.run_predict("unused", [film], dicom_window="wide")
 
 
 def test_serve_upload_of_dicom_is_predicts_answer(loaded, films):

@@ -158,7 +158,7 @@ def test_dicom_pixels_rescale_window_and_monochrome1():
   assert predict_lib.parse_window("auto") is None and predict_lib.parse_window("") is None
   assert predict_lib.parse_window("40,400") == "40,400"
   for bad in ("lungs", "40", "40,-1"):
-    with pytest.raises(predict_lib.PredictError, match="--window"):
+    with pytest.raises(predict_lib.PredictError, match="--dicom_window"):
       predict_lib.parse_window(bad)
 
 

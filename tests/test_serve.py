@@ -247,6 +247,7 @@ def _bad_requests(real_files):
   form("unknown query parameter", [good], 400, ["unknown query parameter 'path'"], "?path=/etc/passwd")
   form("bad gradcam value", [good], 400, ["gradcam"], "?gradcam=maybe")
   form("bad window", [good], 400, ["window"], "?window=wide")
+  form("bad dicom_window", [good], 400, ["dicom_window='wide'"], "?dicom_window=wide")
   cases.append(("GET on predict", "GET", "/v1/predict", b"", {}, 405, ["POST"]))
   cases.append(("PUT", "PUT", "/v1/predict", b"x", {}, 405, ["not supported"]))
   cases.append(("unknown endpoint", "POST", "/v1/train", b"x", {}, 404, ["no such endpoint"]))
@@ -413,7 +414,7 @@ def test_dicom_upload_answers_as_predict_and_as_its_png(server, loaded, demo_fil
   got = _probs(out["predictions"][0], loaded.classes)
   np.testing.assert_allclose(got, [want[0].probabilities[c] for c in loaded.classes], atol=1e-6)
   assert abs(got[1] - want[1].probabilities["PNEUMONIA"]) <= 0.02
-  status, out, _ = _post_files(server, [("film.dcm", dcm.read_bytes())], "?window=file")
+  status, out, _ = _post_files(server, [("film.dcm", dcm.read_bytes())], "?dicom_window=file")
   assert status == 200 and len(out["predictions"]) == 1
   status, out, _ = _post_files(server, [("film.dcm", dcm.read_bytes())], "?window=wide")
   assert status == 400 and "window=" in out["error"]

@@ -13,6 +13,8 @@ own flags grouped by topic, and exits 0, the same whether the command runs as
 only the flags of the `__main__` module, which for a console script is the
 generated wrapper: nothing). A dataclass names the topics of its fields with
 `FLAG_TOPICS = {"topic": ("field", ...)}` or one `FLAG_TOPIC` for all of them.
+A renamed flag keeps its old spelling working through `FLAG_ALIASES = {"old": "field"}`:
+it is accepted with a one-line deprecation warning.
 
 `run(main)` starts a command (absl's `app.run`) and is the one place that
 turns a user's mistake into one line, `<prog>: error: <message>`, and exit
@@ -97,12 +99,31 @@ def define_flags(cls: type, names: Iterable[str] | None = None,
       flags.DEFINE_string(f.name, default, help_, **fv)
     if required:
       flags.mark_flag_as_required(f.name, **fv)
+  for old, new in getattr(cls, "FLAG_ALIASES", {}).items():
+    if names is None or new in names:
+      flags.DEFINE_string(old, None, f"Deprecated spelling of --{new} (still accepted).", **fv)
+      _TOPIC_OF[old] = _TOPIC_OF.get(new, "options")
+
+
+def _aliased(cls: type, values: dict, flag_values: flags.FlagValues) -> dict:
+  """Takes each deprecated spelling the user gave (`cls.FLAG_ALIASES`: old -> field) for its
+  field, with one warning line on stderr; both spellings at once is a user error."""
+  for old, new in getattr(cls, "FLAG_ALIASES", {}).items():
+    if new not in values or old not in flag_values or flag_values[old].value is None:
+      continue
+    if flag_values[new].present:
+      raise errors.UserError(f"--{old} and --{new} are one option (--{old} is its old name): "
+                             f"give only --{new}")
+    print(f"warning: --{old} is deprecated; use --{new}", file=sys.stderr)
+    values[new] = flag_values[old].value
+  return values
 
 
 def from_flags(cls: Callable[..., T], names: Iterable[str] | None = None,
                flag_values: flags.FlagValues = flags.FLAGS, **overrides) -> T:
   """Builds the dataclass from the parsed flags of its fields (or of `names`); overrides win."""
   values = {f.name: flag_values[f.name].value for f in fields(cls, names)}
+  values = _aliased(cls, values, flag_values)
   values.update(overrides)
   return cls(**values)
 

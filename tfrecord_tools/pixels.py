@@ -379,6 +379,14 @@ def conversion_args(manifest_args: dict | None) -> dict:
           "dicom_window": str(args.get("dicom_window") or "full")}
 
 
+def dicom_window_of(conversion: dict, choice: str | None = None) -> str:
+  """How DICOM is rendered for a run whose data was converted with `conversion`: `choice`
+  (an already checked window: full, file, none, CENTER,WIDTH or a preset), or, when None,
+  as the converter rendered the training data. The one rule of predict, serve, export and
+  the Python API."""
+  return choice or str(conversion.get("dicom_window") or "full")
+
+
 # ==========================================================================
 # The TensorFlow half. TensorFlow is imported on first use, so the
 # converter's workers (numpy/PIL only) never load it.

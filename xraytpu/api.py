@@ -63,22 +63,23 @@ class Run:
     """The tf-keras model (uint8 pixels in, raw outputs out: no temperature, no threshold)."""
     return self._run.model
 
-  def predict(self, x: Input | Sequence[Input], *, window: str = "",
+  def predict(self, x: Input | Sequence[Input], *, dicom_window: str = "auto",
               batch_size: int = 32) -> Prediction | list[Prediction]:
     """Per-class probabilities, the label and the threshold for one input or a batch.
 
     x: a path, encoded bytes or a uint8 array; or a list of them, or a uint8 array
        [N, H, W] / [N, H, W, C] holding N images. Arrays are taken as decoded files:
        they go through the same conversion replay and pixel contract as a PNG of them.
-    window: how DICOM inputs are rendered (`python -m xraytpu.predict --window`);
-       default: as the run's training data was.
+    dicom_window: how DICOM inputs are rendered (`python -m xraytpu.predict --dicom_window`);
+       auto: as the run's training data was.
     Returns one `Prediction` for one input (and raises its error, a one-line
     `predict_lib.InputError`), or a list for a batch (an unusable item carries its
     `error`, as the command's per-file lines do).
     """
     from xraytpu.inference import model_call, predict_lib
     items, single = _as_items(x)
-    dicom_window = predict_lib.parse_window(window) or self._run.conversion.get("dicom_window", "full")
+    from tfrecord_tools import pixels
+    dicom_window = pixels.dicom_window_of(self._run.conversion, predict_lib.parse_window(dicom_window))
     module = model_call.module_of(self._run)
     named, failed = [], {}
     for i, (name, item) in enumerate(items):

@@ -181,11 +181,12 @@ class EvalConfig:
 class PredictConfig:
   """What `python -m xraytpu.predict` takes besides the paths (see xraytpu.inference.predict_lib.run_predict)."""
   FLAG_TOPIC: ClassVar[str] = "prediction"   # --help heading
+  FLAG_ALIASES: ClassVar[dict[str, str]] = {"window": "dicom_window"}   # its name before the rename
   model_dir: str = _f(help=RUN_DIR_HELP)
   output: str = _f("", "Also write the predictions to FILE.csv or FILE.jsonl.")
   gradcam: str = _f("", "Write a Grad-CAM overlay PNG per image to this folder.")
-  window: str = _f("auto", "How DICOM files are rendered (tfrecord_tools.dicom): auto = as the run's "
-                   "training data was converted (its --dicom_window), so predict sees what training saw; "
+  dicom_window: str = _f("auto", "How DICOM files are rendered (tfrecord_tools.dicom): auto = as the "
+                   "run's training data was converted (its --dicom_window), so predict sees what training saw; "
                    "or full (16-bit, the modality range), file (the file's VOI LUT / window), none, "
                    "CENTER,WIDTH in modality units (HU for CT) or lung, mediastinum, soft_tissue, bone, "
                    "brain.")

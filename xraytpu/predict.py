@@ -1,7 +1,7 @@
 """Predict images with a trained run.
 
   python -m xraytpu.predict --model_dir=RUN PATH... [--output=FILE.csv|FILE.jsonl]
-      [--gradcam=DIR] [--window=auto|full|file|none|CENTER,WIDTH|lung|...]
+      [--gradcam=DIR] [--dicom_window=auto|full|file|none|CENTER,WIDTH|lung|...]
 
 PATH: PNG/JPEG files (8- or 16-bit), folders (walked), DICOM files (rendered
 as the run's training data was, unless --window says otherwise). Prints one line per input, e.g. "x.png<TAB>PNEUMONIA 0.93 (threshold 0.41)",
@@ -23,7 +23,7 @@ cli.define_flags(PredictConfig)
 def main(argv):
   opts = cli.from_flags(PredictConfig)
   from xraytpu.inference import predict_lib
-  failed = predict_lib.run_predict(opts.model_dir, argv[1:], window=opts.window,
+  failed = predict_lib.run_predict(opts.model_dir, argv[1:], dicom_window=opts.dicom_window,
                                    output=opts.output or None, gradcam_dir=opts.gradcam or None,
                                    batch_size=opts.batch_size)
   sys.exit(1 if failed else 0)

@@ -248,7 +248,7 @@ def choose_operating_point(run: rundir.LoadedRun, val: SplitPredictions | None, 
     op.update(threshold=rundir.DEFAULT_THRESHOLD, fallback_reason=choice.reason)
     logging.warning("threshold policy %s failed on %s (%s): using %s", op["policy"], val.split,
                     choice.reason, rundir.DEFAULT_THRESHOLD)
-    choice = metrics.choose_threshold(val.labels, probs[:, 1], f"fixed:{rundir.DEFAULT_THRESHOLD}")
+    choice = metrics.choose_threshold(val.labels, probs[:, 1], rundir.DEFAULT_POLICY)
   op.update(threshold=choice.threshold, sensitivity=choice.sensitivity, specificity=choice.specificity)
   return op
 
@@ -286,7 +286,7 @@ def resolve_operating_point(run: rundir.LoadedRun, *, policy: str | None,
       raise EvaluateError(
           f"the run's training data ({data_dir or 'unknown'}) has no '{THRESHOLD_SPLIT}' split to "
           f"choose the threshold on; convert with a validation split, or use "
-          "--threshold_policy=fixed:0.5 (and no --temperature_scaling)")
+          f"--threshold_policy={rundir.DEFAULT_POLICY} (and no --temperature_scaling)")
     key = (data_dir, THRESHOLD_SPLIT)
     if cache is not None and key in cache:
       val = cache[key]

@@ -38,6 +38,7 @@ from scipy import optimize, stats
 from sklearn import metrics as skm
 
 from xraytpu.config import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
+from xraytpu.run import rundir
 
 DEFAULT_RESAMPLES = BOOTSTRAP_RESAMPLES
 DEFAULT_SEED = BOOTSTRAP_SEED
@@ -517,7 +518,7 @@ def expected_calibration_error(y_true, probs, n_bins: int = 10) -> Metric:
 
 # Temperature scaling -------------------------------------------------------
 
-_EPS = 1e-7
+_EPS = rundir.PROB_CLIP
 
 
 def _to_logits(probs: np.ndarray) -> np.ndarray:

@@ -100,7 +100,7 @@ def choose_operating_point(run: rundir.LoadedRun, val, policy: str, temperature_
       logging.warning("threshold policy %s failed for %s on %s (%s): using %s", op["policy"], c,
                       val.split, choice.reason, rundir.DEFAULT_THRESHOLD)
       choice = metrics.choose_threshold(val.labels[m, j], probs[m, j],
-                                        f"fixed:{rundir.DEFAULT_THRESHOLD}")
+                                        rundir.DEFAULT_POLICY)
     op["thresholds"][c] = choice.threshold
     entry.update(sensitivity=choice.sensitivity, specificity=choice.specificity)
     op["per_finding"][c] = entry
@@ -130,8 +130,7 @@ def compute_report(classes: Sequence[str], labels: np.ndarray, mask: np.ndarray,
   k = len(classes)
   undefined: dict[str, str] = {}
   kw = dict(n_resamples=n_resamples, seed=seed)
-  thresholds = np.array([float((op.get("thresholds") or {}).get(c, rundir.DEFAULT_THRESHOLD))
-                         for c in classes])
+  thresholds = np.array(rundir.thresholds_of(op, list(classes)))
   per: dict[str, dict[str, Any]] = {}
   for j, c in enumerate(classes):
     m = mask[:, j]

@@ -90,7 +90,7 @@ def export(model_dir: str, *, version: int = ExportConfig.version,
       "threshold": run.threshold,
       "thresholds": dict(zip(run.classes, run.thresholds)) if run.multi_label else None,
       "threshold_policy": op.get("policy") if op else (
-          "argmax" if run.task == "multiclass" else "fixed:0.5"),
+          "argmax" if run.task == "multiclass" else rundir.DEFAULT_POLICY),
       "threshold_source_split": op.get("source_split"),
       "temperature": run.temperature,
       "image_size": run.size, "channels": run.channels, "aspect": run.aspect,

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from xraytpu._keras import keras
+from xraytpu.run import rundir
 
 FEATURES_LAYER = "features"
 OUTPUT_LAYER = "probabilities"
@@ -63,7 +64,7 @@ class GradCam:
 
   def _logits(self, head_out):
     if self._dense is None:  # fall back to log-probabilities
-      p = tf.clip_by_value(tf.cast(head_out, tf.float32), 1e-7, 1 - 1e-7)
+      p = tf.clip_by_value(tf.cast(head_out, tf.float32), rundir.PROB_CLIP, 1 - rundir.PROB_CLIP)
       if self._binary:
         return tf.math.log(p) - tf.math.log1p(-p)
       return tf.math.log(p)

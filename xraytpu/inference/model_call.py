@@ -33,7 +33,7 @@ from tfrecord_tools import schema
 from xraytpu.run import rundir
 
 # Probabilities are clipped this far from 0 and 1 before the logit.
-_EPS = 1e-7
+_EPS = rundir.PROB_CLIP
 # The label of a multi-label prediction with no finding above its threshold.
 NO_FINDING = schema.NO_FINDING
 
@@ -141,7 +141,7 @@ class InferenceModule(tf.Module):
     Raises pixels.ImageError with the converter's reason when the bytes are
     not a usable image.
     """
-    data = pixels.graph_input(data, dicom_window=self.conversion.get("dicom_window", "full"))
+    data = pixels.graph_input(data, dicom_window=pixels.dicom_window_of(self.conversion))
     try:
       return self.pixels(tf.constant([data]))[0].numpy()
     except tf.errors.OpError:

@@ -94,7 +94,7 @@ def expand_inputs(paths: Iterable[str]) -> list[tuple[str, str | None]]:
 
 
 def parse_window(window: str) -> str | None:
-  """--window (or serve's ?window=): "" / "auto" -> None, the run's own dicom_window (how
+  """--dicom_window (or serve's ?dicom_window=): "" / "auto" -> None, the run's own dicom_window (how
   the converter rendered its training data); else full | file | none | CENTER,WIDTH | a
   preset, checked by `tfrecord_tools.dicom.parse_window`."""
   w = (window or "").strip().lower()
@@ -103,7 +103,7 @@ def parse_window(window: str) -> str | None:
   try:
     dicom.parse_window(w)
   except ValueError as e:
-    raise PredictError(f"--window={e}") from None
+    raise PredictError(f"--dicom_window={e}") from None
   return w
 
 
@@ -184,6 +184,18 @@ class Prediction:
     return f"{self.path}\t{text}"
 
 
+def prediction(run: rundir.LoadedRun, path: str, probs, *, label_index: int | None = None,
+               positive=None, gradcam: str | None = None) -> Prediction:
+  """One image's Prediction from the module's outputs for it (`predict_batches`: its
+  probabilities row, and label_index (single-label) or positive (multi-label)): the one
+  place a result is assembled, for predict, serve and the Python API."""
+  if run.multi_label:
+    return multi_label_prediction(run, path, probs, positive, gradcam=gradcam)
+  return Prediction(path=path, label=run.classes[label_index], probability=float(probs[label_index]),
+                    probabilities={c: float(v) for c, v in zip(run.classes, probs)},
+                    threshold=run.threshold, gradcam=gradcam)
+
+
 def multi_label_prediction(run: rundir.LoadedRun, path: str, probs, positive,
                            gradcam: str | None = None) -> Prediction:
   """A multi-label result: every finding's probability, those at/above their thresholds."""
@@ -202,15 +214,16 @@ def load(model_dir: str) -> rundir.LoadedRun:
     raise PredictError(str(e)) from e
 
 
-def predict_files(run: rundir.LoadedRun, paths: Sequence[str], *, window: str = PredictConfig.window,
+def predict_files(run: rundir.LoadedRun, paths: Sequence[str], *,
+                  dicom_window: str = PredictConfig.dicom_window,
                   gradcam_dir: str | None = None, batch_size: int = PredictConfig.batch_size,
                   progress=None) -> list[Prediction]:
   """Predicts every input (folders expanded); failures are per file, never raised.
 
-  window: how DICOM files are rendered (`parse_window`; default: as the run's data was).
+  dicom_window: how DICOM files are rendered (`parse_window`; auto: as the run's data was).
   progress: optional callable(Prediction) called as results arrive.
   """
-  dicom_window = parse_window(window) or run.conversion.get("dicom_window", dicom.DEFAULT_WINDOW)
+  dicom_window = pixels.dicom_window_of(run.conversion, parse_window(dicom_window))
   items = expand_inputs(paths)
   results: list[Prediction] = []
   cams: dict = {}
@@ -261,15 +274,9 @@ def predict_pixels(run: rundir.LoadedRun, named: Sequence[tuple[str, np.ndarray]
     cams = {} if cams is None else cams
     cam = cams["cam"] = cams.get("cam") or gradcam.GradCam(run.model)
     cam_paths = _write_gradcams(cam, pix, labels, [p for p, _ in named], gradcam_dir, run)
-  results = []
-  for i, ((path, _), pr, lab, cp) in enumerate(zip(named, probs, labels, cam_paths)):
-    if run.multi_label:
-      results.append(multi_label_prediction(run, path, pr, out["positive"][i], gradcam=cp))
-    else:
-      results.append(Prediction(path=path, label=run.classes[lab], probability=float(pr[lab]),
-                                probabilities={c: float(v) for c, v in zip(run.classes, pr)},
-                                threshold=run.threshold, gradcam=cp))
-  return results
+  return [prediction(run, path, pr, label_index=int(lab),
+                     positive=out["positive"][i] if run.multi_label else None, gradcam=cp)
+          for i, ((path, _), pr, lab, cp) in enumerate(zip(named, probs, labels, cam_paths))]
 
 
 def _write_gradcams(cam, pixels, labels, paths, out_dir, run) -> list[str]:
@@ -315,7 +322,8 @@ def write_predictions(results: Sequence[Prediction], classes: Sequence[str], pat
   return path
 
 
-def run_predict(model_dir: str, paths: Sequence[str], *, window: str = PredictConfig.window,
+def run_predict(model_dir: str, paths: Sequence[str], *,
+                dicom_window: str = PredictConfig.dicom_window,
                 output: str | None = None, gradcam_dir: str | None = None,
                 batch_size: int = PredictConfig.batch_size, out=sys.stdout, err=sys.stderr) -> int:
   """The predict command: prints one line per input; returns the number that failed."""
@@ -323,7 +331,7 @@ def run_predict(model_dir: str, paths: Sequence[str], *, window: str = PredictCo
     raise PredictError("give at least one image, DICOM file or folder to predict")
   if output and not output.lower().endswith((".csv", ".jsonl")):
     raise PredictError(f"--output={output}: the file name must end in .csv or .jsonl")
-  parse_window(window)  # fail before loading the model
+  parse_window(dicom_window)  # fail before loading the model
   run = load(model_dir)
   if (run.binary or run.multi_label) and not run.has_operating_point:
     print(f"note: {model_dir} has no {rundir.OPERATING_POINT}; using threshold {rundir.DEFAULT_THRESHOLD}. "
@@ -332,7 +340,7 @@ def run_predict(model_dir: str, paths: Sequence[str], *, window: str = PredictCo
   def show(r: Prediction):
     print(r.line(run.classes), file=err if r.error else out, flush=True)
 
-  results = predict_files(run, paths, window=window, gradcam_dir=gradcam_dir,
+  results = predict_files(run, paths, dicom_window=dicom_window, gradcam_dir=gradcam_dir,
                           batch_size=batch_size, progress=show)
   failed = sum(r.error is not None for r in results)
   if output:

@@ -89,7 +89,7 @@ def model_card(run: rundir.LoadedRun, opts=None) -> dict[str, Any]:
                         "splits": splits},
       "threshold": run.threshold,
       "thresholds": dict(zip(run.classes, run.thresholds)) if run.multi_label else None,
-      "threshold_policy": op.get("policy") or ("fixed:0.5" if needs_op else "argmax"),
+      "threshold_policy": op.get("policy") or (rundir.DEFAULT_POLICY if needs_op else "argmax"),
       "threshold_source_split": op.get("source_split"),
       "threshold_source_dataset": op.get("source_dataset"),
       "threshold_note": None if has_op or not needs_op else (

@@ -74,6 +74,10 @@ _ENTRIES = (CONFIG, HISTORY, MANIFEST_COPY, MODEL, OPERATING_POINT, MODEL_CARD, 
             BACKUP, EVAL, EXPORT)
 
 DEFAULT_THRESHOLD = 0.5
+DEFAULT_POLICY = f"fixed:{DEFAULT_THRESHOLD}"   # what a run without threshold.json applies
+# Temperature scaling works on logits of probabilities clipped to [PROB_CLIP, 1 - PROB_CLIP]:
+# the same clip where it is fitted (xraytpu.evaluation.metrics, numpy) and applied (model_call, TF).
+PROB_CLIP = 1e-7
 MULTI_LABEL = schema.MULTI_LABEL
 
 

@@ -5,7 +5,7 @@ Starlette on uvicorn.
   GET  /healthz          {"status": "ok", "model": ..., "requests": n, "images": n, "batches": n}
   GET  /v1/model         the model card (see `xraytpu.run.model_card`)
   GET  /openapi.json     the OpenAPI 3 description of every route below
-  POST /v1/predict[?gradcam=1][&window=auto|lung|...|CENTER,WIDTH]
+  POST /v1/predict[?gradcam=1][&dicom_window=auto|lung|...|CENTER,WIDTH]  (window= is its old name)
                          body: multipart/form-data with one or more file parts
                          (curl -F file=@a.png -F file=@b.jpeg), or the raw bytes of one
                          image (curl --data-binary @a.png)
@@ -103,7 +103,7 @@ STATIC_FILES = {
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
             "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 _FILE_FIELDS = ("file", "files", "image", "images")
-_QUERY_PARAMS = ("gradcam", "window")
+_QUERY_PARAMS = ("gradcam", "dicom_window", "window")   # window: dicom_window's old name
 _MAX_FILENAME = 200
 _SECURITY_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
                      "Referrer-Policy": "no-referrer"}
@@ -224,9 +224,9 @@ def _parse_query(query: str) -> tuple[bool, str | None]:
   if gradcam not in ("", "0", "1", "true", "false", "yes", "no"):
     raise RequestError(400, f"gradcam={gradcam[:20]!r}: use 1 or 0")
   try:
-    window = predict_lib.parse_window((params.get("window") or ["auto"])[-1])
+    window = predict_lib.parse_window((params.get("dicom_window") or params.get("window") or ["auto"])[-1])
   except predict_lib.PredictError as e:
-    raise RequestError(400, str(e).replace("--window", "window")) from None
+    raise RequestError(400, str(e).replace("--dicom_window", "dicom_window")) from None
   return gradcam in ("", "1", "true", "yes"), window
 
 
@@ -640,8 +640,10 @@ def openapi(web: Web) -> dict[str, Any]:
       "predict one or more images (multipart file parts, or one image as the raw body)",
       ok="predictions (see xraytpu.serving.http_api)", body=image_body, errors=_PREDICT_ERRORS, params=[
           {"name": "gradcam", "in": "query", "schema": {"type": "string", "enum": ["0", "1"]}},
-          {"name": "window", "in": "query", "schema": {"type": "string"},
-           "description": "DICOM rendering: auto, full, file, none, lung, ... or CENTER,WIDTH"}])}
+          {"name": "dicom_window", "in": "query", "schema": {"type": "string"},
+           "description": "DICOM rendering: auto, full, file, none, lung, ... or CENTER,WIDTH"},
+          {"name": "window", "in": "query", "schema": {"type": "string"}, "deprecated": True,
+           "description": "the old name of dicom_window"}])}
   tf_predict = _op("TensorFlow Serving predict (serving_default)", ok="TF Serving answer", body=tf_body,
                    errors=_PREDICT_ERRORS + (404,), params=[_NAME])
   tf_predict["responses"]["200"] = tf_ok

@@ -120,7 +120,7 @@ def prepare_upload(run: rundir.LoadedRun, data: bytes, *, max_pixels: int,
                             f"server's limit of {max_pixels} (--max_pixels)")
   try:
     with budget.hold(width * height, timeout) if budget else contextlib.nullcontext():
-      dicom_window = window or run.conversion.get("dicom_window", dicom.DEFAULT_WINDOW)
+      dicom_window = pixels.dicom_window_of(run.conversion, window)
       data = pixels.graph_input(data, dicom_window=dicom_window, name=name)
       return model_call.module_of(run).file_pixels(data)
   except pixels.ImageError as e:
@@ -206,16 +206,12 @@ class App:
       raise RequestError(503, str(e)) from None
     predictions = []
     for i, ((name, _), r, pix) in enumerate(zip(files, results, images)):
+      p = predict_lib.prediction(run, name, r.probabilities, label_index=r.label_index,
+                                 positive=r.positive)
       if run.multi_label:
-        p = predict_lib.multi_label_prediction(run, name, r.probabilities, r.positive)
         item = {"index": i, "filename": name, "label": p.label, "findings": p.findings,
                 "probabilities": p.probabilities, "thresholds": p.thresholds}
       else:
-        p = predict_lib.Prediction(
-            path=name, label=run.classes[r.label_index],
-            probability=float(r.probabilities[r.label_index]),
-            probabilities={c: float(v) for c, v in zip(run.classes, r.probabilities)},
-            threshold=run.threshold)
         item = {"index": i, "filename": name, "label": p.label, "label_index": r.label_index,
                 "probability": p.probability, "probabilities": p.probabilities,
                 "threshold": p.threshold}
