@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine (Python 3.11):
 #   make demo   create/reuse .venv, generate (or take DATA=path) images, convert, inspect, train, evaluate
 #   make test   create/reuse .venv and run the test suite (what CI runs)
+#   make serve  serve the demo's run (RUN=path for another) on http://127.0.0.1:8080
 # GPU box: make venv TF_WHEEL='tensorflow[and-cuda]~=2.21.0'   (see WORKSPACE.md for TPU VMs)
 # TensorFlow 2.20 (what Cloud TPU VMs get): make venv TF=2.20 VENV=.venv-tf220
 # JPEG-LS / JPEG-lossless DICOM: make venv EXTRAS=dev,beam,dicom-jpeg   (GPL-3.0 decoder)
@@ -46,6 +47,20 @@ endif
 	$(PY) -m xraytpu.train --data_dir=$(DEMO)/tfrecords --model_dir=$(DEMO)/run $(DEMO_ARGS) --overwrite
 	$(PY) -m xraytpu.evaluate --model_dir=$(DEMO)/run --split=test
 	@echo; $(PY) -m xraytpu.summary $(DEMO)/run
+	@echo
+	@echo "Next:"
+	@echo "  make serve                          the web page and JSON API on http://127.0.0.1:8080"
+	@echo "  $(VENV)/bin/tensorboard --logdir=$(DEMO)/run/logs"
+	@echo "  $(PY) -m xraytpu.predict --model_dir=$(DEMO)/run $(DEMO_IMAGES)   (a file or a folder)"
+	@echo "  $(PY) -m xraytpu.export --model_dir=$(DEMO)/run                   (a SavedModel for TF Serving)"
+
+# Serves the demo's run (or RUN=path): the web page, /v1/predict and TF Serving's REST API.
+RUN ?= $(DEMO)/run
+PORT ?= 8080
+
+serve: $(STAMP)
+	@test -f $(RUN)/config.json || { echo "no trained run in $(RUN): run make demo first (or make serve RUN=path)"; exit 2; }
+	$(PY) -m xraytpu.serve --model_dir=$(RUN) --port=$(PORT)
 
 # The web page's test drives a real headless browser: Debian's chromium (never a
 # browser downloaded by a test tool). Installed here when missing (needs root).

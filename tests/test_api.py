@@ -49,7 +49,8 @@ def test_load_and_predict_equal_the_predict_command(run_dir, demo_data_dir, tmp_
     for c in run.classes:
       assert p.probabilities[c] == pytest.approx(want["probabilities"][c], abs=1e-6)
   one = run.predict(files[0])                       # one input -> one Prediction
-  assert isinstance(one, predict_lib.Prediction) and one.probabilities == got[0].probabilities
+  assert isinstance(one, predict_lib.Prediction) and one.label == got[0].label
+  assert one.probabilities["PNEUMONIA"] == pytest.approx(got[0].probabilities["PNEUMONIA"], abs=1e-6)
 
   # Encoded bytes and decoded uint8 pixels take the same path as the file.
   data = open(files[1], "rb").read()

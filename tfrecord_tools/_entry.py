@@ -11,8 +11,9 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 
-def run_command(define_flags: Callable[[], None], main: Callable[[Sequence[str]], None]) -> None:
+def run_command(define_flags: Callable[[], None], main: Callable[[Sequence[str]], None], *,
+                tensorflow: bool = False) -> None:
   """Defines the command's flags, then runs `main` with the shared runner (`tfrecord_tools.cli.run`)."""
   from tfrecord_tools import cli
   define_flags()
-  cli.run(main)
+  cli.run(main, tensorflow=tensorflow)

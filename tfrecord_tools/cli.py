@@ -22,13 +22,24 @@ code 2: a `tfrecord_tools.errors.UserError` (xraytpu's errors subclass it), a
 bad or missing flag, unexpected arguments. An exception whose class sets an
 integer `exit_code` (train's TrainingDiverged: 3) exits with that. Anything
 else is a bug and keeps its traceback. README's "Exit codes" lists them all.
+
+`run(main, tensorflow=True)`, for the commands that need TensorFlow, imports it
+first and filters the process's stderr (file descriptor 2, so C++ writes too)
+through a thread that drops TensorFlow's notices (`TF_NOISE`: oneDNN and
+CPU-feature notes, absl's "before InitializeLog" banner, graph-optimizer notes,
+which TensorFlow 2.21 writes from C++ whatever TF_CPP_MIN_LOG_LEVEL says), and
+quiets TensorFlow's Python INFO lines. Everything else still shows, in order;
+`-v=1` (absl's --verbosity) brings the notices back, as does TF_CPP_MIN_LOG_LEVEL=0.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import logging
 import os
 import sys
+import threading
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from absl import flags
@@ -50,6 +61,14 @@ INSTALL_HINT = ("install TensorFlow and tf-keras for this machine: CPU: pip inst
                 "'xraytpu[gpu]'; Cloud TPU VM: pip install 'xraytpu[tpu]' && pip install --no-deps "
                 "'tf-keras~=2.20.0' (WORKSPACE.md)")
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+# Lines TensorFlow writes to stderr that say nothing about the user's run (a line is dropped
+# when it contains one of these).
+TF_NOISE = ("All log messages before absl::InitializeLog() is called",
+            "oneDNN custom operations are on",
+            "This TensorFlow binary is optimized to use available CPU instructions",
+            "To enable the following instructions:",
+            "oneDNN supports DT_UINT8 only on platforms with AVX-512",
+            "Skipping loop optimization for Merge node with control input")
 
 
 def field(default: Any = dataclasses.MISSING, help: str = "",  # noqa: A002
@@ -142,8 +161,9 @@ def no_arguments(argv: Sequence[str]) -> None:
 def prog() -> str:
   """The command's name as the user typed it: `python -m MODULE` -> MODULE, else argv[0]'s name."""
   spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-  if spec is not None and spec.name and not spec.name.endswith("__main__"):
-    return spec.name
+  name = spec.name.removesuffix(".__main__") if spec is not None and spec.name else ""
+  if name and name != "__main__":   # a package's __main__.py: the package (`python -m PACKAGE`)
+    return name
   return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
 
 
@@ -194,8 +214,56 @@ def _missing_tensorflow(e: ImportError) -> bool:
   return (getattr(e, "name", None) or "").split(".")[0] in ("tensorflow", "tf_keras")
 
 
-def run(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
-  """Runs `main` under absl (flags parsed, logging set up); user errors become one line + exit code."""
+def filter_stderr(noise: Sequence[str]) -> None:
+  """From now until exit, lines written to file descriptor 2 (Python's and C++'s) that
+  contain one of `noise` are dropped; the rest pass through in order.
+
+  fd 2 becomes a pipe read by a daemon thread that writes to the real stderr; at exit the
+  pipe is closed and the thread drains it (absl prints an uncaught traceback before that)."""
+  sys.stderr.flush()
+  real = os.dup(2)
+  read_end, write_end = os.pipe()
+  os.dup2(write_end, 2)
+  os.close(write_end)
+  marks = tuple(n.encode() for n in noise)
+
+  def pump():
+    pending = b""
+    while chunk := os.read(read_end, 1 << 16):
+      *lines, pending = (pending + chunk).split(b"\n")
+      out = b"".join(line + b"\n" for line in lines if not any(m in line for m in marks))
+      if out:
+        os.write(real, out)
+    if pending:
+      os.write(real, pending)
+
+  thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
+  thread.start()
+
+  def finish():
+    sys.stderr.flush()
+    os.dup2(real, 2)            # closes the pipe's last write end: the thread reads to its end
+    thread.join(timeout=2.0)
+  atexit.register(finish)
+
+
+def import_tensorflow(verbose: bool = False) -> None:
+  """Imports TensorFlow for a command that needs it, its notices filtered (module docstring)."""
+  if "tensorflow" in sys.modules:
+    return
+  if not verbose and os.environ.get("TF_CPP_MIN_LOG_LEVEL") != "0":
+    filter_stderr(TF_NOISE)
+  import tensorflow  # noqa: F401, PLC0415
+  if not verbose:
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)
+
+
+def run(main: Callable[[list[str]], Any], argv: list[str] | None = None, *,
+        tensorflow: bool = False) -> None:
+  """Runs `main` under absl (flags parsed, logging set up); user errors become one line + exit code.
+
+  tensorflow=True: the command needs TensorFlow; it is imported first, quietly
+  (`import_tensorflow`), and a missing install is one line."""
   from absl import app  # noqa: PLC0415
 
   args = sys.argv if argv is None else argv
@@ -206,6 +274,8 @@ def run(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None
 
   def guarded(args: list[str]) -> Any:
     try:
+      if tensorflow:
+        import_tensorflow(verbose=flags.FLAGS["verbosity"].value >= 1)
       return main(args)
     except errors.UserError as e:
       fail(e)

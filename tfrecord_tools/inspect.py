@@ -365,7 +365,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 def run() -> None:
-  _entry.run_command(_define_flags, main)
+  _entry.run_command(_define_flags, main, tensorflow=True)
 
 
 if __name__ == "__main__":

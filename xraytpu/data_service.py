@@ -65,7 +65,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 def run() -> None:
-  cli.run(main)
+  cli.run(main, tensorflow=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ of training images before/after augmentation and exits without training.
 
 from __future__ import annotations
 
+import sys
+
 from absl import flags
 from absl import logging
 
@@ -46,12 +48,14 @@ def main(argv):
     path = preview.write_augment_preview(cfg.data_dir, cfg, _AUGMENT_PREVIEW.value)
     logging.info("Wrote the augmentation preview to %s", path or _AUGMENT_PREVIEW.value)
     return
-  logging.info("Config:\n%s", cfg.to_json())
-  train_lib.train_and_evaluate(cfg)   # user errors exit 2, TrainingDiverged 3 (tfrecord_tools.cli)
+  logging.debug("Config:\n%s", cfg.to_json())   # all of it is in RUN/config.json; -v=1 shows it here
+  # One progress line per epoch in a log file or CI; Keras' live bar only on a terminal.
+  verbose = 1 if sys.stdout.isatty() else 2
+  train_lib.train_and_evaluate(cfg, verbose=verbose)   # user errors exit 2, TrainingDiverged 3 (cli)
 
 
 def run():
-  cli.run(main)
+  cli.run(main, tensorflow=True)
 
 
 if __name__ == "__main__":

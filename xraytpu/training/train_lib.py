@@ -403,9 +403,9 @@ def make_datasets(cfg: Config, strategy, manifest: dict, *, label_mode: str,
 # The driver
 # ---------------------------------------------------------------------------
 
-def _log_lines(text: str) -> None:
+def _log_lines(text: str, level: int = logging.INFO) -> None:
   for line in text.rstrip().splitlines():
-    logging.info("%s", line)
+    logging.log(level, "%s", line)
 
 
 def _summary(model: keras.Model) -> str:
@@ -548,7 +548,7 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
                                    output_bias=output_bias, task=task)
     compile_model(model, cfg, learning_rate=make_learning_rate(cfg, steps_per_epoch),
                   num_classes=num_classes, jit_compile=jit, **loss_kw)
-  _log_lines(_summary(model))
+  _log_lines(_summary(model), logging.DEBUG)   # the layer table: with -v=1
   params = models_lib.common.count_params(model)
   logging.info("Parameters: %d total, %d trainable", params["total"], params["trainable"])
 
