@@ -13,7 +13,7 @@ import textwrap
 import pytest
 from absl import flags
 
-from tfrecord_tools import cli, convert_lib, errors
+from tfrecord_tools import cli, convert as convert_lib, errors
 from xraytpu import config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -84,7 +84,8 @@ def test_every_user_error_class_is_a_user_error():
   import xraytpu
   # Every library module of both packages, found by walking them (the entry points define
   # their flags on import; their errors are the libraries').
-  entry_points = {"convert", "data_service", "evaluate", "export", "predict", "serve", "train"}
+  entry_points = {"convert", "convert.__main__", "data_service", "evaluate", "export", "predict",
+                  "serve", "train"}
   modules = {pkg.__name__: [m.name.split(".", 1)[1]
                             for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")
                             if m.name.split(".", 1)[1] not in entry_points]
@@ -177,3 +178,22 @@ def test_a_renamed_flag_keeps_its_old_spelling_with_a_warning(capsys):
   fv(["predict", "--model_dir=run", "--dicom_window=lung", "--window=file"])
   with pytest.raises(errors.UserError, match="give only --dicom_window"):
     cli.from_flags(PredictConfig, flag_values=fv)
+
+
+def test_stderr_filter_drops_only_the_noise_and_keeps_order():
+  """cli.filter_stderr: C-level writes to fd 2 and Python's, noise lines dropped, the rest in
+  order, and an uncaught traceback still printed at exit."""
+  code = textwrap.dedent("""
+      import os, sys
+      from tfrecord_tools import cli
+      cli.filter_stderr(["oneDNN custom operations"])
+      os.write(2, b"I0000 port.cc:153] oneDNN custom operations are on\\nfirst\\n")
+      print("second", file=sys.stderr)
+      raise ValueError("third")
+  """)
+  r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                     timeout=60)
+  assert r.returncode == 1
+  lines = r.stderr.splitlines()
+  assert lines[:2] == ["first", "second"] and lines[-1] == "ValueError: third"
+  assert "oneDNN" not in r.stderr
