@@ -8,23 +8,15 @@ eval/*/report.json); `make demo` ends with it.
 
 from __future__ import annotations
 
-import json
 import statistics
 
 from tfrecord_tools import cli, storage
 from xraytpu import errors
+from xraytpu.run import reports, rundir
 
 
-from xraytpu.run import rundir
 class SummaryError(errors.UserError):
   """The folder is not a run directory, or one of its files cannot be read."""
-
-
-def _read_json(path: str) -> dict:
-  try:
-    return json.loads(storage.read_text(path))
-  except json.JSONDecodeError as e:
-    raise SummaryError(f"{path}: not valid JSON ({e})") from None
 
 
 def _fmt_ci(value, ci) -> str:
@@ -53,7 +45,7 @@ def summarize(run_dir: str) -> str:
     auc = f"best val AUC {best[0]:.3f} (epoch {best[1]})" if best else "no val AUC (no val split)"
     lines.append(f"training: {len(rows)} epochs, {speed}, {auc}")
   for report_path in rundir.eval_report_paths(run_dir):
-    r = _read_json(report_path)
+    r = reports.read(report_path)
     where = f"{r.get('dataset')}/{r.get('split')}, {r.get('num_examples')} images"
     lines.append(f"eval:     {where}: AUC {_fmt_ci(r.get('auc'), r.get('auc_ci'))}")
     if r.get("threshold") is not None and r.get("sensitivity") is not None:

@@ -13,7 +13,6 @@ chosen, limitations, and the not-a-diagnostic-device notice (DISCLAIMER).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -31,26 +30,8 @@ _CARD_METRICS = ("auc", "auc_ci", "pr_auc", "pr_auc_ci", "sensitivity", "sensiti
 
 
 def find_eval_report(run: rundir.LoadedRun) -> dict | None:
-  """RUN/eval/<dataset>-<split>/report.json, preferring the training data's test split.
-
-  Order: <training dataset>-test, any *-test, then any other report; the
-  first that parses. None when the run has not been evaluated.
-  """
-  paths = rundir.eval_report_paths(run.model_dir)
-  preferred = f"{reports.dataset_name(run.cfg.data_dir or '', run.manifest)}-test"
-
-  def rank(path: str) -> tuple[int, str]:
-    name = os.path.basename(os.path.dirname(path))
-    return (0 if name == preferred else 1 if name.endswith("-test") else 2, name)
-
-  for path in sorted(paths, key=rank):
-    try:
-      report = json.loads(storage.read_text(path))
-    except (OSError, ValueError):   # StorageError is a ValueError
-      continue
-    if isinstance(report, dict) and "auc" in report:
-      return report
-  return None
+  """The report the card quotes (`reports.find`: the training data's test split first)."""
+  return reports.find(run.model_dir, reports.dataset_name(run.cfg.data_dir or "", run.manifest))
 
 
 def model_card(run: rundir.LoadedRun, opts=None) -> dict[str, Any]:

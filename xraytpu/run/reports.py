@@ -8,9 +8,43 @@ same everywhere. No TensorFlow, no numpy.
 
 from __future__ import annotations
 
+import json
 import os
 
+from tfrecord_tools import errors, storage
 from tfrecord_tools.schema import MULTI_LABEL
+from xraytpu.run import rundir
+
+
+class ReportError(errors.UserError):
+  """A report.json that cannot be read; one line for the user."""
+
+
+def read(path: str) -> dict:
+  """One RUN/eval/<name>/report.json; ReportError when it is not valid JSON."""
+  try:
+    return json.loads(storage.read_text(path))
+  except json.JSONDecodeError as e:
+    raise ReportError(f"{path}: not valid JSON ({e})") from None
+
+
+def find(run_dir: str, dataset: str) -> dict | None:
+  """The report that speaks for the run: <dataset>-test, else any *-test, else any other;
+  the first that parses and has an AUC. None when the run has not been evaluated."""
+  preferred = f"{dataset}-test"
+
+  def rank(path: str) -> tuple[int, str]:
+    name = os.path.basename(os.path.dirname(path))
+    return (0 if name == preferred else 1 if name.endswith("-test") else 2, name)
+
+  for path in sorted(rundir.eval_report_paths(run_dir), key=rank):
+    try:
+      report = read(path)
+    except (OSError, ValueError):   # ReportError and StorageError are ValueErrors
+      continue
+    if isinstance(report, dict) and "auc" in report:
+      return report
+  return None
 
 
 def dataset_name(data_dir: str, manifest: dict) -> str:

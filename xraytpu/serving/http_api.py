@@ -57,20 +57,21 @@ connection open long enough to answer it.
 Memory: a request's body is at most --max_upload_mb and at most --max_inflight
 requests are in the server; decoding an image holds its width x height pixels of
 `App.decode_budget` (--decode_budget, across all requests) while it decodes, so the
-decoders never hold more than that many pixels at once (README, Serving, states the bound).
+decoders never hold more than that many pixels at once (docs/serving.md states the bound).
 
 This module is the HTTP layer only. What a request does is `xraytpu.serving.service`
 (the same run, pixel contract and InferenceModule as `xraytpu.predict` and the
-exported SavedModel); batching is `xraytpu.serving.batching`; the card is
-`xraytpu.run.model_card`. Nothing a request sends is ever used as a file system path:
+exported SavedModel); TF Serving's request and answer shapes are
+`xraytpu.serving.tf_serving`; batching is `xraytpu.serving.batching`; the card is
+`xraytpu.run.model_card`. It is over 800 lines because the routes, their limits and the
+uvicorn protocol (header deadline, JSON for malformed requests) share one state and are
+read together. Nothing a request sends is ever used as a file system path:
 the page's three files are read from the package at start-up.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import ipaddress
 import json
 import logging
@@ -88,6 +89,7 @@ from tfrecord_tools import __version__
 from xraytpu.inference import predict_lib
 from xraytpu.run import rundir
 from xraytpu.config import ServeError, ServeOptions  # noqa: F401 - defined with the other options
+from xraytpu.serving import tf_serving
 from xraytpu.serving.service import App, RequestError
 
 MB = 1 << 20
@@ -110,9 +112,6 @@ _SECURITY_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nos
 # A refused body (413, 411) is read and dropped for at most this long / this much, so that
 # the client, still sending, reads our answer instead of a connection reset.
 _DRAIN_SECONDS, _DRAIN_BYTES = 1.0, 8 * MB
-# TF Serving's model version: one model per server.
-MODEL_VERSION = "1"
-SERVING_INPUT = "image_bytes"   # the exported serving_default's one input (xraytpu.inference.model_call)
 
 
 # Memory: decoding an image (pixels.load_file's decode, convert and resize in TensorFlow) took
@@ -125,7 +124,7 @@ MEMORY_SLACK = 64 * MB   # thread stacks, allocator arenas, JSON answers
 
 
 def memory_bound(opts: ServeOptions, idle_bytes: int) -> int:
-  """The most memory the server holds (README, Serving): its idle peak RSS after warm-up, plus
+  """The most memory the server holds (docs/serving.md): its idle peak RSS after warm-up, plus
   --decode_budget pixels being decoded, plus --max_inflight bodies of --max_upload_mb."""
   return (idle_bytes + opts.decode_budget * DECODE_BYTES_PER_PIXEL
           + opts.max_inflight * opts.max_upload_bytes * BODY_COPIES + MEMORY_SLACK)
@@ -228,72 +227,6 @@ def _parse_query(query: str) -> tuple[bool, str | None]:
   except predict_lib.PredictError as e:
     raise RequestError(400, str(e).replace("--dicom_window", "dicom_window")) from None
   return gradcam in ("", "1", "true", "yes"), window
-
-
-def _b64(value: Any, where: str) -> bytes:
-  """TF Serving's binary value {"b64": "..."} (or {"image_bytes": {"b64": ...}}) -> bytes."""
-  if isinstance(value, dict) and set(value) == {SERVING_INPUT}:
-    value = value[SERVING_INPUT]
-  if not (isinstance(value, dict) and set(value) == {"b64"} and isinstance(value["b64"], str)):
-    raise RequestError(400, f"{where}: expected {{\"b64\": \"<base64 of an image file>\"}} (or "
-                            f"{{\"{SERVING_INPUT}\": {{\"b64\": ...}}}}): the model's input is image bytes")
-  try:
-    return base64.b64decode(value["b64"], validate=True)
-  except (binascii.Error, ValueError):
-    raise RequestError(400, f"{where}: b64 is not valid base64") from None
-
-
-def parse_tf_serving(body: bytes, max_files: int) -> tuple[str, list[tuple[str, bytes]]]:
-  """A TF Serving predict body -> ("instances" | "inputs", [(name, image bytes)]).
-
-  Row format {"instances": [{"b64": ...} | {"image_bytes": {"b64": ...}}, ...]} or
-  columnar {"inputs": {"image_bytes": [{"b64": ...}, ...]}} / {"inputs": [{"b64": ...}]}
-  (`signature_name`, when given, must be serving_default). Raises RequestError 400 / 413.
-  """
-  try:
-    req = json.loads(body)
-  except (ValueError, UnicodeDecodeError) as e:
-    raise RequestError(400, f"the body is not JSON ({e})") from None
-  if not isinstance(req, dict) or ("instances" in req) == ("inputs" in req):
-    raise RequestError(400, 'the body must be a JSON object with "instances" or "inputs" (not both), '
-                            "as for TensorFlow Serving's predict API")
-  if req.get("signature_name", "serving_default") != "serving_default":
-    raise RequestError(400, f"signature_name={str(req['signature_name'])[:50]!r}: only serving_default "
-                            "is served")
-  fmt = "instances" if "instances" in req else "inputs"
-  values = req[fmt]
-  if fmt == "inputs" and isinstance(values, dict):
-    if set(values) != {SERVING_INPUT}:
-      raise RequestError(400, f'"inputs" must name the one input, {SERVING_INPUT!r}')
-    values = values[SERVING_INPUT]
-  if not isinstance(values, list) or not values:
-    raise RequestError(400, f'"{fmt}" must be a non-empty list of images')
-  if len(values) > max_files:
-    raise RequestError(413, f"more than {max_files} images in one request (--max_files)")
-  return fmt, [("", _b64(v, f"{fmt}[{i}]")) for i, v in enumerate(values)]
-
-
-def tf_serving_answer(fmt: str, answer: dict[str, Any]) -> dict[str, Any]:
-  """App.predict's answer -> TF Serving's: the exported serving_default's outputs per image.
-
-  Single-label: probabilities [K], label, label_index; multi-label: probabilities [K],
-  positive [K], label. Row format -> {"predictions": [{...}, ...]}; columnar ->
-  {"outputs": {name: [per image]}}.
-  """
-  classes = answer["classes"]
-  rows = []
-  for p in answer["predictions"]:
-    row: dict[str, Any] = {"probabilities": [p["probabilities"][c] for c in classes]}
-    if "findings" in p:
-      row["positive"] = [c in p["findings"] for c in classes]
-      row["label"] = p["label"]
-    else:
-      row["label"] = p["label"]
-      row["label_index"] = p["label_index"]
-    rows.append(row)
-  if fmt == "instances":
-    return {"predictions": rows}
-  return {"outputs": {k: [r[k] for r in rows] for k in rows[0]}}
 
 
 # --------------------------------------------------------------------------
@@ -408,14 +341,14 @@ class Web:
     except RequestError as e:
       return _error(e.status, e.message)
     return _json_response(200, {"model_version_status": [{
-        "version": MODEL_VERSION, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]})
+        "version": tf_serving.MODEL_VERSION, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]})
 
   async def _tf_metadata(self, request):
     try:
       self._check_name(request.path_params["name"])
     except RequestError as e:
       return _error(e.status, e.message)
-    return _json_response(200, tf_serving_metadata(self.app, request.path_params["name"]))
+    return _json_response(200, tf_serving.metadata(self.app, request.path_params["name"]))
 
   # -- predictions --------------------------------------------------------------
 
@@ -434,8 +367,8 @@ class Web:
     return await self._with_body(request, self._tf_handle)
 
   async def _tf_handle(self, body: bytes) -> dict[str, Any]:
-    fmt, files = parse_tf_serving(body, self.opts.max_files)
-    return tf_serving_answer(fmt, await self._run(files))
+    fmt, files = tf_serving.parse_request(body, self.opts.max_files)
+    return tf_serving.answer(fmt, await self._run(files))
 
   async def _run(self, files, **kw) -> dict[str, Any]:
     import anyio.to_thread
@@ -562,41 +495,9 @@ def _client(request) -> str:
 # --------------------------------------------------------------------------
 
 
-def _tensor(dtype: str, dims: list[int], name: str) -> dict[str, Any]:
-  return {"dtype": dtype, "tensor_shape": {"dim": [{"size": str(d), "name": ""} for d in dims],
-                                           "unknown_rank": False}, "name": name}
-
-
-def tf_serving_metadata(app: App, name: str) -> dict[str, Any]:
-  """GET /v1/models/<name>/metadata: serving_default's signature as TF Serving describes the export."""
-  k = len(app.run.classes)
-  outputs = {"probabilities": _tensor("DT_FLOAT", [-1, k], "StatefulPartitionedCall:1"),
-             "label": _tensor("DT_STRING", [-1], "StatefulPartitionedCall:0")}
-  if app.run.multi_label:
-    outputs["positive"] = _tensor("DT_BOOL", [-1, k], "StatefulPartitionedCall:2")
-  else:
-    outputs["label_index"] = _tensor("DT_INT32", [-1], "StatefulPartitionedCall:2")
-  sig = {"inputs": {SERVING_INPUT: _tensor("DT_STRING", [-1], f"serving_default_{SERVING_INPUT}:0")},
-         "outputs": outputs, "method_name": "tensorflow/serving/predict", "defaults": {}}
-  return {"model_spec": {"name": name, "signature_name": "", "version": MODEL_VERSION},
-          "metadata": {"signature_def": {"signature_def": {"serving_default": sig}}}}
-
-
 _ERROR_SCHEMA = {"type": "object", "required": ["error", "status"],
                  "properties": {"error": {"type": "string"}, "status": {"type": "integer"},
                                 "file": {"type": "string"}, "index": {"type": "integer"}}}
-_TF_REQUEST = {"type": "object", "description": "TF Serving predict body: instances (row) or inputs (columnar)",
-               "properties": {
-                   "signature_name": {"type": "string", "enum": ["serving_default"]},
-                   "instances": {"type": "array", "items": {"type": "object", "properties": {
-                       "b64": {"type": "string", "format": "byte"},
-                       SERVING_INPUT: {"type": "object", "properties": {"b64": {"type": "string"}}}}}},
-                   "inputs": {"oneOf": [{"type": "array"}, {"type": "object"}]}}}
-_TF_ANSWER = {"type": "object", "properties": {
-    "predictions": {"type": "array", "items": {"type": "object", "properties": {
-        "probabilities": {"type": "array", "items": {"type": "number"}}, "label": {"type": "string"},
-        "label_index": {"type": "integer"}, "positive": {"type": "array", "items": {"type": "boolean"}}}}},
-    "outputs": {"type": "object"}}}
 
 
 def _op(summary: str, *, ok: str, body: dict | None = None, errors: tuple[int, ...] = (),
@@ -626,8 +527,8 @@ def openapi(web: Web) -> dict[str, Any]:
           "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
       "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
   }
-  tf_body = {"application/json": {"schema": _TF_REQUEST}}
-  tf_ok = {"description": "TF Serving answer", "content": {"application/json": {"schema": _TF_ANSWER}}}
+  tf_body = {"application/json": {"schema": tf_serving.REQUEST_SCHEMA}}
+  tf_ok = {"description": "TF Serving answer", "content": {"application/json": {"schema": tf_serving.ANSWER_SCHEMA}}}
   paths: dict[str, dict[str, Any]] = {}
   for path in web.app.static:
     paths[path] = {"get": _op("the prediction page", ok="the page", media=STATIC_FILES[path][1])}

@@ -75,7 +75,7 @@ def image_size(data: bytes, name: str = "") -> tuple[int, int]:
 class PixelBudget:
   """A weighted semaphore over pixels: the images being decoded at once, across all requests,
   hold at most `capacity` pixels (width x height from their headers). This bounds the
-  decoders' memory (see README, Serving: the memory bound)."""
+  decoders' memory (see docs/serving.md: the memory bound)."""
 
   def __init__(self, capacity: int):
     self.capacity, self.used, self.peak = int(capacity), 0, 0
