@@ -7,7 +7,7 @@ The baseline is the way the classic ImageNet-to-GCS script works: one
 process reads each file in turn, decodes it with TensorFlow to validate it
 (resizing and re-encoding with TensorFlow when --max_side asks for it), builds
 the tf.train.Example and appends it to a TFRecordWriter. The converter runs
-the same files with the same arguments through `convert_lib.convert`, once
+the same files with the same arguments through `tfrecord_tools.convert.convert`, once
 with one worker process and once with one per core (--workers, default all
 cores). Files are read once beforehand so every run sees a warm page cache.
 Prints a table with images/sec, the ratio to the baseline and the speed-up
@@ -35,7 +35,7 @@ from typing import Sequence
 
 from absl import app, flags
 
-from tfrecord_tools import convert_lib, pixels, records, storage
+from tfrecord_tools import convert as convert_lib, pixels, records, storage
 
 _IMAGE_DIR = flags.DEFINE_string("image_dir", None, "Class-per-folder images to convert.")
 _MAX_SIDE = flags.DEFINE_integer("max_side", 0, "Resize at conversion (both methods).")
@@ -125,7 +125,7 @@ def scaled_folder(found, classes_dir: str, scale: int) -> int:
 
 _RSS_SCRIPT = """
 import json, os, sys, threading, time
-from tfrecord_tools import convert_lib
+from tfrecord_tools import convert as convert_lib
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 def tree_rss():

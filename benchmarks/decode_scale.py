@@ -97,7 +97,7 @@ def scale_ratios(data_dir: str, size: int) -> dict[int, int]:
 
 def run(image_dir: str, work_dir: str, *, class_map: str, image_size: int, epochs: int, model: str,
         batch_size: int, seed: int) -> dict:
-  from tfrecord_tools import convert_lib
+  from tfrecord_tools import convert as convert_lib
   from xraytpu.evaluation import evaluate_lib, metrics
   from xraytpu.run import rundir
   from xraytpu.training import train_lib
@@ -186,7 +186,7 @@ def format_table(report: dict) -> str:
 
 
 def main(argv) -> None:
-  from tfrecord_tools.convert_lib import ConvertError
+  from tfrecord_tools.convert import ConvertError
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not os.path.isdir(_IMAGE_DIR.value):

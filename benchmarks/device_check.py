@@ -140,7 +140,7 @@ def step_speed(strategy, name: str, model: str, precision: str, *, size: int, ch
 
 def make_films(work: str, n: int, side: int) -> tuple[str, str]:
   """Synthetic JPEG films (class folders, with splits) and their conversion; (images, data_dir)."""
-  from tfrecord_tools import convert_lib, synthetic  # noqa: PLC0415
+  from tfrecord_tools import convert as convert_lib, synthetic  # noqa: PLC0415
   images, data = os.path.join(work, "images"), os.path.join(work, "tfrecords")
   synthetic.generate(images, num_images=n, size=side, bit_depth=8, num_classes=2, seed=0,
                      with_splits=True, image_format="jpeg")

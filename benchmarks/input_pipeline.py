@@ -5,7 +5,7 @@
 
 DIR holds class-per-folder images (DIR/<class>/*; with DIR/train/<class>/*
 only train/ is used). The benchmark converts DIR with the project's converter
-(`tfrecord_tools.convert_lib.convert`, originals kept unless --max_side), then
+(`tfrecord_tools.convert.convert`, originals kept unless --max_side), then
 runs, one after the other in one process, a training-like loop over each
 contender: take a batch (the wait for it is the IteratorGetNext wait), apply
 the CT tutorial's augmentation (rotation 360, shifts 0.2, zoom 0.2, both
@@ -208,7 +208,7 @@ def upscaled_folder(folder: str, classes: Sequence[str], work_dir: str, side: in
 
 def convert(folder: str, work_dir: str, max_side: int) -> tuple[str, float]:
   """Runs the project's converter; returns (tfrecord folder, seconds)."""
-  from tfrecord_tools import convert_lib
+  from tfrecord_tools import convert as convert_lib
   out = os.path.join(work_dir, "tfrecords")
   t0 = time.perf_counter()
   convert_lib.convert(convert_lib.ConvertOptions(input_dir=folder, output_dir=out, max_side=max_side,
@@ -575,7 +575,7 @@ def run_benchmark(image_dir: str, *, image_size: int = 224, batch_size: int = 32
     from tfrecord_tools import schema
     manifest = schema.read_manifest(data_dir)
     hs = manifest.get("image_stats", {})
-    print(f"converted with tfrecord_tools.convert_lib in {convert_s:.1f} s "
+    print(f"converted with tfrecord_tools.convert in {convert_s:.1f} s "
           f"({manifest['num_converted'] / convert_s:.1f} images/s); image height "
           f"{hs.get('height', {})}, width {hs.get('width', {})}", flush=True)
     from xraytpu.config import Config
@@ -699,7 +699,7 @@ def format_table(report: dict) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
-  from tfrecord_tools.convert_lib import ConvertError
+  from tfrecord_tools.convert import ConvertError
   from tfrecord_tools.schema import ManifestError
   from xraytpu.data import DataError
   if len(argv) > 1:

@@ -59,7 +59,7 @@ class BenchmarkError(ValueError):
 
 def synthetic_data(root: str, num_images: int) -> str:
   """A small converted data set under `root`; returns its folder."""
-  from tfrecord_tools import convert_lib, synthetic
+  from tfrecord_tools import convert as convert_lib, synthetic
   images, out = os.path.join(root, "images"), os.path.join(root, "tfrecords")
   synthetic.generate(images, num_images=num_images, size=64, seed=0, with_splits=True)
   convert_lib.convert(convert_lib.ConvertOptions(

@@ -10,7 +10,7 @@ is converted with --labels_csv, trained with K sigmoids and evaluated per findin
 with a threshold per finding chosen on val.
 
 Each row runs the same library functions the entry points call (no shortcuts):
-tfrecord_tools.convert_lib.convert, xraytpu.training.train_lib.train_and_evaluate and
+tfrecord_tools.convert.convert, xraytpu.training.train_lib.train_and_evaluate and
 xraytpu.evaluation.evaluate_lib.evaluate (threshold chosen on val by Youden's J, applied
 to test). Prints one markdown table: data set, model, image size, epochs,
 test AUC with its bootstrap 95% CI, sensitivity, specificity, wall time.
@@ -46,7 +46,7 @@ ROWS = (
 )
 
 def run_row(name, folder, convert_args, train_args, data_root, work_dir) -> dict:
-  from tfrecord_tools import convert_lib
+  from tfrecord_tools import convert as convert_lib
   from xraytpu.evaluation import evaluate_lib
   from xraytpu.training import train_lib
   from xraytpu.config import Config

@@ -49,7 +49,7 @@ def demo_data_dir(tmp_path_factory, demo_images_dir) -> str:
   classes ["NORMAL", "PNEUMONIA"]; train: 44 examples, val: 8, test: 8 (classes balanced),
   2 shards per split; records hold 64x64 1-channel 8-bit PNGs. Read-only: do not write into it.
   """
-  from tfrecord_tools import convert_lib
+  from tfrecord_tools import convert as convert_lib
   out = tmp_path_factory.mktemp("demo_data") / "tfrecords"
   convert_lib.convert(convert_lib.ConvertOptions(
       input_dir=demo_images_dir, output_dir=str(out), num_shards=2, num_workers=1,

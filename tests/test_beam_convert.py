@@ -12,8 +12,9 @@ import sys
 
 import pytest
 
-from tfrecord_tools import beam_convert, convert_lib, records, schema
+from tfrecord_tools import convert as convert_lib, records, schema
 
+from tfrecord_tools.convert import beam as beam_convert
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Two Beam worker processes: the multi-process path a real runner takes.
 BEAM_OPTIONS = ("--runner=DirectRunner --direct_running_mode=multi_processing "
@@ -119,7 +120,7 @@ def test_beam_resumes_finished_shards_and_checks_skipped_fraction(ct_images, tmp
 def test_runner_beam_without_beam_is_one_line_error(tmp_path):
   hide_beam = ("import importlib.util as u, sys; real = u.find_spec; "
                "u.find_spec = lambda n, *a: None if n == 'apache_beam' else real(n, *a); "
-               "from tfrecord_tools import convert; "
+               "from tfrecord_tools.convert import __main__ as convert; "
                "sys.argv = ['convert'] + sys.argv[1:]; convert.run()")
   proc = subprocess.run([sys.executable, "-c", hide_beam, "--runner=beam",
                          f"--input_dir={tmp_path}", f"--output_dir={tmp_path / 'out'}"],

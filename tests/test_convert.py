@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import ROOT
-from tfrecord_tools import convert_lib, pool, records, schema, shards, synthetic
-from tfrecord_tools.convert_lib import ConvertError, ConvertOptions, convert
+from tfrecord_tools import convert as convert_lib, pool, records, schema, shards, synthetic
+from tfrecord_tools.convert import ConvertError, ConvertOptions, convert
 
 
 # --------------------------------------------------------------------------
@@ -474,7 +474,7 @@ def test_cli_success_prints_summary(tmp_path):
 
 def test_negative_class_gets_label_zero(tmp_path):
   """Label 1 is the positive class of sensitivity/PPV/ROC: the finding, not 'NonCOVID'."""
-  from tfrecord_tools.convert_lib import default_class_order
+  from tfrecord_tools.convert import default_class_order
   assert default_class_order(["NonCOVID", "COVID"]) == ["NonCOVID", "COVID"]
   assert default_class_order(["COVID", "NonCOVID"]) == ["NonCOVID", "COVID"]
   assert default_class_order(["PNEUMONIA", "NORMAL"]) == ["NORMAL", "PNEUMONIA"]
@@ -579,7 +579,7 @@ def test_benchmark_runs_all_methods(tmp_path):
 # what the workers call. argv: input output crash-mode(""|once|always) marker.
 _CRASHING_SCRIPT = '''
 import os, signal, sys
-from tfrecord_tools import convert_lib, shards
+from tfrecord_tools import convert as convert_lib, shards
 
 _original = shards.convert_one
 
@@ -669,7 +669,7 @@ def test_script_without_main_guard_fails_clearly(tmp_path, method):
   inp = _synthetic(tmp_path, num_images=8, size=8)
   script = tmp_path / "unguarded.py"
   script.write_text(
-      "from tfrecord_tools import convert_lib\n"
+      "from tfrecord_tools import convert as convert_lib\n"
       + (f"import multiprocessing; multiprocessing.get_all_start_methods = lambda: [{method!r}]\n")
       + "print('top level ran', flush=True)\n"
       f"convert_lib.convert(convert_lib.ConvertOptions(input_dir={str(inp)!r}, "
@@ -677,7 +677,7 @@ def test_script_without_main_guard_fails_clearly(tmp_path, method):
   r = _run_script(script)
   assert r.returncode == 1
   assert r.stderr.strip().splitlines()[-1] == (
-      f"tfrecord_tools.convert_lib.ConvertError: the worker processes re-ran {script}, which "
+      f"tfrecord_tools.convert.options.ConvertError: the worker processes re-ran {script}, which "
       "called convert() again: put the code that calls convert() under "
       "`if __name__ == \"__main__\":` (or use num_workers=1)"), r.stderr
   assert "bootstrapping" not in r.stderr and r.stderr.count("Traceback") == 1

@@ -23,7 +23,7 @@ import threading
 import pytest
 import tensorflow as tf
 
-from tfrecord_tools import convert_lib, records, schema
+from tfrecord_tools import convert as convert_lib, records, schema
 from xraytpu.data import data_service_lib
 from xraytpu._keras import keras
 from xraytpu.config import Config

@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.pixels import apply_modality_lut, apply_voi_lut  # noqa: E402
 
 from _runs import trained_run  # noqa: E402
-from tfrecord_tools import convert_lib, dicom, pixels, records, schema, synthetic  # noqa: E402
+from tfrecord_tools import convert as convert_lib, dicom, pixels, records, schema, synthetic  # noqa: E402
 
 WINDOWS = ("full", "file", "none", "1800,2400")
 
@@ -550,8 +550,8 @@ def test_dicom_is_read_in_one_module():
 
 
 def test_the_beam_runner_renders_dicom_with_the_same_window(tmp_path):
-  """beam_convert's per-image step gets --dicom_window too (the rest of its path is shards')."""
-  beam_convert = pytest.importorskip("tfrecord_tools.beam_convert")
+  """convert.beam's per-image step gets --dicom_window too (the rest of its path is shards')."""
+  beam_convert = pytest.importorskip("tfrecord_tools.convert.beam")
   path = tmp_path / "w.dcm"
   path.write_bytes(synthetic.encode_dicom(_film(), "windowed"))
   line = {"rel": "NORMAL/w.dcm", "split": "train", "path": str(path), "size": path.stat().st_size,

@@ -28,8 +28,14 @@ def _console_scripts() -> dict[str, str]:
   return out
 
 
+def _command(module: str) -> str:
+  """The module `python -m` runs it as: a package's `__main__` is the package."""
+  return module.removesuffix(".__main__")
+
+
 def _command_modules() -> set[str]:
-  """Modules of both packages with an `if __name__ == "__main__":` block."""
+  """Modules of both packages with an `if __name__ == "__main__":` block (a package's
+  `__main__.py` counts as the package)."""
   found = set()
   for package in ("xraytpu", "tfrecord_tools"):
     for path in sorted((ROOT / package).rglob("*.py")):
@@ -37,7 +43,7 @@ def _command_modules() -> set[str]:
       for node in tree.body:
         if (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
             and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__"):
-          found.add(".".join(path.relative_to(ROOT).with_suffix("").parts))
+          found.add(_command(".".join(path.relative_to(ROOT).with_suffix("").parts)))
   return found - NOT_COMMANDS
 
 
@@ -47,7 +53,7 @@ SCRIPTS = _console_scripts()
 def test_every_command_module_has_a_console_script():
   modules = _command_modules()
   assert {"xraytpu.summary", "xraytpu.data_service", "xraytpu.train", "tfrecord_tools.convert"} <= modules
-  targets = {t.split(":")[0]: (name, t.split(":")[1]) for name, t in SCRIPTS.items()}
+  targets = {_command(t.split(":")[0]): (name, t.split(":")[1]) for name, t in SCRIPTS.items()}
   for module in sorted(modules):
     assert module in targets, f"{module} has no console script in setup.cfg"
     name, func = targets[module]
@@ -58,7 +64,7 @@ def test_every_command_module_has_a_console_script():
 def test_readme_shows_both_forms():
   readme = (ROOT / "README.md").read_text()
   for name, target in SCRIPTS.items():
-    assert f"| `python -m {target.split(':')[0]}` | `{name}` |" in readme, name
+    assert f"| `python -m {_command(target.split(':')[0])}` | `{name}` |" in readme, name
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))

@@ -102,7 +102,7 @@ def test_policy_and_temperature_are_rechosen_on_val(run_dir, tmp_path):
 
 
 def test_other_dataset_classes_matched_by_name(run_dir, demo_data_dir, tmp_path):
-  from tfrecord_tools import convert_lib, schema, synthetic
+  from tfrecord_tools import convert as convert_lib, schema, synthetic
   run = copy_run(run_dir, tmp_path)
   base = evaluate_lib.evaluate(run, split="test", **FAST)
   # The same images with the label order reversed: results must not change.

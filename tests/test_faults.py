@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tfrecord_tools import convert_lib, locks, records, schema, shards, synthetic
+from tfrecord_tools import convert as convert_lib, locks, records, schema, shards, synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -308,13 +308,13 @@ def test_disk_full_is_one_line_leaves_no_temp_files_and_resumes(tmp_path, monkey
 def test_a_pure_resume_says_nothing_to_convert(tmp_path, monkeypatch, capsys):
   src = _images(tmp_path)
   out = tmp_path / "out"
-  real = convert_lib.storage.write_bytes
+  real = convert_lib.pipeline.storage.write_bytes
 
   def no_room_for_the_manifest(path, data):
     if path.endswith(schema.MANIFEST_NAME):
       raise OSError(errno.ENOSPC, "No space left on device", path)
     return real(path, data)
-  monkeypatch.setattr(convert_lib.storage, "write_bytes", no_room_for_the_manifest)
+  monkeypatch.setattr(convert_lib.pipeline.storage, "write_bytes", no_room_for_the_manifest)
   with pytest.raises(convert_lib.ConvertError, match="every shard is finished"):
     _convert(src, out)
   monkeypatch.undo()

@@ -585,7 +585,7 @@ def test_padded_evaluation_counts_every_example_once(demo_data_dir, pipelines, r
 
 def test_padded_multi_label_evaluation_masks_the_padding(tmp_path):
   """Multi-label padding carries an all-zero label mask (the loss and AUCs skip it), weight 1."""
-  from tfrecord_tools import convert_lib, synthetic
+  from tfrecord_tools import convert as convert_lib, synthetic
   images = tmp_path / "images"
   synthetic.generate_labelled(str(images), "nih", num_images=40, size=32, seed=1)
   out = tmp_path / "rec"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT
-from tfrecord_tools import convert_lib, errors, labels, records, synthetic
+from tfrecord_tools import convert as convert_lib, errors, labels, records, synthetic
 from tfrecord_tools import inspect as tfr_inspect
 
 NIH_HEADER = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age"]
@@ -442,7 +442,7 @@ def test_chest_xray_multi_label_csv_view_converts(tmp_path, shared_data):
 
 def test_beam_runner_writes_the_same_multi_label_shards(tmp_path, chexpert_set):
   pytest.importorskip("apache_beam")
-  from tfrecord_tools import beam_convert
+  from tfrecord_tools.convert import beam as beam_convert
   root, _ = chexpert_set
   kw = dict(input_dir=str(root), labels_csv=f"train={root / 'train.csv'},val={root / 'valid.csv'}",
             num_workers=1, quiet=True, num_shards=2)

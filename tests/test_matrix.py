@@ -37,7 +37,7 @@ MULTI_WORKER = "multi_worker:bfloat16:0:3"
 
 @pytest.fixture(scope="module")
 def awkward_data(tmp_path_factory) -> str:
-  from tfrecord_tools import convert_lib, synthetic
+  from tfrecord_tools import convert as convert_lib, synthetic
   images = tmp_path_factory.mktemp("awkward") / "images"
   synthetic.generate(str(images), num_images=120, size=48, bit_depth=8, num_classes=2, seed=1,
                      with_splits=False)

@@ -9,7 +9,7 @@ import pytest
 @pytest.mark.slow
 def test_chest_xray_multi_label_view_trains_and_evaluates_per_finding(shared_data, tmp_path):
   from benchmarks import real_data_views as real_data
-  from tfrecord_tools import convert_lib
+  from tfrecord_tools import convert as convert_lib
   from xraytpu.evaluation import evaluate_lib
   from xraytpu.training import train_lib
   from xraytpu.config import Config

@@ -117,7 +117,7 @@ def test_accurate_idct_matches_pil(shared_data):
 @pytest.fixture(scope="module")
 def full_size_run(shared_data, tmp_path_factory):
   """Real full-size films + 2048-px synthetic films, converted with --max_side, a 1-epoch run."""
-  from tfrecord_tools import convert_lib, synthetic
+  from tfrecord_tools import convert as convert_lib, synthetic
   from xraytpu.training import train_lib
   from xraytpu.config import Config
   root = tmp_path_factory.mktemp("contract")

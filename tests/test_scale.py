@@ -223,7 +223,7 @@ def test_graph_half_follows_the_grey_rule(fmt):
 
 
 def test_converter_records_grey_rgb_films_as_one_channel(tmp_path):
-  from tfrecord_tools import convert_lib, schema
+  from tfrecord_tools import convert as convert_lib, schema
   from xraytpu.data import stats
   for c, cls in enumerate(("NORMAL", "PNEUMONIA")):
     (tmp_path / "in" / cls).mkdir(parents=True)

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import ROOT
-from tfrecord_tools import convert_lib, records, schema, synthetic, tfds_metadata
+from tfrecord_tools import convert as convert_lib, records, schema, synthetic, tfds_metadata
 from tfrecord_tools import inspect as tfr_inspect
 
 tfds = pytest.importorskip("tensorflow_datasets")

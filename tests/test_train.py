@@ -331,7 +331,7 @@ def test_kill_and_resume_from_the_command_line(demo_data_dir, tmp_path):
 def test_real_chest_xray_training_beats_chance(shared_data, tmp_path):
   """chest_xray_400x300 (Normal vs Bacterial+Viral pneumonia), 32 px, 4 epochs: val AUC >= 0.85."""
   from sklearn.metrics import roc_auc_score
-  from tfrecord_tools import convert_lib
+  from tfrecord_tools import convert as convert_lib
   from xraytpu.data import input_pipeline
 
   src = shared_data / "chest_xray_400x300"

@@ -4,8 +4,8 @@
 recognised layout, the task, the classes (for a multi-label set: the K
 findings, in order) and one `Row` per image with its labels as given. Which
 file on disk a row names, the splits and the records are the converter's
-business (`convert_lib`); how a row becomes a record's multi-hot vector and
-mask under the uncertainty policies is `encode` here.
+business (`tfrecord_tools.convert`); how a row becomes a record's multi-hot
+vector and mask under the uncertainty policies is `encode` here.
 
 Layouts, recognised from the header (`recognise`):
 

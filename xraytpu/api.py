@@ -145,12 +145,12 @@ def load(model_dir: str) -> Run:
 def convert(input_dir: str, output_dir: str, **options) -> dict:
   """`python -m tfrecord_tools.convert`: image folders (or a labels CSV) -> sharded TFRecords.
 
-  options: the converter's flags (tfrecord_tools.convert_lib.ConvertOptions), e.g.
+  options: the converter's flags (tfrecord_tools.convert.ConvertOptions), e.g.
   max_side=512, labels_csv=..., val_fraction=0.15. Returns the manifest (dataset.json).
   """
-  from tfrecord_tools import convert_lib
-  return convert_lib.convert(convert_lib.ConvertOptions(input_dir=input_dir, output_dir=output_dir,
-                                                        **options))
+  from tfrecord_tools import convert as converter
+  return converter.convert(converter.ConvertOptions(input_dir=input_dir, output_dir=output_dir,
+                                                    **options))
 
 
 def train(data_dir: str, model_dir: str, **config):

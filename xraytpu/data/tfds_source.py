@@ -28,7 +28,7 @@ and reuses the converter as is, so the records follow the one pixel contract
      converter's own split aliases (train, validation -> val, test; other
      splits are left out, with a log line). A missing val/test split is drawn
      by the converter as for any folder.
-  4. tfrecord_tools.convert_lib.convert turns that tree into shards in the
+  4. tfrecord_tools.convert.convert turns that tree into shards in the
      cache folder, with --class_map set to the ClassLabel's names in order (so
      the labels keep TFDS's numbering) and on_conflict=skip (an image that
      appears under two classes is left out and counted, not an error).
@@ -53,7 +53,8 @@ from typing import Callable
 from absl import logging
 
 from xraytpu import errors
-from tfrecord_tools import convert_lib, schema, storage
+from tfrecord_tools import schema, storage
+from tfrecord_tools.convert import SPLIT_ALIASES, ConvertOptions, convert
 
 PREFIX = "tfds:"
 _SAFE_CLASS = re.compile(r"^[\w][\w .()\-]*$")   # a folder name and a --class_map entry
@@ -103,7 +104,7 @@ def materialise(data_dir: str, *, tfds_data_dir: str = "", tfds_manual_dir: str 
   log(f"{data_dir}: converting TFDS {builder.info.full_name} ({', '.join(classes)}) once into {out}")
   with tempfile.TemporaryDirectory(prefix="xraytpu-tfds-") as tmp:
     _export(builder, image_key, label_key, classes, tmp, log)
-    convert_lib.convert(convert_lib.ConvertOptions(
+    convert(ConvertOptions(
         input_dir=tmp, output_dir=out, class_map=",".join(classes), on_conflict="skip",
         name=source, quiet=True), log=log)
   return out
@@ -143,7 +144,7 @@ def _export(builder, image_key: str, label_key: str, classes: list[str], root: s
   import tensorflow_datasets as tfds
   from PIL import Image
   for split in builder.info.splits:
-    if split.lower() not in convert_lib.SPLIT_ALIASES:
+    if split.lower() not in SPLIT_ALIASES:
       log(f"TFDS split {split!r} left out (xraytpu's splits: train, val, test)")
       continue
     for c in classes:

@@ -10,9 +10,9 @@ r"""Image folders -> sharded, validated TFRecords + dataset.json.
 
 Input layouts: input/<split>/<class>/* (train, val, test taken as they are) or
 input/<class>/* (splits drawn with the fractions). The work is done by
-`tfrecord_tools.convert_lib.convert`; see its docstring for every step.
+`tfrecord_tools.convert.convert`; see the package's docstring for every step.
 --runner=beam runs the same steps as an Apache Beam pipeline
-(`tfrecord_tools.beam_convert`; needs `pip install 'xraytpu[beam]'`).
+(`tfrecord_tools.convert.beam`; needs `pip install 'xraytpu[beam]'`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from typing import Sequence
 
 from absl import flags
 
-from tfrecord_tools import cli, convert_lib
+from tfrecord_tools import cli
+from tfrecord_tools.convert import ConvertError, ConvertOptions, convert, summary_table
 
-cli.define_flags(convert_lib.ConvertOptions)
+cli.define_flags(ConvertOptions)
 _RUNNER = flags.DEFINE_enum("runner", "local", ["local", "beam"], "local: a process pool on "
                             "this machine. beam: an Apache Beam pipeline (DirectRunner, "
                             "Dataflow, Flink, Spark), same output.")
@@ -36,17 +37,17 @@ _BEAM_OPTIONS = flags.DEFINE_string("beam_pipeline_options", "", "With --runner=
 
 def main(argv: Sequence[str]) -> None:
   cli.no_arguments(argv)
-  opts = cli.from_flags(convert_lib.ConvertOptions)
+  opts = cli.from_flags(ConvertOptions)
   if _BEAM_OPTIONS.value and _RUNNER.value != "beam":
-    raise convert_lib.ConvertError("--beam_pipeline_options needs --runner=beam")
+    raise ConvertError("--beam_pipeline_options needs --runner=beam")
   if _RUNNER.value == "beam":
     if importlib.util.find_spec("apache_beam") is None:
-      raise convert_lib.ConvertError("--runner=beam needs Apache Beam: pip install 'xraytpu[beam]'")
-    from tfrecord_tools import beam_convert  # only with Beam installed
-    manifest = beam_convert.convert(opts, _BEAM_OPTIONS.value)
+      raise ConvertError("--runner=beam needs Apache Beam: pip install 'xraytpu[beam]'")
+    from tfrecord_tools.convert import beam  # only with Beam installed
+    manifest = beam.convert(opts, _BEAM_OPTIONS.value)
   else:
-    manifest = convert_lib.convert(opts)
-  print(convert_lib.summary_table(manifest))
+    manifest = convert(opts)
+  print(summary_table(manifest))
   print(f"converted {manifest['num_converted']} of {manifest['num_found']} files "
         f"(skipped {manifest['num_skipped']}, dropped {manifest['num_dropped']}) "
         f"in {manifest['elapsed_s']:.1f} s, {manifest['images_per_sec']:.1f} img/s "

@@ -3,13 +3,13 @@
   python -m tfrecord_tools.convert --runner=beam --input_dir=IMAGES --output_dir=OUT \
       [--beam_pipeline_options="--runner=DirectRunner --direct_num_workers=2"]
 
-Everything but the image work is `tfrecord_tools.convert_lib`, unchanged:
-finding the files, the class mapping, the seeded split, the shard plan, the
-manifest and the resume state. Beam runs step 5 ("write"), per image instead
+Everything but the image work is the local converter's (`tfrecord_tools.convert`),
+unchanged: finding the files, the class mapping, the seeded split, the shard
+plan, the manifest and the resume state. Beam runs step 5 ("write"), per image instead
 of per shard so a runner can balance the load, with the local converter's
 own per-image and per-shard code (`tfrecord_tools.shards`):
 
-  launcher   convert_lib: find -> classes -> split -> plan_shards; the plan
+  launcher   find -> classes -> split -> plan_shards (`pipeline.convert`); the plan
              goes to OUT/.convert-state/beam-plan.jsonl (one line per image:
              shard, position, source, label; not the job graph, which has a
              size limit on Dataflow)
@@ -21,7 +21,7 @@ own per-image and per-shard code (`tfrecord_tools.shards`):
                 records in plan order, TFRecord framing, `<shard>.tmp-N` then
                 rename; its statistics to `.convert-state/<shard>.json` (what
                 the resume reads)
-  launcher   convert_lib's manifest from the shards' statistics -> dataset.json
+  launcher   pipeline's manifest from the shards' statistics -> dataset.json
 
 Because the plan is the local converter's, the output is the local
 converter's: the same shards, byte for byte, and the same dataset.json but
@@ -47,7 +47,9 @@ import apache_beam as beam
 from apache_beam.metrics.metric import Metrics, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from tfrecord_tools import convert_lib, shards, storage
+from tfrecord_tools import shards, storage
+from tfrecord_tools.convert import pipeline
+from tfrecord_tools.convert.options import ConvertError, ConvertOptions
 
 COUNTER_NAMESPACE = "tfrecord_tools.convert"
 PLAN_NAME = "beam-plan.jsonl"
@@ -128,7 +130,7 @@ def _plan_lines(tasks: Sequence[shards.ShardTask]) -> Iterable[str]:
                         **({"multi_hot": it.multi_hot, "mask": it.mask} if it.multi_hot else {})})
 
 
-def run_pipeline(tasks: Sequence[shards.ShardTask], opts: convert_lib.ConvertOptions,
+def run_pipeline(tasks: Sequence[shards.ShardTask], opts: ConvertOptions,
                  args: Sequence[str], log: Callable[[str], None]) -> dict[str, int]:
   """Writes `tasks`' shards with a Beam pipeline; returns the pipeline's counters."""
   state_dir = storage.join(opts.output_dir, shards.STATE_DIR)
@@ -153,7 +155,7 @@ def run_pipeline(tasks: Sequence[shards.ShardTask], opts: convert_lib.ConvertOpt
   result.wait_until_finish()
   state = str(result.state)
   if "DONE" not in state:
-    raise convert_lib.ConvertError(f"the Beam pipeline ended in state {state}")
+    raise ConvertError(f"the Beam pipeline ended in state {state}")
   counters = {}
   for c in result.metrics().query(MetricsFilter().with_namespace(COUNTER_NAMESPACE))["counters"]:
     name = c.key.metric.name
@@ -162,9 +164,9 @@ def run_pipeline(tasks: Sequence[shards.ShardTask], opts: convert_lib.ConvertOpt
   return counters
 
 
-def convert(opts: convert_lib.ConvertOptions, pipeline_options: str = "",
+def convert(opts: ConvertOptions, pipeline_options: str = "",
             log: Callable[[str], None] | None = None) -> dict:
-  """`convert_lib.convert` with the images processed by a Beam pipeline.
+  """`pipeline.convert` with the images processed by a Beam pipeline.
 
   Args:
     opts: the converter's options (`num_workers` sets the DirectRunner's
@@ -174,12 +176,12 @@ def convert(opts: convert_lib.ConvertOptions, pipeline_options: str = "",
   Returns:
     The manifest (also written to OUTPUT/dataset.json).
   Raises:
-    ConvertError: as `convert_lib.convert`, and for a pipeline that fails.
+    ConvertError: as `pipeline.convert`, and for a pipeline that fails.
   """
   args = pipeline_args(pipeline_options, opts.num_workers)
 
   def run_with_beam(todo, opts, log):
-    """convert_lib's `run_tasks` hook: the unfinished shards, written by Beam."""
+    """pipeline.convert's `run_tasks` hook: the unfinished shards, written by Beam."""
     counters: dict[str, int] = {}
     t1 = time.monotonic()
     results = []
@@ -188,7 +190,7 @@ def convert(opts: convert_lib.ConvertOptions, pipeline_options: str = "",
       for t in todo:
         r = shards.load_finished(t)
         if r is None:
-          raise convert_lib.ConvertError(f"the Beam pipeline finished without writing {t.file}")
+          raise ConvertError(f"the Beam pipeline finished without writing {t.file}")
         results.append(r)
     rate = sum(len(t.items) for t in todo) / max(time.monotonic() - t1, 1e-9)
     log("beam counters: " + (", ".join(f"{k}={v}" for k, v in sorted(counters.items()))
@@ -196,4 +198,4 @@ def convert(opts: convert_lib.ConvertOptions, pipeline_options: str = "",
     return results, rate, opts.num_workers, {"runner": "beam",
                                              "beam_pipeline_options": " ".join(args)}
 
-  return convert_lib.convert(opts, log, run_tasks=run_with_beam)
+  return pipeline.convert(opts, log, run_tasks=run_with_beam)

@@ -1,0 +1,299 @@
+"""Stage 3, dedupe and split: identical files, patients, and each image's split.
+
+  dedupe        files with identical contents (sha256): symlinked paths
+                converted once, copies under two classes a conflict, copies
+                within a class kept together in one split
+  patient ids   --group_regex (a regex's first group in the file name) or
+                --group_by=dicom_patient_id (the DICOM header's PatientID)
+  assign_splits stratified by class, seeded by hashing (seed, name), and by
+                patient when one is known: a patient's images all go to one split
+  make_items    the `Item`s (source, split, label, patient) the plan cuts into shards
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+from typing import Any, Callable, Sequence
+
+from tfrecord_tools import dicom, pixels, storage
+from tfrecord_tools.convert.find import Found
+from tfrecord_tools.convert.options import AUTO_FRACTION, DEFAULT_FRACTION, ConvertError, ConvertOptions
+from tfrecord_tools.shards import Item, Source
+
+
+# --------------------------------------------------------------------------
+# Identical files.
+# --------------------------------------------------------------------------
+
+
+def _content_digest(src: Source) -> str:
+  h = hashlib.sha256()
+  with storage.open(src.path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def dedupe(found: Found, mapping: dict[str, str], on_conflict: str,
+           log: Callable[[str], None]) -> Found:
+  """Finds files with identical contents (sha256; only files sharing a size are read).
+
+  - the same file reached by two paths (symlinks): converted once, the other paths
+    listed in `aliases`;
+  - identical contents under two classes (after --class_map: `mapping` source -> class;
+    files whose class it drops are left alone): a conflict. on_conflict="error" raises
+    ConvertError listing the pairs; "skip" leaves every copy out (`skipped`, counted);
+  - identical contents under one class: kept, listed in `duplicates`; `make_items`
+    keeps them in one split (a duplicate upload must not leak from train into test).
+  """
+  by_size: dict[int, list[Source]] = {}
+  for src in found.sources:
+    if src.source_class in mapping:
+      by_size.setdefault(src.size, []).append(src)
+  by_digest: dict[str, list[Source]] = {}
+  for same in by_size.values():
+    if len(same) > 1:
+      for src in same:
+        by_digest.setdefault(_content_digest(src), []).append(src)
+  drop: dict[str, dict | None] = {}     # rel -> skip record (conflict) or None (alias)
+  conflicts, aliases, duplicates = [], [], []
+  for digest, group in sorted(by_digest.items()):
+    if len(group) < 2:
+      continue
+    group = sorted(group, key=lambda s: s.rel)
+    classes = sorted({mapping[s.source_class] for s in group})
+    if len(classes) > 1:
+      conflicts.append(group)
+      continue
+    first_real: dict[str, str] = {}
+    distinct = []
+    for src in group:
+      real = src.path if storage.is_remote(src.path) else os.path.realpath(src.path)
+      if real in first_real:
+        drop[src.rel] = None
+        aliases.append({"path": src.rel, "same_file_as": first_real[real]})
+      else:
+        first_real[real] = src.rel
+        distinct.append(src.rel)
+    if len(distinct) > 1:
+      duplicates.append(distinct)
+      if len({s.split for s in group}) > 1:
+        log(f"warning: identical files in different split folders of the input: {distinct[:3]} "
+            "(they leak between splits; remove the copies)")
+  if conflicts:
+    pairs = "; ".join(" = ".join(f"{s.rel} ({mapping[s.source_class]})" for s in g)
+                      for g in conflicts[:5])
+    more = f" (and {len(conflicts) - 5} more)" if len(conflicts) > 5 else ""
+    if on_conflict != "skip":
+      raise ConvertError(f"{len(conflicts)} file(s) have the same contents under different classes: "
+                         f"{pairs}{more}. Remove the wrong copies, or pass --on_conflict=skip to leave "
+                         "them all out")
+    for g in conflicts:
+      for s in g:
+        others = ", ".join(f"{o.rel} ({mapping[o.source_class]})" for o in g if o is not s)
+        drop[s.rel] = {"path": s.rel, "reason": f"same contents as {others} under another class"}
+    log(f"warning: skipped {sum(len(g) for g in conflicts)} files whose contents appear under "
+        f"different classes (--on_conflict=skip): {pairs}{more}")
+  if aliases:
+    log(f"{len(aliases)} paths reach a file already found (symbolic links): converted once")
+  if duplicates:
+    log(f"{sum(len(d) for d in duplicates)} files are identical copies within their class "
+        f"({len(duplicates)} groups, e.g. {duplicates[0][:2]}): each group is kept in one split")
+  return dataclasses.replace(
+      found, sources=[s for s in found.sources if s.rel not in drop],
+      skipped=sorted((r for r in drop.values() if r), key=lambda r: r["path"]),
+      aliases=aliases, duplicates=duplicates)
+
+
+# --------------------------------------------------------------------------
+# Patients.
+# --------------------------------------------------------------------------
+
+
+def compile_group_regex(pattern: str) -> re.Pattern | None:
+  if not pattern:
+    return None
+  try:
+    regex = re.compile(pattern)
+  except re.error as e:
+    raise ConvertError(f"--group_regex {pattern!r} is not a valid regex: {e}") from None
+  return regex
+
+
+def patient_id(rel: str, regex: re.Pattern | None) -> str | None:
+  """First group of the regex searched in the file name (in the relative path
+  when the regex contains '/'); None when it does not match."""
+  if regex is None:
+    return ""
+  target = rel if "/" in regex.pattern else rel.rsplit("/", 1)[-1]
+  m = regex.search(target)
+  if not m:
+    return None
+  return m.group(1) if m.groups() else m.group(0)
+
+
+def dicom_patient_id(s: Source) -> str | None:
+  """The PatientID of a DICOM file's header (--group_by=dicom_patient_id); None when the
+  file is no DICOM or has none. A header that cannot be read at all gives "" (the file
+  is its own group, and the conversion skips it with the reason)."""
+  try:
+    with storage.open(s.path, "rb") as f:
+      if s.offset >= 0 or not dicom.is_dicom(f.read(132), s.rel):
+        return None
+      f.seek(0)
+      return dicom.patient_id(f)
+  except (OSError, pixels.ImageError):
+    return ""
+
+
+# --------------------------------------------------------------------------
+# Splits and items.
+# --------------------------------------------------------------------------
+
+
+def hash_key(seed: int, *parts: str) -> bytes:
+  return hashlib.sha256("\0".join([str(seed), *parts]).encode("utf-8")).digest()
+
+
+def assign_splits(keys: Sequence[str], labels: Sequence[int], groups: Sequence[str],
+                  fractions: dict[str, float], seed: int, rest: str = "train") -> list[str]:
+  """Seeded, class-stratified, group-aware split of items.
+
+  Items sharing a group (patient) always get the same split; a group's stratum
+  is its most common label. Within a stratum, groups are ordered by
+  sha256(seed, group) and taken for each split in `fractions` order until that
+  split holds round(fraction * stratum size) images; the rest go to `rest`.
+  Hash order makes the result independent of file-system order and stable
+  when unrelated files are added.
+
+  Args:
+    keys: a unique name per item (its relative path).
+    labels: class index per item.
+    groups: group (patient) per item; "" = the item is its own group.
+    fractions: e.g. {"test": 0.15, "val": 0.15}.
+  Returns:
+    The split name per item.
+  """
+  members: dict[str, list[int]] = {}
+  for i, (k, g) in enumerate(zip(keys, groups)):
+    members.setdefault(g if g else "\0file\0" + k, []).append(i)
+  strata: dict[int, list[str]] = {}
+  for g, idx in members.items():
+    counts: dict[int, int] = {}
+    for i in idx:
+      counts[labels[i]] = counts.get(labels[i], 0) + 1
+    label = min(counts, key=lambda lab: (-counts[lab], lab))
+    strata.setdefault(label, []).append(g)
+  out = [rest] * len(keys)
+  for label in sorted(strata):
+    ordered = sorted(strata[label], key=lambda g: hash_key(seed, g))
+    total = sum(len(members[g]) for g in ordered)
+    targets = {s: round(f * total) for s, f in fractions.items() if f > 0}
+    filled = {s: 0 for s in targets}
+    for g in ordered:
+      for s in targets:
+        if filled[s] < targets[s]:
+          filled[s] += len(members[g])
+          for i in members[g]:
+            out[i] = s
+          break
+  return out
+
+
+def _split_groups(keys: Sequence[str], pids: Sequence[str], duplicates: list[list[str]]) -> list[str]:
+  """assign_splits's group per item: the patient id, or the item itself (its "" / rel key),
+  with each set of duplicate files (and their patients) merged into one group."""
+  base = [p if p else "\0file\0" + k for k, p in zip(keys, pids)]
+  parent = {b: b for b in base}
+
+  def find(x: str) -> str:
+    while parent[x] != x:
+      parent[x] = parent[parent[x]]
+      x = parent[x]
+    return x
+
+  index = {k: i for i, k in enumerate(keys)}
+  for dup in duplicates:
+    roots = sorted({find(base[index[k]]) for k in dup if k in index})
+    for r in roots[1:]:
+      parent[r] = roots[0]
+  return [find(b) for b in base]
+
+
+def drawn_fractions(opts: ConvertOptions, given: Sequence[str], what: str = "folder"
+                     ) -> dict[str, float]:
+  """{"test": f, "val": f} to draw from train: --*_fraction, auto = none when the input gives the split."""
+  fractions = {}
+  for name, frac in (("test", opts.test_fraction), ("val", opts.val_fraction)):
+    if frac == AUTO_FRACTION:   # the CLI default: the input's own folder wins
+      frac = 0.0 if name in given else DEFAULT_FRACTION
+    if frac > 0:
+      if name in given:
+        raise ConvertError(f"the input already has a {name} {what}: drop --{name}_fraction "
+                           f"(or remove the {what} to draw the split from train)")
+      fractions[name] = frac
+  return fractions
+
+
+def make_items(found: Found, classes: list[str], mapping: dict[str, str],
+                opts: ConvertOptions, log: Callable[[str], None]
+                ) -> tuple[list[Item], dict[str, int], dict]:
+  """Maps classes, reads patient ids and draws the splits."""
+  regex = compile_group_regex(opts.group_regex)
+  label_of = {c: i for i, c in enumerate(classes)}
+  kept, dropped = [], {}
+  for s in found.sources:
+    if s.source_class not in mapping:
+      dropped[s.source_class] = dropped.get(s.source_class, 0) + 1
+      continue
+    kept.append(s)
+  pids = []
+  unmatched = []
+  for s in kept:
+    pid = dicom_patient_id(s) if opts.group_by else patient_id(s.rel, regex)
+    if pid is None:
+      unmatched.append(s.rel)
+      pid = ""
+    pids.append(pid)
+  if unmatched and opts.group_by:
+    raise ConvertError(f"--group_by=dicom_patient_id: {len(unmatched)} files are not DICOM or "
+                       f"have no PatientID, e.g. {unmatched[0]!r}")
+  if unmatched:
+    raise ConvertError(f"--group_regex {opts.group_regex!r} found no patient id in "
+                       f"{len(unmatched)} file names, e.g. {unmatched[0]!r}")
+  labels = [label_of[mapping[s.source_class]] for s in kept]
+  splits = [s.split or "train" for s in kept]
+  info: dict[str, Any] = {}
+
+  # Draw the splits the layout does not give: from everything (classes layout)
+  # or from train (splits layout without val/ or test/).
+  fractions = drawn_fractions(opts, found.splits)
+  if fractions:
+    pool = [i for i, sp in enumerate(splits) if sp == "train"]
+    keys = [kept[i].rel for i in pool]
+    groups = _split_groups(keys, [pids[i] for i in pool], found.duplicates)
+    drawn = assign_splits(keys, [labels[i] for i in pool], groups, fractions, opts.seed)
+    for i, sp in zip(pool, drawn):
+      splits[i] = sp
+    info["drawn_splits"] = {k: v for k, v in fractions.items()}
+
+  items = [Item(source=s, split=sp, label=lab, text=classes[lab], patient_id=pid)
+           for s, sp, lab, pid in zip(kept, splits, labels, pids)]
+  if regex is not None or opts.group_by:
+    info["patients_in_several_splits"] = patient_leaks(items, log)
+  return items, dropped, info
+
+
+def patient_leaks(items: Sequence[Item], log: Callable[[str], None]) -> int:
+  """Warns about patients whose images the input's own splits put in several splits; their number."""
+  split_of: dict[str, set] = {}
+  for it in items:
+    split_of.setdefault(it.patient_id, set()).add(it.split)
+  leaked = sorted(p for p, sps in split_of.items() if len(sps) > 1 and p)
+  if leaked:
+    log(f"warning: {len(leaked)} patients appear in more than one of the input's own "
+        f"splits (e.g. {leaked[0]!r}): their images leak between splits")
+  return len(leaked)
