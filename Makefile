@@ -2,7 +2,7 @@
 #   make demo   create/reuse .venv, generate (or take DATA=path) images, convert, inspect, train, evaluate
 #   make test   create/reuse .venv and run the test suite (what CI runs)
 #   make serve  serve the demo's run (RUN=path for another) on http://127.0.0.1:8080
-# GPU box: make venv TF_WHEEL='tensorflow[and-cuda]~=2.21.0'   (see WORKSPACE.md for TPU VMs)
+# GPU box: make venv TF_WHEEL='tensorflow[and-cuda]~=2.21.0'   (see docs/workspace.md for TPU VMs)
 # TensorFlow 2.20 (what Cloud TPU VMs get): make venv TF=2.20 VENV=.venv-tf220
 # JPEG-LS / JPEG-lossless DICOM: make venv EXTRAS=dev,beam,dicom-jpeg   (GPL-3.0 decoder)
 

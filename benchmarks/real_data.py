@@ -1,4 +1,4 @@
-"""The README's results tables: convert -> train -> evaluate on the real data sets.
+"""The results tables of docs/results.md: convert -> train -> evaluate on the real data sets.
 
   python -m benchmarks.real_data --data_root=../shared/data --work_dir=/tmp/xraytpu-real [--json=PATH]
   python -m benchmarks.real_data --only=chest_xray_multilabel     # the multi-label row alone

@@ -24,7 +24,7 @@ need() {
   [ -n "${!name}" ] || die "missing $flag"
 }
 
-# The install commands, one place for every launcher (WORKSPACE.md quotes them; tests/test_launch.py
+# The install commands, one place for every launcher (docs/workspace.md quotes them; tests/test_launch.py
 # dry-runs each against the package index). Supported TensorFlow: 2.20 and 2.21; tf-keras must
 # match TensorFlow's minor version, and goes in with --no-deps beside tensorflow-cpu/-tpu
 # (it declares the full `tensorflow` wheel). Cloud TPU VMs get at most tensorflow-tpu 2.20.0,

@@ -21,7 +21,7 @@ turns a user's mistake into one line, `<prog>: error: <message>`, and exit
 code 2: a `tfrecord_tools.errors.UserError` (xraytpu's errors subclass it), a
 bad or missing flag, unexpected arguments. An exception whose class sets an
 integer `exit_code` (train's TrainingDiverged: 3) exits with that. Anything
-else is a bug and keeps its traceback. README's "Exit codes" lists them all.
+else is a bug and keeps its traceback. docs/cli.md's "Exit codes" lists them all.
 
 `run(main, tensorflow=True)`, for the commands that need TensorFlow, imports it
 first and filters the process's stderr (file descriptor 2, so C++ writes too)
@@ -47,7 +47,7 @@ from absl import flags
 from tfrecord_tools import errors
 
 # Flags defined through this module belong to the module that calls
-# define_flags (listed by its --help, and in README's reference under it).
+# define_flags (listed by its --help, and in docs/cli.md's reference under it).
 flags.disclaim_key_flags()
 
 EXIT_USER_ERROR = 2
@@ -55,11 +55,11 @@ T = TypeVar("T")
 HELP_FLAGS = ("--help", "-h", "--helpshort", "-?")
 # flag name -> its help topic, filled by define_flags (flags defined by hand: the command's own)
 _TOPIC_OF: dict[str, str] = {}
-# What to install when TensorFlow or tf-keras is missing (WORKSPACE.md has the details).
+# What to install when TensorFlow or tf-keras is missing (docs/workspace.md has the details).
 INSTALL_HINT = ("install TensorFlow and tf-keras for this machine: CPU: pip install "
                 "'xraytpu[cpu]' && pip install --no-deps 'tf-keras~=2.21.0'; GPU: pip install "
                 "'xraytpu[gpu]'; Cloud TPU VM: pip install 'xraytpu[tpu]' && pip install --no-deps "
-                "'tf-keras~=2.20.0' (WORKSPACE.md)")
+                "'tf-keras~=2.20.0' (docs/workspace.md)")
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 # Lines TensorFlow writes to stderr that say nothing about the user's run (a line is dropped
 # when it contains one of these).

@@ -223,7 +223,7 @@ class ServeOptions:
   max_batch: int = _f(8, "Most images per model call. GPU/TPU: try 32+. CPU: measure with "
                       "benchmarks/serve_load.py; 1 (no batching) can be faster for 224-px models.")
   decode_budget: int = _f(100_000_000, "Most pixels (width x height, from the file headers) being decoded "
-                          "at once across all requests; more wait. The memory bound: see README, Serving.")
+                          "at once across all requests; more wait. The memory bound: see docs/serving.md.")
   max_inflight: int = _f(64, "Most prediction requests in the server at once (reading, decoding or "
                          "waiting for the model); more wait, then get 503.")
   header_timeout_s: float = _f(10.0, "A request's line and headers must arrive within this many seconds "

@@ -1,8 +1,11 @@
-"""Keeps README's command-line reference identical to the absl flag definitions.
+"""Keeps docs/cli.md's command-line reference identical to the absl flag definitions.
 
   python -m xraytpu.docs            print the generated reference
-  python -m xraytpu.docs --write    rewrite README.md's reference section in place
-  python -m xraytpu.docs --check    exit 1 when README.md's section is stale (a test runs this)
+  python -m xraytpu.docs --write    rewrite docs/cli.md's marked reference section in place
+  python -m xraytpu.docs --check    exit 1 when docs/cli.md's section is stale (tests/test_docs.py)
+
+The generated section sits between the BEGIN and END markers below; the text around
+it (exit codes, how flags work) is written by hand and left alone.
 
 Each entry point is run as `python -m MODULE --helpfull` in a subprocess (the
 entry points define flags at import, so they cannot share one process) and the
@@ -33,6 +36,7 @@ END = "<!-- cli-reference:end -->"
 # Section headers are module names, or file paths for modules run as scripts.
 _OURS = re.compile(r"(^|/)(xraytpu|tfrecord_tools|benchmarks)([./]|$)|__main__")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+CLI_DOC = ROOT / "docs" / "cli.md"
 
 
 def flag_help(module: str) -> str:
@@ -64,26 +68,42 @@ def reference() -> str:
   return "\n".join(parts)
 
 
-def _replace(readme: str, ref: str) -> str:
-  start, end = readme.index(BEGIN), readme.index(END) + len(END)
-  return readme[:start] + ref + readme[end:]
+class DocError(RuntimeError):
+  """The document has no (or broken) reference markers."""
 
 
-def main(argv: list[str]) -> int:
-  readme_path = ROOT / "README.md"
+def _replace(doc: str, ref: str, name: object = "docs/cli.md") -> str:
+  """`doc` with the text from BEGIN through END replaced by `ref`."""
+  start, end = doc.find(BEGIN), doc.find(END)
+  if start < 0 or end < start:
+    raise DocError(f"{name} lacks the reference markers (put them where the reference goes):\n"
+                   f"  {BEGIN}\n  {END}")
+  return doc[:start] + ref + doc[end + len(END):]
+
+
+def main(argv: list[str], path: pathlib.Path | None = None) -> int:
+  path = path or CLI_DOC
+  name = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
   ref = reference()
-  if "--write" in argv:
-    readme_path.write_text(_replace(readme_path.read_text(), ref))
-    print(f"updated {readme_path}")
-  elif "--check" in argv:
-    readme = readme_path.read_text()
-    if _replace(readme, ref) != readme:
-      print("README.md's command-line reference is stale: run `python -m xraytpu.docs --write`",
-            file=sys.stderr)
-      return 1
-    print("README.md's command-line reference matches the flag definitions")
-  else:
+  if "--write" not in argv and "--check" not in argv:
     print(ref)
+    return 0
+  try:
+    doc = path.read_text()
+    new = _replace(doc, ref, name)
+  except (OSError, DocError) as e:
+    print(f"xraytpu.docs: error: {e}", file=sys.stderr)
+    return 1 if "--check" in argv else 2
+  if "--write" in argv:
+    if new != doc:
+      path.write_text(new)
+    print(f"updated {name}" if new != doc else f"{name} is up to date")
+  elif new != doc:
+    print(f"{name}'s command-line reference is stale: run `python -m xraytpu.docs --write`",
+          file=sys.stderr)
+    return 1
+  else:
+    print(f"{name}'s command-line reference matches the flag definitions")
   return 0
 
 

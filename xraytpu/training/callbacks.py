@@ -142,7 +142,7 @@ def tensorboard(log_dir: str, profile_steps: str = "") -> keras.callbacks.Tensor
     import tensorboard  # noqa: F401, PLC0415 - tf.summary.scalar and the callback need it
   except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("xraytpu.train writes TensorBoard logs: pip install 'tensorboard~=2.21.0' "
-                      "(a dependency of xraytpu; see WORKSPACE.md)") from e
+                      "(a dependency of xraytpu; see docs/workspace.md)") from e
   return _TensorBoard(log_dir, write_graph=True, update_freq="epoch", profile_batch=steps or 0)
 
 

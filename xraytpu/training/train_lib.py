@@ -84,7 +84,7 @@ class TrainError(errors.UserError):
 
 class TrainingDiverged(RuntimeError):
   """The loss became NaN or infinite; the run stops without a model.keras."""
-  exit_code = 3   # tfrecord_tools.cli.run exits with it (README: exit codes)
+  exit_code = 3   # tfrecord_tools.cli.run exits with it (docs/cli.md: exit codes)
 
 
 # Errors that are the user's to fix: entry points print the one-line message
