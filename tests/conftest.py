@@ -57,6 +57,20 @@ def demo_data_dir(tmp_path_factory, demo_images_dir) -> str:
   return str(out)
 
 
+# -- The shared trained run: one real training, read by many tests. --
+
+@pytest.fixture(scope="session")
+def trained_run(demo_data_dir, tmp_path_factory) -> str:
+  """A real run directory trained once per session on `demo_data_dir` (str path).
+
+  `xraytpu.training.train_lib.train_and_evaluate`: xray_cnn, 32x32 px, batch 8, 1 epoch,
+  no augmentation, seed 0. Read-only: tests that write into a run take a private copy
+  (tests._runs.copy_run / evaluated_copy).
+  """
+  from tests._runs import train_shared_run
+  return train_shared_run(demo_data_dir, str(tmp_path_factory.mktemp("trained") / "run"))
+
+
 # -- A local GCS emulator (gcp-storage-emulator, JSON API) on 127.0.0.1. --
 
 class GcsEmulator:

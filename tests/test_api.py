@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _runs import trained_run
 from tests.conftest import ROOT
 
 import xraytpu
@@ -20,8 +19,8 @@ from xraytpu.inference import predict_lib
 
 
 @pytest.fixture(scope="module")
-def run_dir(demo_data_dir, tmp_path_factory):
-  return trained_run(demo_data_dir, tmp_path_factory)
+def run_dir(trained_run):
+  return trained_run
 
 
 def _files(demo_data_dir, n=5):

@@ -18,7 +18,6 @@ from pydicom import uid  # noqa: E402
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.pixels import apply_modality_lut, apply_voi_lut  # noqa: E402
 
-from _runs import trained_run  # noqa: E402
 from tfrecord_tools import convert as convert_lib, dicom, pixels, records, schema, synthetic  # noqa: E402
 
 WINDOWS = ("full", "file", "none", "1800,2400")
@@ -449,9 +448,9 @@ def test_synthetic_writes_dicom_variants_in_turn(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def loaded(demo_data_dir, tmp_path_factory):
+def loaded(trained_run):
   from xraytpu.inference import predict_lib
-  return predict_lib.load(trained_run(demo_data_dir, tmp_path_factory))
+  return predict_lib.load(trained_run)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from _runs import copy_run, trained_run
+from tests._runs import copy_run
 from xraytpu.evaluation import evaluate_lib, metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,8 +22,8 @@ FAST = dict(n_resamples=1000, write_plots=False)  # plots are checked once, in t
 
 
 @pytest.fixture(scope="module")
-def run_dir(demo_data_dir, tmp_path_factory):
-  return trained_run(demo_data_dir, tmp_path_factory)
+def run_dir(trained_run):
+  return trained_run
 
 
 def _read_predictions(path):

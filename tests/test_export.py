@@ -11,15 +11,15 @@ import sys
 import numpy as np
 import pytest
 
-from _runs import copy_run, trained_run
+from tests._runs import copy_run
 from xraytpu.inference import export_lib, model_call, predict_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def run_dir(demo_data_dir, tmp_path_factory):
-  return trained_run(demo_data_dir, tmp_path_factory)
+def run_dir(trained_run):
+  return trained_run
 
 
 def _real_files(shared_data):

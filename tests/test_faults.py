@@ -247,11 +247,10 @@ def test_a_truncated_shard_in_train_is_one_line_and_marks_the_run_failed(truncat
   assert "truncated" in rundir.read_config(str(run))["run"]["failure"]
 
 
-def test_a_truncated_shard_in_evaluate_is_one_line(truncated_data, demo_data_dir, tmp_path,
-                                                    tmp_path_factory):
-  from _runs import copy_run, trained_run
+def test_a_truncated_shard_in_evaluate_is_one_line(truncated_data, trained_run, tmp_path):
+  from tests._runs import copy_run
   data, m = truncated_data
-  run = copy_run(trained_run(demo_data_dir, tmp_path_factory), tmp_path)
+  run = copy_run(trained_run, tmp_path)
   proc = _cli("xraytpu.evaluate", f"--model_dir={run}", f"--data_dir={data}", "--split=test",
               "--threshold_policy=fixed:0.5", "--noplots")
   assert proc.returncode == 2

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from tests._runs import copy_run, evaluated_copy, trained_run
+from tests._runs import copy_run, evaluated_copy
 from xraytpu.inference import export_lib, predict_lib
 
 from xraytpu.run import model_card, rundir
@@ -21,8 +21,8 @@ def _sections(text: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def evaluated(demo_data_dir, tmp_path_factory):
-  return evaluated_copy(demo_data_dir, tmp_path_factory, "card")
+def evaluated(trained_run, tmp_path_factory):
+  return evaluated_copy(trained_run, tmp_path_factory, "card")
 
 
 def test_evaluate_writes_the_card_of_a_binary_run(evaluated):
@@ -55,8 +55,8 @@ def test_export_copies_the_card_to_assets_extra(evaluated, tmp_path):
   assert export_lib.load_metadata(path)["classes"] == ["NORMAL", "PNEUMONIA"]
 
 
-def test_card_of_an_unevaluated_run_says_so(demo_data_dir, tmp_path_factory, tmp_path):
-  run = predict_lib.load(copy_run(trained_run(demo_data_dir, tmp_path_factory), tmp_path))
+def test_card_of_an_unevaluated_run_says_so(trained_run, tmp_path):
+  run = predict_lib.load(copy_run(trained_run, tmp_path))
   text = model_card.model_card(run)["model_card_md"]
   assert _sections(text) == list(SECTIONS)
   assert "Not evaluated yet" in text and "P(PNEUMONIA) >= **0.5000**" in text

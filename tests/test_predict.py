@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _runs import copy_run, trained_run
+from tests._runs import copy_run
 from xraytpu.inference import predict_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def run_dir(demo_data_dir, tmp_path_factory):
-  return trained_run(demo_data_dir, tmp_path_factory)
+def run_dir(trained_run):
+  return trained_run
 
 
 @pytest.fixture(scope="module")

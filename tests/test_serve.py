@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _runs import copy_run, evaluated_copy, trained_run
-from _serve_process import ServeProcess
+from tests._runs import copy_run, evaluated_copy
+from tests._serve_process import ServeProcess
 from xraytpu.run import model_card
 
 from xraytpu.inference import predict_lib
@@ -37,9 +37,9 @@ TIMEOUT = 60  # seconds, per HTTP request
 
 
 @pytest.fixture(scope="module")
-def evaluated_run(demo_data_dir, tmp_path_factory):
+def evaluated_run(trained_run, tmp_path_factory):
   """A private copy of the shared tiny run, evaluated: threshold.json (youden on val) + test report."""
-  return evaluated_copy(demo_data_dir, tmp_path_factory, "serve")
+  return evaluated_copy(trained_run, tmp_path_factory, "serve")
 
 
 @pytest.fixture(scope="module")
@@ -420,8 +420,8 @@ def test_dicom_upload_answers_as_predict_and_as_its_png(server, loaded, demo_fil
   assert status == 400 and "window=" in out["error"]
 
 
-def test_card_of_an_unevaluated_run_says_so(demo_data_dir, tmp_path_factory, tmp_path):
-  run = predict_lib.load(copy_run(trained_run(demo_data_dir, tmp_path_factory), tmp_path))
+def test_card_of_an_unevaluated_run_says_so(trained_run, tmp_path):
+  run = predict_lib.load(copy_run(trained_run, tmp_path))
   card = model_card.model_card(run)
   assert card["evaluation"] is None and card["threshold"] == 0.5
   assert card["threshold_policy"] == "fixed:0.5" and "xraytpu.evaluate" in card["threshold_note"]

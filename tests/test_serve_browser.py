@@ -19,8 +19,8 @@ import shutil
 import numpy as np
 import pytest
 
-from _runs import evaluated_copy
-from _serve_process import ServeProcess
+from tests._runs import evaluated_copy
+from tests._serve_process import ServeProcess
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -46,8 +46,8 @@ def _sync_playwright():
 
 
 @pytest.fixture(scope="module")
-def evaluated_run(demo_data_dir, tmp_path_factory):
-  return evaluated_copy(demo_data_dir, tmp_path_factory, "serve_browser")
+def evaluated_run(trained_run, tmp_path_factory):
+  return evaluated_copy(trained_run, tmp_path_factory, "serve_browser")
 
 
 @pytest.fixture(scope="module")
