@@ -72,7 +72,7 @@ $(CHROMIUM):
 	else echo "the browser test needs Debian's chromium: sudo apt-get install -y chromium"; exit 1; fi
 
 test: $(STAMP) $(CHROMIUM)
-	$(PY) -m pytest -x -q
+	$(PY) -m pytest -x -q --durations=20
 
 clean-demo:
 	rm -rf $(DEMO)
