@@ -155,7 +155,7 @@ def convert(input_dir: str, output_dir: str, **options) -> dict:
 
 def train(data_dir: str, model_dir: str, **config):
   """`python -m xraytpu.train`: trains a run; config is xraytpu.config.Config's fields
-  (model="xray_cnn", image_size=224, epochs=10, strategy="auto", ...). Returns the TrainResult."""
+  (model="xray_cnn", image_size=224, epochs=10, strategy="mirrored", ...). Returns the TrainResult."""
   from xraytpu.config import Config
   from xraytpu.training import train_lib
   known = {f.name for f in dataclasses.fields(Config)}

@@ -562,14 +562,14 @@ def _write_plots(out_dir, run, preds: SplitPredictions, probs, pred, report) -> 
       op_point = None
       if report["sensitivity"] is not None and report["specificity"] is not None:
         op_point = (1 - report["specificity"], report["sensitivity"])
-      plots.roc({f"AUC {_fmt(report['auc'])}": curve}, storage.join(out_dir, rundir.EVAL_FILES["roc"]),
+      plots.roc({f"AUC {reports.fmt(report['auc'])}": curve}, storage.join(out_dir, rundir.EVAL_FILES["roc"]),
                 title=f"ROC, {tag}", operating_point=op_point,
                 op_label=f"threshold {report['threshold']:.3f} ({report['threshold_policy']} on "
                          f"{report['threshold_source_split'] or 'fixed'})")
       files["roc"] = rundir.EVAL_FILES["roc"]
     pr = metrics.pr_curve(y, p)
     if pr is not None:
-      plots.precision_recall({f"AP {_fmt(report['pr_auc'])}": pr}, storage.join(out_dir, rundir.EVAL_FILES["pr"]),
+      plots.precision_recall({f"AP {reports.fmt(report['pr_auc'])}": pr}, storage.join(out_dir, rundir.EVAL_FILES["pr"]),
                              prevalence=float(y.mean()), title=f"Precision-recall, {tag}",
                              operating_point=(report["sensitivity"], report["ppv"]),
                              op_label=f"threshold {report['threshold']:.3f}")
@@ -579,20 +579,20 @@ def _write_plots(out_dir, run, preds: SplitPredictions, probs, pred, report) -> 
     if report.get("temperature") is not None:
       extra = {"before temperature scaling": metrics.calibration_bins(y, preds.probs[:, 1])}
     plots.reliability(bins, storage.join(out_dir, rundir.EVAL_FILES["calibration"]),
-                      title=f"Calibration, {tag} (ECE {_fmt(report['ece'])})",
+                      title=f"Calibration, {tag} (ECE {reports.fmt(report['ece'])})",
                       xlabel=f"predicted P({classes[1]})", ylabel=f"observed fraction {classes[1]}",
                       extra=extra)
   else:
-    entries = [(c, _fmt(report["per_class"][c]["auc"]), (y == i).astype(int), probs[:, i])
+    entries = [(c, reports.fmt(report["per_class"][c]["auc"]), (y == i).astype(int), probs[:, i])
                for i, c in enumerate(classes)]
     written = plots.roc_and_pr_per_class(
         entries, storage.join(out_dir, rundir.EVAL_FILES["roc"]),
         storage.join(out_dir, rundir.EVAL_FILES["pr"]),
-        roc_title=f"One-vs-rest ROC, {tag} (macro AUC {_fmt(report['auc'])})",
+        roc_title=f"One-vs-rest ROC, {tag} (macro AUC {reports.fmt(report['auc'])})",
         pr_title=f"One-vs-rest PR, {tag}")
     files.update({k: rundir.EVAL_FILES[k] for k in written})
     plots.reliability(metrics.calibration_bins(y, probs), storage.join(out_dir, rundir.EVAL_FILES["calibration"]),
-                      title=f"Calibration, {tag} (ECE {_fmt(report['ece'])})",
+                      title=f"Calibration, {tag} (ECE {reports.fmt(report['ece'])})",
                       xlabel="top-class confidence", ylabel="accuracy")
   files["calibration"] = rundir.EVAL_FILES["calibration"]
   plots.confusion_matrix(np.array(report["confusion_matrix"]), classes,
@@ -614,10 +614,6 @@ def _write_plots(out_dir, run, preds: SplitPredictions, probs, pred, report) -> 
   if hist:
     files["history"] = rundir.EVAL_FILES["history"]
   return files
-
-
-def _fmt(v, digits: int = 3) -> str:
-  return "n/a" if v is None else f"{v:.{digits}f}"
 
 
 def render_markdown(report: dict, classification_text: str = "") -> str:
@@ -652,11 +648,11 @@ def render_markdown(report: dict, classification_text: str = "") -> str:
   for n in names:
     suffix = " (macro)" if r["task"] != "binary" and n in ("sensitivity", "specificity", "ppv", "npv", "f1") else ""
     lines.append(f"| {labels[n]}{suffix} | {reports.metric(r, n)} |")
-  lines.append(f"| Brier score | {_fmt(r['brier'], 4)} |")
-  lines.append(f"| ECE (10 bins) | {_fmt(r['ece'], 4)} |")
+  lines.append(f"| Brier score | {reports.fmt(r['brier'], 4)} |")
+  lines.append(f"| ECE (10 bins) | {reports.fmt(r['ece'], 4)} |")
   if r.get("temperature") is not None:
-    lines.append(f"| Brier / ECE before temperature | {_fmt(r['brier_uncalibrated'], 4)} / "
-                 f"{_fmt(r['ece_uncalibrated'], 4)} |")
+    lines.append(f"| Brier / ECE before temperature | {reports.fmt(r['brier_uncalibrated'], 4)} / "
+                 f"{reports.fmt(r['ece_uncalibrated'], 4)} |")
   cls = r["classes"]
   lines += ["", "## Confusion matrix (rows: true, columns: predicted)", "",
             "| | " + " | ".join(cls) + " |", "|---" * (len(cls) + 1) + "|"]
@@ -666,9 +662,9 @@ def render_markdown(report: dict, classification_text: str = "") -> str:
     lines += ["", "## Per class (one-vs-rest)", "", "| class | AUC (95% CI) | sensitivity | specificity | PPV | support |",
               "| --- | --- | --- | --- | --- | --- |"]
     for c, d in r["per_class"].items():
-      auc = _fmt(d["auc"]) + (f" ({d['auc_ci'][0]:.3f}-{d['auc_ci'][1]:.3f})" if d["auc_ci"] else "")
-      lines.append(f"| {c} | {auc} | {_fmt(d['sensitivity'])} | {_fmt(d['specificity'])} | "
-                   f"{_fmt(d['ppv'])} | {d['support']} |")
+      auc = reports.fmt(d["auc"]) + (f" ({d['auc_ci'][0]:.3f}-{d['auc_ci'][1]:.3f})" if d["auc_ci"] else "")
+      lines.append(f"| {c} | {auc} | {reports.fmt(d['sensitivity'])} | {reports.fmt(d['specificity'])} | "
+                   f"{reports.fmt(d['ppv'])} | {d['support']} |")
   return _markdown_tail(r, lines, classification_text)
 
 
