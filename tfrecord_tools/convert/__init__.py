@@ -51,8 +51,8 @@ does importing this package.
 from tfrecord_tools.convert.classes import default_class_order, parse_class_map, resolve_classes
 from tfrecord_tools.convert.find import Found, find_files, find_keras_pair
 from tfrecord_tools.convert.labelled import find_labelled
-from tfrecord_tools.convert.options import (AUTO_FRACTION, DEFAULT_FRACTION, SPLIT_ALIASES, ConvertError,
-                                            ConvertOptions)
+from tfrecord_tools.convert.options import (AUTO_FRACTION, DEFAULT_FRACTION, SPLIT_ALIASES,
+                                            ConvertError, ConvertOptions)
 from tfrecord_tools.convert.pipeline import convert, summary_table
 from tfrecord_tools.convert.plan import default_num_shards, plan_shards
 from tfrecord_tools.convert.split import assign_splits, dedupe

@@ -18,12 +18,14 @@ import re
 import time
 from typing import Callable
 
-from tfrecord_tools import __version__, locks, pixels, pool, schema, shards, storage, tfds_metadata
+from tfrecord_tools import (__version__, locks, pixels, pool, schema, shards, storage,
+                            tfds_metadata)
 from tfrecord_tools.convert import options
 from tfrecord_tools.convert.classes import resolve_classes
 from tfrecord_tools.convert.find import find_files, find_keras_pair
 from tfrecord_tools.convert.labelled import add_labels_manifest, labelled_items
-from tfrecord_tools.convert.options import AUTO_FRACTION, DEFAULT_FRACTION, ConvertError, ConvertOptions, check_options
+from tfrecord_tools.convert.options import (AUTO_FRACTION, DEFAULT_FRACTION, ConvertError, ConvertOptions,
+                                            check_options)
 from tfrecord_tools.convert.plan import plan_shards, run_locally
 from tfrecord_tools.convert.split import dedupe, make_items
 from tfrecord_tools.shards import STATE_DIR

@@ -20,7 +20,8 @@ from typing import Any, Callable, Sequence
 
 from tfrecord_tools import dicom, pixels, storage
 from tfrecord_tools.convert.find import Found
-from tfrecord_tools.convert.options import AUTO_FRACTION, DEFAULT_FRACTION, ConvertError, ConvertOptions
+from tfrecord_tools.convert.options import (AUTO_FRACTION, DEFAULT_FRACTION, ConvertError,
+                                            ConvertOptions)
 from tfrecord_tools.shards import Item, Source
 
 
