@@ -20,6 +20,8 @@ import re
 import subprocess
 import sys
 
+from xraytpu import errors
+
 ENTRY_POINTS = (
     ("tfrecord_tools.synthetic", "Generate the demo data set (class-per-folder images)."),
     ("tfrecord_tools.convert", "Image folders -> sharded TFRecords + dataset.json."),
@@ -68,7 +70,7 @@ def reference() -> str:
   return "\n".join(parts)
 
 
-class DocError(RuntimeError):
+class DocError(errors.UserError):
   """The document has no (or broken) reference markers."""
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 
-from tfrecord_tools import errors, storage
+from tfrecord_tools import storage
+from xraytpu import errors
 from tfrecord_tools.schema import MULTI_LABEL
 from xraytpu.run import rundir
 
