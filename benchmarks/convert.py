@@ -37,22 +37,26 @@ from absl import app, flags
 
 from tfrecord_tools import convert as convert_lib, pixels, records, storage
 
-_IMAGE_DIR = flags.DEFINE_string("image_dir", None, "Class-per-folder images to convert.")
-_MAX_SIDE = flags.DEFINE_integer("max_side", 0, "Resize at conversion (both methods).")
-_IMAGE_FORMAT = flags.DEFINE_enum("image_format", "keep", list(pixels.IMAGE_FORMATS),
-                                  "Output format (both methods).")
-_CHANNELS = flags.DEFINE_enum("channels", "keep", list(pixels.CHANNELS), "Output channels.")
-_NUM_SHARDS = flags.DEFINE_integer("num_shards", 0, "Shards per split for the converter "
-                                   "(0: 4 per core, so every worker has work).")
-_WORKERS = flags.DEFINE_integer("workers", 0, "Workers of the parallel run (0: all cores).")
-_WORKER_COUNTS = flags.DEFINE_list("worker_counts", [], "Worker counts to time (default: 1 and "
-                                   "--workers); the speed-up is to 1 worker.")
-_RSS_SCALES = flags.DEFINE_list("rss_scales", [], "Also measure the converter's peak RSS on the "
-                                "images repeated this many times, e.g. 1,10 (empty: skip).")
-_JSON = flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
-_WORK_DIR = flags.DEFINE_string("work_dir", None, "Scratch folder for the outputs "
-                                "(default: a temporary folder, removed afterwards).")
-flags.mark_flag_as_required("image_dir")
+
+def define_flags() -> None:
+  """The command's flags, defined when it runs: importing this module defines none (tests
+  call its functions in-process beside other modules that define the same names)."""
+  flags.DEFINE_string("image_dir", None, "Class-per-folder images to convert.")
+  flags.DEFINE_integer("max_side", 0, "Resize at conversion (both methods).")
+  flags.DEFINE_enum("image_format", "keep", list(pixels.IMAGE_FORMATS),
+                    "Output format (both methods).")
+  flags.DEFINE_enum("channels", "keep", list(pixels.CHANNELS), "Output channels.")
+  flags.DEFINE_integer("num_shards", 0, "Shards per split for the converter "
+                       "(0: 4 per core, so every worker has work).")
+  flags.DEFINE_integer("workers", 0, "Workers of the parallel run (0: all cores).")
+  flags.DEFINE_list("worker_counts", [], "Worker counts to time (default: 1 and "
+                    "--workers); the speed-up is to 1 worker.")
+  flags.DEFINE_list("rss_scales", [], "Also measure the converter's peak RSS on the "
+                    "images repeated this many times, e.g. 1,10 (empty: skip).")
+  flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
+  flags.DEFINE_string("work_dir", None, "Scratch folder for the outputs "
+                      "(default: a temporary folder, removed afterwards).")
+  flags.mark_flag_as_required("image_dir")
 
 
 def naive_convert(sources: Sequence[convert_lib.Source], classes: list[str],
@@ -262,28 +266,30 @@ def format_table(res: dict) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
+  F = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  work = _WORK_DIR.value or tempfile.mkdtemp(prefix="convert_bench_")
+  work = F.work_dir or tempfile.mkdtemp(prefix="convert_bench_")
   os.makedirs(work, exist_ok=True)
   try:
-    res = run_benchmark(_IMAGE_DIR.value, work, max_side=_MAX_SIDE.value,
-                        image_format=_IMAGE_FORMAT.value, channels=_CHANNELS.value,
-                        num_shards=_NUM_SHARDS.value, workers=_WORKERS.value,
-                        worker_counts=[int(w) for w in _WORKER_COUNTS.value],
-                        rss_scales=[int(k) for k in _RSS_SCALES.value])
+    res = run_benchmark(F.image_dir, work, max_side=F.max_side,
+                        image_format=F.image_format, channels=F.channels,
+                        num_shards=F.num_shards, workers=F.workers,
+                        worker_counts=[int(w) for w in F.worker_counts],
+                        rss_scales=[int(k) for k in F.rss_scales])
   except convert_lib.ConvertError as e:
     print(f"benchmark: error: {e}", file=sys.stderr)
     sys.exit(2)
   finally:
-    if not _WORK_DIR.value:
+    if not F.work_dir:
       shutil.rmtree(work, ignore_errors=True)
   print(format_table(res))
-  if _JSON.value:
-    storage.write_bytes(_JSON.value, (json.dumps(res, indent=2) + "\n").encode())
+  if F.json:
+    storage.write_bytes(F.json, (json.dumps(res, indent=2) + "\n").encode())
 
 
 def run() -> None:
+  define_flags()
   app.run(main)
 
 

@@ -35,18 +35,23 @@ import time
 import numpy as np
 from absl import app, flags
 
-_IMAGE_DIR = flags.DEFINE_string("image_dir", "../shared/data/chest_xray_400x300",
-                                 "Class-per-folder JPEG films.")
-_CLASS_MAP = flags.DEFINE_string(
+
+def define_flags() -> None:
+  """The command's flags, defined when it runs: importing this module defines none (tests
+  call its functions in-process beside other modules that define the same names)."""
+  flags.DEFINE_string("image_dir", "../shared/data/chest_xray_400x300",
+                      "Class-per-folder JPEG films.")
+  flags.DEFINE_string(
     "class_map", "NORMAL=Normal,PNEUMONIA=BacterialPneumonia+ViralPneumonia",
     "Converter --class_map (the default is chest_xray_400x300's binary view; '' = folders).")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 128, "Model input side, pixels.")
-_EPOCHS = flags.DEFINE_integer("epochs", 8, "Training epochs of each model.")
-_MODEL = flags.DEFINE_string("model", "xray_cnn", "Model name (xraytpu.models).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Batch size.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the split and of both trainings.")
-_WORK_DIR = flags.DEFINE_string("work_dir", "", "Scratch folder (default: a temporary one, kept).")
-_JSON = flags.DEFINE_string("json", "", "Also write the results here.")
+  flags.DEFINE_integer("image_size", 128, "Model input side, pixels.")
+  flags.DEFINE_integer("epochs", 8, "Training epochs of each model.")
+  flags.DEFINE_string("model", "xray_cnn", "Model name (xraytpu.models).")
+  flags.DEFINE_integer("batch_size", 32, "Batch size.")
+  flags.DEFINE_integer("seed", 0, "Seed of the split and of both trainings.")
+  flags.DEFINE_string("work_dir", "", "Scratch folder (default: a temporary one, kept).")
+  flags.DEFINE_string("json", "", "Also write the results here.")
+
 
 DECODES = ("reduced", "full")
 
@@ -186,28 +191,30 @@ def format_table(report: dict) -> str:
 
 
 def main(argv) -> None:
+  F = flags.FLAGS
   from tfrecord_tools.convert import ConvertError
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not os.path.isdir(_IMAGE_DIR.value):
-    print(f"error: --image_dir={_IMAGE_DIR.value} is not a folder", file=sys.stderr)
+  if not os.path.isdir(F.image_dir):
+    print(f"error: --image_dir={F.image_dir} is not a folder", file=sys.stderr)
     sys.exit(2)
-  work = _WORK_DIR.value or tempfile.mkdtemp(prefix="xraytpu_decode_scale_")
+  work = F.work_dir or tempfile.mkdtemp(prefix="xraytpu_decode_scale_")
   try:
-    report = run(_IMAGE_DIR.value, work, class_map=_CLASS_MAP.value, image_size=_IMAGE_SIZE.value,
-                 epochs=_EPOCHS.value, model=_MODEL.value, batch_size=_BATCH_SIZE.value,
-                 seed=_SEED.value)
+    report = run(F.image_dir, work, class_map=F.class_map, image_size=F.image_size,
+                 epochs=F.epochs, model=F.model, batch_size=F.batch_size,
+                 seed=F.seed)
   except ConvertError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print()
   print(format_table(report))
   print(f"(work folder: {work})")
-  if _JSON.value:
+  if F.json:
     from tfrecord_tools import storage
-    storage.write_bytes(_JSON.value, (json.dumps(report, indent=2) + "\n").encode())
-    print(f"wrote {_JSON.value}")
+    storage.write_bytes(F.json, (json.dumps(report, indent=2) + "\n").encode())
+    print(f"wrote {F.json}")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -42,23 +42,27 @@ from typing import Sequence
 
 from absl import app, flags
 
-_STRATEGY = flags.DEFINE_enum("strategy", "auto", ["auto", "default", "mirrored", "tpu"],
-                              "auto: tpu when a TPU answers at --tpu, mirrored over several "
-                              "GPUs, else default.")
-_TPU = flags.DEFINE_string("tpu", "local", "With a TPU: its name, grpc:// address or 'local'.")
-_MODELS = flags.DEFINE_list("models", ["xray_cnn", "keras_tpu_cnn", "resnet50"],
-                            "Models to time (xraytpu.models.MODELS names).")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Training image side, px.")
-_CHANNELS = flags.DEFINE_integer("channels", 1, "Image channels (3: ImageNet-style RGB).")
-_BATCH = flags.DEFINE_integer("batch_size", 0, "Global batch (0: 32 per replica on CPU, "
-                              "128 per replica on a GPU or TPU).")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per measurement (after a warm-up call).")
-_SPE = flags.DEFINE_list("steps_per_execution", ["1", "8", "32"], "steps_per_execution sweep.")
-_FILMS = flags.DEFINE_integer("films", 320, "Synthetic films for the input and smoke parts.")
-_FILM_SIDE = flags.DEFINE_integer("film_side", 1024, "Their side, px (real films: 2000-3000).")
-_SMOKE_EPOCHS = flags.DEFINE_integer("smoke_epochs", 2, "Epochs of the smoke training.")
-_JSON = flags.DEFINE_string("json", "", "Also write the results here.")
-_WORK = flags.DEFINE_string("work_dir", "", "Scratch folder (default: a temporary one, removed).")
+
+def define_flags() -> None:
+  """The command's flags, defined when it runs: importing this module defines none (tests
+  call its functions in-process beside other modules that define the same names)."""
+  flags.DEFINE_enum("strategy", "auto", ["auto", "default", "mirrored", "tpu"],
+                    "auto: tpu when a TPU answers at --tpu, mirrored over several "
+                    "GPUs, else default.")
+  flags.DEFINE_string("tpu", "local", "With a TPU: its name, grpc:// address or 'local'.")
+  flags.DEFINE_list("models", ["xray_cnn", "keras_tpu_cnn", "resnet50"],
+                    "Models to time (xraytpu.models.MODELS names).")
+  flags.DEFINE_integer("image_size", 224, "Training image side, px.")
+  flags.DEFINE_integer("channels", 1, "Image channels (3: ImageNet-style RGB).")
+  flags.DEFINE_integer("batch_size", 0, "Global batch (0: 32 per replica on CPU, "
+                       "128 per replica on a GPU or TPU).")
+  flags.DEFINE_integer("steps", 20, "Timed steps per measurement (after a warm-up call).")
+  flags.DEFINE_list("steps_per_execution", ["1", "8", "32"], "steps_per_execution sweep.")
+  flags.DEFINE_integer("films", 320, "Synthetic films for the input and smoke parts.")
+  flags.DEFINE_integer("film_side", 1024, "Their side, px (real films: 2000-3000).")
+  flags.DEFINE_integer("smoke_epochs", 2, "Epochs of the smoke training.")
+  flags.DEFINE_string("json", "", "Also write the results here.")
+  flags.DEFINE_string("work_dir", "", "Scratch folder (default: a temporary one, removed).")
 
 
 def pick_strategy(name: str, tpu: str):
@@ -283,17 +287,18 @@ def format_table(r: dict) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
+  F = flags.FLAGS
   del argv
-  report = run_check(strategy=_STRATEGY.value, tpu=_TPU.value, models=_MODELS.value,
-                     image_size=_IMAGE_SIZE.value, channels=_CHANNELS.value,
-                     batch_size=_BATCH.value, steps=_STEPS.value,
-                     steps_per_execution=[int(s) for s in _SPE.value], films=_FILMS.value,
-                     film_side=_FILM_SIDE.value, smoke_epochs=_SMOKE_EPOCHS.value,
-                     work_dir=_WORK.value)
+  report = run_check(strategy=F.strategy, tpu=F.tpu, models=F.models,
+                     image_size=F.image_size, channels=F.channels,
+                     batch_size=F.batch_size, steps=F.steps,
+                     steps_per_execution=[int(s) for s in F.steps_per_execution], films=F.films,
+                     film_side=F.film_side, smoke_epochs=F.smoke_epochs,
+                     work_dir=F.work_dir)
   print()
   print(format_table(report))
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
+  if F.json:
+    with open(F.json, "w") as f:
       json.dump(report, f, indent=2)
   failed = [k for k, v in (report.get("smoke") or {}).items() if not v["ok"]]
   if failed:
@@ -301,4 +306,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

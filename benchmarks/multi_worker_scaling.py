@@ -38,19 +38,23 @@ from xraytpu.run import rundir
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "launch" / "multi_worker.sh"
 
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "Converted data set (dataset.json + shards); "
-                                "default: a synthetic one in a temporary folder.")
-_NUM_IMAGES = flags.DEFINE_integer("num_images", 600, "Synthetic set size (without --data_dir).")
-_WORKERS = flags.DEFINE_string("workers", "1,2", "Worker counts to compare, comma-separated.")
-_MODEL = flags.DEFINE_string("model", "xray_cnn", "Architecture (xraytpu.models.MODELS).")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "Image side in pixels.")
-_BATCH = flags.DEFINE_integer("per_worker_batch", 16, "Batch per worker (global = N x this).")
-_EPOCHS = flags.DEFINE_integer("epochs", 3, "Epochs per run (the first is not measured).")
-_SPE = flags.DEFINE_integer("steps_per_execution", 2, "Steps per compiled call. > 1 also makes "
-                            "train_lib pass validation_steps, which tf_keras requires for a "
-                            "distributed validation set under MultiWorkerMirroredStrategy.")
-_TIMEOUT = flags.DEFINE_integer("timeout_s", 1200, "Give up on one run after this long.")
-_JSON = flags.DEFINE_string("json", "", "Also write the results here.")
+
+def define_flags() -> None:
+  """The command's flags, defined when it runs: importing this module defines none (tests
+  call its functions in-process beside other modules that define the same names)."""
+  flags.DEFINE_string("data_dir", "", "Converted data set (dataset.json + shards); "
+                      "default: a synthetic one in a temporary folder.")
+  flags.DEFINE_integer("num_images", 600, "Synthetic set size (without --data_dir).")
+  flags.DEFINE_string("workers", "1,2", "Worker counts to compare, comma-separated.")
+  flags.DEFINE_string("model", "xray_cnn", "Architecture (xraytpu.models.MODELS).")
+  flags.DEFINE_integer("image_size", 64, "Image side in pixels.")
+  flags.DEFINE_integer("per_worker_batch", 16, "Batch per worker (global = N x this).")
+  flags.DEFINE_integer("epochs", 3, "Epochs per run (the first is not measured).")
+  flags.DEFINE_integer("steps_per_execution", 2, "Steps per compiled call. > 1 also makes "
+                       "train_lib pass validation_steps, which tf_keras requires for a "
+                       "distributed validation set under MultiWorkerMirroredStrategy.")
+  flags.DEFINE_integer("timeout_s", 1200, "Give up on one run after this long.")
+  flags.DEFINE_string("json", "", "Also write the results here.")
 
 
 class BenchmarkError(ValueError):
@@ -105,35 +109,37 @@ def format_table(results: Sequence[dict]) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
+  F = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
-    counts = [int(w) for w in _WORKERS.value.split(",") if w.strip()]
+    counts = [int(w) for w in F.workers.split(",") if w.strip()]
   except ValueError:
-    raise app.UsageError(f"--workers takes integers, got {_WORKERS.value!r}") from None
+    raise app.UsageError(f"--workers takes integers, got {F.workers!r}") from None
   if not counts or min(counts) < 1:
     raise app.UsageError("--workers needs positive worker counts, e.g. 1,2")
   results = []
   with tempfile.TemporaryDirectory(prefix="xraytpu-mw-bench-") as tmp:
-    data_dir = _DATA_DIR.value or synthetic_data(tmp, _NUM_IMAGES.value)
+    data_dir = F.data_dir or synthetic_data(tmp, F.num_images)
     for n in counts:
       try:
-        r = run_workers(n, data_dir, os.path.join(tmp, f"run-{n}"), model=_MODEL.value,
-                        image_size=_IMAGE_SIZE.value, per_worker_batch=_BATCH.value,
-                        epochs=_EPOCHS.value, steps_per_execution=_SPE.value,
-                        timeout_s=_TIMEOUT.value)
+        r = run_workers(n, data_dir, os.path.join(tmp, f"run-{n}"), model=F.model,
+                        image_size=F.image_size, per_worker_batch=F.per_worker_batch,
+                        epochs=F.epochs, steps_per_execution=F.steps_per_execution,
+                        timeout_s=F.timeout_s)
       except (BenchmarkError, subprocess.TimeoutExpired) as e:
         print(f"multi_worker_scaling: error: {e}", file=sys.stderr)
         sys.exit(1)
       print(f"{n} worker(s): {r['images_per_sec']:.1f} img/s, "
             f"{r['images_per_sec_per_worker']:.1f} per worker", flush=True)
       results.append(r)
-  print(f"\n{_MODEL.value} {_IMAGE_SIZE.value}px, {_BATCH.value} per worker, "
+  print(f"\n{F.model} {F.image_size}px, {F.per_worker_batch} per worker, "
         f"{os.cpu_count()} CPU cores shared by all workers")
   print(format_table(results))
-  if _JSON.value:
-    pathlib.Path(_JSON.value).write_text(json.dumps(results, indent=2) + "\n")
+  if F.json:
+    pathlib.Path(F.json).write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -26,10 +26,15 @@ from absl import app, flags
 
 from benchmarks.real_data_views import write_chest_xray_labels
 
-_DATA_ROOT = flags.DEFINE_string("data_root", "../shared/data", "Folder holding the real data sets.")
-_WORK_DIR = flags.DEFINE_string("work_dir", "/tmp/xraytpu-real", "Where TFRecords and runs are written.")
-_ONLY = flags.DEFINE_list("only", [], "Run only these rows (names below).")
-_JSON = flags.DEFINE_string("json", "", "Also write the rows as JSON here.")
+
+def define_flags() -> None:
+  """The command's flags, defined when it runs: importing this module defines none (tests
+  call its functions in-process beside other modules that define the same names)."""
+  flags.DEFINE_string("data_root", "../shared/data", "Folder holding the real data sets.")
+  flags.DEFINE_string("work_dir", "/tmp/xraytpu-real", "Where TFRecords and runs are written.")
+  flags.DEFINE_list("only", [], "Run only these rows (names below).")
+  flags.DEFINE_string("json", "", "Also write the rows as JSON here.")
+
 
 # name, folder, converter arguments, training arguments. Small images and few
 # epochs: every row fits in minutes on 2 CPU cores.
@@ -93,25 +98,27 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv):
+  F = flags.FLAGS
   del argv
-  if not os.path.isdir(_DATA_ROOT.value):
-    raise app.UsageError(f"--data_root={_DATA_ROOT.value} is not a folder")
+  if not os.path.isdir(F.data_root):
+    raise app.UsageError(f"--data_root={F.data_root} is not a folder")
   rows = []
   for name, folder, convert_args, train_args in ROWS:
-    if _ONLY.value and name not in _ONLY.value:
+    if F.only and name not in F.only:
       continue
     print(f"== {name}: converting, training, evaluating ...", flush=True)
-    rows.append(run_row(name, folder, convert_args, train_args, _DATA_ROOT.value, _WORK_DIR.value))
+    rows.append(run_row(name, folder, convert_args, train_args, F.data_root, F.work_dir))
     print(table(rows[-1:]), flush=True)
   print("\n" + table(rows))
   for r in rows:
     if r.get("per_finding"):
       print(f"\n{r['dataset']}: macro AUC over {len(r['per_finding'])} findings, per finding:")
       print(finding_table(r))
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
+  if F.json:
+    with open(F.json, "w") as f:
       json.dump(rows, f, indent=2)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -37,19 +37,24 @@ from absl import app, flags
 from tests._serve_process import ServeProcess
 from xraytpu.serving import http_api
 
-_MODEL_DIR = flags.DEFINE_string("model_dir", "", "Run directory to serve (omit with --url).")
-_URL = flags.DEFINE_string("url", "", "Benchmark an already running server on 127.0.0.1 instead.")
-_IMAGES = flags.DEFINE_list("images", [], "Image files or folders to send (PNG/JPEG).")
-_MAX_IMAGES = flags.DEFINE_integer("max_images", 64, "At most this many images are read and cycled through.")
-_CLIENTS = flags.DEFINE_integer("clients", 50, "Concurrent clients.")
-_REQUESTS = flags.DEFINE_integer("requests", 2000, "Requests per setting (after the warm-up), at most.")
-_MAX_SECONDS = flags.DEFINE_float("max_seconds", 60.0, "Time per setting, at most.")
-_MAX_BATCH = flags.DEFINE_list("max_batch", ["8", "32"],
-                               "Server --max_batch of each batching setting (one server each).")
-_BATCH_TIMEOUT_MS = flags.DEFINE_float("batch_timeout_ms", 5.0, "Server --batch_timeout_ms for the batching setting.")
-_GRADCAM = flags.DEFINE_bool("gradcam", False, "Ask for Grad-CAM overlays too (?gradcam=1).")
-_BASELINE = flags.DEFINE_bool("baseline", True, "Also run the no-batching setting (--max_batch=1).")
-_JSON = flags.DEFINE_string("json", "", "Also write the results here.")
+
+def define_flags() -> None:
+  """The command's flags, defined when it runs: importing this module defines none (tests
+  call its functions in-process beside other modules that define the same names)."""
+  flags.DEFINE_string("model_dir", "", "Run directory to serve (omit with --url).")
+  flags.DEFINE_string("url", "", "Benchmark an already running server on 127.0.0.1 instead.")
+  flags.DEFINE_list("images", [], "Image files or folders to send (PNG/JPEG).")
+  flags.DEFINE_integer("max_images", 64, "At most this many images are read and cycled through.")
+  flags.DEFINE_integer("clients", 50, "Concurrent clients.")
+  flags.DEFINE_integer("requests", 2000, "Requests per setting (after the warm-up), at most.")
+  flags.DEFINE_float("max_seconds", 60.0, "Time per setting, at most.")
+  flags.DEFINE_list("max_batch", ["8", "32"],
+                    "Server --max_batch of each batching setting (one server each).")
+  flags.DEFINE_float("batch_timeout_ms", 5.0, "Server --batch_timeout_ms for the batching setting.")
+  flags.DEFINE_bool("gradcam", False, "Ask for Grad-CAM overlays too (?gradcam=1).")
+  flags.DEFINE_bool("baseline", True, "Also run the no-batching setting (--max_batch=1).")
+  flags.DEFINE_string("json", "", "Also write the results here.")
+
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 START_TIMEOUT = 300.0
@@ -256,39 +261,41 @@ def benchmark(*, model_dir: str, url: str, images: list[bytes], clients: int, re
 
 
 def main(argv):
+  F = flags.FLAGS
   if len(argv) > 1:
     print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
     sys.exit(2)
   try:
     try:
-      max_batch = [int(v) for v in _MAX_BATCH.value]
+      max_batch = [int(v) for v in F.max_batch]
     except ValueError:
-      raise BenchmarkError(f"--max_batch={','.join(_MAX_BATCH.value)}: expected integers") from None
-    images = find_images(_IMAGES.value, _MAX_IMAGES.value)
-    results = benchmark(model_dir=_MODEL_DIR.value, url=_URL.value, images=images,
-                        clients=_CLIENTS.value, requests=_REQUESTS.value, max_seconds=_MAX_SECONDS.value,
-                        max_batch=max_batch, batch_timeout_ms=_BATCH_TIMEOUT_MS.value,
-                        gradcam=_GRADCAM.value, baseline=_BASELINE.value)
+      raise BenchmarkError(f"--max_batch={','.join(F.max_batch)}: expected integers") from None
+    images = find_images(F.images, F.max_images)
+    results = benchmark(model_dir=F.model_dir, url=F.url, images=images,
+                        clients=F.clients, requests=F.requests, max_seconds=F.max_seconds,
+                        max_batch=max_batch, batch_timeout_ms=F.batch_timeout_ms,
+                        gradcam=F.gradcam, baseline=F.baseline)
   except (BenchmarkError, http_api.ServeError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print()
   print(f"xraytpu.serve under load: {len(images)} distinct images, one per request"
-        f"{', with Grad-CAM' if _GRADCAM.value else ''}; {os.cpu_count()} CPU cores")
+        f"{', with Grad-CAM' if F.gradcam else ''}; {os.cpu_count()} CPU cores")
   print(table(results))
   for r in results:
     for e in r.errors:
       print(f"  {r.name}: {e}")
-  if _JSON.value:
-    tmp = f"{_JSON.value}.tmp-{os.getpid()}"
+  if F.json:
+    tmp = f"{F.json}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
       json.dump([dataclasses.asdict(r) for r in results], f, indent=2)
-    os.replace(tmp, _JSON.value)
+    os.replace(tmp, F.json)
   if any(r.requests_failed for r in results):
     sys.exit(1)
 
 
 def run():
+  define_flags()
   app.run(main)
 
 

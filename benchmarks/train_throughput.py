@@ -38,15 +38,20 @@ from xraytpu import flags as xflags
 _FIELDS = ("data_dir", "model", "image_size", "batch_size", "channels", "aspect", "cache",
            "shuffle_buffer", "strategy", "tpu", "mixed_precision", "jit_compile", "weights",
            "optimizer", "learning_rate", "class_weight", "seed") + xflags.AUGMENT_FLAG_FIELDS
-xflags.define_config_flags(_FIELDS)
-flags.FLAGS.set_default("model", "keras_tpu_cnn")
-flags.FLAGS.set_default("image_size", 180)
-_SPE = flags.DEFINE_list("steps_per_execution", ["1", "8"], "Steps per compiled call to compare.")
-_STEPS = flags.DEFINE_integer("steps", 24, "Measured steps per run (rounded up to a multiple of "
-                              "steps_per_execution).")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Rounds of (b) then (a), --steps steps each; medians "
-                                "are reported (a/b = median of the per-round ratios).")
-_JSON = flags.DEFINE_string("json", "", "Also write the results here.")
+
+
+def define_flags() -> None:
+  """The command's flags, defined when it runs: importing this module defines none (tests
+  call its functions in-process beside other modules that define the same names)."""
+  xflags.define_config_flags(_FIELDS)
+  flags.FLAGS.set_default("model", "keras_tpu_cnn")
+  flags.FLAGS.set_default("image_size", 180)
+  flags.DEFINE_list("steps_per_execution", ["1", "8"], "Steps per compiled call to compare.")
+  flags.DEFINE_integer("steps", 24, "Measured steps per run (rounded up to a multiple of "
+                       "steps_per_execution).")
+  flags.DEFINE_integer("repeats", 5, "Rounds of (b) then (a), --steps steps each; medians "
+                       "are reported (a/b = median of the per-round ratios).")
+  flags.DEFINE_string("json", "", "Also write the results here.")
 
 
 def measure(cfg, steps_per_execution: list[int], steps: int, repeats: int) -> dict:
@@ -164,28 +169,30 @@ def format_table(res: dict) -> str:
 
 
 def main(argv):
+  F = flags.FLAGS
   del argv
   cfg = xflags.config_from_flags(_FIELDS)
   if not cfg.data_dir:
     print("train_throughput: error: --data_dir is required", file=sys.stderr)
     sys.exit(2)
   try:
-    spe = [int(v) for v in _SPE.value]
+    spe = [int(v) for v in F.steps_per_execution]
   except ValueError:
-    print(f"train_throughput: error: --steps_per_execution takes integers, got {_SPE.value}", file=sys.stderr)
+    print(f"train_throughput: error: --steps_per_execution takes integers, got {F.steps_per_execution}", file=sys.stderr)
     sys.exit(2)
   from xraytpu.training import train_lib  # noqa: PLC0415
   try:
-    res = measure(cfg, spe, _STEPS.value, _REPEATS.value)
+    res = measure(cfg, spe, F.steps, F.repeats)
   except train_lib.USAGE_ERRORS as e:
     print(f"train_throughput: error: {e}", file=sys.stderr)
     sys.exit(2)
   res["command"] = " ".join(sys.argv)
   print(format_table(res))
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
+  if F.json:
+    with open(F.json, "w") as f:
       json.dump(res, f, indent=2)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

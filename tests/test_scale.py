@@ -8,6 +8,7 @@ cache="auto" picks memory for the tiny test data and says so in one log line.
 from __future__ import annotations
 
 import io
+import json
 import logging
 
 import numpy as np
@@ -292,40 +293,29 @@ def test_png_and_small_jpeg_decode_at_full_size():
 
 # ---- benchmarks: the new cases run and report (no timing assertions) -------------
 
-_INPUT_BENCH_SCRIPT = """
-import json, sys
-from benchmarks import input_pipeline as bench
-bound = bench.run_bound(sys.argv[1], int(sys.argv[2]), 8, 1, passes=2)
-alone = bench.run_rounds([bench.XraytpuContender(sys.argv[1], int(sys.argv[2]), 8, 2, 1, 0, {},
-                                                 cache=cache, alone=True)
-                          for cache in ("memory", "off")], 2)
-def row(name, rate, ratio):
+def _row(name, rate, ratio):
   return {"name": name, "label": name, "images_per_sec": rate, "ratio_to_idg": ratio,
           "median_wait_ms": 1.0}
-table = bench.format_table({"contenders": [
-    row("step_alone", 600.0, 60.0),
-    row("idg_flow_from_directory", 10.0, 1.0), row("xraytpu_first_epoch", 90.0, 9.0),
-    row("xraytpu_steady", 500.0, 50.0), row("xraytpu_no_cache_first_epoch", 40.0, 4.0),
-    row("xraytpu_no_cache", 70.0, 7.0), row("bound", 100.0, 10.0), row("bound_step", 80.0, 8.0),
-    row("xraytpu_input_first_epoch", 85.0, 8.5), row("xraytpu_input_steady", 2000.0, 200.0),
-    row("xraytpu_input_no_cache", 75.0, 7.5)]})
-print(json.dumps({"name": bound.name, "images": bound.images, "epochs": bound.epochs,
-                  "rate": bound.images_per_sec, "table": table,
-                  "alone": [[a.name, a.label, a.images, a.epochs, a.images_per_sec] for a in alone]}))
-"""
 
 
 def test_input_benchmark_bound_and_fractions(tiny_data):
-  # A subprocess: benchmarks.input_pipeline and benchmarks.convert both define --image_dir.
-  import json
-  import os
-  import subprocess
-  import sys
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  out = subprocess.run([sys.executable, "-c", _INPUT_BENCH_SCRIPT, tiny_data, str(SIZE)],
-                       check=True, capture_output=True, text=True, env=env, cwd=root)
-  r = json.loads(out.stdout.strip().splitlines()[-1])
+  # In-process: the benchmarks define their flags only when run as commands (define_flags).
+  from benchmarks import input_pipeline as bench
+  bound = bench.run_bound(tiny_data, SIZE, 8, 1, passes=2)
+  alone = bench.run_rounds([bench.XraytpuContender(tiny_data, SIZE, 8, 2, 1, 0, {}, cache=cache,
+                                                   alone=True)
+                            for cache in ("memory", "off")], 2)
+  table = bench.format_table({"contenders": [
+      _row("step_alone", 600.0, 60.0),
+      _row("idg_flow_from_directory", 10.0, 1.0), _row("xraytpu_first_epoch", 90.0, 9.0),
+      _row("xraytpu_steady", 500.0, 50.0), _row("xraytpu_no_cache_first_epoch", 40.0, 4.0),
+      _row("xraytpu_no_cache", 70.0, 7.0), _row("bound", 100.0, 10.0), _row("bound_step", 80.0, 8.0),
+      _row("xraytpu_input_first_epoch", 85.0, 8.5), _row("xraytpu_input_steady", 2000.0, 200.0),
+      _row("xraytpu_input_no_cache", 75.0, 7.5)]})
+  r = json.loads(json.dumps({"name": bound.name, "images": bound.images, "epochs": bound.epochs,
+                             "rate": bound.images_per_sec, "table": table,
+                             "alone": [[a.name, a.label, a.images, a.epochs, a.images_per_sec]
+                                       for a in alone]}))
   # Two passes over the 24 training records, both counted.
   assert r["name"] == "bound" and r["images"] == 48 and r["epochs"] == 2 and r["rate"] > 0
   table = r["table"]
@@ -363,29 +353,14 @@ def test_convert_benchmark_speedup_and_peak_rss(tmp_path):
   assert "vs 1 worker" in table and "peak RSS, 18 images (3x)" in table
 
 
-_DECODE_SCALE_SCRIPT = """
-import json, sys
-from benchmarks import decode_scale as bench
-report = bench.run(sys.argv[1], sys.argv[2], class_map="", image_size=32, epochs=1,
-                   model="xray_cnn", batch_size=8, seed=0)
-print(json.dumps({"report": report, "table": bench.format_table(report)}))
-"""
-
-
 def test_decode_scale_benchmark_trains_and_evaluates_both_decodes(tmp_path):
-  # A subprocess: the benchmarks define the same flags (--image_dir).
-  import json
-  import os
-  import subprocess
-  import sys
+  # In-process: the benchmarks define their flags only when run as commands (define_flags).
+  from benchmarks import decode_scale as bench
   from tfrecord_tools import synthetic
   synthetic.generate(str(tmp_path / "films"), num_images=60, size=128, image_format="jpeg")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  out = subprocess.run([sys.executable, "-c", _DECODE_SCALE_SCRIPT, str(tmp_path / "films"),
-                        str(tmp_path / "work")], check=True, capture_output=True, text=True,
-                       env=env, cwd=root)
-  r = json.loads(out.stdout.strip().splitlines()[-1])
+  report = bench.run(str(tmp_path / "films"), str(tmp_path / "work"), class_map="", image_size=32,
+                     epochs=1, model="xray_cnn", batch_size=8, seed=0)
+  r = json.loads(json.dumps({"report": report, "table": bench.format_table(report)}))   # as --json
   report = r["report"]
   n = report["test_films"]
   # 128 px films at a 32 px input: every one decoded at 1/4 scale, and the inputs differ.
