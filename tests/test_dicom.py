@@ -20,7 +20,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut  # noqa: E402
 
 from tfrecord_tools import convert as convert_lib, dicom, pixels, records, schema, synthetic  # noqa: E402
 
-WINDOWS = ("full", "file", "none", "1800,2400")
+WINDOWS = ("viewer", "full", "file", "none", "1800,2400")
 
 
 # -- building DICOM files --------------------------------------------------------
@@ -88,8 +88,16 @@ def _reference(ds: Dataset, window: str) -> np.ndarray:
 
   full/none scale the modality output of the stored range (BitsStored,
   PixelRepresentation) to 0..65535 / 0..255; a window's output range is that same
-  modality range (PS3.3 C.11.2.1.2), scaled to 0..255.
+  modality range (PS3.3 C.11.2.1.2), scaled to 0..255. viewer: the file's VOI
+  (as file), else this image's modality min..max -> 0..255.
   """
+  if window == "viewer":
+    if "WindowCenter" in ds or "VOILUTSequence" in ds:
+      window = "file"
+    else:
+      m = np.asarray(apply_modality_lut(ds.pixel_array, ds), float)
+      out = np.rint(np.clip((m - m.min()) / (m.max() - m.min()), 0, 1) * 255).astype(np.uint8)
+      return 255 - out if ds.PhotometricInterpretation == "MONOCHROME1" else out
   bits = int(ds.BitsStored)
   stored = ([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if ds.PixelRepresentation
             else [0, 2 ** bits - 1])
@@ -120,6 +128,7 @@ def _reference(ds: Dataset, window: str) -> np.ndarray:
 
 
 def test_parse_window_and_its_errors():
+  assert dicom.parse_window("viewer") == dicom.Window("viewer") and dicom.DEFAULT_WINDOW == "viewer"
   assert dicom.parse_window("full") == dicom.Window("full")
   assert dicom.parse_window(" FILE ") == dicom.Window("file")
   assert dicom.parse_window("-600,1500") == dicom.Window("linear", -600.0, 1500.0)
@@ -160,17 +169,18 @@ def test_synthetic_variants_render_as_pydicoms_pipeline(variant, window):
 
 @pytest.mark.parametrize("variant", synthetic.DICOM_VARIANTS)
 def test_every_variant_is_the_same_film(variant):
-  """Full range: each variant (MONOCHROME1, rescaled, windowed, RLE, 16-bit) renders to the film
-  within one 8-bit grey level; `windowed` with its own window too (its first window spans the
-  stored range; the second, narrow one is not used)."""
+  """Each variant (MONOCHROME1, rescaled, windowed, RLE, 16-bit) renders to the film within one
+  8-bit grey level: through its window in the file (viewer, the default; file) and through the
+  stored range (full). `windowed`'s first window spans the stored range; the second, narrow
+  one is not used."""
   film = _film()
   want = np.round(film * 255)
   data = synthetic.encode_dicom(film, variant)
-  full = _decode(dicom.render(data).png).astype(np.int64)
+  full = _decode(dicom.render(data, "full").png).astype(np.int64)
   assert np.abs((full + 128) // 257 - want).max() <= 1
-  if variant == "windowed":
-    file8 = _decode(dicom.render(data, "file").png).astype(np.int64)
-    assert np.abs(file8 - want).max() <= 1
+  for window in ("viewer", "file"):
+    eight = _decode(dicom.render(data, window).png).astype(np.int64)
+    assert np.abs(eight - want).max() <= 1, window
 
 
 def test_voi_functions_luts_and_multiple_windows_follow_pydicom():
@@ -289,10 +299,17 @@ def test_non_images_multiframe_and_unsupported_syntaxes_are_image_errors():
 def test_the_pixel_contract_renders_dicom_with_its_window():
   film = _film()
   data = synthetic.encode_dicom(film, "monochrome1")
-  p = pixels.prepare_image(data)
+  p = pixels.prepare_image(data, dicom_window="full")
   assert (p.image_format, p.bit_depth, p.channels) == ("png", 16, 1)
   assert (p.source_format, p.source_mode) == ("DICOM", "DICOM MONOCHROME1 12-bit")
-  np.testing.assert_array_equal(_decode(p.encoded), dicom.pixels_of(pydicom.dcmread(io.BytesIO(data))))
+  np.testing.assert_array_equal(_decode(p.encoded),
+                                dicom.pixels_of(pydicom.dcmread(io.BytesIO(data)), "full"))
+  # the default: as a viewer shows it (the file's window), 8-bit
+  v = pixels.prepare_image(data)
+  assert (v.bit_depth, v.source_mode) == (8, "DICOM MONOCHROME1 12-bit")
+  np.testing.assert_array_equal(_decode(v.encoded), dicom.pixels_of(pydicom.dcmread(io.BytesIO(data))))
+  # the same bytes as rendering to PNG first (the path before the image went straight to PIL)
+  assert v.encoded == dicom.render(data, png_compress_level=pixels.PNG_COMPRESS_LEVEL).png
   p8 = pixels.prepare_image(data, dicom_window="none", max_side=24)
   assert p8.bit_depth == 8 and (p8.height, p8.width) == (24, 20)
   # without the preamble: DICOM by its name only
@@ -301,7 +318,8 @@ def test_the_pixel_contract_renders_dicom_with_its_window():
   with pytest.raises(pixels.ImageError, match="not an image"):
     pixels.prepare_image(bare)
   # graph_input: the bytes the graph takes
-  assert pixels.graph_input(data) == p.encoded
+  assert pixels.graph_input(data) == v.encoded
+  assert pixels.graph_input(data, dicom_window="full") == p.encoded
   assert pixels.conversion_args({"dicom_window": "file"})["dicom_window"] == "file"
   assert pixels.conversion_args({})["dicom_window"] == "full"          # manifests from before
 
@@ -360,7 +378,7 @@ def test_converter_finds_renders_and_skips_dicom_with_reasons(tmp_path):
   assert set(reasons) == {"NORMAL/report.dcm", "PNEUMONIA/cine.dicom"}
   assert reasons["NORMAL/report.dcm"].startswith("not an image: DICOM Basic Text SR Storage")
   assert reasons["PNEUMONIA/cine.dicom"].startswith("multi-frame DICOM (2 frames)")
-  assert m["args"]["dicom_window"] == "full" and m["args"]["group_by"] == ""
+  assert m["args"]["dicom_window"] == "viewer" and m["args"]["group_by"] == ""
   modes = m["image_stats"]["source_mode"]
   assert modes["DICOM MONOCHROME1 12-bit"] == 2 and modes["DICOM MONOCHROME2 16-bit RLE Lossless"] == 2
   assert modes["DICOM MONOCHROME2 16-bit"] == 4      # the 16bit variants and the extension-less files
@@ -369,8 +387,8 @@ def test_converter_finds_renders_and_skips_dicom_with_reasons(tmp_path):
   for cls in ("NORMAL", "PNEUMONIA"):
     for variant in synthetic.DICOM_VARIANTS:
       d, p = recs[f"{cls}/{variant}.dcm"], recs[f"{cls}/{variant}.png"]
-      assert (d["format"], d["bit_depth"]) == ("png", 16)
-      d8 = (_decode(d["encoded"]).astype(np.int64) + 128) // 257
+      assert (d["format"], d["bit_depth"]) == ("png", 8)
+      d8 = _decode(d["encoded"]).astype(np.int64)
       assert np.abs(d8 - _decode(p["encoded"])).max() <= 1, (cls, variant)
   # --dicom_window=file: 8-bit records, recorded in the manifest (and a new shard fingerprint)
   out2 = tmp_path / "out2"
@@ -475,7 +493,7 @@ def films(demo_data_dir, tmp_path_factory):
 
 def test_the_same_film_scores_the_same_as_png_or_any_dicom_variant(loaded, films):
   from xraytpu.inference import predict_lib
-  assert loaded.conversion["dicom_window"] == "full"      # recorded by the converter
+  assert loaded.conversion["dicom_window"] == "viewer"    # recorded by the converter
   for paths in films:
     results = predict_lib.predict_files(loaded, list(paths.values()))
     assert all(r.error is None for r in results), [r.error for r in results]
@@ -572,7 +590,7 @@ def test_pydicoms_own_test_files_render_or_are_skipped_with_one_line_reasons():
   rendered = 0
   for f in files:
     data = open(f, "rb").read()
-    for window in ("full", "file"):
+    for window in ("viewer", "full", "file"):
       try:
         pixels.prepare_image(data, dicom_window=window, name=f)
         rendered += 1

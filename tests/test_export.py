@@ -48,7 +48,7 @@ def test_export_round_trip_equals_predict_on_real_bytes(run_dir, shared_data, tm
   meta = export_lib.load_metadata(path)
   assert meta["classes"] == ["NORMAL", "PNEUMONIA"] and meta["threshold"] == 0.5001
   assert meta["temperature"] == 1.7
-  assert "Not DICOM" in meta["input"] and meta["conversion"]["dicom_window"] == "full"
+  assert "Not DICOM" in meta["input"] and meta["conversion"]["dicom_window"] == "viewer"
 
   files = _real_files(shared_data)
   loaded_run = predict_lib.load(run)

@@ -236,7 +236,7 @@ def test_converter_records_grey_rgb_films_as_one_channel(tmp_path):
       input_dir=str(tmp_path / "in"), output_dir=str(out), num_shards=1, num_workers=1,
       quiet=True, val_fraction=0.0, test_fraction=0.0))
   manifest = schema.read_manifest(str(out))
-  assert manifest["pixel_contract"] == pixels.CONTRACT_VERSION == 3
+  assert manifest["pixel_contract"] == pixels.CONTRACT_VERSION == 4
   assert {str(k): v for k, v in manifest["image_stats"]["channels"].items() if v} == {"1": 6}
   assert stats.input_channels(manifest, Config()) == 1
   # inspect reads every record back: a kept grey-as-RGB JPEG recorded as 1

@@ -5,8 +5,12 @@ TensorFlow), the tf.data input pipeline, predict, serve, evaluate and the
 exported SavedModel (TensorFlow half, the same steps as graph ops).
 
   file bytes (PNG 8/16-bit, JPEG incl. CMYK, BMP/GIF; TIFF/WebP via `graph_input`;
-              DICOM: first rendered to PNG by `tfrecord_tools.dicom` with the
+              DICOM: first rendered to an image by `tfrecord_tools.dicom` with the
               converter's --dicom_window, in `prepare_image` and `graph_input`)
+   0 size         width x height (x frames) read from the header alone (PIL's lazy
+                  open; DICOM: Rows, Columns, NumberOfFrames) and held against the
+                  door's pixel limit (`max_pixels`, `check_size`) before anything
+                  is decoded: a decompression bomb is refused unread.
    1 decode       JPEG: libjpeg's accurate integer IDCT (PIL's default; TF's
                   `dct_method="INTEGER_ACCURATE"`: the two are bit-identical; TF's
                   default fast IDCT is not, it differs by up to 5 grey levels).
@@ -75,10 +79,14 @@ from tfrecord_tools import dicom
 from tfrecord_tools.errors import ImageError  # noqa: F401 - pixels.ImageError, what every door catches
 
 # Bumped whenever a step above changes the pixels (2: area downscale, accurate IDCT;
-# 3: R=G=B images are grey);
+# 3: R=G=B images are grey; 4: DICOM rendered as a viewer shows it by default, the
+# size held against max_pixels from the header, image/dicom/rendering in each record);
 # part of the converter's shard fingerprint, so a resume never mixes contracts.
-CONTRACT_VERSION = 3
+CONTRACT_VERSION = 4
 PNG_COMPRESS_LEVEL = 3    # ~3x faster than PIL's default 6, a few % larger
+# Step 0's default limit at every door (converter, predict, serve: each has --max_pixels):
+# width x height (x frames) of one image. A 43 x 43 cm detector at 0.1 mm is 18.5 Mpx.
+MAX_PIXELS = 50_000_000
 JPEG_QUALITY = 95
 CHANNELS = ("keep", "1", "3")
 IMAGE_FORMATS = ("keep", "png", "jpeg")
@@ -99,6 +107,8 @@ class PreparedImage:
   source_mode: str = ""     # PIL mode of the source: "L", "RGBA", "I;16", ...
   source_height: int = 0    # before resizing (after EXIF orientation)
   source_width: int = 0
+  rendering: str = ""       # DICOM: how it was rendered (`dicom.Rendering.to_json`); else ""
+  rendering_summary: str = ""   # DICOM: `dicom.Rendering.summary` (the manifest's count key)
 
 
 def _normalise_channels(value) -> str:
@@ -227,9 +237,49 @@ def _strip_png_metadata(data: bytes) -> bytes:
   return b"".join(out)
 
 
+def header_size(data: bytes, name: str = "") -> tuple[int, int, int]:
+  """Step 0: (width, height, frames) from the file's header alone, nothing decoded (PIL's
+  lazy open; DICOM: Columns, Rows, NumberOfFrames). Raises ImageError: not an image,
+  a broken header, or past PIL's own decompression-bomb limit."""
+  if dicom.is_dicom(data, name):
+    return dicom.header_size(data)
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")   # DecompressionBombWarning: the caller's limit decides
+      with Image.open(io.BytesIO(data)) as im:   # reads the header, decodes no pixels
+        return im.width, im.height, 1   # one frame is read (the first of a TIFF or GIF)
+  except Exception as e:  # noqa: BLE001 - PIL raises many types for broken headers
+    raise _open_error(e) from None
+
+
+def check_size(width: int, height: int, frames: int = 1, max_pixels: int = MAX_PIXELS,
+               flag: str = "--max_pixels") -> None:
+  """ImageError "image too large: ..." when width x height x frames > max_pixels (0: no limit)."""
+  n = int(width) * int(height) * max(1, int(frames))
+  if max_pixels and n > max_pixels:
+    size = f"{width}x{height}" + (f"x{frames} frames" if frames > 1 else "")
+    raise ImageError(f"image too large: {size} = {n} pixels, more than the limit of "
+                     f"{max_pixels} ({flag})")
+
+
+def _open_error(e: Exception) -> ImageError:
+  """PIL's exception for a file it cannot open or decode -> ImageError with the reason."""
+  if isinstance(e, UnidentifiedImageError):
+    return ImageError("not an image (unrecognised format)")
+  if isinstance(e, Image.DecompressionBombError):
+    return ImageError(f"image too large: {e}")
+  if isinstance(e, (OSError, SyntaxError, ValueError, EOFError)):
+    reason = str(e) or type(e).__name__
+    if "truncated" in reason.lower() or isinstance(e, EOFError):
+      return ImageError(f"truncated image ({reason})")
+    return ImageError(f"corrupt image ({reason})")
+  return ImageError(f"cannot decode ({type(e).__name__}: {e})")
+
+
 def prepare_image(data: bytes, *, max_side: int = 0, channels: str = "keep",
                   image_format: str = "keep", jpeg_quality: int = JPEG_QUALITY,
-                  dicom_window: str = "full", name: str = "") -> PreparedImage:
+                  dicom_window: str = dicom.DEFAULT_WINDOW, name: str = "",
+                  max_pixels: int = MAX_PIXELS) -> PreparedImage:
   """Decodes, validates and normalises one image file's bytes (see module doc).
 
   Args:
@@ -240,13 +290,15 @@ def prepare_image(data: bytes, *, max_side: int = 0, channels: str = "keep",
     jpeg_quality: quality for JPEGs this function encodes.
     dicom_window: how a DICOM file becomes an image first (`tfrecord_tools.dicom`).
     name: the file's name; a .dcm/.dicom file without the DICM preamble is DICOM too.
+    max_pixels: step 0's limit on width x height (x frames), read from the header
+      before decoding; 0: none (PIL's own decompression-bomb limit still holds).
 
   Returns:
     PreparedImage with the encoded bytes and their height, width, channels
     (1 or 3) and bit depth (8 or 16).
 
   Raises:
-    ImageError: empty, truncated or corrupt file, not an image, an
+    ImageError: empty, truncated or corrupt file, not an image, too large, an
       unsupported mode; `e.reason` says which.
   """
   channels = _normalise_channels(channels)
@@ -256,46 +308,17 @@ def prepare_image(data: bytes, *, max_side: int = 0, channels: str = "keep",
     raise ValueError("max_side must be >= 0")
   if not data:
     raise ImageError("empty file (0 bytes)")
-  dicom_source = _render_dicom(data, dicom_window, name)
-  if dicom_source:
-    data, dicom_source = dicom_source.png, dicom_source.description
-
-  try:
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data", palette transparency notes
-      im = Image.open(io.BytesIO(data))
-      source_format, source_mode = im.format or "", im.mode
-      orientation = 1
-      if source_format in ("JPEG", "PNG", "TIFF", "WEBP", "MPO"):
-        orientation = im.getexif().get(0x0112, 1)
-        orientation = orientation if orientation in range(2, 9) else 1
-      size0 = im.size if orientation in (1, 2, 3, 4) else im.size[::-1]
-      target = _target_size(size0[0], size0[1], max_side)
-      if target and source_format == "JPEG" and source_mode in ("L", "RGB"):
-        # Decode at 1/2, 1/4 or 1/8 scale (never below the target): the fast path.
-        want = target if orientation in (1, 2, 3, 4) else target[::-1]
-        im.draft(source_mode, want)
-      im.load()
-      if orientation != 1:
-        im = ImageOps.exif_transpose(im)
-  except UnidentifiedImageError:
-    raise ImageError("not an image (unrecognised format)") from None
-  except Image.DecompressionBombError as e:
-    raise ImageError(f"image too large: {e}") from None
-  except (OSError, SyntaxError, ValueError, EOFError) as e:
-    reason = str(e) or type(e).__name__
-    if "truncated" in reason.lower() or isinstance(e, EOFError):
-      reason = f"truncated image ({reason})"
-    else:
-      reason = f"corrupt image ({reason})"
-    raise ImageError(reason) from None
-  except Exception as e:  # noqa: BLE001  (a malformed file must not stop the conversion)
-    raise ImageError(f"cannot decode ({type(e).__name__}: {e})") from None
+  dicom_image = _render_dicom(data, dicom_window, name, max_pixels)
+  if dicom_image is not None:
+    im = Image.fromarray(dicom_image.image)
+    source_format, source_mode, orientation, size0 = "DICOM", dicom_image.description, 1, im.size
+  else:
+    im, source_format, source_mode, orientation, size0 = _open(data, max_side, max_pixels)
   if im.width < 1 or im.height < 1:
     raise ImageError("image has no pixels")
 
   canonical = _to_canonical(im)
-  changed = canonical is not im or orientation != 1
+  changed = canonical is not im or orientation != 1 or dicom_image is not None
   out_format = image_format
   if out_format == "keep":
     out_format = "jpeg" if source_format == "JPEG" else "png"
@@ -338,19 +361,52 @@ def prepare_image(data: bytes, *, max_side: int = 0, channels: str = "keep",
       encoded=encoded, image_format=out_format, height=canonical.height,
       width=canonical.width, channels=3 if canonical.mode == "RGB" else 1,
       bit_depth=16 if canonical.mode == "I;16" else 8,
-      source_format="DICOM" if dicom_source else source_format,
-      source_mode=dicom_source or source_mode, source_height=size0[1], source_width=size0[0])
+      source_format=source_format, source_mode=source_mode, source_height=size0[1],
+      source_width=size0[0],
+      rendering=dicom_image.rendering.to_json() if dicom_image is not None else "",
+      rendering_summary=dicom_image.rendering.summary if dicom_image is not None else "")
 
 
-def _render_dicom(data: bytes, dicom_window: str, name: str):
-  """The DICOM hook of every door: a DICOM file's `dicom.Rendered` PNG, None for other bytes."""
+def _open(data: bytes, max_side: int, max_pixels: int):
+  """Steps 0-2 for what PIL reads: (image, format, mode, EXIF orientation, displayed size).
+  The size is held against max_pixels from the header, before im.load() decodes."""
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data", palette transparency notes
+      im = Image.open(io.BytesIO(data))
+      check_size(im.width, im.height, 1, max_pixels)
+      source_format, source_mode = im.format or "", im.mode
+      orientation = 1
+      if source_format in ("JPEG", "PNG", "TIFF", "WEBP", "MPO"):
+        orientation = im.getexif().get(0x0112, 1)
+        orientation = orientation if orientation in range(2, 9) else 1
+      size0 = im.size if orientation in (1, 2, 3, 4) else im.size[::-1]
+      target = _target_size(size0[0], size0[1], max_side)
+      if target and source_format == "JPEG" and source_mode in ("L", "RGB"):
+        # Decode at 1/2, 1/4 or 1/8 scale (never below the target): the fast path.
+        want = target if orientation in (1, 2, 3, 4) else target[::-1]
+        im.draft(source_mode, want)
+      im.load()
+      if orientation != 1:
+        im = ImageOps.exif_transpose(im)
+  except ImageError:
+    raise
+  except Exception as e:  # noqa: BLE001  (a malformed file must not stop the conversion)
+    raise _open_error(e) from None
+  return im, source_format, source_mode, orientation, size0
+
+
+def _render_dicom(data: bytes, dicom_window: str, name: str, max_pixels: int = MAX_PIXELS):
+  """The DICOM hook of every door: a DICOM file's `dicom.Decoded` image (its size held
+  against max_pixels from the header first), None for other bytes."""
   if not dicom.is_dicom(data, name):
     return None
   try:
     window = dicom.parse_window(dicom_window)
   except ValueError as e:
     raise ValueError(f"dicom_window {e}") from None
-  return dicom.render(data, window, png_compress_level=PNG_COMPRESS_LEVEL)
+  check_size(*dicom.header_size(data), max_pixels)
+  return dicom.decode(data, window)
 
 
 # ==========================================================================
@@ -362,15 +418,20 @@ _JPEG_SIGNATURE = b"\xff\xd8\xff"
 _GRAPH_SIGNATURES = (_PNG_SIGNATURE, _JPEG_SIGNATURE, b"BM", b"GIF87a", b"GIF89a")
 
 
-def graph_input(data: bytes, *, dicom_window: str = "full", name: str = "") -> bytes:
+def graph_input(data: bytes, *, dicom_window: str = dicom.DEFAULT_WINDOW, name: str = "",
+                max_pixels: int = MAX_PIXELS) -> bytes:
   """A file's bytes as the graph takes them: PNG/JPEG/BMP/GIF unchanged; DICOM
   rendered by `tfrecord_tools.dicom` with `dicom_window` (the run's, from
   `conversion_args`) and any other format PIL reads (TIFF, WebP, ...) decoded
-  here (steps 1-3), both written as lossless PNGs. Raises ImageError for bytes
-  that are no image."""
+  here (steps 1-3), both written as lossless PNGs. Every one's size is held
+  against max_pixels (0: no limit) from its header first (step 0). Raises
+  ImageError for bytes that are no image or too large."""
   if data.startswith(_GRAPH_SIGNATURES):
+    if max_pixels:
+      check_size(*header_size(data), max_pixels)
     return data
-  return prepare_image(data, image_format="png", dicom_window=dicom_window, name=name).encoded
+  return prepare_image(data, image_format="png", dicom_window=dicom_window, name=name,
+                       max_pixels=max_pixels).encoded
 
 
 def conversion_args(manifest_args: dict | None) -> dict:
@@ -381,15 +442,16 @@ def conversion_args(manifest_args: dict | None) -> dict:
           "channels": _normalise_channels(args.get("channels", "keep")),
           "image_format": str(args.get("image_format") or "keep"),
           "jpeg_quality": int(args.get("jpeg_quality") or JPEG_QUALITY),
-          "dicom_window": str(args.get("dicom_window") or "full")}
+          "dicom_window": str(args.get("dicom_window") or dicom.LEGACY_WINDOW)}
 
 
 def dicom_window_of(conversion: dict, choice: str | None = None) -> str:
   """How DICOM is rendered for a run whose data was converted with `conversion`: `choice`
-  (an already checked window: full, file, none, CENTER,WIDTH or a preset), or, when None,
-  as the converter rendered the training data. The one rule of predict, serve, export and
-  the Python API."""
-  return choice or str(conversion.get("dicom_window") or "full")
+  (an already checked window: viewer, full, file, none, CENTER,WIDTH or a preset), or, when
+  None, as the converter rendered the training data (a data set converted before `viewer`
+  existed says "full": it keeps it). The one rule of predict, serve, export and the Python
+  API."""
+  return choice or str(conversion.get("dicom_window") or dicom.LEGACY_WINDOW)
 
 
 # ==========================================================================
@@ -595,7 +657,7 @@ def load_file(encoded, *, conversion: dict, channels: int, size: int, aspect: st
 
 def prepare_in_graph(encoded, *, max_side: int = 0, channels: str = "keep",
                      image_format: str = "keep", jpeg_quality: int = JPEG_QUALITY,
-                     dicom_window: str = "full"):
+                     dicom_window: str = dicom.DEFAULT_WINDOW):
   """Steps 1-6 as graph ops: the bytes `prepare_image(data, **same args).encoded`
   would hold (same pixels within one grey level; see the module docstring).
   DICOM never reaches the graph: `graph_input` renders it with `dicom_window` first."""

@@ -52,6 +52,7 @@ PATIENT_ID = "image/patient_id"
 SHA256 = "image/sha256"
 MULTI_HOT = "image/class/multi_hot"
 MASK = "image/class/mask"
+DICOM_RENDERING = "image/dicom/rendering"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +84,11 @@ FEATURES: tuple[Feature, ...] = (
             "K floats in `classes` order: 1.0 finding present, 0.0 absent (empty for single-label)"),
     Feature(MASK, "mask", FLOAT_LIST, (),
             "K floats: 1.0 where the label is known, 0.0 where it is ignored (uncertain / blank)"),
+    # DICOM sources (tfrecord_tools.dicom.Rendering): what the image was rendered with.
+    Feature(DICOM_RENDERING, "dicom_rendering", BYTES, "",
+            'DICOM sources: JSON of the rendering (window asked, VOI applied: "file window", '
+            '"file VOI LUT", "data range", ...; center, width, function, inverted, bit_depth); '
+            'b"" for other formats'),
 )
 
 

@@ -69,6 +69,7 @@ class ShardTask:
   jpeg_quality: int
   fingerprint: str = ""
   dicom_window: str = "full"    # how DICOM files become images (tfrecord_tools.dicom)
+  max_pixels: int = pixels.MAX_PIXELS   # width x height (x frames) limit, read from the header
 
 
 class Stats:
@@ -96,6 +97,8 @@ class Stats:
     self._inc("bit_depth", p.bit_depth)
     self._inc("format", p.image_format)
     self._inc("source_mode", p.source_mode)
+    if p.rendering_summary:   # DICOM: what was applied (dicom.Rendering.summary)
+      self._inc("dicom_rendering", p.rendering_summary)
 
   def merge(self, other: dict) -> None:
     for k, v in other.items():
@@ -116,7 +119,7 @@ class Stats:
       if k in self.d:
         e = self.d[k]
         out[k] = {"min": e["min"], "max": e["max"], "mean": round(e["sum"] / max(n, 1), 1)}
-    for k in ("channels", "bit_depth", "format", "source_mode"):
+    for k in ("channels", "bit_depth", "format", "source_mode", "dicom_rendering"):
       if k in self.d:
         out[k] = dict(sorted(self.d[k].items()))
     out["bytes"] = self.d["bytes"]
@@ -135,11 +138,13 @@ def state_path(output_dir: str, file: str) -> str:
 
 def convert_one(source: Source, *, label: int, text: str, patient_id: str, max_side: int,
                 channels: str, image_format: str, jpeg_quality: int, dicom_window: str = "full",
+                max_pixels: int = pixels.MAX_PIXELS,
                 multi_hot: tuple[float, ...] = (), mask: tuple[float, ...] = ()
                 ) -> tuple[bytes, pixels.PreparedImage] | str:
   """One source -> (serialised tf.train.Example, PreparedImage), or why it is skipped.
 
-  Read the bytes, prepare_image (DICOM rendered with `dicom_window`; decode =
+  Read the bytes, prepare_image (the size held against `max_pixels` from the header;
+  DICOM rendered with `dicom_window`, how written to image/dicom/rendering; decode =
   validate, normalise, resize), serialise with the sha256 of the source: the
   one per-image code path of both runners.
   """
@@ -150,7 +155,7 @@ def convert_one(source: Source, *, label: int, text: str, patient_id: str, max_s
       raise OSError("record shorter than its header says")
     prepared = pixels.prepare_image(data, max_side=max_side, channels=channels,
                                     image_format=image_format, jpeg_quality=jpeg_quality,
-                                    dicom_window=dicom_window, name=s.rel)
+                                    dicom_window=dicom_window, name=s.rel, max_pixels=max_pixels)
   except pixels.ImageError as e:
     return e.reason
   except OSError as e:
@@ -160,12 +165,14 @@ def convert_one(source: Source, *, label: int, text: str, patient_id: str, max_s
       height=prepared.height, width=prepared.width, channels=prepared.channels,
       bit_depth=prepared.bit_depth, label=label, text=text, filename=s.rel,
       patient_id=patient_id, sha256=hashlib.sha256(data).hexdigest(),
-      multi_hot=multi_hot, mask=mask)   # empty for single-label: not written
+      multi_hot=multi_hot, mask=mask,   # empty for single-label: not written
+      dicom_rendering=prepared.rendering)
   return record, prepared
 
 
 def convert_item(item: Item, *, max_side: int, channels: str, image_format: str,
-                 jpeg_quality: int, dicom_window: str = "full") -> tuple[bytes | None, dict]:
+                 jpeg_quality: int, dicom_window: str = "full",
+                 max_pixels: int = pixels.MAX_PIXELS) -> tuple[bytes | None, dict]:
   """A planned image -> its outcome for `write_records` (small and picklable):
 
   (record, {"stats": the image's Stats.d, "text": class name, "patient_id": ...,
@@ -174,7 +181,7 @@ def convert_item(item: Item, *, max_side: int, channels: str, image_format: str,
   """
   done = convert_one(item.source, label=item.label, text=item.text,
                      patient_id=item.patient_id, max_side=max_side, channels=channels,
-                     image_format=image_format, jpeg_quality=jpeg_quality,
+                     image_format=image_format, jpeg_quality=jpeg_quality, max_pixels=max_pixels,
                      dicom_window=dicom_window, multi_hot=item.multi_hot, mask=item.mask)
   if isinstance(done, str):
     return None, {"path": item.source.rel, "reason": done, "split": item.split}
@@ -271,7 +278,8 @@ def write_shard(task: ShardTask) -> dict:
   `pool.tick()` of progress.
   """
   args = dict(max_side=task.max_side, channels=task.channels, image_format=task.image_format,
-              jpeg_quality=task.jpeg_quality, dicom_window=task.dicom_window)
+              jpeg_quality=task.jpeg_quality, dicom_window=task.dicom_window,
+              max_pixels=task.max_pixels)
 
   def outcomes():
     for it in task.items:

@@ -26,12 +26,14 @@ bytes. File names start with the patient id (`p00012_0.png`), so
 --image_format=dicom writes each film as a DICOM file (`.dcm`, PatientID =
 the patient id, so `--group_by=dicom_patient_id` splits by patient too), the
 variants of `--dicom_variants` taken in turn (`encode_dicom`): each renders,
-with the default --dicom_window=full, to the same film as the PNG would.
+with the default --dicom_window=viewer (its window in the file) and with
+--dicom_window=full, to the same film as the PNG would.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -45,6 +47,36 @@ from PIL import Image
 from tfrecord_tools import _entry, errors
 
 DICOM_VARIANTS = ("monochrome1", "rescale", "windowed", "rle", "16bit")
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageKind:
+  """How a PACS export may store a grey film (`store_dicom`): its modality values fill
+  low..low+span, a part of what BitsStored allows, as real CR/DX films do."""
+  bits: int
+  low: float                 # modality value of the film's black (white for MONOCHROME1)
+  span: float                # modality values from black to white
+  signed: bool = False
+  slope: float = 1.0         # Rescale Slope / Intercept (modality = slope * stored + intercept)
+  intercept: float = 0.0
+  photometric: str = "MONOCHROME2"
+  rle: bool = False          # RLE Lossless compressed
+
+
+# The storage kinds tests/test_dicom.py and benchmarks/dicom_presentation.py score the same
+# film in, each with and without a window in the file.
+STORAGE_KINDS = {
+    "12-bit": StorageKind(12, low=300, span=3000),
+    "13-bit, intercept -1024": StorageKind(13, low=-800, span=5000, intercept=-1024),
+    "14-bit": StorageKind(14, low=1500, span=9000),
+    "16-bit": StorageKind(16, low=4000, span=40000),
+    "16-bit signed, slope 0.5": StorageKind(16, low=-6000, span=12000, signed=True, slope=0.5,
+                                            intercept=100),
+    "12-bit MONOCHROME1": StorageKind(12, low=200, span=3200, photometric="MONOCHROME1"),
+    "12-bit RLE": StorageKind(12, low=250, span=3000, rle=True),
+    "16-bit RLE MONOCHROME1": StorageKind(16, low=3000, span=30000, photometric="MONOCHROME1",
+                                          rle=True),
+}
 CLASS_NAMES = ("NORMAL", "PNEUMONIA", "COVID", "NODULE", "EFFUSION")
 SPLIT_FRACTIONS = (("train", 0.7), ("val", 0.15), ("test", 0.15))
 MARKER = "synthetic.json"
@@ -227,25 +259,18 @@ def encode_dicom(img: np.ndarray, variant: str, *, patient_id: str = "", uid_see
     rle          16-bit, RLE Lossless compressed (pydicom's own encoder)
     16bit        16-bit, uncompressed
 
-  Rendered with --dicom_window=full each gives round(v * 65535) within one
-  stored step; `windowed` with --dicom_window=file gives round(v * 255) too.
+  The film fills the stored range, and every variant carries a LINEAR window
+  spanning it (`windowed` the one above, the others center = the middle of the
+  modality range + 0.5, width = the range + 1). Rendered with
+  --dicom_window=full each gives round(v * 65535) within one stored step; with
+  viewer (the default) or file, round(v * 255) within one grey level.
   The UIDs derive from `uid_seed`, so the same arguments give the same bytes.
   """
-  from pydicom.dataset import Dataset, FileMetaDataset  # noqa: PLC0415
   from pydicom import uid  # noqa: PLC0415
   if variant not in DICOM_VARIANTS:
     raise SyntheticError(f"unknown DICOM variant {variant!r}: one of {', '.join(DICOM_VARIANTS)}")
   v = np.clip(np.asarray(img, np.float64), 0.0, 1.0)
-  ds = Dataset()
-  ds.file_meta = FileMetaDataset()
-  ds.SOPClassUID = uid.SecondaryCaptureImageStorage
-  ds.SOPInstanceUID = uid.generate_uid(entropy_srcs=[uid_seed, variant])
-  ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-  ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-  ds.StudyInstanceUID = uid.generate_uid(entropy_srcs=[uid_seed, "study"])
-  ds.SeriesInstanceUID = uid.generate_uid(entropy_srcs=[uid_seed, "series", variant])
-  ds.PatientID, ds.PatientName = patient_id, patient_id
-  ds.Modality, ds.BodyPartExamined = "DX", "CHEST"
+  ds = _dicom_dataset(variant, patient_id, uid_seed)
   photometric = "MONOCHROME2"
   if variant == "monochrome1":
     photometric, bits, stored = "MONOCHROME1", 12, np.rint((1.0 - v) * 4095)
@@ -261,7 +286,61 @@ def encode_dicom(img: np.ndarray, variant: str, *, patient_id: str = "", uid_see
     ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 2, 1000, "US"
   if variant == "windowed":
     ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = [2048, 600], [4096, 800], "LINEAR"
+  else:   # a LINEAR window whose ends are the modality range's (PS3.3 C.11.2.1.2.1)
+    lo, hi = (-2048 * 2 + 1000, 2047 * 2 + 1000) if variant == "rescale" else (0, 2 ** bits - 1)
+    ds.WindowCenter, ds.WindowWidth = (lo + hi) / 2 + 0.5, hi - lo + 1
   if variant == "rle":
+    ds.compress(uid.RLELossless, generate_instance_uid=False)
+  buf = io.BytesIO()
+  ds.save_as(buf, enforce_file_format=True)
+  return buf.getvalue()
+
+
+def _dicom_dataset(variant: str, patient_id: str, uid_seed: str):
+  """A secondary-capture DX chest data set without pixels; UIDs from `uid_seed`."""
+  from pydicom.dataset import Dataset, FileMetaDataset  # noqa: PLC0415
+  from pydicom import uid  # noqa: PLC0415
+  ds = Dataset()
+  ds.file_meta = FileMetaDataset()
+  ds.SOPClassUID = uid.SecondaryCaptureImageStorage
+  ds.SOPInstanceUID = uid.generate_uid(entropy_srcs=[uid_seed, variant])
+  ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+  ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+  ds.StudyInstanceUID = uid.generate_uid(entropy_srcs=[uid_seed, "study"])
+  ds.SeriesInstanceUID = uid.generate_uid(entropy_srcs=[uid_seed, "series", variant])
+  ds.PatientID, ds.PatientName = patient_id, patient_id
+  ds.Modality, ds.BodyPartExamined = "DX", "CHEST"
+  return ds
+
+
+def store_dicom(values: np.ndarray, kind: str | StorageKind, *, window: bool,
+                patient_id: str = "", uid_seed: str = "") -> bytes:
+  """A grey film as a PACS export may store it (`STORAGE_KINDS`): float [H, W] -> DICOM bytes.
+
+  values: what a viewer shows, 0 = black and 1 = white; with `window`, values outside 0..1
+  are stored too (beyond the window: shown clipped), without it the film is meant to be
+  shown from its lowest to its highest value. Modality value = low + v * span (MONOCHROME1:
+  low + (1 - v) * span), stored = (modality - intercept) / slope, rounded.
+  window: a LINEAR Window Center/Width in the file mapping low..low+span to black..white
+  (center = low + span / 2 + 0.5, width = span + 1; PS3.3 C.11.2.1.2.1).
+  So the file as a viewer shows it (`--dicom_window=viewer`) is clip(values, 0, 1) with the
+  window, (values - min) / (max - min) without, within one 8-bit grey level.
+  """
+  from pydicom import uid  # noqa: PLC0415
+  k = STORAGE_KINDS[kind] if isinstance(kind, str) else kind
+  v = np.asarray(values, np.float64)
+  m = k.low + (1.0 - v if k.photometric == "MONOCHROME1" else v) * k.span
+  lo, hi = ((-(2 ** (k.bits - 1)), 2 ** (k.bits - 1) - 1) if k.signed else (0, 2 ** k.bits - 1))
+  stored = np.clip(np.rint((m - k.intercept) / k.slope), lo, hi)
+  ds = _dicom_dataset(f"{k}-{window}", patient_id, uid_seed)
+  ds.set_pixel_data(stored.astype(np.int16 if k.signed else np.uint16), k.photometric, k.bits,
+                    generate_instance_uid=False)
+  if k.slope != 1.0 or k.intercept != 0.0:
+    ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = k.slope, k.intercept, "US"
+  if window:
+    ds.WindowCenter, ds.WindowWidth = k.low + k.span / 2 + 0.5, k.span + 1
+    ds.VOILUTFunction = "LINEAR"
+  if k.rle:
     ds.compress(uid.RLELossless, generate_instance_uid=False)
   buf = io.BytesIO()
   ds.save_as(buf, enforce_file_format=True)

@@ -187,10 +187,13 @@ class PredictConfig:
   gradcam: str = _f("", "Write a Grad-CAM overlay PNG per image to this folder.")
   dicom_window: str = _f("auto", "How DICOM files are rendered (tfrecord_tools.dicom): auto = as the "
                    "run's training data was converted (its --dicom_window), so predict sees what training saw; "
-                   "or full (16-bit, the modality range), file (the file's VOI LUT / window), none, "
+                   "or viewer (the file's VOI LUT / window, else the image's value range), full (16-bit, "
+                   "the modality range), file (the file's VOI LUT / window), none, "
                    "CENTER,WIDTH in modality units (HU for CT) or lung, mediastinum, soft_tissue, bone, "
                    "brain.")
   batch_size: int = _f(32, "Images per model call.")
+  max_pixels: int = _f(50_000_000, "Most pixels (width x height, x frames for DICOM) per image, read "
+                       "from the file header before decoding; larger files are reported, not decoded.")
 
 
 @dataclasses.dataclass

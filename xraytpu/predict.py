@@ -1,10 +1,13 @@
 """Predict images with a trained run.
 
   python -m xraytpu.predict --model_dir=RUN PATH... [--output=FILE.csv|FILE.jsonl]
-      [--gradcam=DIR] [--dicom_window=auto|full|file|none|CENTER,WIDTH|lung|...]
+      [--gradcam=DIR] [--dicom_window=auto|viewer|full|file|none|CENTER,WIDTH|lung|...]
+      [--max_pixels=50000000]
 
 PATH: PNG/JPEG files (8- or 16-bit), folders (walked), DICOM files (rendered
-as the run's training data was, unless --window says otherwise). Prints one line per input, e.g. "x.png<TAB>PNEUMONIA 0.93 (threshold 0.41)",
+as the run's training data was, unless --dicom_window says otherwise). Every
+file's size is read from its header and held against --max_pixels before it
+is decoded. Prints one line per input, e.g. "x.png<TAB>PNEUMONIA 0.93 (threshold 0.41)",
 using the threshold evaluate froze in RUN/threshold.json. Inputs that cannot
 be read are reported per file on stderr; the others are still predicted. Exit
 status: 0 all predicted, 1 some inputs failed, 2 a usage error.
@@ -25,7 +28,7 @@ def main(argv):
   from xraytpu.inference import predict_lib
   failed = predict_lib.run_predict(opts.model_dir, argv[1:], dicom_window=opts.dicom_window,
                                    output=opts.output or None, gradcam_dir=opts.gradcam or None,
-                                   batch_size=opts.batch_size)
+                                   batch_size=opts.batch_size, max_pixels=opts.max_pixels)
   sys.exit(1 if failed else 0)
 
 

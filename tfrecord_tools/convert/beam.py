@@ -47,7 +47,7 @@ import apache_beam as beam
 from apache_beam.metrics.metric import Metrics, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from tfrecord_tools import shards, storage
+from tfrecord_tools import pixels, shards, storage
 from tfrecord_tools.convert import pipeline
 from tfrecord_tools.convert.options import ConvertError, ConvertOptions
 
@@ -76,9 +76,9 @@ class PrepareImage(beam.DoFn):
   """plan line (dict) -> (shard file, (position, `shards.convert_item`'s outcome))."""
 
   def __init__(self, max_side: int, channels: str, image_format: str, jpeg_quality: int,
-               dicom_window: str = "full"):
+               dicom_window: str = "full", max_pixels: int = pixels.MAX_PIXELS):
     self.args = dict(max_side=max_side, channels=channels, image_format=image_format,
-                     jpeg_quality=jpeg_quality, dicom_window=dicom_window)
+                     jpeg_quality=jpeg_quality, dicom_window=dicom_window, max_pixels=max_pixels)
     self.converted = Metrics.counter(COUNTER_NAMESPACE, "images_converted")
     self.skipped = Metrics.counter(COUNTER_NAMESPACE, "images_skipped")
 
@@ -148,7 +148,7 @@ def run_pipeline(tasks: Sequence[shards.ShardTask], opts: ConvertOptions,
        | "Spread" >> beam.Reshuffle()
        | "PrepareImage" >> beam.ParDo(PrepareImage(opts.max_side, opts.channels,
                                                    opts.image_format, opts.jpeg_quality,
-                                                   opts.dicom_window))
+                                                   opts.dicom_window, opts.max_pixels))
        | "GroupByShard" >> beam.GroupByKey()
        | "WriteShard" >> beam.ParDo(WriteShard(opts.output_dir, shard_meta)))
   result = p.run()

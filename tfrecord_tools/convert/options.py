@@ -94,7 +94,11 @@ class ConvertOptions:
                             pixels.CHANNELS)
   jpeg_quality: int = cli.field(pixels.JPEG_QUALITY, "Quality of JPEGs the converter encodes.")
   dicom_window: str = cli.field(dicom.DEFAULT_WINDOW, dicom.WINDOW_HELP + " Recorded in the "
-                                "manifest: predict and serve render DICOM the same way.")
+                                "manifest (and how each DICOM record was rendered in the record): "
+                                "predict and serve render DICOM the same way.")
+  max_pixels: int = cli.field(pixels.MAX_PIXELS, "Most pixels (width x height, x frames for "
+                              "DICOM) per image, read from the file header before decoding; "
+                              "larger files are skipped with the reason.")
   num_shards: int = cli.field(0, "Shards per split (at most one per image); 0: from the data size "
                               "(~150 MB per shard).")
   num_workers: int = cli.field(0, "Worker processes; 0: all cores.")
@@ -120,6 +124,8 @@ def check_options(o: ConvertOptions) -> None:
     raise ConvertError("--max_side must be >= 0 (0 keeps the size)")
   if not 1 <= o.jpeg_quality <= 100:
     raise ConvertError("--jpeg_quality must be in 1..100")
+  if o.max_pixels < 1:
+    raise ConvertError(f"--max_pixels={o.max_pixels}: must be >= 1")
   try:
     dicom.parse_window(o.dicom_window)
   except ValueError as e:

@@ -75,7 +75,8 @@ def plan_shards(items: Sequence[Item], opts: ConvertOptions) -> dict[str, list[S
           split=split, index=i, num_shards=k, file=schema.shard_name(split, i, k),
           output_dir=opts.output_dir, items=part, max_side=opts.max_side,
           channels=opts.channels, image_format=opts.image_format,
-          jpeg_quality=opts.jpeg_quality, dicom_window=opts.dicom_window))
+          jpeg_quality=opts.jpeg_quality, dicom_window=opts.dicom_window,
+          max_pixels=opts.max_pixels))
     plan[split] = tasks
   for tasks in plan.values():
     for t in tasks:
@@ -88,7 +89,7 @@ def _fingerprint(task: ShardTask) -> str:
   h = hashlib.sha256()
   h.update(json.dumps([__version__, task.file, task.max_side, task.channels,
                        task.image_format, task.jpeg_quality,
-                       task.dicom_window, pixels.PNG_COMPRESS_LEVEL,
+                       task.dicom_window, task.max_pixels, pixels.PNG_COMPRESS_LEVEL,
                        pixels.CONTRACT_VERSION]).encode())
   for it in task.items:
     s = it.source

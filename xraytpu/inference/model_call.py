@@ -135,17 +135,19 @@ class InferenceModule(tf.Module):
     if thresholds is not None:
       self.thresholds.assign(np.asarray(thresholds, np.float32))
 
-  def file_pixels(self, data: bytes) -> np.ndarray:
+  def file_pixels(self, data: bytes, max_pixels: int = pixels.MAX_PIXELS) -> np.ndarray:
     """One file's bytes (any format `pixels.graph_input` takes) -> uint8 [S, S, C].
 
-    Raises pixels.ImageError with the converter's reason when the bytes are
-    not a usable image.
+    max_pixels: the door's limit on width x height (x frames), read from the header
+    before decoding (`pixels.graph_input`). Raises pixels.ImageError with the
+    converter's reason when the bytes are not a usable image or too large.
     """
-    data = pixels.graph_input(data, dicom_window=pixels.dicom_window_of(self.conversion))
+    data = pixels.graph_input(data, dicom_window=pixels.dicom_window_of(self.conversion),
+                              max_pixels=max_pixels)
     try:
       return self.pixels(tf.constant([data]))[0].numpy()
     except tf.errors.OpError:
-      pixels.prepare_image(data, **self.conversion)   # raises the converter's ImageError
+      pixels.prepare_image(data, **self.conversion, max_pixels=max_pixels)   # the converter's ImageError
       raise pixels.ImageError("cannot decode (TensorFlow refused the image)") from None
 
   def predict_batches(self, images: np.ndarray, batch_size: int = 64) -> dict[str, np.ndarray]:

@@ -95,8 +95,8 @@ def expand_inputs(paths: Iterable[str]) -> list[tuple[str, str | None]]:
 
 def parse_window(window: str) -> str | None:
   """--dicom_window (or serve's ?dicom_window=): "" / "auto" -> None, the run's own dicom_window (how
-  the converter rendered its training data); else full | file | none | CENTER,WIDTH | a
-  preset, checked by `tfrecord_tools.dicom.parse_window`."""
+  the converter rendered its training data); else viewer | full | file | none | CENTER,WIDTH |
+  a preset, checked by `tfrecord_tools.dicom.parse_window`."""
   w = (window or "").strip().lower()
   if w in ("", "auto"):
     return None
@@ -114,24 +114,27 @@ def read_file(path: str) -> bytes:
     raise InputError(f"cannot read ({e})") from None
 
 
-def file_bytes(path: str, dicom_window: str = dicom.DEFAULT_WINDOW) -> bytes:
-  """A file's bytes as the inference graph takes them (`pixels.graph_input`: DICOM
-  rendered with `dicom_window`, TIFF/WebP decoded, both to PNG); InputError when unusable."""
-  return graph_bytes(read_file(path), dicom_window, name=path)
+def file_bytes(path: str, dicom_window: str = dicom.DEFAULT_WINDOW,
+               max_pixels: int = PredictConfig.max_pixels) -> bytes:
+  """A file's bytes as the inference graph takes them (`pixels.graph_input`: its size held
+  against max_pixels from the header first; DICOM rendered with `dicom_window`, TIFF/WebP
+  decoded, both to PNG); InputError when unusable or too large."""
+  return graph_bytes(read_file(path), dicom_window, name=path, max_pixels=max_pixels)
 
 
-def graph_bytes(data: bytes, dicom_window: str = dicom.DEFAULT_WINDOW, name: str = "") -> bytes:
+def graph_bytes(data: bytes, dicom_window: str = dicom.DEFAULT_WINDOW, name: str = "",
+                max_pixels: int = PredictConfig.max_pixels) -> bytes:
   """Encoded bytes as the inference graph takes them (see file_bytes); InputError when unusable."""
   try:
-    return pixels.graph_input(data, dicom_window=dicom_window, name=name)
+    return pixels.graph_input(data, dicom_window=dicom_window, name=name, max_pixels=max_pixels)
   except pixels.ImageError as e:
     raise InputError(e.reason) from None
 
 
-def file_pixels(module, data: bytes) -> np.ndarray:
+def file_pixels(module, data: bytes, max_pixels: int = PredictConfig.max_pixels) -> np.ndarray:
   """Encoded file bytes -> uint8 [S, S, C] by the pixel contract; InputError when unusable."""
   try:
-    return module.file_pixels(data)
+    return module.file_pixels(data, max_pixels=max_pixels)
   except pixels.ImageError as e:
     raise InputError(e.reason) from None
 
@@ -217,11 +220,12 @@ def load(model_dir: str) -> rundir.LoadedRun:
 def predict_files(run: rundir.LoadedRun, paths: Sequence[str], *,
                   dicom_window: str = PredictConfig.dicom_window,
                   gradcam_dir: str | None = None, batch_size: int = PredictConfig.batch_size,
-                  progress=None) -> list[Prediction]:
+                  progress=None, max_pixels: int = PredictConfig.max_pixels) -> list[Prediction]:
   """Predicts every input (folders expanded); failures are per file, never raised.
 
   dicom_window: how DICOM files are rendered (`parse_window`; auto: as the run's data was).
   progress: optional callable(Prediction) called as results arrive.
+  max_pixels: an input whose header says more pixels is reported, not decoded.
   """
   dicom_window = pixels.dicom_window_of(run.conversion, parse_window(dicom_window))
   items = expand_inputs(paths)
@@ -239,7 +243,8 @@ def predict_files(run: rundir.LoadedRun, paths: Sequence[str], *,
   for path, error in items:
     if error is None:
       try:
-        pending.append((path, file_pixels(model_call.module_of(run), file_bytes(path, dicom_window))))
+        data = file_bytes(path, dicom_window, max_pixels)
+        pending.append((path, file_pixels(model_call.module_of(run), data, max_pixels)))
       except InputError as e:
         error = str(e)
     if error is not None:
@@ -325,12 +330,15 @@ def write_predictions(results: Sequence[Prediction], classes: Sequence[str], pat
 def run_predict(model_dir: str, paths: Sequence[str], *,
                 dicom_window: str = PredictConfig.dicom_window,
                 output: str | None = None, gradcam_dir: str | None = None,
-                batch_size: int = PredictConfig.batch_size, out=sys.stdout, err=sys.stderr) -> int:
+                batch_size: int = PredictConfig.batch_size, out=sys.stdout, err=sys.stderr,
+                max_pixels: int = PredictConfig.max_pixels) -> int:
   """The predict command: prints one line per input; returns the number that failed."""
   if not paths:
     raise PredictError("give at least one image, DICOM file or folder to predict")
   if output and not output.lower().endswith((".csv", ".jsonl")):
     raise PredictError(f"--output={output}: the file name must end in .csv or .jsonl")
+  if max_pixels < 1:
+    raise PredictError(f"--max_pixels={max_pixels}: must be >= 1")
   parse_window(dicom_window)  # fail before loading the model
   run = load(model_dir)
   if (run.binary or run.multi_label) and not run.has_operating_point:
@@ -341,7 +349,7 @@ def run_predict(model_dir: str, paths: Sequence[str], *,
     print(r.line(run.classes), file=err if r.error else out, flush=True)
 
   results = predict_files(run, paths, dicom_window=dicom_window, gradcam_dir=gradcam_dir,
-                          batch_size=batch_size, progress=show)
+                          batch_size=batch_size, progress=show, max_pixels=max_pixels)
   failed = sum(r.error is not None for r in results)
   if output:
     write_predictions(results, run.classes, output)

@@ -6,8 +6,9 @@ Predictions are those of `python -m xraytpu.predict`: the same run
 (`model_call.module_of(run)`, the InferenceModule that export saves), the same
 DICOM rendering (`tfrecord_tools.dicom` through `pixels.graph_input`, with the
 run's dicom_window unless ?window= says otherwise) and the same Grad-CAM.
-Uploads are checked from their header first (pixel count), so a
-decompression bomb is refused before anything is decoded.
+Uploads are checked from their header first (pixel count: width x height,
+x frames for DICOM), so a decompression bomb is refused before anything is
+decoded, and decoding waits for room in the decode budget (`PixelBudget`).
 """
 
 from __future__ import annotations
@@ -48,21 +49,28 @@ def _status(reason: str) -> int:
 
 
 def image_size(data: bytes, name: str = "") -> tuple[int, int]:
-  """(width, height) from the file's header only (PIL's lazy open; DICOM: Rows/Columns).
+  """(width, height) from the file's header only (see `header_size`)."""
+  width, height, _ = header_size(data, name)
+  return width, height
+
+
+def header_size(data: bytes, name: str = "") -> tuple[int, int, int]:
+  """(width, height, frames) from the file's header only, nothing decoded (PIL's lazy open;
+  DICOM: Columns, Rows, NumberOfFrames, read by pydicom without the pixel data).
 
   Raises RequestError: 415 not an image, 400 unreadable header, 413 PIL's own bomb limit.
   """
   from PIL import Image, UnidentifiedImageError
   if dicom.is_dicom(data, name):
     try:
-      return dicom.image_size(data)
+      return dicom.header_size(data)
     except pixels.ImageError as e:
       raise RequestError(_status(e.reason), e.reason) from None
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")  # DecompressionBombWarning: the limit below decides
       with Image.open(io.BytesIO(data)) as im:  # reads the header, decodes no pixels
-        return im.size
+        return im.width, im.height, 1
   except Image.DecompressionBombError as e:
     raise RequestError(413, f"image too large ({e})") from None
   except UnidentifiedImageError:
@@ -108,21 +116,25 @@ def prepare_upload(run: rundir.LoadedRun, data: bytes, *, max_pixels: int,
 
   window: the DICOM rendering (`predict_lib.parse_window`); None = the run's dicom_window.
   name: the upload's file name (a .dcm without the DICM preamble is DICOM too).
-  The pixel count is checked from the header first, so a decompression bomb
-  is refused before anything is decoded; with a `budget`, decoding waits (up to
-  `timeout` s) until the image's pixels fit in it. Raises RequestError (4xx, 503).
+  The pixel count (width x height x frames) is checked from the header first, so
+  a decompression bomb is refused before anything is decoded; with a `budget`,
+  decoding waits (up to `timeout` s) until the image's pixels fit in it. DICOM is
+  held like any image: its rendering stays within the same bytes per pixel
+  (http_api.DECODE_BYTES_PER_PIXEL). Raises RequestError (4xx, 503).
   """
   if not data:
     raise RequestError(400, "empty file (0 bytes)")
-  width, height = image_size(data, name)
-  if width * height > max_pixels:
-    raise RequestError(413, f"image is {width}x{height} = {width * height} pixels, more than the "
+  width, height, frames = header_size(data, name)
+  count = width * height * frames
+  if count > max_pixels:
+    size = f"{width}x{height}" + (f"x{frames} frames" if frames > 1 else "")
+    raise RequestError(413, f"image is {size} = {count} pixels, more than the "
                             f"server's limit of {max_pixels} (--max_pixels)")
   try:
-    with budget.hold(width * height, timeout) if budget else contextlib.nullcontext():
+    with budget.hold(count, timeout) if budget else contextlib.nullcontext():
       dicom_window = pixels.dicom_window_of(run.conversion, window)
-      data = pixels.graph_input(data, dicom_window=dicom_window, name=name)
-      return model_call.module_of(run).file_pixels(data)
+      data = pixels.graph_input(data, dicom_window=dicom_window, name=name, max_pixels=max_pixels)
+      return model_call.module_of(run).file_pixels(data, max_pixels=max_pixels)
   except pixels.ImageError as e:
     raise RequestError(_status(e.reason), e.reason) from None
 
