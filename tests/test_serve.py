@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import datetime
 import glob
 import http.client
 import io
+import ipaddress
 import json
 import os
+import re
+import shutil
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -28,7 +33,7 @@ from tests._serve_process import ServeProcess
 from xraytpu.run import model_card
 
 from xraytpu.inference import predict_lib
-from xraytpu.serving import batching, http_api
+from xraytpu.serving import auth, batching, http_api, tf_serving
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 60  # seconds, per HTTP request
 
@@ -79,10 +84,13 @@ def real_files(shared_data):
 # -- a small HTTP client -------------------------------------------------------
 
 
-def _request(srv, method, path, body=b"", headers=None):
-  """-> (status, parsed JSON or raw bytes, response headers)."""
+def _request(srv, method, path, body=b"", headers=None, context=None):
+  """-> (status, parsed JSON or raw bytes, response headers). context: an ssl.SSLContext (HTTPS)."""
   host, port = srv.server_address[:2]
-  conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
+  if context is not None:
+    conn = http.client.HTTPSConnection(host, port, timeout=TIMEOUT, context=context)
+  else:
+    conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
   try:
     conn.request(method, path, body=body, headers=headers or {})
     resp = conn.getresponse()
@@ -436,13 +444,17 @@ def test_a_busy_port_is_a_clear_error(server, evaluated_run, loaded):
 # -- TensorFlow Serving's REST API, Vertex AI, OpenAPI ------------------------------
 
 
+_SAVED_MODELS = {}   # export path -> the loaded SavedModel (loaded once per test session)
+
+
 def _tf_serving_reference(export_path, request):
   """What TensorFlow Serving answers for `request` (a predict body) with the export loaded:
   its REST layer decodes {"b64": ...} into the signature's one string input, runs
   serving_default and lays the outputs out per instance (row) or per output (columnar)."""
   import tensorflow as tf
-  loaded = tf.saved_model.load(export_path)
-  fn = loaded.signatures["serving_default"]
+  if export_path not in _SAVED_MODELS:
+    _SAVED_MODELS[export_path] = tf.saved_model.load(export_path)
+  fn = _SAVED_MODELS[export_path].signatures["serving_default"]
   fmt = "instances" if "instances" in request else "inputs"
   values = request[fmt]
   values = values["image_bytes"] if isinstance(values, dict) else values
@@ -458,10 +470,16 @@ def _post_json(srv, path, obj):
   return _request(srv, "POST", path, json.dumps(obj).encode(), {"Content-Type": "application/json"})
 
 
-def test_tf_serving_predict_equals_the_exported_saved_model(server, evaluated_run, demo_files, real_files):
-  """The same TF Serving request, to xraytpu.serve and to the export's serving_default: same answer."""
+@pytest.fixture(scope="module")
+def exported(evaluated_run):
+  """The run's SavedModel, written by xraytpu.export (export_lib): RUN/export/1."""
   from xraytpu.inference import export_lib
-  export_path = export_lib.export(evaluated_run[0])
+  return export_lib.export(evaluated_run[0])
+
+
+def test_tf_serving_predict_equals_the_exported_saved_model(server, exported, demo_files, real_files):
+  """The same TF Serving request, to xraytpu.serve and to the export's serving_default: same answer."""
+  export_path = exported
   images = [_read(f) for f in demo_files[:1] + real_files[:2]]   # --max_files=3
   b64 = [base64.b64encode(d).decode() for d in images]
   requests = [
@@ -470,7 +488,7 @@ def test_tf_serving_predict_equals_the_exported_saved_model(server, evaluated_ru
       {"inputs": {"image_bytes": [{"b64": b} for b in b64]}},
       {"inputs": [{"b64": b} for b in b64[:1]]},
   ]
-  for name in ("xray_cnn", "default"):
+  for name in ("xray_cnn", "default", "xray_cnn/versions/1"):
     for req in requests:
       status, got, _ = _post_json(server, f"/v1/models/{name}:predict", req)
       assert status == 200, got
@@ -489,34 +507,145 @@ def test_tf_serving_predict_equals_the_exported_saved_model(server, evaluated_ru
         assert got["outputs"]["label_index"] == want["outputs"]["label_index"]
 
 
-def test_tf_serving_status_metadata_and_errors(server):
-  status, out, _ = _request(server, "GET", "/v1/models/xray_cnn")
-  assert status == 200 and out == {"model_version_status": [
-      {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}
-  status, out, _ = _request(server, "GET", "/v1/models/default/metadata")
-  sig = out["metadata"]["signature_def"]["signature_def"]["serving_default"]
-  assert status == 200 and out["model_spec"]["name"] == "default"
-  assert sig["inputs"]["image_bytes"]["dtype"] == "DT_STRING"
-  assert sorted(sig["outputs"]) == ["label", "label_index", "probabilities"]
-  status, out, _ = _request(server, "GET", "/v1/models/other")
-  assert status == 404 and "xray_cnn" in out["error"]
+def _saved_model_cli(export_path):
+  """`saved_model_cli show --dir EXPORT --all`, parsed: {signature: {"inputs"|"outputs": {key:
+  (dtype, shape, name)}, "method": method name}}."""
+  cli = shutil.which("saved_model_cli", path=os.path.dirname(sys.executable)) or shutil.which("saved_model_cli")
+  assert cli, "saved_model_cli (installed with tensorflow) not found"
+  out = subprocess.run([cli, "show", "--dir", export_path, "--all"], capture_output=True, text=True,
+                       timeout=300, check=True).stdout
+  sigs, sig, side, key = {}, None, None, None
+  for line in out.splitlines():
+    line = line.strip()
+    if m := re.fullmatch(r"signature_def\['(.+)'\]:", line):
+      sig = sigs.setdefault(m.group(1), {"inputs": {}, "outputs": {}})
+    elif m := re.fullmatch(r"(inputs|outputs)\['(.+)'\] tensor_info:", line):
+      side, key = m.group(1), m.group(2)
+      sig[side][key] = {}
+    elif sig is not None and (m := re.fullmatch(r"(dtype|shape|name): ?(.*)", line)):
+      sig[side][key][m.group(1)] = m.group(2)
+    elif sig is not None and line.startswith("Method name is:"):
+      sig["method"] = line.split(":", 1)[1].strip()
+  return sigs
+
+
+def _shape_text(tensor_shape):
+  """TF Serving's JSON tensor_shape -> saved_model_cli's text: (-1, 2), (-1) or unknown_rank."""
+  if tensor_shape.get("unknown_rank"):
+    return "unknown_rank"
+  return "(" + ", ".join(d["size"] for d in tensor_shape.get("dim", [])) + ")"
+
+
+def test_tf_serving_metadata_is_the_exported_signature(server, exported):
+  """/metadata is the SavedModel's own signature_def map: the same JSON TF Serving prints from the
+  export's saved_model.pb, and the names, dtypes and shapes saved_model_cli shows."""
+  from google.protobuf import json_format
+  from tensorflow.core.protobuf import saved_model_pb2
+  status, out, _ = _request(server, "GET", "/v1/models/xray_cnn/metadata")
+  assert status == 200, out
+  assert out["model_spec"] == {"name": "xray_cnn", "signature_name": "", "version": "1"}
+  got = out["metadata"]["signature_def"]["signature_def"]
+  saved = saved_model_pb2.SavedModel.FromString(open(os.path.join(exported, "saved_model.pb"), "rb").read())
+  want = {k: json_format.MessageToDict(v, preserving_proto_field_name=True,
+                                       always_print_fields_with_no_presence=True)
+          for k, v in saved.meta_graphs[0].signature_def.items()}
+  assert got == want
+  shown = _saved_model_cli(exported)
+  assert set(shown) == set(got) >= {"serving_default", "serving_pixels"}
+  for name, sig in got.items():
+    assert shown[name]["method"] == sig["method_name"]
+    for side in ("inputs", "outputs"):
+      assert {k: {"dtype": t["dtype"], "shape": _shape_text(t["tensor_shape"]), "name": t["name"]}
+              for k, t in sig[side].items()} == shown[name][side], (name, side)
+  # The outputs' tensor names are the export's: label :0, label_index :1, probabilities :2.
+  outputs = got["serving_default"]["outputs"]
+  assert {k: v["name"] for k, v in outputs.items()} == {
+      "label": "StatefulPartitionedCall:0", "label_index": "StatefulPartitionedCall:1",
+      "probabilities": "StatefulPartitionedCall:2"}
+  # The same document for the served version and for "default"; other versions are not served.
+  status, versioned, _ = _request(server, "GET", "/v1/models/default/versions/1/metadata")
+  assert status == 200 and versioned["metadata"] == out["metadata"]
+  assert versioned["model_spec"] == {"name": "default", "signature_name": "", "version": "1"}
+
+
+def _tf_cases(good_b64):
+  """(method, path, JSON body or None, status, exact error message) as TF Serving answers them
+  for a model named xray_cnn whose served version is 1 (and no classify/regress signature)."""
+  ok = {"instances": [{"b64": good_b64}]}
+  examples = {"examples": [{"x": [1.0]}]}
+  return [
+      ("GET", "/v1/models/other", None, 404, "Could not find any versions of model other"),
+      ("GET", "/v1/models/xray_cnn/versions/2", None, 404, "Could not find version 2 of model xray_cnn"),
+      ("GET", "/v1/models/other/versions/1", None, 404, "Could not find version 1 of model other"),
+      ("GET", "/v1/models/other/metadata", None, 404, "Servable not found for request: Latest(other)"),
+      ("GET", "/v1/models/xray_cnn/versions/2/metadata", None, 404,
+       "Servable not found for request: Specific(xray_cnn, 2)"),
+      ("POST", "/v1/models/other:predict", ok, 404, "Servable not found for request: Latest(other)"),
+      ("POST", "/v1/models/xray_cnn/versions/2:predict", ok, 404,
+       "Servable not found for request: Specific(xray_cnn, 2)"),
+      ("POST", "/v1/models/default/versions/7:classify", examples, 404,
+       "Servable not found for request: Specific(default, 7)"),
+      # No classify/regress signature: TF Serving checks the signature's shape (its default,
+      # --enable_signature_method_name_check=false) and refuses it.
+      ("POST", "/v1/models/xray_cnn:classify", examples, 400, "Expected one or two output Tensors, found 3"),
+      ("POST", "/v1/models/xray_cnn/versions/1:classify", examples, 400,
+       "Expected one or two output Tensors, found 3"),
+      ("POST", "/v1/models/default:regress", examples, 400, "Expected one output Tensor."),
+      ("POST", "/v1/models/xray_cnn:classify", {**examples, "signature_name": "x"}, 400,
+       "No signature was found with the name: x"),
+      ("POST", "/v1/models/xray_cnn:classify", {}, 400,
+       "When method is classify, key 'examples' is expected and was not found"),
+      ("POST", "/v1/models/xray_cnn:predict", {**ok, "signature_name": "x"}, 400,
+       'Serving signature name: "x" not found in signature def'),
+      ("GET", "/v1/models", None, 400, "Missing model name in request."),
+      ("GET", "/v1/models/xray_cnn:predict", None, 400, "Malformed request: GET /v1/models/xray_cnn:predict"),
+      ("POST", "/v1/models/xray_cnn", ok, 400, "Malformed request: POST /v1/models/xray_cnn"),
+      ("POST", "/v1/models/xray_cnn:train", ok, 400, "Malformed request: POST /v1/models/xray_cnn:train"),
+      ("GET", "/v1/models/xray_cnn/labels/stable", None, 400,
+       "Malformed request: GET /v1/models/xray_cnn/labels/stable"),
+  ]
+
+
+def test_tf_serving_versions_and_errors_as_tf_serving_answers(server):
   good = base64.b64encode(_png_header_only(8, 8)).decode()
-  cases = [("/v1/models/other:predict", {"instances": [{"b64": good}]}, 404, "Servable not found"),
-           ("/v1/models/default:predict", {"instances": []}, 400, "non-empty"),
-           ("/v1/models/default:predict", {"instances": [{"b64": "%%%"}]}, 400, "base64"),
-           ("/v1/models/default:predict", {"instances": [[1, 2]]}, 400, "b64"),
-           ("/v1/models/default:predict", {"instances": [{"b64": good}] * 4}, 413, "max_files"),
-           ("/v1/models/default:predict", {"inputs": {"x": []}}, 400, "image_bytes"),
-           ("/v1/models/default:predict", {"instances": [{"b64": good}], "signature_name": "x"}, 400,
-            "serving_default"),
-           ("/v1/models/default:predict", {"instances": [{"b64": base64.b64encode(b"text").decode()}]},
-            415, "not an image")]
-  for path, body, want, words in cases:
-    status, out, _ = _post_json(server, path, body)
-    assert status == want and words in out["error"], (body, out)
+  for path in ("/v1/models/xray_cnn", "/v1/models/default/versions/1", "/v1/models/xray_cnn/versions/001"):
+    status, out, _ = _request(server, "GET", path)
+    assert status == 200 and out == {"model_version_status": [
+        {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]}, path
+  failures = []
+  for method, path, body, want, message in _tf_cases(good):
+    data = b"" if body is None else json.dumps(body).encode()
+    status, out, _ = _request(server, method, path, data, {"Content-Type": "application/json"})
+    if (status, out) != (want, {"error": message}):
+      failures.append(f"{method} {path}: got {status} {out!r}, want {want} {message!r}")
+  assert not failures, "\n".join(failures)
+  # Our own checks answer in TF Serving's shape too: exactly {"error": "..."}.
+  cases = [({"instances": []}, 400, "non-empty"),
+           ({"instances": [{"b64": "%%%"}]}, 400, "base64"),
+           ({"instances": [[1, 2]]}, 400, "b64"),
+           ({"instances": [{"b64": good}] * 4}, 413, "max_files"),
+           ({"inputs": {"x": []}}, 400, "image_bytes"),
+           ({"instances": [{"b64": good}], "signature_name": "serving_pixels"}, 400, "serving_default"),
+           ({"instances": [{"b64": base64.b64encode(b"text").decode()}]}, 415, "not an image")]
+  for body, want, words in cases:
+    status, out, _ = _post_json(server, "/v1/models/default/versions/1:predict", body)
+    assert status == want and set(out) == {"error"} and words in out["error"], (body, out)
   status, out, _ = _request(server, "POST", "/v1/models/default:predict", b"{not json",
                             {"Content-Type": "application/json"})
-  assert status == 400 and "not JSON" in out["error"]
+  assert status == 400 and set(out) == {"error"} and "not JSON" in out["error"]
+  head = b"POST /v1/models/default:predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+  status, out = _raw_exchange(server, head, b"2\r\n{}\r\n0\r\n\r\n")
+  assert status == 411 and set(out) == {"error"}
+  # The other routes keep their richer body: the status, and the file at fault.
+  status, out, _ = _request(server, "POST", "/v1/predict", b"text", {"Content-Type": "image/png"})
+  assert status == 415 and out["status"] == 415 and out["file"] == "" and out["index"] == 0
+
+
+def test_the_served_version_is_the_runs_latest_export(tmp_path):
+  assert tf_serving.served_version(str(tmp_path)) == 1
+  for name in ("2", "10", ".tmp-11-123", "notes"):
+    (tmp_path / "export" / name).mkdir(parents=True)
+  assert tf_serving.served_version(str(tmp_path)) == 10
 
 
 def test_vertex_ai_routes_and_port(evaluated_run, loaded, real_files):
@@ -541,13 +670,241 @@ def test_vertex_ai_routes_and_port(evaluated_run, loaded, real_files):
     srv.close()
 
 
+def _documented(route_path):
+  """A Starlette route's path as OpenAPI writes it: {version:int} -> {version}."""
+  return re.sub(r"\{(\w+):\w+\}", r"{\1}", route_path)
+
+
 def test_openapi_describes_every_route(server):
   status, doc, _ = _request(server, "GET", "/openapi.json")
   assert status == 200 and doc["openapi"].startswith("3.")
-  routes = {(r.path, m.lower()) for r in server.web.routes for m in r.methods if m != "HEAD"}
+  routes = {(_documented(r.path), m.lower()) for r in server.web.routes for m in r.methods if m != "HEAD"}
   documented = {(p, m) for p, ops in doc["paths"].items() for m in ops}
   assert routes == documented
   assert "413" in doc["paths"]["/v1/predict"]["post"]["responses"]
+  assert {("/v1/models/{name}/versions/{version}:predict", "post"),
+          ("/v1/models/{name}:classify", "post")} <= routes
+  # TF Serving's errors are exactly {"error": ...}; the others carry their status too.
+  tf_error = doc["paths"]["/v1/models/{name}:predict"]["post"]["responses"]["404"]
+  assert tf_error["content"]["application/json"]["schema"]["required"] == ["error"]
+  assert "security" not in doc   # no --auth_token_file
+
+
+# -- access: bearer tokens, TLS, no open public host ---------------------------------------
+
+
+TOKENS = ("tok-" + "a1b2" * 6, "second-client+token/" + "7f3a" * 4 + "==")
+
+
+def _self_signed(folder, password=None):
+  """(cert.pem, key.pem): a self-signed certificate for 127.0.0.1 and its key, made with the
+  cryptography package when installed, else with the openssl command."""
+  cert, key = folder / "cert.pem", folder / "key.pem"
+  try:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+  except ImportError:
+    if password or not shutil.which("openssl"):
+      pytest.fail("neither the cryptography package nor the openssl command is installed")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
+    return str(cert), str(key)
+  private = ec.generate_private_key(ec.SECP256R1())
+  name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+  now = datetime.datetime.now(datetime.timezone.utc)
+  certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                 .public_key(private.public_key()).serial_number(x509.random_serial_number())
+                 .not_valid_before(now - datetime.timedelta(minutes=5))
+                 .not_valid_after(now + datetime.timedelta(days=1))
+                 .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                critical=False)
+                 .sign(private, hashes.SHA256()))
+  cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+  encryption = (serialization.BestAvailableEncryption(password) if password
+                else serialization.NoEncryption())
+  key.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                        encryption))
+  return str(cert), str(key)
+
+
+def _token_file(folder):
+  path = folder / "tokens.txt"
+  path.write_text("# the test's two clients\n\n" + TOKENS[0] + "\n  " + TOKENS[1] + "  \n")
+  path.chmod(0o600)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def locked(evaluated_run, loaded, tmp_path_factory):
+  """A server with --auth_token_file (two tokens), TLS and Vertex AI's routes:
+  (server, an ssl context that trusts its self-signed certificate)."""
+  folder = tmp_path_factory.mktemp("locked")
+  cert, key = _self_signed(folder)
+  opts = http_api.ServeOptions(model_dir=evaluated_run[0], port=0, max_files=3, access_log=False,
+                                auth_token_file=_token_file(folder), ssl_certfile=cert, ssl_keyfile=key)
+  env = {"AIP_HEALTH_ROUTE": "/vertex/health", "AIP_PREDICT_ROUTE": "/vertex/predict"}
+  srv = http_api.make_server(opts, run=loaded, environ=env)
+  http_api.start_in_thread(srv)
+  yield srv, ssl.create_default_context(cafile=cert)
+  srv.close()
+
+
+def _concrete(route_path):
+  """/v1/models/{name}/versions/{version:int} -> /v1/models/xray_cnn/versions/1."""
+  return re.sub(r"\{(\w+)(?::\w+)?\}", lambda m: {"name": "xray_cnn", "version": "1"}[m.group(1)], route_path)
+
+
+def _body_for(path, jpeg):
+  """(body, content type) that a POST route accepts."""
+  if path == "/v1/predict":
+    return jpeg, "image/jpeg"
+  if path.endswith((":classify", ":regress")):
+    return json.dumps({"examples": [{"x": [1.0]}]}).encode(), "application/json"
+  return json.dumps({"instances": [{"b64": base64.b64encode(jpeg).decode()}]}).encode(), "application/json"
+
+
+def test_a_locked_server_answers_401_on_every_route_but_healthz_and_the_page(locked, real_files):
+  srv, tls = locked
+  assert srv.url.startswith("https://127.0.0.1:")
+  jpeg = _read(real_files[0])
+  routes = [(_concrete(r.path), m) for r in srv.web.routes for m in sorted(r.methods) if m != "HEAD"]
+  assert {("/vertex/predict", "POST"), ("/v1/models/xray_cnn/versions/1:predict", "POST"),
+          ("/v1/models/xray_cnn:classify", "POST"), ("/openapi.json", "GET"),
+          ("/v1/model_card.md", "GET")} <= set(routes)
+  open_paths = {"/healthz", "/vertex/health", "/", "/index.html", "/static/app.js", "/static/style.css"}
+  good = ("Bearer " + TOKENS[0], "bearer " + TOKENS[1])
+  wrong = ("Bearer " + TOKENS[0][:-1] + "x", "Bearer " + TOKENS[1] + "x")
+  headers_tried = (None, "Basic " + base64.b64encode(b"user:" + TOKENS[0].encode()).decode(), *wrong, *good)
+  failures = []
+  for path, method in routes + [("/v1/no-such-route", "GET"), ("/v1/models/xray_cnn:train", "POST")]:
+    body, ctype = _body_for(path, jpeg) if method == "POST" else (b"", "")
+    for authorization in headers_tried:
+      headers = {"Content-Type": ctype} if ctype else {}
+      if authorization:
+        headers["Authorization"] = authorization
+      status, out, resp = _request(srv, method, path, body, headers, context=tls)
+      what = f"{method} {path} with {(authorization or 'no token').split(' ')[0]}: {status} {out!r:.200}"
+      if path in open_paths or authorization in good:
+        if status == 401 or (method == "GET" and path != "/v1/no-such-route" and status != 200):
+          failures.append(what)
+        continue
+      challenge = resp.getheader("WWW-Authenticate") or ""
+      tf = path.startswith("/v1/models") or path == "/vertex/predict"
+      if (status != 401 or set(out) != ({"error"} if tf else {"error", "status"})
+          or not challenge.startswith('Bearer realm="xraytpu"')
+          or ('error="invalid_token"' in challenge) != (authorization in wrong)):
+        failures.append(f"{what} {challenge!r}")
+  assert not failures, "\n".join(failures)
+  # With a token the answers are the unlocked server's.
+  status, out, _ = _request(srv, "POST", "/v1/predict", jpeg, {"Content-Type": "image/jpeg",
+                                                              "Authorization": good[0]}, context=tls)
+  assert status == 200 and out["predictions"][0]["label"] in ("NORMAL", "PNEUMONIA")
+  # The OpenAPI document names the scheme, and which routes are open.
+  status, doc, _ = _request(srv, "GET", "/openapi.json", headers={"Authorization": good[1]}, context=tls)
+  assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+  assert doc["paths"]["/healthz"]["get"]["security"] == []
+  assert "401" in doc["paths"]["/v1/models/{name}:predict"]["post"]["responses"]
+  # HTTPS only: plain HTTP on the port gets no answer.
+  with pytest.raises((http.client.HTTPException, OSError)):
+    _request(srv, "GET", "/healthz")
+
+
+def test_a_refused_upload_is_answered_401_not_reset(locked):
+  srv, tls = locked
+  big = b"\0" * (3 * http_api.MB)
+  status, out, resp = _request(srv, "POST", "/v1/predict", big, {"Content-Type": "image/png"}, context=tls)
+  assert status == 401 and resp.getheader("Connection") == "close" and "Authorization: Bearer" in out["error"]
+
+
+def test_the_token_file_and_the_constant_time_check(tmp_path, monkeypatch):
+  f = tmp_path / "tokens.txt"
+  f.write_text("# a comment\n\n  " + TOKENS[0] + "  \n" + TOKENS[1] + "\n")
+  assert auth.read_tokens(str(f)) == list(TOKENS)
+  f.chmod(0o644)
+  assert "chmod 600" in auth.file_warning(str(f))
+  f.chmod(0o600)
+  assert auth.file_warning(str(f)) is None
+  secret = "short-secret"
+  for text, words in [("", "holds no token"), ("# only a comment\n", "holds no token"),
+                      (f"{TOKENS[0]}\n{secret}\n", "line 2: not a token"),
+                      ("with a space inside it\n", "line 1: not a token"), ("x" * 513, "line 1: not a token")]:
+    f.write_text(text)
+    with pytest.raises(http_api.ServeError, match=words) as e:
+      auth.read_tokens(str(f))
+    assert secret not in str(e.value) and "\n" not in str(e.value)
+  with pytest.raises(http_api.ServeError, match="cannot read"):
+    auth.read_tokens(str(tmp_path / "missing.txt"))
+  # Every token is compared (hmac.compare_digest), whichever one matches: no early exit.
+  real, calls = auth.hmac.compare_digest, []
+  monkeypatch.setattr(auth.hmac, "compare_digest", lambda a, b: calls.append(1) or real(a, b))
+  tokens = auth.Tokens(list(TOKENS))
+  for header, want in [(b"Bearer " + TOKENS[0].encode(), ""), (b"Bearer " + TOKENS[1].encode(), ""),
+                       (b"bearer " + TOKENS[0].encode(), ""), (b"Bearer " + TOKENS[0].encode()[:-1], "invalid"),
+                       (b"Bearer", "invalid"), (b"Basic dXNlcjpwYXNz", "missing"), (None, "missing")]:
+    calls.clear()
+    assert tokens.check(header) == want, header
+    assert len(calls) == (2 if header and header.lower().startswith(b"bearer") else 0)
+  assert tokens.redact(f"GET /v1/model?t={urllib.parse.quote(TOKENS[1], safe='')} x {TOKENS[0]}") == \
+      "GET /v1/model?t=[token] x [token]"
+
+
+def test_a_public_host_without_a_token_is_refused(tmp_path):
+  for host in ("0.0.0.0", "::", "192.0.2.7", "example.org", ""):
+    with pytest.raises(http_api.ServeError, match="allow_unauthenticated"):
+      http_api.ServeOptions(model_dir="run", host=host).validate()
+  http_api.ServeOptions(model_dir="run", host="0.0.0.0", allow_unauthenticated=True).validate()
+  http_api.ServeOptions(model_dir="run", host="0.0.0.0", auth_token_file="tokens.txt").validate()
+  for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+    http_api.ServeOptions(model_dir="run", host=host).validate()
+  with pytest.raises(http_api.ServeError, match="needs --ssl_certfile"):
+    http_api.ServeOptions(model_dir="run", ssl_keyfile="key.pem").validate()
+  # The real entry point: one line, exit code 2, before loading anything.
+  proc = subprocess.run([sys.executable, "-m", "xraytpu.serve", f"--model_dir={tmp_path}", "--host=0.0.0.0"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr and "Serving on" not in proc.stdout
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("xraytpu.serve: error:")]
+  assert len(lines) == 1 and "--auth_token_file" in lines[0] and "--allow_unauthenticated" in lines[0], \
+      proc.stderr
+
+
+def test_tls_files_that_do_not_load_are_one_line(tmp_path):
+  cert, key = _self_signed(tmp_path)
+  bad = tmp_path / "bad.pem"
+  bad.write_text("not a certificate\n")
+  (tmp_path / "locked").mkdir()
+  locked_cert, locked_key = _self_signed(tmp_path / "locked", password=b"secret")
+  for c, k in [(str(bad), key), (cert, str(bad)), (cert, str(tmp_path / "missing.pem")), (cert, ""),
+               (locked_cert, locked_key)]:   # an encrypted key: refused, never a password prompt
+    with pytest.raises(http_api.ServeError, match="cannot load the certificate") as e:
+      http_api.check_tls(http_api.ServeOptions(model_dir="run", ssl_certfile=c, ssl_keyfile=k))
+    assert "\n" not in str(e.value)
+  http_api.check_tls(http_api.ServeOptions(model_dir="run", ssl_certfile=cert, ssl_keyfile=key))
+
+
+def test_tokens_never_appear_in_the_logs(evaluated_run, tmp_path):
+  """The real entry point with its access log on: a token sent right (a header), wrong (in
+  the URL, raw or percent-encoded) or refused never shows in what the server writes."""
+  flags = [f"--auth_token_file={_token_file(tmp_path)}", "--access_log"]
+  with ServeProcess(evaluated_run[0], flags, timeout=300) as proc:
+    srv = _Address(proc.url)
+    good = {"Authorization": "Bearer " + TOKENS[0]}
+    assert _request(srv, "GET", "/v1/model", headers=good)[0] == 200
+    assert _request(srv, "GET", "/v1/model?access_token=" + TOKENS[1])[0] == 401
+    assert _request(srv, "GET", "/v1/model?access_token=" + urllib.parse.quote(TOKENS[1], safe=""))[0] == 401
+    assert _request(srv, "GET", "/v1/" + TOKENS[0], headers=good)[0] == 404
+    assert _request(srv, "GET", "/v1/model", headers={"Authorization": "Bearer " + TOKENS[1][:-2]})[0] == 401
+    assert _request(srv, "POST", "/v1/predict", b"text", {"Content-Type": "image/png", **good})[0] == 415
+    assert _request(srv, "POST", f"/v1/models/{TOKENS[0]}:predict", b"{}", good)[0] == 404
+    time.sleep(1.0)
+    output = "".join(proc.output)
+  assert '"GET /v1/model HTTP/1.1" 200' in output, output   # the access log is on
+  assert "[token]" in output, output                         # the URL's token was logged, redacted
+  for token in TOKENS:
+    for form in {token, urllib.parse.quote(token, safe=""), token[:-2]}:
+      assert form not in output, output
 
 
 # -- deadlines, disconnects, the memory bound ------------------------------------------

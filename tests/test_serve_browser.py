@@ -3,7 +3,9 @@
 Starts the real entry point (`python -m xraytpu.serve --port=0`) on a tiny
 evaluated run, uploads real chest films from ../shared/data through the page's
 file chooser, reads the results off the page and compares them with
-`xraytpu.predict` (predict_lib.predict_files, what the CLI runs).
+`xraytpu.predict` (predict_lib.predict_files, what the CLI runs). A second server
+with --auth_token_file checks that the page asks for the token once, keeps it in
+the tab, sends it on its API calls and asks again when it is refused.
 
 Needs (installed by `make test` / .ci/run; nothing is downloaded from a browser vendor):
   apt-get install -y chromium        (/usr/bin/chromium, or set XRAYTPU_CHROMIUM)
@@ -133,3 +135,72 @@ def test_page_predicts_real_films_like_xraytpu_predict(browser, server_url, eval
   outside = [u for u in requested if not u.startswith((server_url, "data:", "blob:"))]
   assert not outside, outside
   page.close()
+
+
+TOKEN = "page-token-" + "5e1f" * 6
+
+
+@pytest.fixture(scope="module")
+def locked_url(evaluated_run, tmp_path_factory):
+  """The real entry point with --auth_token_file (one token)."""
+  tokens = tmp_path_factory.mktemp("page_tokens") / "tokens.txt"
+  tokens.write_text(TOKEN + "\n")
+  tokens.chmod(0o600)
+  with ServeProcess(evaluated_run[0], [f"--auth_token_file={tokens}"], timeout=START_TIMEOUT) as server:
+    yield server.url
+
+
+def _give_token(page, token):
+  page.wait_for_selector("#access:not([hidden])", timeout=PAGE_TIMEOUT)
+  page.fill("#token-input", token)
+  page.click("#token-submit")
+
+
+def test_a_locked_page_asks_for_the_token_once_and_keeps_it_in_the_tab(browser, locked_url, shared_data):
+  film = sorted(glob.glob(str(shared_data / "chest_xray_400x300" / "Normal" / "*.jpeg")))[:1]
+  assert film, f"no chest films under {shared_data}"
+  context = browser.new_context()
+  page = context.new_page()
+  sent = []   # (path, Authorization header) of every request the page made
+  page.on("request", lambda r: sent.append((r.url[len(locked_url) - 1:], r.headers.get("authorization"))))
+  page.goto(locked_url)
+  # The page itself loads without a token; its first API call is refused, so it asks.
+  assert "needs an access token" in page.text_content("#token-message")
+  assert page.is_hidden("#card-facts")
+  # A wrong token is refused: the page asks again, saying so.
+  _give_token(page, "wrong-token-" + "0" * 16)
+  page.wait_for_selector("#access:not([hidden])", timeout=PAGE_TIMEOUT)
+  page.locator("#token-message", has_text="refused").wait_for(timeout=PAGE_TIMEOUT)
+  _give_token(page, TOKEN)
+  page.wait_for_selector("#card-facts:not([hidden])", timeout=PAGE_TIMEOUT)
+  assert page.is_hidden("#access") and "xray_cnn" in page.text_content("#model-name")
+  # Predictions and the model card go through with the token.
+  page.set_input_files("#file-input", film)
+  page.locator('article.result[data-state="done"]').first.wait_for(timeout=PAGE_TIMEOUT)
+  page.click("#model-card-link")
+  page.wait_for_selector("#model-card-text:not([hidden])", timeout=PAGE_TIMEOUT)
+  assert "xray_cnn" in page.text_content("#model-card-text")
+  api_calls = [(path, auth) for path, auth in sent if path.startswith("/v1/")]
+  assert {p for p, _ in api_calls} >= {"/v1/model", "/v1/predict?gradcam=1", "/v1/model_card.md"}
+  assert api_calls[-3:] == [(p, f"Bearer {TOKEN}") for p, _ in api_calls[-3:]]
+  # The page's own files were fetched without a token.
+  assert all(auth is None for path, auth in sent if not path.startswith("/v1/"))
+  # Reloaded, the tab still has its token: no question, the card loads at once.
+  sent.clear()
+  page.reload()
+  page.wait_for_selector("#card-facts:not([hidden])", timeout=PAGE_TIMEOUT)
+  assert page.is_hidden("#access")
+  assert [auth for path, auth in sent if path == "/v1/model"] == [f"Bearer {TOKEN}"]
+  # Another tab (a new browsing context) asks again: the token stayed in the first tab.
+  other = browser.new_context().new_page()
+  other.goto(locked_url)
+  other.wait_for_selector("#access:not([hidden])", timeout=PAGE_TIMEOUT)
+  other.context.close()
+  # Forgetting the token: the next API call asks for it again.
+  page.click("#forget-token")
+  page.set_input_files("#file-input", film)
+  page.wait_for_selector("#access:not([hidden])", timeout=PAGE_TIMEOUT)
+  _give_token(page, TOKEN)
+  page.locator('article.result[data-state="done"]').first.wait_for(timeout=PAGE_TIMEOUT)   # (the reload cleared the page)
+  assert page.locator("article.result").count() == 1
+  context.close()

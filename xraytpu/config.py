@@ -210,12 +210,24 @@ class ServeError(errors.UserError):
   """A user mistake at start-up (missing run, bad option, port in use); one line for the user."""
 
 
+def is_loopback(host: str) -> bool:
+  """Whether `host` (serve's --host) is reachable from this machine only."""
+  import ipaddress
+  if host == "localhost":
+    return True
+  try:
+    return ipaddress.ip_address(host).is_loopback
+  except ValueError:
+    return False
+
+
 @dataclasses.dataclass
 class ServeOptions:
   """What `python -m xraytpu.serve` takes (see xraytpu.serving.http_api.serve); fields without help are not flags."""
   FLAG_TOPIC: ClassVar[str] = "serving"   # --help heading
   model_dir: str = _f(help="Run directory written by xraytpu.train (and xraytpu.evaluate).")
-  host: str = _f("127.0.0.1", "Address to listen on (0.0.0.0 = every interface: no authentication!).")
+  host: str = _f("127.0.0.1", "Address to listen on. Any address but a loopback one (127.0.0.1, ::1, "
+                 "localhost) needs --auth_token_file, or --allow_unauthenticated.")
   port: int = _f(8080, "Port to listen on (0 = any free port, printed at start-up).")
   max_upload_mb: float = _f(32.0, "Largest request body in MiB (checked from Content-Length before reading).")
   max_files: int = _f(16, "Most images in one request.")
@@ -235,7 +247,16 @@ class ServeOptions:
   request_timeout_s: float = 60.0  # the wait for a request slot and for the model (then 503)
   model_name: str = _f("", "Name in TF Serving's /v1/models/<name> (empty = the run's model name; "
                        "'default' is always accepted too).")
-  access_log: bool = _f(True, "Log one line per request on stderr.")
+  access_log: bool = _f(True, "Log one line per request on stderr (never a token).")
+  auth_token_file: str = _f("", "File of bearer tokens, one per line ('#' comments and blank lines "
+                            "skipped; 16-512 characters of A-Z a-z 0-9 - . _ ~ + / =). When set, every "
+                            "request but GET /healthz and the page's own files needs 'Authorization: "
+                            "Bearer <token>' (else 401). Format and how to make one: docs/serving.md.")
+  allow_unauthenticated: bool = _f(False, "Serve a non-loopback --host without --auth_token_file: anyone "
+                                   "who can reach the port can use it (e.g. behind Vertex AI's own IAM).")
+  ssl_certfile: str = _f("", "TLS certificate chain (PEM): serve HTTPS. Without --ssl_keyfile the file must "
+                         "hold the private key too.")
+  ssl_keyfile: str = _f("", "TLS private key (PEM) of --ssl_certfile.")
 
   def validate(self) -> None:
     if not self.model_dir:
@@ -253,7 +274,13 @@ class ServeOptions:
                "(one image of the largest size must fit)"),
               (self.header_timeout_s > 0, f"--header_timeout_s={self.header_timeout_s}: must be > 0"),
               (self.body_timeout_s > 0, f"--body_timeout_s={self.body_timeout_s}: must be > 0"),
-              (self.request_timeout_s > 0, f"request_timeout_s={self.request_timeout_s}: must be > 0")]
+              (self.request_timeout_s > 0, f"request_timeout_s={self.request_timeout_s}: must be > 0"),
+              (self.ssl_certfile or not self.ssl_keyfile,
+               f"--ssl_keyfile={self.ssl_keyfile}: needs --ssl_certfile (the certificate it belongs to)"),
+              (is_loopback(self.host) or self.auth_token_file or self.allow_unauthenticated,
+               f"--host={self.host} serves anyone who can reach this machine and there is no "
+               "authentication: give --auth_token_file=PATH (docs/serving.md), or "
+               "--allow_unauthenticated to serve it open on purpose")]
     for ok, message in checks:
       if not ok:
         raise ServeError(message)

@@ -4,6 +4,7 @@
       [--max_upload_mb=32 --max_files=16 --max_pixels=50000000 --decode_budget=100000000]
       [--max_batch=8 --batch_timeout_ms=5 --max_inflight=64]
       [--header_timeout_s=10 --body_timeout_s=60 --model_name=NAME]
+      [--auth_token_file=tokens.txt --ssl_certfile=cert.pem --ssl_keyfile=key.pem]
 
 Open http://127.0.0.1:8080/ and drop X-rays on the page, or call the API:
 
@@ -17,7 +18,10 @@ Open http://127.0.0.1:8080/ and drop X-rays on the page, or call the API:
 Predictions are those of `python -m xraytpu.predict` (same preprocessing,
 same frozen RUN/threshold.json). Starlette on uvicorn; see xraytpu.serving.http_api for
 the API. Vertex AI: AIP_HTTP_PORT, AIP_HEALTH_ROUTE and AIP_PREDICT_ROUTE are
-honoured. Binds 127.0.0.1 unless --host says otherwise; there is no authentication.
+honoured. Binds 127.0.0.1 unless --host says otherwise; another --host needs
+--auth_token_file (bearer tokens: every route but /healthz and the page's own files
+answers 401 without one) or --allow_unauthenticated. --ssl_certfile/--ssl_keyfile
+serve HTTPS. docs/serving.md: the token file's format, the page, TF Serving's routes.
 """
 
 from __future__ import annotations

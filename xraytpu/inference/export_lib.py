@@ -78,10 +78,7 @@ def export(model_dir: str, *, version: int = ExportConfig.version,
     raise ExportError(f"{target} already exists; pick another --version or leave it at 0 (next free)")
   op = run.operating_point or {}
   module = model_call.module_of(run)
-  signatures = {
-      "serving_default": module.predict_bytes.get_concrete_function(),
-      "serving_pixels": module.predict_pixels.get_concrete_function(),
-  }
+  signatures = module.signatures()
   meta = {
       "format": "xraytpu SavedModel",
       "classes": run.classes,
@@ -133,6 +130,26 @@ def _model_card_text(run) -> str:
   if storage.exists(path):
     return storage.read_text(path)
   return model_card.model_card(run)["model_card_md"]
+
+
+def signature_defs(module: model_call.InferenceModule) -> dict:
+  """{name: SignatureDef proto} of the SavedModel export() writes for `module`, without writing it.
+
+  The same code path as tf.saved_model.save (its export_meta_graph: the MetaGraphDef is
+  built as save builds it, variables are not written), so the tensor names, dtypes and
+  shapes are those `saved_model_cli show --all` shows for the export
+  (tests/test_serve.py compares them with a real export). Takes seconds (it traces the
+  signatures): serve computes it once, on the first metadata request.
+  """
+  import tempfile
+  from tensorflow.core.protobuf import meta_graph_pb2
+  from tensorflow.python.saved_model import save as save_lib   # tf.saved_model.save's own module
+  with tempfile.TemporaryDirectory(prefix="xraytpu-signatures-") as tmp:
+    path = os.path.join(tmp, "meta_graph.pb")
+    save_lib.export_meta_graph(module, path, signatures=module.signatures())
+    with open(path, "rb") as f:
+      meta_graph = meta_graph_pb2.MetaGraphDef.FromString(f.read())
+  return dict(meta_graph.signature_def)
 
 
 def load_metadata(export_path: str) -> dict:

@@ -36,6 +36,8 @@ from xraytpu.run import rundir
 _EPS = rundir.PROB_CLIP
 # The label of a multi-label prediction with no finding above its threshold.
 NO_FINDING = schema.NO_FINDING
+# The SavedModel's signatures (InferenceModule.signatures): file bytes, and pixels after the contract.
+SERVING_DEFAULT, SERVING_PIXELS = "serving_default", "serving_pixels"
 
 
 def module_of(run: rundir.LoadedRun) -> "InferenceModule":
@@ -83,6 +85,12 @@ class InferenceModule(tf.Module):
     return cls(run.model, classes=run.classes, size=run.size, channels=run.channels,
                aspect=run.aspect, conversion=run.conversion, threshold=run.threshold,
                temperature=run.temperature, multi_label=run.multi_label, thresholds=run.thresholds)
+
+  def signatures(self) -> dict:
+    """The SavedModel's signatures (what xraytpu.export saves, and serve describes as TF
+    Serving's metadata): serving_default = predict_bytes, serving_pixels = predict_pixels."""
+    return {SERVING_DEFAULT: self.predict_bytes.get_concrete_function(),
+            SERVING_PIXELS: self.predict_pixels.get_concrete_function()}
 
   # ---- the graph -------------------------------------------------------------
 

@@ -28,11 +28,16 @@ Starlette on uvicorn.
 TensorFlow Serving's REST API (the same requests and answers as TF Serving serving
 `xraytpu.export`'s SavedModel, whose serving_default takes image_bytes): a client
 switches between the two by changing only the host. <name> is --model_name (default:
-the run's model name) or "default".
+the run's model name) or "default"; [/versions/N] is optional, N the served version
+(the run's latest export, else 1; others 404 as in TF Serving). Errors are exactly
+{"error": "..."} here, with TF Serving's status and message where TF Serving has one.
 
-  GET  /v1/models/<name>             {"model_version_status": [{"version": "1", "state": "AVAILABLE", ...}]}
-  GET  /v1/models/<name>/metadata    {"model_spec": ..., "metadata": {"signature_def": ...}}
-  POST /v1/models/<name>:predict     {"instances": [{"b64": "..."}, ...]}      (row format; also
+  GET  /v1/models/<name>[/versions/N]           {"model_version_status": [{"version": "1", "state": "AVAILABLE", ...}]}
+  GET  /v1/models/<name>[/versions/N]/metadata  {"model_spec": ..., "metadata": {"signature_def": ...}}
+                                     (the export's signature_def map, as saved_model_cli shows it)
+  POST /v1/models/<name>[/versions/N]:classify, :regress   400 as TF Serving answers for
+                                     a model without classify/regress signatures
+  POST /v1/models/<name>[/versions/N]:predict  {"instances": [{"b64": "..."}, ...]}      (row format; also
                                      [{"image_bytes": {"b64": "..."}}]) -> {"predictions": [
                                      {"probabilities": [...], "label": "...", "label_index": 1}, ...]}
                                      {"inputs": {"image_bytes": [{"b64": "..."}]}} (columnar; also
@@ -44,12 +49,19 @@ Vertex AI custom containers: the port is AIP_HTTP_PORT when set, and AIP_HEALTH_
 AIP_PREDICT_ROUTE become extra routes (health: GET, /healthz's answer; predict: POST, the
 TF Serving `instances` body and answer).
 
+Access (xraytpu.serving.auth): with --auth_token_file, `Web.asgi` answers 401 (with
+WWW-Authenticate: Bearer) before any route for a request without an accepted
+`Authorization: Bearer <token>`, except GET /healthz (and AIP_HEALTH_ROUTE) and the
+page's own files, which hold no data: the page then asks for the token. TLS is
+uvicorn's (--ssl_certfile, --ssl_keyfile). A non-loopback --host needs a token file or
+--allow_unauthenticated (ServeOptions.validate).
+
 Why Starlette and not FastAPI: every endpoint here must see the request before its body
 (413 from Content-Length, 411, the body read under a deadline, a quiet disconnect), and
 answers in one JSON error shape; FastAPI's value is pydantic models validating parsed
 bodies, which these image uploads do not have, and it would add pydantic as a dependency.
 Starlette gives the routing, 404/405, responses and a thread pool; the OpenAPI
-document is kept by hand beside the routes (`openapi()`), and a test checks it lists
+document is kept by hand beside the routes (xraytpu.serving.openapi), and a test checks it lists
 every route. uvicorn (h11) is the HTTP server; `_Protocol` adds a deadline for a
 request's line and headers, JSON answers for malformed requests, and keeps a half-closed
 connection open long enough to answer it.
@@ -62,10 +74,11 @@ decoders never hold more than that many pixels at once (docs/serving.md states t
 This module is the HTTP layer only. What a request does is `xraytpu.serving.service`
 (the same run, pixel contract and InferenceModule as `xraytpu.predict` and the
 exported SavedModel); TF Serving's request and answer shapes are
-`xraytpu.serving.tf_serving`; batching is `xraytpu.serving.batching`; the card is
-`xraytpu.run.model_card`. It is over 800 lines because the routes, their limits and the
-uvicorn protocol (header deadline, JSON for malformed requests) share one state and are
-read together. Nothing a request sends is ever used as a file system path:
+`xraytpu.serving.tf_serving`; batching is `xraytpu.serving.batching`; tokens are
+`xraytpu.serving.auth`; the OpenAPI document is `xraytpu.serving.openapi`; the card is
+`xraytpu.run.model_card`. It is over 800 lines because the routes, their limits, the
+access check and the uvicorn protocol (header deadline, JSON for malformed requests)
+share one state and are read together. Nothing a request sends is ever used as a file system path:
 the page's three files are read from the package at start-up.
 """
 
@@ -77,6 +90,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -89,7 +103,8 @@ from tfrecord_tools import __version__
 from xraytpu.inference import predict_lib
 from xraytpu.run import rundir
 from xraytpu.config import ServeError, ServeOptions  # noqa: F401 - defined with the other options
-from xraytpu.serving import tf_serving
+from xraytpu.config import is_loopback  # noqa: F401 - part of this module's API
+from xraytpu.serving import auth, tf_serving
 from xraytpu.serving.service import App, RequestError
 
 MB = 1 << 20
@@ -250,6 +265,11 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None, **e
   return _json_response(status, {"error": message, "status": status, **extra}, headers)
 
 
+def _tf_error(status: int, message: str, headers: dict[str, str] | None = None, **extra: Any):
+  """TF Serving's error body: exactly {"error": "..."} (the status is the HTTP status)."""
+  return _json_response(status, {"error": message}, headers)
+
+
 class _EarlyAnswer(Exception):
   """The body could not be read; `response` is the answer."""
 
@@ -261,7 +281,8 @@ class _EarlyAnswer(Exception):
 class Web:
   """The Starlette application around an App: routes, body reading, TF Serving, Vertex AI."""
 
-  def __init__(self, app: App, *, model_name: str, extra_routes: dict[str, str] | None = None):
+  def __init__(self, app: App, *, model_name: str, extra_routes: dict[str, str] | None = None,
+               tokens: auth.Tokens | None = None, version: int = 1):
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.routing import Route
@@ -269,9 +290,13 @@ class Web:
     self.app, self.opts = app, app.opts
     self.model_names = {model_name, "default"}
     self.model_name = model_name
+    self.version = int(version)   # TF Serving's model version (tf_serving.served_version)
     self.extra_routes = dict(extra_routes or {})   # Vertex AI: {"health": route, "predict": route}
+    self.tokens = tokens
     self.threads = anyio.CapacityLimiter(max(8, self.opts.max_inflight))
     self._slots: asyncio.Semaphore | None = None
+    self._signature_defs: dict | None = None
+    self._signature_lock = threading.Lock()
     routes = [Route(path, self._static, methods=["GET"]) for path in app.static]
     routes += [
         Route("/healthz", self._health, methods=["GET"]),
@@ -279,17 +304,68 @@ class Web:
         Route("/v1/model_card.md", self._card_md, methods=["GET"]),
         Route("/openapi.json", self._openapi, methods=["GET"]),
         Route("/v1/predict", self._predict, methods=["POST"]),
-        Route("/v1/models/{name}:predict", self._tf_predict, methods=["POST"]),
-        Route("/v1/models/{name}", self._tf_status, methods=["GET"]),
-        Route("/v1/models/{name}/metadata", self._tf_metadata, methods=["GET"]),
     ]
+    for prefix in ("/v1/models/{name}", "/v1/models/{name}/versions/{version:int}"):
+      routes += [Route(prefix + ":predict", self._tf_predict, methods=["POST"]),
+                 Route(prefix + ":classify", self._tf_classify, methods=["POST"]),
+                 Route(prefix + ":regress", self._tf_classify, methods=["POST"]),
+                 Route(prefix, self._tf_status, methods=["GET"]),
+                 Route(prefix + "/metadata", self._tf_metadata, methods=["GET"])]
     if self.extra_routes.get("health"):
       routes.insert(0, Route(self.extra_routes["health"], self._health, methods=["GET"]))
     if self.extra_routes.get("predict"):
       routes.insert(0, Route(self.extra_routes["predict"], self._vertex_predict, methods=["POST"]))
     self.routes = routes
-    self.asgi = Starlette(routes=routes, exception_handlers={HTTPException: self._http_error,
-                                                             Exception: self._internal_error})
+    # Anything else under /v1/models, any method: TF Serving's 400 "Malformed request" (last:
+    # a route above that matches the path but not the method loses to this one).
+    self.fallback = Route("/v1/models{rest:path}", self._tf_malformed,
+                          methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+    self.starlette = Starlette(routes=[*routes, self.fallback],
+                               exception_handlers={HTTPException: self._http_error,
+                                                   Exception: self._internal_error})
+    # Open without a token: the health check and the page's files (no data; the page asks for one).
+    self.open_paths = {"/healthz", *app.static, *([self.extra_routes["health"]]
+                                                  if self.extra_routes.get("health") else [])}
+    self.asgi = self._guarded if tokens is not None else self.starlette
+
+  # -- access -------------------------------------------------------------------
+
+  async def _guarded(self, scope, receive, send):
+    """The ASGI application with --auth_token_file: 401 before any route (but the open ones)
+    for a request without an accepted bearer token."""
+    if scope["type"] == "http" and scope["path"] not in self.open_paths:
+      header = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), None)
+      why = self.tokens.check(header)
+      if why:
+        await self._refuse(scope, receive, send, why)
+        return
+    await self.starlette(scope, receive, send)
+
+  async def _refuse(self, scope, receive, send, why: str) -> None:
+    from starlette.requests import Request
+    request = Request(scope, receive)
+    challenge = 'Bearer realm="xraytpu"'
+    if why == "invalid":
+      challenge += ', error="invalid_token", error_description="the token was refused"'
+      message = "the access token was refused: it is not one of the server's (--auth_token_file)"
+    else:
+      message = ("this server needs an access token: send the header 'Authorization: Bearer "
+                 "<token>' (a token of the server's --auth_token_file)")
+    headers = {"WWW-Authenticate": challenge}
+    if request.headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in request.headers:
+      headers["Connection"] = "close"   # the body stays unread: this connection ends here
+      try:
+        n = int(request.headers.get("content-length", _DRAIN_BYTES))
+      except ValueError:
+        n = _DRAIN_BYTES
+      await self._drain(request, n)
+    error = _tf_error if self._is_tf_path(scope["path"]) else _error
+    await error(401, message, headers)(scope, receive, send)
+
+  def _is_tf_path(self, path: str) -> bool:
+    """Whether `path` is TF Serving's (or Vertex AI's predict route, TF Serving's body): its
+    errors are exactly {"error": "..."}."""
+    return path.startswith("/v1/models") or path == self.extra_routes.get("predict")
 
   # -- errors ---------------------------------------------------------------
 
@@ -298,18 +374,20 @@ class Web:
     # A body we did not read is still on the socket: that connection ends with this answer.
     unread = request.headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in request.headers
     headers = {"Connection": "close"} if unread else {}
+    error = _tf_error if self._is_tf_path(request.url.path) else _error
     if exc.status_code == 405:
       allowed = (exc.headers or {}).get("Allow", "")
       if allowed:
         headers["Allow"] = allowed
-      return _error(405, f"{method} is not supported for {path}; use {allowed or 'another method'}", headers)
+      return error(405, f"{method} is not supported for {path}; use {allowed or 'another method'}", headers)
     if exc.status_code == 404:
-      return _error(404, f"no such endpoint: {method} {path}", headers)
-    return _error(exc.status_code, str(exc.detail), headers)
+      return error(404, f"no such endpoint: {method} {path}", headers)
+    return error(exc.status_code, str(exc.detail), headers)
 
   async def _internal_error(self, request, exc):
     log.error("internal error on %s %s", request.method, request.url.path[:100], exc_info=exc)
-    return _error(500, f"internal error ({type(exc).__name__}); see the server's log", {"Connection": "close"})
+    error = _tf_error if self._is_tf_path(request.url.path) else _error
+    return error(500, f"internal error ({type(exc).__name__}); see the server's log", {"Connection": "close"})
 
   # -- simple routes ----------------------------------------------------------
 
@@ -333,27 +411,72 @@ class Web:
     return Response(self.app.card.get("model_card_md") or "", media_type="text/markdown; charset=utf-8")
 
   async def _openapi(self, request):
-    return _json_response(200, openapi(self))
+    from xraytpu.serving import openapi
+    return _json_response(200, openapi.openapi(self))
 
-  def _check_name(self, name: str):
-    if name not in self.model_names:
-      raise RequestError(404, f"Servable not found for request: Latest({name[:100]}); this server "
-                              f"serves {self.model_name!r} (or 'default')")
+  # -- TensorFlow Serving ---------------------------------------------------------
+
+  def _model_spec(self, request) -> tuple[str, int | None]:
+    """(name, version or None) of a TF Serving path; RequestError 400 where TF Serving's own
+    routes would not match (a ':' in the name) or the version is not an int64."""
+    name, version = request.path_params["name"], request.path_params.get("version")
+    if ":" in name:
+      raise RequestError(400, tf_serving.malformed(request.method, request.url.path))
+    tf_serving.check_version(version)
+    return name, version
+
+  def _servable(self, request) -> tuple[str, int | None]:
+    """_model_spec, and TF Serving's 404 when that model and version are not the one served."""
+    name, version = self._model_spec(request)
+    if name not in self.model_names or version not in (None, self.version):
+      raise RequestError(404, tf_serving.servable_not_found(name, version))
+    return name, version
 
   async def _tf_status(self, request):
     try:
-      self._check_name(request.path_params["name"])
+      name, version = self._model_spec(request)
+      if name not in self.model_names or version not in (None, self.version):
+        raise RequestError(404, tf_serving.not_found(name, version))
     except RequestError as e:
-      return _error(e.status, e.message)
-    return _json_response(200, {"model_version_status": [{
-        "version": tf_serving.MODEL_VERSION, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]})
+      return _tf_error(e.status, e.message)
+    return _json_response(200, tf_serving.status(self.version))
 
   async def _tf_metadata(self, request):
     try:
-      self._check_name(request.path_params["name"])
+      name, _ = self._servable(request)
     except RequestError as e:
-      return _error(e.status, e.message)
-    return _json_response(200, tf_serving.metadata(self.app, request.path_params["name"]))
+      return _tf_error(e.status, e.message)
+    return _json_response(200, tf_serving.metadata(await self.signature_defs(), name, self.version))
+
+  async def _tf_classify(self, request):
+    """:classify and :regress: TF Serving's answer for this export's predict signatures."""
+    method = request.url.path.rsplit(":", 1)[-1]
+
+    async def handle(body: bytes) -> dict[str, Any]:
+      signature = tf_serving.parse_classify_request(body, method)
+      raise RequestError(400, tf_serving.unsupported(method, await self.signature_defs(), signature))
+    return await self._with_body(request, handle, check_first=lambda: self._servable(request), tf=True)
+
+  async def _tf_malformed(self, request):
+    unread = request.headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in request.headers
+    headers = {"Connection": "close"} if unread else {}
+    if request.url.path == "/v1/models" and request.method == "GET":
+      return _tf_error(400, "Missing model name in request.", headers)
+    return _tf_error(400, tf_serving.malformed(request.method, request.url.path[:200]), headers)
+
+  async def signature_defs(self) -> dict:
+    """The export's {name: SignatureDef} (export_lib.signature_defs), built on first use."""
+    if self._signature_defs is None:
+      import anyio.to_thread
+
+      def build():
+        with self._signature_lock:
+          if self._signature_defs is None:
+            from xraytpu.inference import export_lib
+            self._signature_defs = export_lib.signature_defs(self.app.module)
+        return self._signature_defs
+      return await anyio.to_thread.run_sync(build, limiter=self.threads)
+    return self._signature_defs
 
   # -- predictions --------------------------------------------------------------
 
@@ -365,11 +488,11 @@ class Web:
     return await self._with_body(request, handle, check_first=lambda: _parse_query(request.url.query))
 
   async def _tf_predict(self, request):
-    return await self._with_body(request, self._tf_handle,
-                                 check_first=lambda: self._check_name(request.path_params["name"]))
+    return await self._with_body(request, self._tf_handle, check_first=lambda: self._servable(request),
+                                 tf=True)
 
   async def _vertex_predict(self, request):
-    return await self._with_body(request, self._tf_handle)
+    return await self._with_body(request, self._tf_handle, tf=True)
 
   async def _tf_handle(self, body: bytes) -> dict[str, Any]:
     fmt, files = tf_serving.parse_request(body, self.opts.max_files)
@@ -393,18 +516,20 @@ class Web:
       raise RequestError(400, "empty body: send an image (raw bytes or multipart/form-data)")
     return [("", body)]
 
-  async def _with_body(self, request, handle, check_first=None):
+  async def _with_body(self, request, handle, check_first=None, tf: bool = False):
     """Takes a request slot, reads the body under its limits, answers handle(body)'s JSON.
 
     Every check that needs no body (the query, the model name, Content-Length) is made
-    first, so a refused request is answered without reading its body."""
+    first, so a refused request is answered without reading its body. tf: errors in TF
+    Serving's shape, exactly {"error": "..."}."""
+    error = _tf_error if tf else _error
     self.app.count_request()
     if self._slots is None:
       self._slots = asyncio.Semaphore(self.opts.max_inflight)
     try:
       await asyncio.wait_for(self._slots.acquire(), self.opts.request_timeout_s)
     except asyncio.TimeoutError:
-      return _error(503, "the server is busy; try again", {"Connection": "close"})
+      return error(503, "the server is busy; try again", {"Connection": "close"})
     body_read = False
     try:
       try:
@@ -415,12 +540,12 @@ class Web:
           await self._drain(request, n)
           raise RequestError(413, f"upload of {n / MB:.1f} MiB is over the server's limit of "
                                   f"{self.opts.max_upload_mb:g} MiB (--max_upload_mb)")
-        body = await self._read_body(request, n)
+        body = await self._read_body(request, n, error)
         body_read = True
         return _json_response(200, await handle(body))
       except RequestError as e:
         # The rest of an unread request is still on the socket: this connection ends here.
-        return _error(e.status, e.message, None if body_read else {"Connection": "close"}, **e.extra)
+        return error(e.status, e.message, None if body_read else {"Connection": "close"}, **e.extra)
       except _EarlyAnswer as e:
         return e.response
     finally:
@@ -440,7 +565,7 @@ class Web:
       raise RequestError(400, f"bad Content-Length {value[:30]!r}") from None
     return n
 
-  async def _read_body(self, request, n: int) -> bytes:
+  async def _read_body(self, request, n: int, error=_error) -> bytes:
     """The whole body within --body_timeout_s: 408 when late, 400 when it ends short,
     nothing (one log line) when the client disconnects."""
     receive = request.receive
@@ -456,12 +581,12 @@ class Web:
       except asyncio.TimeoutError:
         log.warning("%s: the body did not arrive within %g s (%d of %d bytes); answered 408",
                     where, self.opts.body_timeout_s, got, n)
-        raise _EarlyAnswer(_error(408, f"the body did not arrive within {self.opts.body_timeout_s:g} s "
+        raise _EarlyAnswer(error(408, f"the body did not arrive within {self.opts.body_timeout_s:g} s "
                                      f"({got} of {n} bytes; --body_timeout_s)", {"Connection": "close"}))
       if message["type"] == "http.disconnect":
         log.warning("%s: the client disconnected after %d of %d bytes", where, got, n)
         # Nobody reads this answer: uvicorn drops what is sent on a closed connection.
-        raise _EarlyAnswer(_error(400, "the client disconnected", {"Connection": "close"}))
+        raise _EarlyAnswer(error(400, "the client disconnected", {"Connection": "close"}))
       chunk = message.get("body", b"")
       got += len(chunk)
       if got > n:  # h11 enforces Content-Length; kept as a guard
@@ -493,83 +618,6 @@ class Web:
 def _client(request) -> str:
   c = request.client
   return f"{c.host}:{c.port}" if c else "?"
-
-
-# --------------------------------------------------------------------------
-# TF Serving metadata and the OpenAPI document (kept by hand, beside the routes).
-# --------------------------------------------------------------------------
-
-
-_ERROR_SCHEMA = {"type": "object", "required": ["error", "status"],
-                 "properties": {"error": {"type": "string"}, "status": {"type": "integer"},
-                                "file": {"type": "string"}, "index": {"type": "integer"}}}
-
-
-def _op(summary: str, *, ok: str, body: dict | None = None, errors: tuple[int, ...] = (),
-        params: list | None = None, media: str = "application/json") -> dict[str, Any]:
-  op: dict[str, Any] = {"summary": summary, "responses": {"200": {
-      "description": ok, "content": {media: {"schema": {"type": "object"} if media.endswith("json")
-                                             else {"type": "string"}}}}}}
-  for status in errors:
-    op["responses"][str(status)] = {"description": "error", "content": {
-        "application/json": {"schema": _ERROR_SCHEMA}}}
-  if body:
-    op["requestBody"] = {"required": True, "content": body}
-  if params:
-    op["parameters"] = params
-  return op
-
-
-_PREDICT_ERRORS = (400, 408, 411, 413, 415, 503)
-_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
-         "description": "the run's model name (--model_name) or 'default'"}
-
-
-def openapi(web: Web) -> dict[str, Any]:
-  """The OpenAPI 3.1 document of every route (tests/test_serve.py checks none is missing)."""
-  image_body = {
-      "multipart/form-data": {"schema": {"type": "object", "properties": {
-          "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
-      "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-  }
-  tf_body = {"application/json": {"schema": tf_serving.REQUEST_SCHEMA}}
-  tf_ok = {"description": "TF Serving answer", "content": {"application/json": {"schema": tf_serving.ANSWER_SCHEMA}}}
-  paths: dict[str, dict[str, Any]] = {}
-  for path in web.app.static:
-    paths[path] = {"get": _op("the prediction page", ok="the page", media=STATIC_FILES[path][1])}
-  paths["/healthz"] = {"get": _op("liveness and counters", ok="status")}
-  paths["/v1/model"] = {"get": _op("the model card (xraytpu.run.model_card)", ok="the card")}
-  paths["/v1/model_card.md"] = {"get": _op("the model card as Markdown (MODEL_CARD.md)",
-                                           ok="the card's text")}
-  paths["/openapi.json"] = {"get": _op("this document", ok="OpenAPI 3.1")}
-  paths["/v1/predict"] = {"post": _op(
-      "predict one or more images (multipart file parts, or one image as the raw body)",
-      ok="predictions (see xraytpu.serving.http_api)", body=image_body, errors=_PREDICT_ERRORS, params=[
-          {"name": "gradcam", "in": "query", "schema": {"type": "string", "enum": ["0", "1"]}},
-          {"name": "dicom_window", "in": "query", "schema": {"type": "string"},
-           "description": "DICOM rendering: auto, full, file, none, lung, ... or CENTER,WIDTH"},
-          {"name": "window", "in": "query", "schema": {"type": "string"}, "deprecated": True,
-           "description": "the old name of dicom_window"}])}
-  tf_predict = _op("TensorFlow Serving predict (serving_default)", ok="TF Serving answer", body=tf_body,
-                   errors=_PREDICT_ERRORS + (404,), params=[_NAME])
-  tf_predict["responses"]["200"] = tf_ok
-  paths["/v1/models/{name}:predict"] = {"post": tf_predict}
-  paths["/v1/models/{name}"] = {"get": _op("TensorFlow Serving model status", ok="model_version_status",
-                                           errors=(404,), params=[_NAME])}
-  paths["/v1/models/{name}/metadata"] = {"get": _op("TensorFlow Serving model metadata (signature_def)",
-                                                    ok="metadata", errors=(404,), params=[_NAME])}
-  if web.extra_routes.get("health"):
-    paths[web.extra_routes["health"]] = {"get": _op("Vertex AI health route (AIP_HEALTH_ROUTE)", ok="status")}
-  if web.extra_routes.get("predict"):
-    vp = _op("Vertex AI predict route (AIP_PREDICT_ROUTE): TF Serving instances",
-             ok="TF Serving answer", body=tf_body, errors=_PREDICT_ERRORS)
-    vp["responses"]["200"] = tf_ok
-    paths[web.extra_routes["predict"]] = {"post": vp}
-  return {"openapi": "3.1.0",
-          "info": {"title": "xraytpu.serve", "version": __version__,
-                   "description": f"Predictions of the run's model ({web.model_name}). "
-                                  "Not a diagnostic device."},
-          "paths": paths}
 
 
 # --------------------------------------------------------------------------
@@ -669,19 +717,24 @@ class Server:
     self.socket, self.app, self.web = sock, app, web
     self.server_address = sock.getsockname()
     opts = app.opts
+    self.tls = bool(opts.ssl_certfile)
     config = uvicorn.Config(web.asgi, http=_protocol_class(opts.header_timeout_s), lifespan="off",
+                            interface="asgi3",
                             log_config=None, access_log=opts.access_log, server_header=False,
                             date_header=True, timeout_keep_alive=5, backlog=256,
                             headers=[("server", f"xraytpu-serve/{__version__}")],
-                            h11_max_incomplete_event_size=64 * 1024, timeout_graceful_shutdown=5)
+                            h11_max_incomplete_event_size=64 * 1024, timeout_graceful_shutdown=5,
+                            ssl_certfile=opts.ssl_certfile or None, ssl_keyfile=opts.ssl_keyfile or None)
     self.uvicorn = uvicorn.Server(config)
     self._thread: threading.Thread | None = None
+    # Tokens never reach a log line (a client may put one in a URL): removed again by close().
+    self._log_filter = auth.install_log_filter(web.tokens) if web.tokens is not None else None
 
   @property
   def url(self) -> str:
     host, port = self.server_address[:2]
     host = f"[{host}]" if ":" in host else host
-    return f"http://{host}:{port}/"
+    return f"{'https' if self.tls else 'http'}://{host}:{port}/"
 
   def serve_forever(self) -> None:
     """Serves in this thread until close() (from another thread)."""
@@ -694,15 +747,9 @@ class Server:
       self._thread.join(timeout=30)
     self.socket.close()
     self.app.close()
-
-
-def is_loopback(host: str) -> bool:
-  if host == "localhost":
-    return True
-  try:
-    return ipaddress.ip_address(host).is_loopback
-  except ValueError:
-    return False
+    if self._log_filter is not None:
+      auth.remove_log_filter(self._log_filter)
+      self._log_filter = None
 
 
 def _is_ipv6(host: str) -> bool:
@@ -744,14 +791,32 @@ def load_run(opts: ServeOptions) -> rundir.LoadedRun:
     raise ServeError(str(e)) from e
 
 
+def check_tls(opts: ServeOptions) -> None:
+  """Loads --ssl_certfile/--ssl_keyfile once before serving, so a bad pair is one line at
+  start-up (uvicorn loads them again). An encrypted key is refused (no prompt)."""
+  if not opts.ssl_certfile:
+    return
+  try:
+    ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
+        opts.ssl_certfile, opts.ssl_keyfile or None, password=lambda: b"")
+  except (OSError, ssl.SSLError) as e:
+    why = getattr(e, "strerror", None) or getattr(e, "reason", None) or str(e)
+    raise ServeError(f"--ssl_certfile={opts.ssl_certfile} --ssl_keyfile={opts.ssl_keyfile or '(none)'}: "
+                     f"cannot load the certificate and its private key ({why}; an unencrypted PEM key "
+                     "is needed)") from None
+
+
 def make_server(opts: ServeOptions, run: rundir.LoadedRun | None = None, environ=os.environ) -> Server:
   """Loads the run (unless given), warms the model up and binds host:port (not serving yet)."""
   opts.validate()
+  tokens = auth.Tokens(auth.read_tokens(opts.auth_token_file)) if opts.auth_token_file else None
+  check_tls(opts)
   port, extra_routes = vertex_settings(opts, environ)
   run = run or load_run(opts)
   app = App(run, opts, static=load_static())
   app.warm_up()
-  web = Web(app, model_name=opts.model_name or app.card["model"], extra_routes=extra_routes)
+  web = Web(app, model_name=opts.model_name or app.card["model"], extra_routes=extra_routes,
+            tokens=tokens, version=tf_serving.served_version(run.model_dir))
   try:
     sock = socket.socket(socket.AF_INET6 if _is_ipv6(opts.host) else socket.AF_INET, socket.SOCK_STREAM)
     try:
@@ -795,10 +860,24 @@ def serve(opts: ServeOptions, out=sys.stdout) -> None:
         file=out)
   if card["threshold_note"]:
     print(f"  note: {card['threshold_note']}", file=out)
+  web = server.web
+  if web.tokens is not None:
+    print(f"  access: a bearer token of {opts.auth_token_file} ({web.tokens.count} token"
+          f"{'s' if web.tokens.count > 1 else ''}) on every request but /healthz and the page's "
+          "files", file=out)
+    warning = auth.file_warning(opts.auth_token_file)
+    if warning:
+      print(f"  WARNING: {warning}", file=out)
+  if server.tls:
+    print(f"  TLS: {opts.ssl_certfile}", file=out)
   if not is_loopback(opts.host):
-    print(f"  WARNING: listening on {opts.host}: anyone who can reach this machine can use it "
-          "(no authentication, no TLS)", file=out)
-  print(f"  TF Serving REST: {server.url}v1/models/{server.web.model_name}:predict; "
+    if web.tokens is None:
+      print(f"  WARNING: listening on {opts.host} with --allow_unauthenticated: anyone who can reach "
+            "this port can use it", file=out)
+    elif not server.tls:
+      print(f"  WARNING: listening on {opts.host} without TLS: tokens and images cross the network "
+            "in clear (--ssl_certfile, --ssl_keyfile, or TLS at a proxy in front)", file=out)
+  print(f"  TF Serving REST: {server.url}v1/models/{web.model_name}:predict (version {web.version}); "
         f"OpenAPI: {server.url}openapi.json", file=out)
   for key, route in server.web.extra_routes.items():
     print(f"  Vertex AI {key} route: {route}", file=out)

@@ -1,12 +1,21 @@
 """TensorFlow Serving's REST protocol, as `python -m xraytpu.serve` speaks it for the run.
 
-  POST /v1/models/NAME:predict   parse_request (row "instances" or columnar "inputs" of
-                                 {"b64": image bytes}) -> App.predict -> answer
-                                 (the exported serving_default's outputs per image)
-  GET  /v1/models/NAME/metadata  metadata (serving_default's signature_def)
+  GET  /v1/models/NAME[/versions/N]            status: the served version, AVAILABLE
+  GET  /v1/models/NAME[/versions/N]/metadata   metadata: the SavedModel's signature_def map,
+                                               exactly as xraytpu.export writes it
+                                               (export_lib.signature_defs)
+  POST /v1/models/NAME[/versions/N]:predict    parse_request (row "instances" or columnar
+                                               "inputs" of {"b64": image bytes}) -> App.predict
+                                               -> answer (serving_default's outputs per image)
+  POST /v1/models/NAME[/versions/N]:classify   TF Serving's answer for a model without a
+       .../NAME[/versions/N]:regress           classify/regress signature (unsupported)
 
-The HTTP layer (routes, limits, errors) is xraytpu.serving.http_api; what a
-prediction is, xraytpu.serving.service.
+NAME is the run's model name (--model_name) or "default"; the served version is the
+run's latest export (RUN/export/N, what TF Serving serving RUN/export/ would load), or 1
+(served_version). Errors are TF Serving's: a body of exactly {"error": "..."}, and for
+an unknown model or version the same status and message (not_found, servable_not_found).
+The HTTP layer (routes, limits) is xraytpu.serving.http_api; what a prediction is,
+xraytpu.serving.service.
 """
 
 from __future__ import annotations
@@ -16,11 +25,53 @@ import binascii
 import json
 from typing import Any
 
-from xraytpu.serving.service import App, RequestError
+from xraytpu.inference.model_call import SERVING_DEFAULT, SERVING_PIXELS
+from xraytpu.serving.service import RequestError
 
-# TF Serving's model version: one model per server.
-MODEL_VERSION = "1"
 SERVING_INPUT = "image_bytes"   # the exported serving_default's one input (xraytpu.inference.model_call)
+SIGNATURE_NAMES = (SERVING_DEFAULT, SERVING_PIXELS)   # the export's signatures (InferenceModule.signatures)
+_INT64_MAX = 2 ** 63 - 1
+
+
+def served_version(model_dir: str) -> int:
+  """The version this server answers as: the highest RUN/export/N (TF Serving's default
+  version policy on RUN/export/), or 1 when the run has no export."""
+  from xraytpu.inference import export_lib
+  from xraytpu.run import rundir
+  try:
+    return max(1, export_lib.next_version(rundir.export_root(model_dir)) - 1)
+  except OSError:
+    return 1
+
+
+def status(version: int) -> dict[str, Any]:
+  """GET /v1/models/NAME[/versions/N]: TF Serving's GetModelStatus answer for the served version."""
+  return {"model_version_status": [{"version": str(version), "state": "AVAILABLE",
+                                    "status": {"error_code": "OK", "error_message": ""}}]}
+
+
+def not_found(name: str, version: int | None) -> str:
+  """TF Serving's 404 message for a model status request (GetModelStatus)."""
+  if version is None:
+    return f"Could not find any versions of model {name}"
+  return f"Could not find version {version} of model {name}"
+
+
+def servable_not_found(name: str, version: int | None) -> str:
+  """TF Serving's 404 message for metadata/predict/classify/regress of an unknown model or version."""
+  spec = f"Latest({name})" if version is None else f"Specific({name}, {version})"
+  return f"Servable not found for request: {spec}"
+
+
+def malformed(method: str, path: str) -> str:
+  """TF Serving's 400 message for a request under /v1/models that matches none of its routes."""
+  return f"Malformed request: {method} {path}"
+
+
+def check_version(version: int | None) -> None:
+  if version is not None and version > _INT64_MAX:
+    raise RequestError(400, f"Failed to convert version: {version} to numeric.")
+
 
 REQUEST_SCHEMA = {"type": "object", "description": "TF Serving predict body: instances (row) or inputs (columnar)",
                "properties": {
@@ -63,9 +114,15 @@ def parse_request(body: bytes, max_files: int) -> tuple[str, list[tuple[str, byt
   if not isinstance(req, dict) or ("instances" in req) == ("inputs" in req):
     raise RequestError(400, 'the body must be a JSON object with "instances" or "inputs" (not both), '
                             "as for TensorFlow Serving's predict API")
-  if req.get("signature_name", "serving_default") != "serving_default":
-    raise RequestError(400, f"signature_name={str(req['signature_name'])[:50]!r}: only serving_default "
-                            "is served")
+  signature = req.get("signature_name", SERVING_DEFAULT)
+  if not isinstance(signature, str):
+    raise RequestError(400, "'signature_name' key must be a string value.")
+  signature = signature or SERVING_DEFAULT   # "" is the default signature, as in TF Serving
+  if signature not in SIGNATURE_NAMES:
+    raise RequestError(400, f'Serving signature name: "{signature[:100]}" not found in signature def')
+  if signature != SERVING_DEFAULT:
+    raise RequestError(400, f"signature_name={signature!r}: xraytpu.serve serves {SERVING_DEFAULT} "
+                            "(image files); send images, or serve the export with TF Serving")
   fmt = "instances" if "instances" in req else "inputs"
   values = req[fmt]
   if fmt == "inputs" and isinstance(values, dict):
@@ -102,21 +159,64 @@ def answer(fmt: str, result: dict[str, Any]) -> dict[str, Any]:
   return {"outputs": {k: [r[k] for r in rows] for k in rows[0]}}
 
 
-def _tensor(dtype: str, dims: list[int], name: str) -> dict[str, Any]:
-  return {"dtype": dtype, "tensor_shape": {"dim": [{"size": str(d), "name": ""} for d in dims],
-                                           "unknown_rank": False}, "name": name}
+def signature_defs_json(defs: dict) -> dict[str, Any]:
+  """{name: SignatureDef proto} -> its JSON as TF Serving's metadata prints it (protobuf's
+  JSON with the proto field names and every field, as TF Serving's ToJsonString asks)."""
+  from google.protobuf import json_format
+  every_field = {"always_print_fields_with_no_presence": True}
+  try:
+    json_format.MessageToDict(next(iter(defs.values())), **every_field)
+  except TypeError:   # protobuf < 5.26 names the option including_default_value_fields
+    every_field = {"including_default_value_fields": True}
+  return {k: json_format.MessageToDict(v, preserving_proto_field_name=True, **every_field)
+          for k, v in sorted(defs.items())}
 
 
-def metadata(app: App, name: str) -> dict[str, Any]:
-  """GET /v1/models/<name>/metadata: serving_default's signature as TF Serving describes the export."""
-  k = len(app.run.classes)
-  outputs = {"probabilities": _tensor("DT_FLOAT", [-1, k], "StatefulPartitionedCall:1"),
-             "label": _tensor("DT_STRING", [-1], "StatefulPartitionedCall:0")}
-  if app.run.multi_label:
-    outputs["positive"] = _tensor("DT_BOOL", [-1, k], "StatefulPartitionedCall:2")
-  else:
-    outputs["label_index"] = _tensor("DT_INT32", [-1], "StatefulPartitionedCall:2")
-  sig = {"inputs": {SERVING_INPUT: _tensor("DT_STRING", [-1], f"serving_default_{SERVING_INPUT}:0")},
-         "outputs": outputs, "method_name": "tensorflow/serving/predict", "defaults": {}}
-  return {"model_spec": {"name": name, "signature_name": "", "version": MODEL_VERSION},
-          "metadata": {"signature_def": {"signature_def": {"serving_default": sig}}}}
+def metadata(defs: dict, name: str, version: int) -> dict[str, Any]:
+  """GET /v1/models/NAME/metadata: TF Serving's GetModelMetadata answer, from the signature_def
+  map the export holds (`export_lib.signature_defs`; defs: {name: SignatureDef proto})."""
+  return {"model_spec": {"name": name, "signature_name": "", "version": str(version)},
+          "metadata": {"signature_def": {"signature_def": signature_defs_json(defs)}}}
+
+
+def parse_classify_request(body: bytes, method: str) -> str:
+  """A :classify / :regress body as TF Serving reads it -> its signature name (default
+  serving_default). Raises RequestError 400 for a body TF Serving would refuse."""
+  try:
+    req = json.loads(body)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise RequestError(400, f"the body is not JSON ({e})") from None
+  if not isinstance(req, dict):
+    raise RequestError(400, "the body must be a JSON object")
+  signature = req.get("signature_name", SERVING_DEFAULT)
+  if not isinstance(signature, str):
+    raise RequestError(400, "'signature_name' key must be a string value.")
+  examples = req.get("examples")
+  if examples is None:
+    raise RequestError(400, f"When method is {method}, key 'examples' is expected and was not found")
+  if not isinstance(examples, list):
+    raise RequestError(400, "Expecting 'examples' value to be an list/array")
+  if not examples:
+    raise RequestError(400, "'examples' value is an empty array")
+  for e in examples:
+    if not isinstance(e, dict):
+      raise RequestError(400, f"Example must be JSON object but got JSON {type(e).__name__}")
+  return signature or SERVING_DEFAULT
+
+
+def unsupported(method: str, defs: dict, signature: str) -> str:
+  """TF Serving's 400 message for :classify / :regress on `signature` of this export, whose
+  signatures are predict signatures (image bytes in; probabilities, label... out). TF
+  Serving (--enable_signature_method_name_check off, its default) checks the signature's
+  shape: classify wants one input and one or two outputs, regress one input and one output."""
+  if signature not in defs:
+    return f"No signature was found with the name: {signature}"
+  sig = defs[signature]
+  if len(sig.inputs) != 1:
+    return "Expected one input Tensor."
+  if method == "classify" and len(sig.outputs) not in (1, 2):
+    return f"Expected one or two output Tensors, found {len(sig.outputs)}"
+  if method == "regress" and len(sig.outputs) != 1:
+    return "Expected one output Tensor."
+  kind = "classification" if method == "classify" else "regression"
+  return f"No {kind} inputs found in SignatureDef: {signature}"

@@ -10,6 +10,64 @@ let active = 0;
 
 function $(sel, root = document) { return root.querySelector(sel); }
 
+// Access (xraytpu.serve --auth_token_file): the page's own files load without a token; every
+// API call goes through api(), which sends "Authorization: Bearer <token>". The token is asked
+// for once, kept in this tab (sessionStorage: gone when the tab closes, never sent elsewhere)
+// and asked for again when the server answers 401. Calls that get 401 together share one question.
+const TOKEN_KEY = "xraytpu.access_token";
+let memoryToken = "";   // when sessionStorage is unavailable
+let asking = null;      // the pending question, a promise of the next token
+
+function currentToken() {
+  try { return sessionStorage.getItem(TOKEN_KEY) || ""; } catch (e) { return memoryToken; }
+}
+
+function setToken(token) {
+  memoryToken = token;
+  try {
+    if (token) sessionStorage.setItem(TOKEN_KEY, token); else sessionStorage.removeItem(TOKEN_KEY);
+  } catch (e) { /* memoryToken holds it */ }
+  $("#forget-token").hidden = !token;
+}
+
+function askToken(message) {
+  if (!asking) {
+    asking = new Promise((resolve) => {
+      const input = $("#token-input");
+      $("#token-message").textContent = message;
+      $("#access").hidden = false;
+      input.value = "";
+      input.focus();
+      $("#token-form").onsubmit = (e) => {
+        e.preventDefault();
+        const token = input.value.trim();
+        if (!token) return;
+        input.value = "";
+        setToken(token);
+        $("#access").hidden = true;
+        asking = null;
+        resolve(token);
+      };
+    });
+  }
+  return asking;
+}
+
+async function api(url, options = {}) {
+  for (;;) {
+    const token = currentToken();
+    const headers = new Headers(options.headers || {});
+    if (token) headers.set("Authorization", `Bearer ${token}`);
+    const resp = await fetch(url, { ...options, headers });
+    if (resp.status !== 401) return resp;
+    if (currentToken() === token) {   // else another call already holds a newer token: retry with it
+      setToken("");
+      await askToken(token ? "The server refused this token; enter another one."
+                           : "This server needs an access token.");
+    }
+  }
+}
+
 // Numbers as the reports print them (Python's f"{x:.3f}"): an exact tie rounds to
 // even, so AUC 9/16 = 0.5625 reads 0.562 here and in report.md (toFixed says 0.563).
 function fmt(x, digits = 3) {
@@ -145,7 +203,7 @@ async function predict(file, node) {
   form.append("file", file, file.name);
   const url = "/v1/predict" + ($("#gradcam").checked ? "?gradcam=1" : "");
   try {
-    const resp = await fetch(url, { method: "POST", body: form });
+    const resp = await api(url, { method: "POST", body: form });
     let body = null;
     try { body = await resp.json(); } catch (e) { body = null; }
     if (!resp.ok || !body) {
@@ -171,8 +229,24 @@ function addFiles(files) {
   pump();
 }
 
+async function toggleModelCard(e) {
+  e.preventDefault();
+  const pre = $("#model-card-text");
+  if (!pre.hidden) { pre.hidden = true; return; }
+  try {
+    const resp = await api("/v1/model_card.md");
+    pre.textContent = resp.ok ? await resp.text() : `The server answered ${resp.status}.`;
+  } catch (err) {
+    pre.textContent = `Could not load the model card (${err.message}).`;
+  }
+  pre.hidden = false;
+}
+
 function setup() {
-  fetch("/v1/model").then((r) => r.json()).then(renderCard).catch((e) => {
+  $("#forget-token").hidden = !currentToken();
+  $("#forget-token").addEventListener("click", () => setToken(""));
+  $("#model-card-link").addEventListener("click", toggleModelCard);
+  api("/v1/model").then((r) => r.json()).then(renderCard).catch((e) => {
     $("#card-status").textContent = `Could not load the model card (${e.message}).`;
   });
   const input = $("#file-input");
