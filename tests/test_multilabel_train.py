@@ -400,10 +400,8 @@ def test_multi_label_training_logs_auc_per_finding_beats_chance_and_resumes(
   np.testing.assert_allclose(p, result.model.predict(x, verbose=0), rtol=1e-5)
 
 
-def test_single_label_runs_are_unchanged(demo_data_dir, tmp_path):
-  run = str(tmp_path / "run")
-  cfg = _cfg(demo_data_dir, run, batch_size=8, epochs=1)
-  result = train_lib.train_and_evaluate(cfg, verbose=0)
+def test_single_label_runs_are_unchanged(trained_run):
+  run = trained_run   # the shared single-label run (tests/conftest.py): demo data, 1 epoch
   rows = _history(run)
   for col in ("loss", "accuracy", "precision", "recall", "auc", "pr_auc", "val_auc", "val_pr_auc"):
     assert col in rows[0], col
@@ -411,9 +409,9 @@ def test_single_label_runs_are_unchanged(demo_data_dir, tmp_path):
   info = json.load(open(os.path.join(run, "config.json")))["run"]
   assert info["task"] == "single_label" and info["label_mode"] == "binary" and "findings" not in info
   assert set(info["class_weight"]) == {"0", "1"}
-  assert tuple(result.model.output.shape) == (None, 1)
-  assert result.model.get_layer("probabilities").activation.__name__ == "sigmoid"
   loaded = rundir.load(run)
+  assert tuple(loaded.model.output.shape) == (None, 1)
+  assert loaded.model.get_layer("probabilities").activation.__name__ == "sigmoid"
   assert loaded.manifest.get("task", "single_label") == "single_label"
 
 
