@@ -173,8 +173,9 @@ def test_model_card_of_a_multi_label_run(multi_run, tmp_path):
   report = evaluate_lib.evaluate(run, split="test", n_resamples=50, write_plots=False)
   text = open(os.path.join(run, "MODEL_CARD.md")).read()
   assert [l for l in text.splitlines() if l.startswith("## ")] == [
-      "## Intended use", "## Model", "## Data", "## Metrics", "## Operating point", "## Limitations",
-      "## Notice"]
+      "## Model details", "## Intended use", "## Factors", "## Metrics", "## Evaluation data",
+      "## Training data", "## Quantitative analyses", "## Ethical considerations",
+      "## Caveats and recommendations", "## Notice"]
   assert model_card.DISCLAIMER in text and "multi-label classifier of 3 findings" in text
   manifest = json.load(open(os.path.join(data, "dataset.json")))
   train = manifest["splits"]["train"]

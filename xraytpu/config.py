@@ -115,6 +115,9 @@ class Config:
                           "steps, counted from 1 in each phase, to the TensorBoard log folder (Keras' "
                           "profile_batch); empty = off.")
   overwrite: bool = _f(False, "Allow replacing a finished run in --model_dir.")
+  model_license: str = _f("", "Licence of the trained model, as its model card's YAML header states it "
+                          "(a Hugging Face / SPDX id such as apache-2.0 or cc-by-nc-4.0; the training "
+                          "data's terms bind it too). Empty: unknown.")
 
   # --help groups the flags by these topics (tfrecord_tools.cli.help_text); the rest: "training".
   FLAG_TOPIC: ClassVar[str] = "training"
@@ -125,7 +128,7 @@ class Config:
       "augmentation": ("augment",) + tuple(AUGMENT_PRESETS["none"]),
       "model": ("model", "weights", "head", "dropout"),
       "distribution": ("strategy", "tpu", "mixed_precision", "steps_per_execution", "jit_compile"),
-      "run directory": ("model_dir", "overwrite", "profile_steps"),
+      "run directory": ("model_dir", "overwrite", "profile_steps", "model_license"),
   }
 
   def resolve_augment(self, explicit: set[str] | None = None) -> "Config":

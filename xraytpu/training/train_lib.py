@@ -68,7 +68,7 @@ from tfrecord_tools import storage
 RESUME_MAY_CHANGE = frozenset({
     "overwrite", "strategy", "tpu", "cache", "cache_dir", "deterministic", "private_threads",
     "ram_budget_mb", "data_service_address", "data_dir", "mixed_precision",
-    "jit_compile", "steps_per_execution", "shuffle_buffer", "profile_steps",
+    "jit_compile", "steps_per_execution", "shuffle_buffer", "profile_steps", "model_license",
 })
 
 # Vertex AI custom training sets these (cloud.google.com/vertex-ai/docs/training/code-requirements):
