@@ -15,6 +15,10 @@ SHARED_DATA = pathlib.Path(os.environ.get("XRAYTPU_SHARED_DATA", ROOT.parent / "
 
 # Tests run the entry points as `python -m ...` from the repository root.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The patient pseudonyms' key (tfrecord_tools.pseudonym), for this process and the entry
+# points it starts: no test creates ~/.config/xraytpu/patient.key (tests/test_privacy.py
+# tests that default with its own $XDG_CONFIG_HOME).
+os.environ["XRAYTPU_PATIENT_KEY"] = "xraytpu-tests-patient-key-0123456789"
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 

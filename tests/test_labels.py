@@ -44,6 +44,12 @@ def _convert(tmp_path, name="out", **kw) -> dict:
   return convert_lib.convert(convert_lib.ConvertOptions(**args))
 
 
+def _pt(patient: str) -> str:
+  """The pseudonym the converter writes for a patient id (the tests' key, tests/conftest.py)."""
+  from tfrecord_tools import pseudonym
+  return pseudonym.load_key().patient(patient)
+
+
 def _read(out) -> dict[str, dict]:
   """filename -> {"multi_hot", "mask", "text", "label", "patient_id", "split"} of every record."""
   import tensorflow as tf
@@ -171,7 +177,7 @@ def test_synthetic_nih_converts_with_the_publishers_split_lists(tmp_path, nih_se
     assert r["text"] == ("|".join(f for f in findings if f in truth) or "No Finding")
     assert r["label"] == 0
     assert (r["split"] == "test") == (rel.rsplit("/", 1)[-1] in test_names)
-    assert r["patient_id"] == str(int(rel.rsplit("/", 1)[-1][:8]))
+    assert r["patient_id"] == _pt(str(int(rel.rsplit("/", 1)[-1][:8])))
   # val is drawn from train_val_list by patient: each patient in one split.
   split_of = {}
   for r in got.values():
@@ -207,15 +213,18 @@ def test_synthetic_chexpert_converts_with_uncertain_and_blank_policies(tmp_path,
     assert (m["labels"]["uncertain"], m["labels"]["blank"]) == (uncertain, blank)
     assert m["num_converted"] == 48 and m["num_found"] == 48
     got = _read(tmp_path / out)
-    assert set(got) == set(cells)
+    # The patient folder (patient00012) is an id: written as its pseudonym.
+    named = {rel: rel.replace(rel.split("/")[1], _pt(rel.split("/")[1])) for rel in cells}
+    assert set(got) == set(named.values())
     for rel, row in cells.items():
-      r = got[rel]
+      r = got[named[rel]]
       assert r["multi_hot"] == [float(want[c][0]) for c in row], (rel, row)
       assert r["mask"] == [float(want[c][1]) for c in row], (rel, row)
       assert (r["split"] == "val") == rel.startswith("valid/")
-      assert r["patient_id"] == rel.split("/")[1]
+      assert r["patient_id"] == _pt(rel.split("/")[1])
     for split, info in m["splits"].items():
-      recs = {rel: r for rel, r in got.items() if r["split"] == split}
+      recs = {rel: r for rel, r in ((rel, got[named[rel]]) for rel in cells)
+              if r["split"] == split}
       for k, f in enumerate(findings):
         fc = info["finding_counts"][f]
         assert fc["uncertain"] == sum(cells[rel][k] == "-1.0" for rel in recs)
@@ -328,8 +337,12 @@ def test_rsna_is_an_ordinary_single_label_task(tmp_path):
   total = {c: sum(info["class_counts"][c] for info in m["splits"].values()) for c in m["classes"]}
   assert total == {"No Pneumonia": 8, "Pneumonia": 4}
   got = _read(tmp_path / "out")
-  for rel, r in got.items():
-    positive = int(rel.split("/")[-1][2:4]) % 3 == 0
+  # RSNA names each image by its patientId: written as the pseudonym.
+  assert set(got) == {_pt(i) + ".png" for i in ids}
+  for i in ids:
+    r = got[_pt(i) + ".png"]
+    assert r["patient_id"] == _pt(i)
+    positive = int(i[2:4]) % 3 == 0
     assert (r["label"], r["text"]) == ((1, "Pneumonia") if positive else (0, "No Pneumonia"))
     assert r["multi_hot"] == [] and r["mask"] == []
   assert tfr_inspect.inspect_dataset(str(tmp_path / "out"), log=lambda _: None)["ok"]
@@ -350,7 +363,7 @@ def test_columns_set_by_hand(tmp_path):
   got = _read(tmp_path / "joined")
   assert got["f0.png"]["multi_hot"] == [1.0, 1.0] and got["f1.png"]["multi_hot"] == [0.0, 0.0]
   assert got["f3.png"]["mask"] == [1.0, 1.0]   # a blank cell: negative by default
-  assert got["f2.png"]["patient_id"] == "P1" and m["splits"]["train"]["num_groups"] == 3
+  assert got["f2.png"]["patient_id"] == _pt("P1") and m["splits"]["train"]["num_groups"] == 3
   m = _convert(tmp_path, "cols", label_columns="Mass,Nodule", **common)
   got = _read(tmp_path / "cols")
   assert m["classes"] == ["Mass", "Nodule"]

@@ -15,6 +15,13 @@ against the class list. Then it reconciles record counts with the manifest
 occurs in more than one split (leakage), prints a split x class table and,
 with --grid, writes a labelled grid of sample images (rows: classes).
 
+Identifiers (docs/privacy.md): it warns, without failing, when the data set
+holds fields that look like identifiers: patient ids that are not keyed
+pseudonyms (pt-<24 hex>; a set converted before pseudonyms, or by another
+tool), file names with a date, a DICOM UID, a run of 6+ digits or a DICOM
+person name (Family^Given), and a manifest without its "privacy" entry. The
+warnings name where (shard and record), never the value.
+
 A multi-label set (manifest "task": "multi_label", `classes` = the K
 findings): each record's multi_hot and mask must hold K values of 0.0 / 1.0,
 no finding may be present where it is masked out, and the text must be the
@@ -41,7 +48,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from tfrecord_tools import _entry, errors, pixels, records, schema, storage
+from tfrecord_tools import _entry, errors, pixels, pseudonym, records, schema, storage
 from tfrecord_tools.labels import MULTI_LABEL, NO_FINDING
 
 
@@ -112,6 +119,8 @@ def inspect_dataset(data_dir: str, *, grid_path: str | None = None, grid_per_cla
   total = 0
   num_records: dict[str, int] = {}
   finding_counts: dict[str, dict] = {}
+  clear_ids = _Tally()      # patient ids that are not pseudonyms
+  name_kinds: dict[str, _Tally] = {}   # identifier kind -> file names that may carry one
 
   for split in splits:
     info = manifest["splits"][split]
@@ -162,7 +171,12 @@ def inspect_dataset(data_dir: str, *, grid_path: str | None = None, grid_per_cla
           if ex[records.SHA256]:
             sha_splits.setdefault(ex[records.SHA256].decode(), set()).add(split)
           if ex[records.PATIENT_ID]:
-            pid_splits.setdefault(ex[records.PATIENT_ID].decode(), set()).add(split)
+            pid = ex[records.PATIENT_ID].decode("utf-8", "replace")
+            pid_splits.setdefault(pid, set()).add(split)
+            if not pseudonym.is_pseudonym(pid):
+              clear_ids.add(f"{shard['file']} record {n - 1}")
+          for kind in pseudonym.identifier_kinds(name):
+            name_kinds.setdefault(kind, _Tally()).add(f"{shard['file']} record {n - 1}")
           good += 1
           rows = [text]
           if multi:
@@ -209,7 +223,10 @@ def inspect_dataset(data_dir: str, *, grid_path: str | None = None, grid_per_cla
                     "(same sha256): leakage between splits")
   leak = sorted(p for p, sps in pid_splits.items() if len(sps) > 1)
   if leak:
-    problems.append(f"{len(leak)} patient ids are in more than one split (e.g. {leak[0]!r})")
+    example = next((p for p in leak if pseudonym.is_pseudonym(p)), None)
+    problems.append(f"{len(leak)} patient ids are in more than one split"
+                    + (f" (e.g. {example!r})" if example else ""))
+  warnings = _identifier_warnings(manifest, clear_ids, name_kinds)
   n_conv = manifest.get("num_converted")
   if not max_per_shard and n_conv is not None and n_conv != total:
     problems.append(f"read {total} records but the manifest says num_converted={n_conv}")
@@ -230,11 +247,52 @@ def inspect_dataset(data_dir: str, *, grid_path: str | None = None, grid_per_cla
     else:
       problems.append("no images to draw in the grid")
   log(f"read {total} records from {data_dir}: "
-      + ("OK" if not problems else f"{len(problems)} problems"))
+      + ("OK" if not problems else f"{len(problems)} problems")
+      + (f", {len(warnings)} warnings" if warnings else ""))
   for p in problems:
     log(f"  problem: {p}")
-  return {"ok": not problems, "problems": problems, "counts": counts, "num_records": total,
-          "finding_counts": finding_counts, "grid": grid_written}
+  for w in warnings:
+    log(f"  warning: {w}")
+  return {"ok": not problems, "problems": problems, "warnings": warnings, "counts": counts,
+          "num_records": total, "finding_counts": finding_counts, "grid": grid_written}
+
+
+class _Tally:
+  """How many records, and where the first one is (never the value itself)."""
+
+  def __init__(self):
+    self.count, self.first = 0, ""
+
+  def add(self, where: str) -> None:
+    self.count += 1
+    self.first = self.first or where
+
+
+def _identifier_warnings(manifest: dict, clear_ids: _Tally, name_kinds: dict[str, _Tally]
+                         ) -> list[str]:
+  """Fields that look like identifiers (docs/privacy.md); each warning says where, not what."""
+  out = []
+  privacy = manifest.get("privacy")
+  if clear_ids.count:
+    out.append(f"{clear_ids.count} records hold a patient id in clear, not a keyed pseudonym "
+               f"(e.g. {clear_ids.first})"
+               + (": this data set was converted before patient ids were pseudonymised"
+                  if privacy is None else "")
+               + "; convert it again with this version (docs/privacy.md)")
+  elif privacy is None:
+    out.append("dataset.json has no \"privacy\" entry: converted before patient ids and file "
+               "names were pseudonymised (or by another tool); convert it again with this "
+               "version to be sure (docs/privacy.md)")
+  paths = [s.get("path", "") for s in manifest.get("skipped") or []]
+  paths += [p for d in manifest.get("duplicates") or [] for p in d]
+  paths += list(manifest.get("ignored_examples") or []) + list(manifest.get("unlabelled_examples") or [])
+  for i, p in enumerate(paths):
+    for kind in pseudonym.identifier_kinds(str(p)):
+      name_kinds.setdefault(kind, _Tally()).add(f"{schema.MANIFEST_NAME} path list entry {i}")
+  for kind, t in sorted(name_kinds.items()):
+    out.append(f"{t.count} file names may carry {kind} (e.g. {t.first}): if they identify a "
+               "patient or a study, convert again with --hash_filenames")
+  return out
 
 
 def _multi_label_problem(hot: np.ndarray, mask: np.ndarray, text: str,

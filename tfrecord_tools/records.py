@@ -75,9 +75,11 @@ FEATURES: tuple[Feature, ...] = (
     Feature(LABEL, "label", INT64, None, "index into the manifest's `classes`"),
     Feature(TEXT, "text", BYTES, None, "class name (utf-8)"),
     Feature(FILENAME, "filename", BYTES, None,
-            "path relative to the input root (utf-8, '/' separated)"),
+            "path relative to the input root (utf-8, '/' separated), the patient's id in it "
+            "replaced by its pseudonym; h-<keyed hash>.<ext> with --hash_filenames"),
     Feature(PATIENT_ID, "patient_id", BYTES, "",
-            'first group of --group_regex, or b"" when not grouped'),
+            'the patient\'s keyed pseudonym pt-<24 hex> (tfrecord_tools.pseudonym; never the id), '
+            'or b"" when not grouped'),
     Feature(SHA256, "sha256", BYTES, "", "hex sha256 of the *source* file, for dedup and audit"),
     # Multi-label tasks (manifest "task": "multi_label"; `classes` are then the K findings):
     Feature(MULTI_HOT, "multi_hot", FLOAT_LIST, (),

@@ -45,17 +45,22 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
 #   "name": "chest_xray",                  # dataset name (output folder name by default)
 #   "tool": "tfrecord_tools.convert", "tool_version": "0.1.0",
 #   "created": "2026-11-23T18:00:00Z",
-#   "args": {...},                         # the converter's resolved arguments
+#   "args": {...},                         # the converter's resolved arguments (not the key file)
+#   "privacy": {"patient_ids": "hmac-sha256" | "none",   # how identifiers are written
+#               "key_id": "3f09c2a1d4e5b6a7" | null,     # which key (tfrecord_tools.pseudonym)
+#               "filenames": "patient-ids-replaced" | "hashed", "pseudonym_format": "pt-<24 hex>"},
+#                                          # absent: converted before pseudonyms (inspect warns)
 #   "classes": ["NORMAL", "PNEUMONIA"],    # label order; identical for every split
 #   "num_found": 1234,                     # image-like files found under the input
 #   "num_converted": 1200, "num_skipped": 4, "num_dropped": 30,  # converted+skipped+dropped == found
-#   "skipped": [{"path": "train/NORMAL/x.jpeg", "reason": "truncated image"}],
+#   "skipped": [{"path": "train/NORMAL/x.jpeg", "reason": "truncated image"}],   # paths as written:
+#                                          # a patient's id replaced by its pseudonym (or hashed)
 #   "dropped": {"COVID-19": 30},           # source classes not named by --class_map
 #   "splits": {
 #     "train": {
 #       "num_examples": 900,
 #       "class_counts": {"NORMAL": 300, "PNEUMONIA": 600},   # every class present, 0 allowed
-#       "num_groups": 310,                 # patients, when --group_regex was given, else null
+#       "num_groups": 310,                 # patients, when --group_regex / --group_by was given, else null
 #       "shards": [{"file": "train-00000-of-00002.tfrecord", "num_examples": 450}, ...]
 #     },
 #     "val": {...}, "test": {...}           # a split may be absent

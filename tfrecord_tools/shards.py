@@ -52,6 +52,12 @@ class Item:
   patient_id: str
   multi_hot: tuple[float, ...] = ()   # multi-label sets: K floats (records.MULTI_HOT), else empty
   mask: tuple[float, ...] = ()        # multi-label sets: K floats (records.MASK), else empty
+  name: str = ""   # the path written (image/filename, skipped lists): the patient's id replaced
+                   # by its pseudonym (tfrecord_tools.pseudonym.Names); "" = source.rel
+
+  @property
+  def record_name(self) -> str:
+    return self.name or self.source.rel
 
 
 @dataclasses.dataclass
@@ -139,14 +145,15 @@ def state_path(output_dir: str, file: str) -> str:
 def convert_one(source: Source, *, label: int, text: str, patient_id: str, max_side: int,
                 channels: str, image_format: str, jpeg_quality: int, dicom_window: str = "full",
                 max_pixels: int = pixels.MAX_PIXELS,
-                multi_hot: tuple[float, ...] = (), mask: tuple[float, ...] = ()
-                ) -> tuple[bytes, pixels.PreparedImage] | str:
+                multi_hot: tuple[float, ...] = (), mask: tuple[float, ...] = (),
+                name: str = "") -> tuple[bytes, pixels.PreparedImage] | str:
   """One source -> (serialised tf.train.Example, PreparedImage), or why it is skipped.
 
   Read the bytes, prepare_image (the size held against `max_pixels` from the header;
   DICOM rendered with `dicom_window`, how written to image/dicom/rendering; decode =
   validate, normalise, resize), serialise with the sha256 of the source: the
-  one per-image code path of both runners.
+  one per-image code path of both runners. `patient_id` is written as given (the
+  converter gives pseudonyms); `name` is the image/filename written ("" = source.rel).
   """
   s = source
   try:
@@ -163,7 +170,7 @@ def convert_one(source: Source, *, label: int, text: str, patient_id: str, max_s
   record = records.serialize_example(
       encoded=prepared.encoded, image_format=prepared.image_format,
       height=prepared.height, width=prepared.width, channels=prepared.channels,
-      bit_depth=prepared.bit_depth, label=label, text=text, filename=s.rel,
+      bit_depth=prepared.bit_depth, label=label, text=text, filename=name or s.rel,
       patient_id=patient_id, sha256=hashlib.sha256(data).hexdigest(),
       multi_hot=multi_hot, mask=mask,   # empty for single-label: not written
       dicom_rendering=prepared.rendering)
@@ -182,9 +189,10 @@ def convert_item(item: Item, *, max_side: int, channels: str, image_format: str,
   done = convert_one(item.source, label=item.label, text=item.text,
                      patient_id=item.patient_id, max_side=max_side, channels=channels,
                      image_format=image_format, jpeg_quality=jpeg_quality, max_pixels=max_pixels,
-                     dicom_window=dicom_window, multi_hot=item.multi_hot, mask=item.mask)
+                     dicom_window=dicom_window, multi_hot=item.multi_hot, mask=item.mask,
+                     name=item.record_name)
   if isinstance(done, str):
-    return None, {"path": item.source.rel, "reason": done, "split": item.split}
+    return None, {"path": item.record_name, "reason": done, "split": item.split}
   record, prepared = done
   stats = Stats()
   stats.add(prepared)

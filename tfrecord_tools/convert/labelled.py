@@ -22,7 +22,7 @@ import os
 from typing import Any, Callable, Sequence
 
 from tfrecord_tools import labels as labels_lib
-from tfrecord_tools import storage
+from tfrecord_tools import pseudonym, storage
 from tfrecord_tools.convert.classes import default_class_order
 from tfrecord_tools.convert.find import Found, is_image_name, split_order, walk_files
 from tfrecord_tools.convert.options import SPLIT_ALIASES, ConvertError, ConvertOptions
@@ -40,6 +40,8 @@ class Labelled:
   skipped_reasons: dict[str, int]  # reason kind -> rows
   unlabelled: list[str]            # image files under the root that no row names
   split_lists: list[str]
+  # The patient pseudonyms and the written paths (set by `labelled_items`).
+  names: pseudonym.Names = dataclasses.field(default_factory=pseudonym.Names)
 
   @property
   def multi_label(self) -> bool:
@@ -146,8 +148,9 @@ def find_labelled(opts: ConvertOptions, log: Callable[[str], None]
 
   def skip(row, kind, split):
     reasons[kind] = reasons.get(kind, 0) + 1
+    # "patient": the row's id, for `labelled_items` to write the path with its pseudonym
     skipped_rows.append({"path": row.image or f"({row.where()})", "reason": f"{kind} ({row.where()})",
-                         "split": split})
+                         "split": split, "patient": row.patient})
 
   accounted = set()   # files named by a row that is skipped: neither converted nor unlabelled
   for row in lab.rows:
@@ -237,17 +240,24 @@ def labelled_items(opts: ConvertOptions, log: Callable[[str], None]
     if len(classes) < 2:
       raise ConvertError(f"the labelled images have one class only ({classes[0]}): a classifier "
                          "needs at least two")
-  pids, unmatched = [], []
+  raw, unmatched = {}, []
   for s, r in pairs:
     pid = r.patient
     if not pid and regex is not None:
       pid = patient_id(s.rel, regex)
       if pid is None:
         unmatched.append(s.rel)
-    pids.append(pid or "")
+    raw[s.rel] = pid or ""
   if unmatched:
     raise ConvertError(f"--group_regex {opts.group_regex!r} found no patient id in "
                        f"{len(unmatched)} paths, e.g. {unmatched[0]!r}")
+  # From here on only pseudonyms: in the records, the manifest, the split order.
+  names = lab.names = pseudonym.Names(raw, regex=regex, hash_all=opts.hash_filenames,
+                                      key_file=opts.patient_key_file, log=log)
+  pids = [names.patient(raw[s.rel]) for s, _ in pairs]
+  for row in lab.skipped_rows:
+    row["path"] = names(row["path"], raw=row.pop("patient", ""))
+  lab.unlabelled = [names(rel) for rel in lab.unlabelled]
   encoded = [labels_lib.encode(r.states, opts.uncertain, opts.blank) if multi else ((), ())
              for _, r in pairs]
   if multi:
@@ -268,13 +278,15 @@ def labelled_items(opts: ConvertOptions, log: Callable[[str], None]
     info["drawn_splits"] = dict(fractions)
   items = []
   for (s, r), sp, pid, (hot, mask) in zip(pairs, splits, pids, encoded):
+    name = names(s.rel)
+    name = "" if name == s.rel else name
     if multi:
       items.append(Item(source=s, split=sp, label=0, text=labels_lib.text_of(hot, classes),
-                        patient_id=pid, multi_hot=hot, mask=mask))
+                        patient_id=pid, multi_hot=hot, mask=mask, name=name))
       lab.states[s.rel] = r.states
     else:
       items.append(Item(source=s, split=sp, label=classes.index(r.cls), text=r.cls,
-                        patient_id=pid))
+                        patient_id=pid, name=name))
   if any(pids):
     info["patients_in_several_splits"] = patient_leaks(items, log)
   return found, classes, items, lab, info
@@ -286,7 +298,7 @@ def add_labels_manifest(manifest: dict, lab: Labelled, items: Sequence[Item],
   failed = {s["path"] for s in manifest["skipped"]}
   classes = manifest["classes"]
   for split, info in manifest["splits"].items():
-    done = [it for it in items if it.split == split and it.source.rel not in failed]
+    done = [it for it in items if it.split == split and it.record_name not in failed]
     patients = {it.patient_id for it in done if it.patient_id}
     info["num_groups"] = len(patients) if patients else info.get("num_groups")
     if lab.multi_label:

@@ -12,7 +12,7 @@ import os
 import sys
 from typing import ClassVar
 
-from tfrecord_tools import cli, dicom, errors, pixels, storage
+from tfrecord_tools import cli, dicom, errors, pixels, pseudonym, storage
 from tfrecord_tools import labels as labels_lib
 
 
@@ -54,6 +54,17 @@ class ConvertOptions:
   group_by: str = cli.field("", "dicom_patient_id: the DICOM header's PatientID is the patient "
                             "(drawn splits keep each patient in one split; every file must be "
                             "DICOM with a PatientID). Default: --group_regex, if given.")
+  patient_key_file: str = cli.field("", "File (local or gs://) holding the secret key of the "
+                                    "patient pseudonyms: every patient id is written as "
+                                    "pt-<HMAC-SHA256(key, id)>, never in clear. Default: $"
+                                    f"{pseudonym.ENV_KEY} (the key itself), else "
+                                    "~/.config/xraytpu/patient.key, made on first use (0600). "
+                                    "The same key gives the same pseudonyms and splits again; "
+                                    "see docs/privacy.md.")
+  hash_filenames: bool = cli.field(False, "Store each image's path as h-<keyed hash>.<ext> "
+                                   "instead of its name (for file names that carry names, "
+                                   "dates, accession numbers or UIDs). Without it, the "
+                                   "patient's id in a path is replaced by its pseudonym.")
   class_map: str = cli.field("", "Merge/rename/drop classes: NEW=OLD[+OLD...],NAME,...; its order is "
                              "the label order; source classes not named are dropped (and counted). "
                              "Default order: sorted, a normal/negative class (Normal, Healthy, NonX "

@@ -27,7 +27,7 @@ from tfrecord_tools.convert.labelled import add_labels_manifest, labelled_items
 from tfrecord_tools.convert.options import (AUTO_FRACTION, DEFAULT_FRACTION, ConvertError, ConvertOptions,
                                             check_options)
 from tfrecord_tools.convert.plan import plan_shards, run_locally
-from tfrecord_tools.convert.split import dedupe, make_items
+from tfrecord_tools.convert.split import dedupe, make_items, read_patients
 from tfrecord_tools.shards import STATE_DIR
 
 
@@ -103,14 +103,16 @@ def _convert_owned(opts: ConvertOptions, log: Callable[[str], None], run_tasks) 
   labelled = None
   if opts.labels_csv:
     found, classes, items, labelled, split_info = labelled_items(opts, log)
+    names = labelled.names
     mapping, dropped = {}, {}
   else:
     found = (find_keras_pair(opts.input_dir) if opts.input_format == "keras_pair"
              else find_files(opts.input_dir))
     classes, mapping = resolve_classes(found, opts.class_map)
+    names = read_patients(found, mapping, opts, log)   # ids in memory; pseudonyms written
     if opts.input_format != "keras_pair":
-      found = dedupe(found, mapping, opts.on_conflict, log)
-    items, dropped, split_info = make_items(found, classes, mapping, opts, log)
+      found = dedupe(found, mapping, opts.on_conflict, log, names)
+    items, dropped, split_info = make_items(found, classes, mapping, opts, log, names)
   if not items:
     raise ConvertError("--class_map drops every image")
   plan = plan_shards(items, opts)
@@ -162,7 +164,7 @@ def _convert_owned(opts: ConvertOptions, log: Callable[[str], None], run_tasks) 
   results += new_results
 
   manifest = _build_manifest(opts, found, classes, mapping, dropped, plan, results,
-                             split_info, num_workers)
+                             split_info, num_workers, names)
   manifest["args"].update(extra_args)
   if labelled is not None:
     add_labels_manifest(manifest, labelled, items, opts)
@@ -215,7 +217,9 @@ def _io_error_text(e: BaseException) -> str:
 
 
 def _build_manifest(opts, found, classes, mapping, dropped, plan, results, split_info,
-                    num_workers) -> dict:
+                    num_workers, names) -> dict:
+  """dataset.json (schema.py). Every path in it is as `names` writes it (patient ids
+  replaced by their pseudonyms, or hashed); no patient id, no key."""
   by_file = {r["file"]: r for r in results}
   stats = shards.Stats()
   splits, skipped = {}, []
@@ -241,6 +245,7 @@ def _build_manifest(opts, found, classes, mapping, dropped, plan, results, split
   num_converted = sum(s["num_examples"] for s in splits.values())
   args = dataclasses.asdict(opts)
   args.pop("quiet")
+  args.pop("patient_key_file")   # where the key is kept is the user's business: "privacy" has its id
   for name, split in (("val_fraction", "val"), ("test_fraction", "test")):
     if args[name] == AUTO_FRACTION:   # record what was applied
       args[name] = 0.0 if split in found.splits else DEFAULT_FRACTION
@@ -257,6 +262,7 @@ def _build_manifest(opts, found, classes, mapping, dropped, plan, results, split
       "pixel_contract": pixels.CONTRACT_VERSION,   # tfrecord_tools.pixels: what the records hold
       "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
       "args": args,
+      "privacy": names.manifest_entry(),         # tfrecord_tools.pseudonym: how identifiers are written
       "classes": classes,
       "num_found": len(found.sources) + len(found.skipped),
       "num_converted": num_converted,
@@ -265,10 +271,13 @@ def _build_manifest(opts, found, classes, mapping, dropped, plan, results, split
       "skipped": skipped,
       "dropped": dict(sorted(dropped.items())),
       "num_ignored": len(found.ignored),
-      "ignored_examples": found.ignored[:20],
+      "ignored_examples": [names(r) for r in found.ignored[:20]],
       "num_duplicates": sum(len(d) for d in found.duplicates),
-      "duplicates": found.duplicates,          # identical files within a class, kept in one split
-      "aliases": found.aliases,                # other paths to a converted file (not converted twice)
+      # identical files within a class, kept in one split
+      "duplicates": [[names(r) for r in d] for d in found.duplicates],
+      # other paths to a converted file (not converted twice)
+      "aliases": [{"path": names(a["path"]), "same_file_as": names(a["same_file_as"])}
+                  for a in found.aliases],
       "layout": found.layout,
       "splits": splits,
       "image_stats": stats.summary(),

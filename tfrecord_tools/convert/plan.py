@@ -94,7 +94,7 @@ def _fingerprint(task: ShardTask) -> str:
   for it in task.items:
     s = it.source
     h.update(json.dumps([s.rel, s.path, s.size, s.mtime_ns, s.offset, it.label,
-                         it.text, it.patient_id]
+                         it.text, it.patient_id, it.record_name]
                         + ([it.multi_hot, it.mask] if it.multi_hot else [])).encode())
   return h.hexdigest()
 

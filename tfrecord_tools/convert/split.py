@@ -4,7 +4,9 @@
                 converted once, copies under two classes a conflict, copies
                 within a class kept together in one split
   patient ids   --group_regex (a regex's first group in the file name) or
-                --group_by=dicom_patient_id (the DICOM header's PatientID)
+                --group_by=dicom_patient_id (the DICOM header's PatientID), read
+                by `read_patients`; from then on only their keyed pseudonyms
+                (tfrecord_tools.pseudonym: records, manifest, log lines, split order)
   assign_splits stratified by class, seeded by hashing (seed, name), and by
                 patient when one is known: a patient's images all go to one split
   make_items    the `Item`s (source, split, label, patient) the plan cuts into shards
@@ -18,7 +20,7 @@ import os
 import re
 from typing import Any, Callable, Sequence
 
-from tfrecord_tools import dicom, pixels, storage
+from tfrecord_tools import dicom, pixels, pseudonym, storage
 from tfrecord_tools.convert.find import Found
 from tfrecord_tools.convert.options import (AUTO_FRACTION, DEFAULT_FRACTION, ConvertError,
                                             ConvertOptions)
@@ -39,8 +41,11 @@ def _content_digest(src: Source) -> str:
 
 
 def dedupe(found: Found, mapping: dict[str, str], on_conflict: str,
-           log: Callable[[str], None]) -> Found:
+           log: Callable[[str], None], name: Callable[[str], str] = lambda rel: rel) -> Found:
   """Finds files with identical contents (sha256; only files sharing a size are read).
+
+  `name`: a path as messages and the skipped list show it (`pseudonym.Names`); the
+  returned `aliases` and `duplicates` hold the paths themselves (named when written).
 
   - the same file reached by two paths (symlinks): converted once, the other paths
     listed in `aliases`;
@@ -82,10 +87,11 @@ def dedupe(found: Found, mapping: dict[str, str], on_conflict: str,
     if len(distinct) > 1:
       duplicates.append(distinct)
       if len({s.split for s in group}) > 1:
-        log(f"warning: identical files in different split folders of the input: {distinct[:3]} "
+        log(f"warning: identical files in different split folders of the input: "
+            f"{[name(r) for r in distinct[:3]]} "
             "(they leak between splits; remove the copies)")
   if conflicts:
-    pairs = "; ".join(" = ".join(f"{s.rel} ({mapping[s.source_class]})" for s in g)
+    pairs = "; ".join(" = ".join(f"{name(s.rel)} ({mapping[s.source_class]})" for s in g)
                       for g in conflicts[:5])
     more = f" (and {len(conflicts) - 5} more)" if len(conflicts) > 5 else ""
     if on_conflict != "skip":
@@ -94,15 +100,16 @@ def dedupe(found: Found, mapping: dict[str, str], on_conflict: str,
                          "them all out")
     for g in conflicts:
       for s in g:
-        others = ", ".join(f"{o.rel} ({mapping[o.source_class]})" for o in g if o is not s)
-        drop[s.rel] = {"path": s.rel, "reason": f"same contents as {others} under another class"}
+        others = ", ".join(f"{name(o.rel)} ({mapping[o.source_class]})" for o in g if o is not s)
+        drop[s.rel] = {"path": name(s.rel), "reason": f"same contents as {others} under another class"}
     log(f"warning: skipped {sum(len(g) for g in conflicts)} files whose contents appear under "
         f"different classes (--on_conflict=skip): {pairs}{more}")
   if aliases:
     log(f"{len(aliases)} paths reach a file already found (symbolic links): converted once")
   if duplicates:
     log(f"{sum(len(d) for d in duplicates)} files are identical copies within their class "
-        f"({len(duplicates)} groups, e.g. {duplicates[0][:2]}): each group is kept in one split")
+        f"({len(duplicates)} groups, e.g. {[name(r) for r in duplicates[0][:2]]}): each group "
+        "is kept in one split")
   return dataclasses.replace(
       found, sources=[s for s in found.sources if s.rel not in drop],
       skipped=sorted((r for r in drop.values() if r), key=lambda r: r["path"]),
@@ -148,6 +155,20 @@ def dicom_patient_id(s: Source) -> str | None:
       return dicom.patient_id(f)
   except (OSError, pixels.ImageError):
     return ""
+
+
+def read_patients(found: Found, mapping: dict[str, str], opts: ConvertOptions,
+                  log: Callable[[str], None]) -> pseudonym.Names:
+  """Each source's patient id (--group_regex or --group_by; None where none is found),
+  kept in memory only, in the `Names` that writes their pseudonyms and the paths."""
+  regex = compile_group_regex(opts.group_regex)
+  ids: dict[str, str | None] = {}
+  if regex is not None or opts.group_by:
+    for s in found.sources:
+      if s.source_class in mapping:
+        ids[s.rel] = dicom_patient_id(s) if opts.group_by else patient_id(s.rel, regex)
+  return pseudonym.Names(ids, regex=regex, hash_all=opts.hash_filenames,
+                         key_file=opts.patient_key_file, log=log)
 
 
 # --------------------------------------------------------------------------
@@ -240,10 +261,12 @@ def drawn_fractions(opts: ConvertOptions, given: Sequence[str], what: str = "fol
 
 
 def make_items(found: Found, classes: list[str], mapping: dict[str, str],
-                opts: ConvertOptions, log: Callable[[str], None]
-                ) -> tuple[list[Item], dict[str, int], dict]:
-  """Maps classes, reads patient ids and draws the splits."""
-  regex = compile_group_regex(opts.group_regex)
+                opts: ConvertOptions, log: Callable[[str], None],
+                names: pseudonym.Names | None = None) -> tuple[list[Item], dict[str, int], dict]:
+  """Maps classes, pseudonymises the patient ids (`names`: `read_patients`'s) and draws
+  the splits (by pseudonym: the same key gives the same splits)."""
+  names = names or read_patients(found, mapping, opts, log)
+  grouped = bool(opts.group_regex or opts.group_by)
   label_of = {c: i for i, c in enumerate(classes)}
   kept, dropped = [], {}
   for s in found.sources:
@@ -254,11 +277,11 @@ def make_items(found: Found, classes: list[str], mapping: dict[str, str],
   pids = []
   unmatched = []
   for s in kept:
-    pid = dicom_patient_id(s) if opts.group_by else patient_id(s.rel, regex)
-    if pid is None:
+    raw = names.ids.get(s.rel) if grouped else ""
+    if raw is None:
       unmatched.append(s.rel)
-      pid = ""
-    pids.append(pid)
+      raw = ""
+    pids.append(names.patient(raw))
   if unmatched and opts.group_by:
     raise ConvertError(f"--group_by=dicom_patient_id: {len(unmatched)} files are not DICOM or "
                        f"have no PatientID, e.g. {unmatched[0]!r}")
@@ -281,11 +304,18 @@ def make_items(found: Found, classes: list[str], mapping: dict[str, str],
       splits[i] = sp
     info["drawn_splits"] = {k: v for k, v in fractions.items()}
 
-  items = [Item(source=s, split=sp, label=lab, text=classes[lab], patient_id=pid)
+  items = [Item(source=s, split=sp, label=lab, text=classes[lab], patient_id=pid,
+                name=_name_if_other(names, s.rel))
            for s, sp, lab, pid in zip(kept, splits, labels, pids)]
-  if regex is not None or opts.group_by:
+  if grouped:
     info["patients_in_several_splits"] = patient_leaks(items, log)
   return items, dropped, info
+
+
+def _name_if_other(names: pseudonym.Names, rel: str) -> str:
+  """Item.name: the written path when it differs from rel ("" otherwise)."""
+  name = names(rel)
+  return "" if name == rel else name
 
 
 def patient_leaks(items: Sequence[Item], log: Callable[[str], None]) -> int:
