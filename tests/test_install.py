@@ -15,6 +15,7 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -27,9 +28,31 @@ def _norm(name: str) -> str:
   return re.sub(r"[-_.]+", "-", name).lower()
 
 
+_RESOLVED: dict[tuple, concurrent.futures.Future] = {}
+_RESOLVED_LOCK = threading.Lock()
+
+
 def resolve(*requirements: str, no_deps: bool = False) -> dict[str, str]:
-  """{package: version} pip would install for `requirements` into an empty environment."""
-  report = ROOT / f".pip-report-{os.getpid()}-{abs(hash(requirements))}.json"
+  """{package: version} pip would install for `requirements` into an empty environment.
+
+  Asked once per set of requirements: the launchers repeat some installs (tpu_vm.sh and
+  multi_worker.sh --install=tpu, the --no-deps tf-keras lines), and a resolve is a pip run."""
+  key = (tuple(requirements), no_deps)
+  with _RESOLVED_LOCK:
+    future, first = _RESOLVED.get(key), key not in _RESOLVED
+    if first:
+      future = _RESOLVED[key] = concurrent.futures.Future()
+  if not first:
+    return dict(future.result())
+  try:
+    future.set_result(_resolve(*requirements, no_deps=no_deps))
+  except BaseException as e:
+    future.set_exception(e)
+  return dict(future.result())
+
+
+def _resolve(*requirements: str, no_deps: bool = False) -> dict[str, str]:
+  report = ROOT / f".pip-report-{os.getpid()}-{abs(hash((requirements, no_deps)))}.json"
   cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q",
          "--disable-pip-version-check", "--report", str(report),
          *(["--no-deps"] if no_deps else []), *requirements]
