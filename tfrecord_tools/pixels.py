@@ -405,7 +405,12 @@ def _render_dicom(data: bytes, dicom_window: str, name: str, max_pixels: int = M
     window = dicom.parse_window(dicom_window)
   except ValueError as e:
     raise ValueError(f"dicom_window {e}") from None
-  check_size(*dicom.header_size(data), max_pixels)
+  try:
+    size = dicom.header_size(data)
+  except ImageError:   # no Rows/Columns: nothing can be decoded; the full read says why
+    size = None
+  if size:
+    check_size(*size, max_pixels)
   return dicom.decode(data, window)
 
 
