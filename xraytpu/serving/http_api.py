@@ -5,7 +5,7 @@ Starlette on uvicorn.
   GET  /healthz          {"status": "ok", "model": ..., "requests": n, "images": n, "batches": n}
   GET  /v1/model         the model card (see `xraytpu.run.model_card`)
   GET  /openapi.json     the OpenAPI 3 description of every route below
-  POST /v1/predict[?gradcam=1][&dicom_window=auto|lung|...|CENTER,WIDTH]  (window= is its old name)
+  POST /v1/predict[?gradcam=1][&dicom_window=auto|viewer|full|lung|...|CENTER,WIDTH]  (window= is its old name)
                          body: multipart/form-data with one or more file parts
                          (curl -F file=@a.png -F file=@b.jpeg), or the raw bytes of one
                          image (curl --data-binary @a.png)

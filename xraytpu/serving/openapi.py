@@ -62,7 +62,7 @@ def openapi(web) -> dict[str, Any]:
       ok="predictions (see xraytpu.serving.http_api)", body=image_body, errors=_PREDICT_ERRORS, params=[
           {"name": "gradcam", "in": "query", "schema": {"type": "string", "enum": ["0", "1"]}},
           {"name": "dicom_window", "in": "query", "schema": {"type": "string"},
-           "description": "DICOM rendering: auto, full, file, none, lung, ... or CENTER,WIDTH"},
+           "description": "DICOM rendering: auto (the run's), viewer, full, file, none, lung, ... or CENTER,WIDTH"},
           {"name": "window", "in": "query", "schema": {"type": "string"}, "deprecated": True,
            "description": "the old name of dicom_window"}])}
   classify_body = {"application/json": {"schema": {"type": "object", "properties": {
