@@ -131,13 +131,13 @@ _DRAIN_SECONDS, _DRAIN_BYTES = 1.0, 8 * MB
 
 # Memory: decoding an image (pixels.load_file's decode, convert and resize in TensorFlow) took
 # 8-12 bytes per pixel of it at peak (measured: 16-bit gray and RGBA PNGs 8-9, 8-bit RGB PNGs
-# 12); DICOM (tfrecord_tools.dicom's rendering, then the same decode) 9-12.5 (peak RSS, VmHWM,
-# of a fresh process, 9-16 Mpx files: 12-bit RLE MONOCHROME1 8.9, 16-bit grey at `full` 9.4-10.7,
-# RGB/YBR_FULL colour 11-12.4; 36-44 grey and 102 colour before the rendering ran in blocks of
-# rows, issue 23). 16 is the bound used, for every format: tests/test_serve.py's memory test
-# and tests/test_dicom_viewer.py (DICOM, per pixel) check it. A multi-frame DICOM counts
-# rows x columns x frames. A request's body is held about BODY_COPIES times (the received
-# chunks, the joined body, the multipart parts).
+# 12); DICOM (tfrecord_tools.dicom's rendering, then the same decode) 5-12.5 (peak RSS, VmHWM,
+# of a fresh process, 9-16 Mpx files: grey 5.4-8.9 at `viewer` (12-bit, RLE MONOCHROME1),
+# 9.4-10.7 at `full` (16-bit output), RGB/YBR_FULL colour 11-12.4; 36-44 grey and 102 colour
+# before the rendering ran in blocks of rows, issue 23). 16 is the bound used, for every
+# format: tests/test_serve.py's memory test and tests/test_dicom_viewer.py (DICOM, per pixel)
+# check it. A multi-frame DICOM counts rows x columns x frames. A request's body is held about
+# BODY_COPIES times (the received chunks, the joined body, the multipart parts).
 DECODE_BYTES_PER_PIXEL = 16
 BODY_COPIES = 3
 MEMORY_SLACK = 64 * MB   # thread stacks, allocator arenas, JSON answers
