@@ -48,6 +48,15 @@ def _upload_tree(local: str, remote: str) -> int:
   return n
 
 
+def _local_conversion(images: str, out: str) -> str:
+  """The reference: the same images converted locally, in this process (the library the
+  command runs, with the flags' defaults and --num_shards=2 --num_workers=1)."""
+  from tfrecord_tools import convert as convert_lib  # noqa: PLC0415
+  convert_lib.convert(convert_lib.ConvertOptions(input_dir=images, output_dir=out, num_shards=2,
+                                                 num_workers=1, quiet=True))
+  return out
+
+
 def _records(data_dir: str) -> dict[str, bytes]:
   """file name -> shard bytes, for every shard a manifest lists."""
   manifest = schema.read_manifest(data_dir)
@@ -64,9 +73,7 @@ def test_convert_inspect_train_evaluate_export_predict_on_gcs(gcs_emulator, demo
   args = ["--num_shards=2", "--num_workers=1"]
   out = _ok(_cli("tfrecord_tools.convert", f"--input_dir={images}", f"--output_dir={data}", *args))
   assert f"converted {n_images} of {n_images} files" in out.stdout
-  local_data = str(tmp_path / "local_data")
-  _ok(_cli("tfrecord_tools.convert", f"--input_dir={demo_images_dir}", f"--output_dir={local_data}",
-           *args))
+  local_data = _local_conversion(demo_images_dir, str(tmp_path / "local_data"))
   remote_shards = _records(data)
   assert remote_shards == _records(local_data) and len(remote_shards) == 6
   remote_manifest = schema.read_manifest(data)
@@ -181,7 +188,6 @@ def test_beam_conversion_writes_to_gcs(gcs_emulator, demo_images_dir, tmp_path):
   args = ["--num_shards=2", "--num_workers=1"]
   _ok(_cli("tfrecord_tools.convert", "--runner=beam", f"--input_dir={demo_images_dir}",
            f"--output_dir={out}", *args))
-  local = str(tmp_path / "local")
-  _ok(_cli("tfrecord_tools.convert", f"--input_dir={demo_images_dir}", f"--output_dir={local}", *args))
+  local = _local_conversion(demo_images_dir, str(tmp_path / "local"))
   assert _records(out) == _records(local)
   assert storage.listdir(out) == sorted([schema.MANIFEST_NAME, *_records(local), *TFDS_FILES])
