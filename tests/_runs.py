@@ -42,3 +42,36 @@ def evaluated_copy(run_dir: str, tmp_path_factory, name: str) -> tuple[str, dict
   run = copy_run(run_dir, tmp_path_factory.mktemp(name))
   report = evaluate_lib.evaluate(run, split="test", n_resamples=50, write_plots=False)
   return run, report
+
+
+# -- configs/*.flags, made fast on a CPU (tests/test_configs.py, tests/test_multilabel_train.py) --
+
+# No ImageNet download, one step of one epoch, no fine-tuning phase, the default strategy; the
+# image side is the smallest the recipe's model accepts (recipe_flags' image_size).
+RECIPE_OVERRIDES = ("--weights=none", "--epochs=1", "--steps_per_epoch=1", "--batch_size=4",
+                    "--strategy=default", "--steps_per_execution=1", "--early_stopping_patience=0",
+                    "--fine_tune_at=-1", "--fine_tune_epochs=0")
+
+
+def recipe_flags(data_dir: str, run_dir: str, image_size: int) -> list[str]:
+  """The flags given after a recipe's --flagfile to make it fast."""
+  return [f"--data_dir={data_dir}", f"--model_dir={run_dir}", f"--image_size={image_size}",
+          *RECIPE_OVERRIDES]
+
+
+def recipe_config(path, extra: list[str]):
+  """The Config `python -m xraytpu.train --flagfile=PATH EXTRA...` trains (its flag definitions)."""
+  from absl import flags
+  from xraytpu import flags as xflags
+  fv = flags.FlagValues()
+  xflags.define_config_flags(flag_values=fv)
+  fv(["train", f"--flagfile={path}", *extra])
+  return xflags.config_from_flags(flag_values=fv)
+
+
+def train_recipe(path, data_dir: str, run_dir: str, image_size: int) -> str:
+  """Trains the recipe at `path`, made fast, in this process; returns the run directory."""
+  from xraytpu.training import train_lib
+  train_lib.train_and_evaluate(recipe_config(path, recipe_flags(data_dir, run_dir, image_size)),
+                               verbose=0)
+  return run_dir

@@ -1,7 +1,8 @@
-"""configs/*.flags: every seed recipe's flagfile trains for one step on the demo data.
+"""configs/*.flags: every seed recipe's flagfile trains for one step on the demo data
+(chexnet, the multi-label recipe, on multi-label data: conftest.chexnet_recipe_run).
 
 The recipe's own flags come first (--flagfile), then overrides that make it
-fast on a CPU: no ImageNet download, tiny images (the applications models at
+fast on a CPU (tests._runs.recipe_flags): no ImageNet download, tiny images (the applications models at
 the smallest size keras.applications accepts), one step of one epoch, no
 fine-tuning phase (tests/test_train.py covers it; the recipe's own fine-tuning
 settings are checked by train_lib.validate_config). So a flag renamed in
@@ -16,6 +17,7 @@ import pathlib
 import pytest
 from absl import flags
 
+from tests import _runs
 from xraytpu import flags as xflags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -62,22 +64,20 @@ def test_flagfile_as_written_is_a_valid_config(path):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_flagfile_trains_one_step(path, demo_data_dir, tmp_path):
+def test_flagfile_trains_one_step(path, demo_data_dir, tmp_path, request):
   # In-process, through the train command's own flag definitions (xraytpu.flags) and the
   # library it calls; the command line itself reads a --flagfile in tests/test_train.py.
-  from xraytpu.training import train_lib
   recipe = _recipe(path)
-  run_dir = tmp_path / "run"
   size = SMALL_SIZE.get(recipe["model"], 32)
-  fast = [f"--data_dir={demo_data_dir}", f"--model_dir={run_dir}", "--weights=none",
-          f"--image_size={size}", "--epochs=1", "--steps_per_epoch=1", "--batch_size=4",
-          "--strategy=default", "--steps_per_execution=1", "--early_stopping_patience=0",
-          "--fine_tune_at=-1", "--fine_tune_epochs=0"]
-  fv = flags.FlagValues()
-  xflags.define_config_flags(flag_values=fv)
-  fv(["train", f"--flagfile={path}", *fast])
-  train_lib.train_and_evaluate(xflags.config_from_flags(flag_values=fv), verbose=0)
+  if path.name == "chexnet.flags":
+    # The 14-finding multi-label recipe trains on multi-label data: one training, shared with
+    # tests/test_multilabel_train.py (conftest.chexnet_recipe_run, made fast the same way).
+    run_dir = pathlib.Path(request.getfixturevalue("chexnet_recipe_run"))
+  else:
+    run_dir = pathlib.Path(_runs.train_recipe(path, demo_data_dir, str(tmp_path / "run"), size))
+  fast = _runs.recipe_flags("d", "m", size)
   cfg = json.loads((run_dir / "config.json").read_text())
+  assert cfg["image_size"] == size and cfg["epochs"] == 1 and cfg["steps_per_epoch"] == 1
   for name, value in recipe.items():   # the recipe's settings reached the run, except the overrides
     if not any(f.startswith(f"--{name}=") for f in fast):
       assert str(cfg[name]).lower() == value.lower() or float(cfg[name]) == float(value), name

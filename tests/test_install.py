@@ -15,6 +15,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import threading
 
 import pytest
@@ -52,7 +53,10 @@ def resolve(*requirements: str, no_deps: bool = False) -> dict[str, str]:
 
 
 def _resolve(*requirements: str, no_deps: bool = False) -> dict[str, str]:
-  report = ROOT / f".pip-report-{os.getpid()}-{abs(hash((requirements, no_deps)))}.json"
+  # In the temp folder, not the repository: tests/test_installed.py copies the repository,
+  # maybe at the same time (pytest-xdist), and a file vanishing mid-copy fails that copy.
+  report = pathlib.Path(tempfile.gettempdir()) / (f"xraytpu-pip-report-{os.getpid()}-"
+                                                  f"{threading.get_ident()}.json")
   cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q",
          "--disable-pip-version-check", "--report", str(report),
          *(["--no-deps"] if no_deps else []), *requirements]

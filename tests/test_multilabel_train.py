@@ -1,7 +1,7 @@
 """Multi-label training end to end: pipeline targets, finding statistics, masked loss and AUC,
 K-sigmoid models, and a short real training run with a resume.
 
-`ml_data` writes a tiny multi-label data set by hand (records.make_example + a
+`ml_data` writes a tiny multi-label data set by hand (tests/_multilabel.py: records + a
 dataset.json following the issue-13 contract): 32x32 grayscale films where
 each of K=3 findings has its own visible sign (a bright block top-left, a
 bright block top-right, a bright bar at the bottom), and about one label in
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import json
 import os
 import pathlib
@@ -22,9 +21,8 @@ import pathlib
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
 
-from tfrecord_tools import records, schema
+from tfrecord_tools import schema
 from xraytpu import models
 from xraytpu.training import multilabel, train_lib
 from xraytpu.run import rundir
@@ -32,77 +30,7 @@ from xraytpu._keras import keras
 from xraytpu.config import Config
 from xraytpu.data import DataError, input_pipeline, stats
 
-FINDINGS = ["Left Opacity", "Right-Opacity", "Bottom_Bar"]
-METRICS = ["auc_left_opacity", "auc_right_opacity", "auc_bottom_bar"]
-K = len(FINDINGS)
-SIZE = 32
-LAYOUT = {"train": (128, 2), "val": (48, 1), "test": (16, 1)}   # split -> (examples, shards)
-PREVALENCE = (0.5, 0.3, 0.4)   # per finding, before masking
-MASK_RATE = 0.2
-
-
-def _labels(split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-  """(present [n, K] 0/1 as the film shows it, mask [n, K] 1 known / 0 ignored), seeded per split."""
-  rng = np.random.default_rng({"train": 0, "val": 1, "test": 2}[split])
-  present = (rng.uniform(size=(n, K)) < np.array(PREVALENCE)).astype(np.float32)
-  mask = (rng.uniform(size=(n, K)) >= MASK_RATE).astype(np.float32)
-  mask[0] = 1.0   # example 0 of each split: every label known
-  return present, mask
-
-
-def _film(present: np.ndarray, seed: int) -> bytes:
-  """A 32x32 8-bit PNG: grey noise plus the sign of every present finding."""
-  rng = np.random.default_rng(seed)
-  x = rng.uniform(60, 110) + rng.normal(0, 10, (SIZE, SIZE))
-  if present[0]:
-    x[4:14, 3:13] += 110       # top-left block
-  if present[1]:
-    x[4:14, 19:29] += 110      # top-right block
-  if present[2]:
-    x[23:28, 4:28] += 110      # bottom bar
-  buf = io.BytesIO()
-  Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).save(buf, format="PNG")
-  return buf.getvalue()
-
-
-def write_multilabel_dataset(root: pathlib.Path) -> dict:
-  """Shards + dataset.json; returns {split: (multi_hot [n, K], mask [n, K], present [n, K])} in
-  manifest order (shard after shard)."""
-  root.mkdir(parents=True, exist_ok=True)
-  splits, truth = {}, {}
-  for split, (n, num_shards) in LAYOUT.items():
-    present, mask = _labels(split, n)
-    # What the records say: the truth where known, the opposite where ignored.
-    multi_hot = np.where(mask > 0, present, 1.0 - present).astype(np.float32)
-    shards, order = [], []
-    for s in range(num_shards):
-      name = schema.shard_name(split, s, num_shards)
-      indices = list(range(n))[s::num_shards]
-      with tf.io.TFRecordWriter(str(root / name)) as w:
-        for i in indices:
-          text = "|".join(f for f, v in zip(FINDINGS, multi_hot[i]) if v) or schema.NO_FINDING
-          w.write(records.serialize_example(
-              encoded=_film(present[i], seed=1000 * len(split) + i), image_format="png",
-              height=SIZE, width=SIZE, channels=1, bit_depth=8, label=0, text=text,
-              filename=f"{split}/img{i:03d}.png", multi_hot=multi_hot[i].tolist(),
-              mask=mask[i].tolist()))
-      shards.append({"file": name, "num_examples": len(indices)})
-      order.extend(indices)
-    counts = {f: {"positive": int(((multi_hot[:, k] == 1) & (mask[:, k] == 1)).sum()),
-                  "negative": int(((multi_hot[:, k] == 0) & (mask[:, k] == 1)).sum()),
-                  "uncertain": int((mask[:, k] == 0).sum()),
-                  "ignored": int((mask[:, k] == 0).sum())} for k, f in enumerate(FINDINGS)}
-    splits[split] = {"num_examples": n, "shards": shards, "num_groups": None,
-                     "class_counts": {f: c["positive"] for f, c in counts.items()},
-                     "finding_counts": counts}
-    truth[split] = (multi_hot[order], mask[order], present[order])
-  manifest = {"manifest_version": 1, "name": "tiny_multilabel", "task": "multi_label",
-              "classes": FINDINGS, "splits": splits,
-              "labels": {"layout": "columns", "csv": ["labels.csv"], "uncertain": "ignore",
-                         "blank": "zeros"},
-              "image_stats": {"channels": {"1": sum(n for n, _ in LAYOUT.values())}}}
-  (root / schema.MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
-  return truth
+from tests._multilabel import FINDINGS, K, LAYOUT, METRICS, SIZE, write_multilabel_dataset
 
 
 @pytest.fixture(scope="module")
@@ -415,21 +343,19 @@ def test_single_label_runs_are_unchanged(trained_run):
   assert loaded.manifest.get("task", "single_label") == "single_label"
 
 
-def test_chexnet_recipe_trains_on_multi_label_data(ml_data, tmp_path):
-  """configs/chexnet.flags as written, made CPU-fast (as tests/test_configs.py does), on multi-label data."""
-  from absl import flags
-  from xraytpu import flags as xflags
-  data_dir, _ = ml_data
+def test_chexnet_recipe_trains_on_multi_label_data(chexnet_recipe_run):
+  """configs/chexnet.flags as written, made CPU-fast (as tests/test_configs.py does), on multi-label
+  data (this module's, tests/_multilabel.py): the one training both tests check
+  (conftest.chexnet_recipe_run)."""
+  from tests import _runs
+  run = chexnet_recipe_run
   path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "chexnet.flags"
   assert "14-finding NIH" in path.read_text()
-  fv = flags.FlagValues()
-  xflags.define_config_flags(flag_values=fv)
-  run = tmp_path / "run"
-  fv(["train", f"--flagfile={path}", f"--data_dir={data_dir}", f"--model_dir={run}", "--weights=none",
-      "--image_size=32", "--epochs=1", "--steps_per_epoch=1", "--batch_size=4",
-      "--early_stopping_patience=0", "--fine_tune_at=-1", "--fine_tune_epochs=0"])
-  cfg = xflags.config_from_flags(flag_values=fv)
+  cfg = _runs.recipe_config(path, _runs.recipe_flags(rundir.read_config(run)["data_dir"], run, 32))
   assert (cfg.model, cfg.class_weight, cfg.horizontal_flip) == ("densenet121", "balanced", True)
-  result = train_lib.train_and_evaluate(cfg, verbose=0)
-  assert tuple(result.model.output.shape) == (None, K)
-  assert {"val_auc", *(f"val_{m}" for m in METRICS)} <= set(_history(str(run))[0])
+  saved = rundir.read_config(run)   # what the run was trained with
+  assert (saved["model"], saved["class_weight"], saved["horizontal_flip"]) == (
+      cfg.model, cfg.class_weight, cfg.horizontal_flip)
+  model = keras.models.load_model(os.path.join(run, "model.keras"), compile=False)
+  assert tuple(model.output.shape) == (None, K)
+  assert {"val_auc", *(f"val_{m}" for m in METRICS)} <= set(_history(run)[0])
