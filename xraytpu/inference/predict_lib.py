@@ -330,9 +330,14 @@ def write_predictions(results: Sequence[Prediction], classes: Sequence[str], pat
 def run_predict(model_dir: str, paths: Sequence[str], *,
                 dicom_window: str = PredictConfig.dicom_window,
                 output: str | None = None, gradcam_dir: str | None = None,
-                batch_size: int = PredictConfig.batch_size, out=sys.stdout, err=sys.stderr,
+                batch_size: int = PredictConfig.batch_size, out=None, err=None,
                 max_pixels: int = PredictConfig.max_pixels) -> int:
-  """The predict command: prints one line per input; returns the number that failed."""
+  """The predict command: prints one line per input; returns the number that failed.
+
+  out / err: where results and per-file errors go; None = sys.stdout / sys.stderr as they
+  are when called (not when this module was imported: a caller may have redirected them)."""
+  out = sys.stdout if out is None else out
+  err = sys.stderr if err is None else err
   if not paths:
     raise PredictError("give at least one image, DICOM file or folder to predict")
   if output and not output.lower().endswith((".csv", ".jsonl")):

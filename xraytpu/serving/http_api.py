@@ -843,8 +843,9 @@ def start_in_thread(server: Server) -> threading.Thread:
   return t
 
 
-def serve(opts: ServeOptions, out=sys.stdout) -> None:
+def serve(opts: ServeOptions, out=None) -> None:
   """The serve command: loads the run and serves until Ctrl-C / SIGTERM."""
+  out = sys.stdout if out is None else out
   import signal
   logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
   server = make_server(opts)
