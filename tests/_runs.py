@@ -75,3 +75,64 @@ def train_recipe(path, data_dir: str, run_dir: str, image_size: int) -> str:
   train_lib.train_and_evaluate(recipe_config(path, recipe_flags(data_dir, run_dir, image_size)),
                                verbose=0)
   return run_dir
+
+
+# -- tests/_matrix.py as subprocesses (tests/test_matrix.py, conftest.multi_worker_matrix_run) --
+
+MULTI_WORKER_COMBO = "multi_worker:bfloat16:0:3"   # the matrix's one multi-worker combination
+
+
+def matrix_env(**extra) -> dict:
+  import os
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=root)
+  env.pop("TF_CONFIG", None)
+  env.update(extra)
+  return env
+
+
+def matrix_process(data: str, out: str, combos: list[str], *, cpus: int = 1, env=None,
+                   extra=()):
+  """`python -m tests._matrix` over `combos`, started (stdout and stderr in one pipe)."""
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, "-m", "tests._matrix", f"--data_dir={data}", f"--out_dir={out}",
+         f"--cpu_devices={cpus}", "--combos=" + ",".join(combos), *extra]
+  return subprocess.Popen(cmd, cwd=root, env=env or matrix_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def matrix_rows(proc, timeout: int = 600) -> list[dict]:
+  """The rows a `matrix_process` printed (its RESULT line); fails the test on a crash or timeout."""
+  import json
+  import subprocess
+  import pytest
+  try:
+    out, _ = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    out = proc.communicate(timeout=30)[0]
+    pytest.fail(f"matrix timed out after {timeout}s:\n{out[-3000:]}")
+  assert proc.returncode == 0, out[-4000:]
+  return json.loads([l for l in out.splitlines() if l.startswith("RESULT ")][-1][len("RESULT "):])
+
+
+def matrix_workers(data: str, out: str, combos: list[str], *, extra=()) -> list[list[dict]]:
+  """tests/_matrix.py as the two workers of a MultiWorkerMirroredStrategy cluster on 127.0.0.1
+  (TF_CONFIG); each worker's rows, worker 0 (the chief) first."""
+  import json
+  from tests import _net
+  workers = [f"127.0.0.1:{p}" for p in _net.free_ports(2)]
+  procs = []
+  try:
+    for i in range(2):
+      conf = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})
+      procs.append(matrix_process(data, out, combos, env=matrix_env(TF_CONFIG=conf), extra=extra))
+    return [matrix_rows(p) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.communicate(timeout=30)
