@@ -5,7 +5,7 @@ One process runs a list of combinations on one converted data set and prints one
 before TensorFlow starts, so callers run it as a subprocess:
 
   python -m tests._matrix --data_dir=DIR --out_dir=DIR --cpu_devices=2 \
-      --combos=mirrored:bfloat16:0:3,mirrored:float16:0:1 [--evaluate] [--export] [--weights_dir=DIR]
+      --combos=mirrored:bfloat16:0:3,mirrored:float16:0:1 [--evaluate] [--export]
 
 A combination is STRATEGY:PRECISION:JIT(0|1):STEPS_PER_EXECUTION[:GLOBAL_BATCH]. For each it
   1. trains 1 epoch (xray_cnn, 32 px, light augmentation, global batch --batch_size),
@@ -35,8 +35,6 @@ _COMBOS = flags.DEFINE_list("combos", [], "STRATEGY:PRECISION:JIT:SPE, ...")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "global batch")
 _EVALUATE = flags.DEFINE_bool("evaluate", False, "evaluate every trained run on test")
 _EXPORT = flags.DEFINE_bool("export", False, "export every trained run and score test through it")
-_WEIGHTS = flags.DEFINE_string("weights_dir", "", "also save every trained model's weights here, "
-                               "one .npz per combination and worker (workers compare them)")
 
 
 def _split_cpu(n: int) -> None:
@@ -68,7 +66,7 @@ def _plain_val_metrics(model, data_dir: str, batch: int) -> dict:
 
 
 def run_combo(combo: str, data_dir: str, out_dir: str, batch: int, evaluate: bool,
-              export: bool, weights_dir: str = "") -> dict:
+              export: bool) -> dict:
   import numpy as np  # noqa: PLC0415
   from tfrecord_tools import schema  # noqa: PLC0415
   from xraytpu.training import distribute, train_lib  # noqa: PLC0415
@@ -92,9 +90,6 @@ def run_combo(combo: str, data_dir: str, out_dir: str, batch: int, evaluate: boo
     return row
   row.update(status="trained", replicas=r.strategy.replicas, workers=r.strategy.num_workers,
              chief=r.strategy.is_chief)
-  if weights_dir:   # every worker, at the same point (reading variables may be collective)
-    row["weights"] = f"{weights_dir}/{combo.replace(':', '_')}-{r.strategy.task_id or 0}.npz"
-    np.savez(row["weights"], *r.model.get_weights())
   if not r.strategy.is_chief:   # the chief alone writes (and reads back) history.csv
     return row
   last = r.history[-1]
@@ -128,8 +123,7 @@ def main(argv):
   _split_cpu(_CPUS.value)
   rows = []
   for combo in _COMBOS.value:
-    row = run_combo(combo, _DATA.value, _OUT.value, _BATCH.value, _EVALUATE.value, _EXPORT.value,
-                    _WEIGHTS.value)
+    row = run_combo(combo, _DATA.value, _OUT.value, _BATCH.value, _EVALUATE.value, _EXPORT.value)
     print("ROW " + json.dumps(row), flush=True)
     rows.append(row)
   print("RESULT " + json.dumps(rows), flush=True)

@@ -125,45 +125,6 @@ def chexnet_recipe_run(tmp_path_factory) -> str:
   return built_once(tmp_path_factory, "chexnet_recipe_run", build)
 
 
-# -- The accelerator matrix's data, and its one multi-worker training (tests/_matrix.py) --
-
-@pytest.fixture(scope="session")
-def awkward_data(tmp_path_factory) -> str:
-  """120 synthetic 48 px films converted with default splits: train 84, val 18, test 18, 2 shards
-  per split, sizes that do not divide the global batch (tests/test_matrix.py). Read-only."""
-  def build(folder):
-    from tfrecord_tools import convert as convert_lib, synthetic
-    images = folder / "images"
-    synthetic.generate(str(images), num_images=120, size=48, bit_depth=8, num_classes=2, seed=1,
-                       with_splits=False)
-    out = folder / "tfrecords"
-    convert_lib.convert(convert_lib.ConvertOptions(input_dir=str(images), output_dir=str(out),
-                                                   num_shards=2, num_workers=1, quiet=True))
-    doc = json.loads((out / "dataset.json").read_text())
-    assert {s: v["num_examples"] for s, v in doc["splits"].items()} == {"train": 84, "val": 18,
-                                                                        "test": 18}
-    return str(out)
-  return built_once(tmp_path_factory, "awkward_data", build)
-
-
-@pytest.fixture(scope="session")
-def multi_worker_matrix_run(awkward_data, tmp_path_factory) -> dict:
-  """MultiWorkerMirroredStrategy over two local worker processes, trained for real once
-  (tests/_matrix.py: bfloat16, steps_per_execution 3, 2 shards per split, evaluated on test):
-  {"rows": [worker 0's (the chief's) row, worker 1's], "run_dir": the run directory}; each row
-  names the .npz of that worker's final weights. Checked by tests/test_matrix.py and
-  tests/test_distribute.py. Read-only.
-  """
-  def build(folder):
-    from tests._runs import MULTI_WORKER_COMBO, matrix_workers
-    (folder / "weights").mkdir()
-    rows = matrix_workers(awkward_data, str(folder / "mw"), [MULTI_WORKER_COMBO],
-                          extra=("--evaluate", f"--weights_dir={folder / 'weights'}"))
-    return {"rows": [r[0] for r in rows],
-            "run_dir": str(folder / "mw" / MULTI_WORKER_COMBO.replace(":", "_"))}
-  return built_once(tmp_path_factory, "multi_worker_matrix_run", build)
-
-
 # -- A local GCS emulator (gcp-storage-emulator, JSON API) on 127.0.0.1. --
 
 class GcsEmulator:

@@ -1,16 +1,24 @@
-"""Strategies: names, errors, batch arithmetic; MultiWorkerMirroredStrategy over 2 local worker
-processes, training for real (MirroredStrategy over 2 logical CPUs: tests/test_matrix.py)."""
+"""Strategies: names, errors, batch arithmetic; MirroredStrategy over 2 logical CPUs and
+MultiWorkerMirroredStrategy over 2 local worker processes, both training for real."""
 
 from __future__ import annotations
 
 import json
-import pathlib
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
+
+from tests import _net
 import tensorflow as tf
 
 from xraytpu.training import distribute
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def test_single_process_strategies():
   for name, cls in [("default", "_DefaultDistributionStrategy"), ("one_device", "MirroredStrategy"),
@@ -47,26 +55,99 @@ def test_batch_and_precision_arithmetic():
 
 
 # ---------------------------------------------------------------------------
-# Real training under MultiWorkerMirroredStrategy: two local worker processes (devices and
-# clusters must be set up before TensorFlow initialises). MirroredStrategy over 2 logical CPUs
-# trains in tests/test_matrix.py.
+# Real training under MirroredStrategy / MultiWorkerMirroredStrategy (subprocesses:
+# devices and clusters must be set up before TensorFlow initialises).
 # ---------------------------------------------------------------------------
 
+_TRAIN = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    if {split_cpu}:
+      cpu = tf.config.list_physical_devices("CPU")[0]
+      tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from xraytpu.training import train_lib
+    from xraytpu.config import Config
+    out = {{}}
+    for strategy in {strategies}:
+      cfg = Config(data_dir={data!r}, model_dir={run!r} + "/" + strategy, strategy=strategy,
+                   model="xray_cnn", image_size=32, batch_size=8, epochs=1, steps_per_epoch=4,
+                   steps_per_execution={spe}, augment="light", seed=0).resolve_augment()
+      r = train_lib.train_and_evaluate(cfg, verbose=0)
+      p = r.model.predict(np.zeros((3, 32, 32, 1), np.uint8), verbose=0)
+      out[strategy] = dict(replicas=r.strategy.replicas, devices=list(r.strategy.devices),
+                           is_chief=r.strategy.is_chief, shape=list(p.shape),
+                           history=[sorted(h) for h in r.history])
+      np.savez({weights!r} + "/" + strategy + ".npz", *r.model.get_weights())
+    print("RESULT " + json.dumps(out))
+""")
+
+
+def _run(code: str, env: dict, timeout: int) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _result(proc: subprocess.Popen, timeout: int) -> dict:
+  try:
+    out, _ = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    out, _ = proc.communicate(timeout=30)
+    pytest.fail(f"worker timed out after {timeout}s:\n{out[-3000:]}")
+  assert proc.returncode == 0, out[-3000:]
+  return _parse(out)
+
+
+def _parse(out: str) -> dict:
+  line = [l for l in out.splitlines() if l.startswith("RESULT ")][-1]
+  return json.loads(line[len("RESULT "):])
+
+
+def _env(**extra) -> dict:
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT, **extra)
+  env.pop("TF_CONFIG", None)
+  env.update(extra)
+  return env
+
+
 @pytest.mark.slow
-def test_multi_worker_two_processes_agree_on_weights(multi_worker_matrix_run):
-  """The suite's one multi-worker training (conftest.multi_worker_matrix_run: tests/_matrix.py,
-  bfloat16, steps_per_execution 3; tests/test_matrix.py checks its validation): both workers
-  end with the same weights, the chief alone writes the run."""
-  results = multi_worker_matrix_run["rows"]
+def test_multi_worker_two_processes_agree_on_weights(demo_data_dir, tmp_path):
+  workers = [f"127.0.0.1:{p}" for p in _net.free_ports(2)]
+  procs = []
+  try:
+    for i in range(2):
+      tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})
+      wdir = tmp_path / f"w{i}"
+      wdir.mkdir()
+      code = _TRAIN.format(split_cpu=False, strategies=["multi_worker"], data=demo_data_dir,
+                           run=str(tmp_path / "shared"), weights=str(wdir), spe=2)
+      procs.append(_run(code, _env(TF_CONFIG=tf_config), 300))
+    outs = []
+    for p in procs:  # collect both logs before judging, so a failure shows the culprit
+      try:
+        outs.append(p.communicate(timeout=300)[0])
+      except subprocess.TimeoutExpired:
+        p.kill()
+        outs.append(p.communicate(timeout=30)[0] + "\n[timed out after 300 s]")
+    for i, (p, out) in enumerate(zip(procs, outs)):
+      assert p.returncode == 0, f"worker {i} failed:\n{out[-2500:]}\n--- other worker:\n{outs[1 - i][-1500:]}"
+    results = [_parse(out) for out in outs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.communicate(timeout=30)
   for i, r in enumerate(results):
-    assert r["status"] == "trained" and r["replicas"] == 2
-    assert r["chief"] == (i == 0)
-  assert results[0]["logged"]["loss"] > 0   # the chief read its history.csv back
-  w0, w1 = (np.load(r["weights"]) for r in results)
+    assert r["multi_worker"]["replicas"] == 2
+    assert r["multi_worker"]["is_chief"] == (i == 0)
+  assert results[0]["multi_worker"]["history"]  # the chief read its history.csv back
+  w0 = np.load(tmp_path / "w0" / "multi_worker.npz")
+  w1 = np.load(tmp_path / "w1" / "multi_worker.npz")
   assert len(w0.files) == len(w1.files) > 0
   for k in w0.files:
     np.testing.assert_allclose(w0[k], w1[k], rtol=1e-5, atol=1e-6)
-  run = pathlib.Path(multi_worker_matrix_run["run_dir"])
+  run = tmp_path / "shared" / "multi_worker"
   doc = json.load(open(run / "config.json"))
   assert doc["status"] == "finished" and doc["run"]["strategy"]["num_workers"] == 2
   assert (run / "model.keras").is_file()

@@ -1,9 +1,9 @@
 """Every strategy x precision x XLA x steps_per_execution the CLI accepts trains, validates,
 evaluates and exports, on splits that do not divide the global batch (tests/_matrix.py).
 
-The data (conftest.awkward_data): 120 synthetic films converted with default splits (84 / 18 /
-18, 2 shards per split). Global batch 16 leaves a last val batch of 2 (1 per replica over two
-replicas); global batch 32 is larger than val and test. The validation metrics `fit` logs under the
+The data: 120 synthetic films converted with default splits (84 / 18 / 18, 2 shards per
+split). Global batch 16 leaves a last val batch of 2 (1 per replica over two replicas);
+global batch 32 is larger than val and test. The validation metrics `fit` logs under the
 strategy are checked against one plain pass over val: padding must count nothing and
 every example exactly once. TPU proxy on CPU: bfloat16 + XLA + steps_per_execution > 1 +
 drop_remainder on one replica, bfloat16 + steps_per_execution > 1 over two replicas and
@@ -12,11 +12,18 @@ two workers; XLA over several CPU replicas is refused (TensorFlow cannot run it)
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
-from tests import _runs
+from tests import _net
 
 from xraytpu.training import distribute
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Each process runs its combinations in turn (devices are fixed per process).
 ONE_CPU = ["default:off:0:1", "default:bfloat16:1:3", "default:float16:0:3:32",
@@ -25,10 +32,48 @@ ONE_CPU = ["default:off:0:1", "default:bfloat16:1:3", "default:float16:0:3:32",
            "mirrored:off:0:1"]
 TWO_CPUS = ["mirrored:off:0:1", "mirrored:bfloat16:0:3:32", "mirrored:float16:0:3",
             "mirrored:auto:0:1", "mirrored:bfloat16:1:3"]
-MULTI_WORKER = _runs.MULTI_WORKER_COMBO   # conftest.multi_worker_matrix_run trains it
+MULTI_WORKER = "multi_worker:bfloat16:0:3"
 
-_matrix = _runs.matrix_process
-_rows = _runs.matrix_rows
+
+@pytest.fixture(scope="module")
+def awkward_data(tmp_path_factory) -> str:
+  from tfrecord_tools import convert as convert_lib, synthetic
+  images = tmp_path_factory.mktemp("awkward") / "images"
+  synthetic.generate(str(images), num_images=120, size=48, bit_depth=8, num_classes=2, seed=1,
+                     with_splits=False)
+  out = tmp_path_factory.mktemp("awkward") / "tfrecords"
+  convert_lib.convert(convert_lib.ConvertOptions(input_dir=str(images), output_dir=str(out),
+                                                 num_shards=2, num_workers=1, quiet=True))
+  doc = json.load(open(out / "dataset.json"))
+  assert {s: v["num_examples"] for s, v in doc["splits"].items()} == {"train": 84, "val": 18,
+                                                                      "test": 18}
+  return str(out)
+
+
+def _env(**extra) -> dict:
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+  env.pop("TF_CONFIG", None)
+  env.update(extra)
+  return env
+
+
+def _matrix(data: str, out: str, combos: list[str], *, cpus: int = 1, env=None,
+            extra=()) -> subprocess.Popen:
+  cmd = [sys.executable, "-m", "tests._matrix", f"--data_dir={data}", f"--out_dir={out}",
+         f"--cpu_devices={cpus}", "--combos=" + ",".join(combos), *extra]
+  return subprocess.Popen(cmd, cwd=ROOT, env=env or _env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _rows(proc: subprocess.Popen, timeout: int = 600) -> list[dict]:
+  try:
+    out, _ = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    out = proc.communicate(timeout=30)[0]
+    pytest.fail(f"matrix timed out after {timeout}s:\n{out[-3000:]}")
+  assert proc.returncode == 0, out[-4000:]
+  return json.loads([l for l in out.splitlines() if l.startswith("RESULT ")][-1][len("RESULT "):])
 
 
 def _check_trained(row: dict) -> None:
@@ -76,11 +121,20 @@ def test_matrix_one_and_two_cpu_devices(awkward_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_matrix_multi_worker_mixed_precision(multi_worker_matrix_run):
-  """Two worker processes, bfloat16, steps_per_execution 3, 2 shards per split (by file): the one
-  multi-worker training (conftest.multi_worker_matrix_run, also read by tests/test_distribute.py)."""
-  chief, other = multi_worker_matrix_run["rows"]
-  assert chief["combo"] == other["combo"] == MULTI_WORKER
+def test_matrix_multi_worker_mixed_precision(awkward_data, tmp_path):
+  """Two worker processes, bfloat16, steps_per_execution 3, 2 shards per split (by file)."""
+  workers = [f"127.0.0.1:{p}" for p in _net.free_ports(2)]
+  procs = []
+  for i in range(2):
+    conf = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})
+    procs.append(_matrix(awkward_data, str(tmp_path / "mw"), [MULTI_WORKER],
+                         env=_env(TF_CONFIG=conf), extra=("--evaluate",)))
+  try:
+    chief, other = (_rows(p)[0] for p in procs)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
   assert chief["chief"] and not other["chief"]
   assert chief["replicas"] == 2 and chief["workers"] == 2
   _check_trained(chief)
