@@ -416,3 +416,67 @@ def test_train_cli_names_an_unknown_tfds_set_in_one_line(tmp_path):
   last = r.stderr.strip().splitlines()[-1]
   assert last.startswith("xraytpu.train: error: --data_dir=tfds:no_such_set_xyz: ") and "not found" in last
   assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------
+# Issue 24 item 8: the TFDS set docs/tfds.md names prepares as installed, offline.
+# ---------------------------------------------------------------------------
+
+
+def _pneumonia_mnist_npz(path: pathlib.Path) -> dict[str, int]:
+  """A small stand-in for MedMNIST's pneumoniamnist.npz (the arrays TFDS's builder reads)."""
+  rng = np.random.default_rng(0)
+  sizes = {"train": 12, "val": 4, "test": 4}
+  arrays = {}
+  for split, n in sizes.items():
+    labels = np.arange(n) % 2
+    images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
+    images[labels == 1, 8:20, 8:20] = 220
+    arrays[f"{split}_images"] = images
+    arrays[f"{split}_labels"] = labels.reshape(n, 1).astype(np.uint8)
+  with open(path, "wb") as f:
+    np.savez(f, **arrays)
+  return sizes
+
+
+def test_documented_pneumonia_mnist_prepares_offline_from_a_manual_download(tmp_path, monkeypatch):
+  """docs/tfds.md's `--data_dir=tfds:pneumonia_mnist` through TFDS's own packaged builder, which
+  imports importlib_resources (before: "cannot prepare the TFDS data set: No module named
+  'importlib_resources'" in the environment `make venv` builds). Nothing is downloaded: the
+  file is put in --tfds_manual_dir, as docs/tfds.md says for a machine without network; this
+  stand-in's checksum is not zenodo's, so only that check is switched off."""
+  from tensorflow_datasets.core.download import download_manager
+  from xraytpu.data import tfds_source
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  sizes = _pneumonia_mnist_npz(manual / "pneumoniamnist.npz")
+  monkeypatch.setattr(download_manager.DownloadManager, "_register_or_validate_checksums",
+                      lambda self, **kw: None)
+  monkeypatch.setattr(download_manager.DownloadManager, "_download",
+                      lambda self, resource: pytest.fail(f"downloaded {resource.url}"))
+  logs = []
+  out = tfds_source.materialise("tfds:pneumonia_mnist", tfds_data_dir=str(tmp_path / "tfds"),
+                                tfds_manual_dir=str(manual), log=logs.append)
+  m = schema.read_manifest(out)
+  assert m["name"] == "tfds:pneumonia_mnist/1.0.0" and m["classes"] == ["Normal", "Pneumonia"]
+  assert {sp: i["num_examples"] for sp, i in m["splits"].items()} == sizes
+  assert m["splits"]["test"]["class_counts"] == {"Normal": 2, "Pneumonia": 2}
+
+
+def test_a_failed_tfds_download_is_one_line_naming_the_file_to_fetch(tmp_path, monkeypatch):
+  """No network: one line that names the file and --tfds_manual_dir (docs/tfds.md)."""
+  import requests
+  from tensorflow_datasets.core.download import downloader
+  from xraytpu.data import tfds_source
+
+  def offline(self, url, destination_path, verify=True):   # what requests raises without network
+    raise requests.exceptions.ConnectionError(
+        f"HTTPSConnectionPool(host='zenodo.org', port=443): Max retries exceeded with url: {url}")
+  monkeypatch.setattr(downloader._Downloader, "_sync_download", offline)
+  with pytest.raises(tfds_source.TfdsError) as e:
+    tfds_source.materialise("tfds:pneumonia_mnist", tfds_data_dir=str(tmp_path / "tfds"))
+  msg = str(e.value)
+  assert "\n" not in msg and msg.startswith("--data_dir=tfds:pneumonia_mnist: cannot prepare")
+  assert ("the download failed (no network?): download https://zenodo.org/records/10519652/files/"
+          "pneumoniamnist.npz (as pneumoniamnist.npz) on a machine with network") in msg
+  assert "--tfds_manual_dir=FOLDER" in msg

@@ -42,9 +42,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import difflib
 import io
 import re
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from tfrecord_tools import errors, storage
 
@@ -130,6 +131,26 @@ def parse_split_files(spec: str, flag: str, split_aliases: dict[str, str]) -> li
 
 def _names(spec: str) -> list[str]:
   return [n.strip() for n in spec.split(",") if n.strip()]
+
+
+def closest(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
+  """The candidates a mistyped name is closest to, best first (case ignored; [] when none is
+  close). difflib's similarity ratio (the standard library's, cutoff 0.6) rather than a
+  hand-written edit distance: it ranks 'Efusion' -> 'Effusion' and 'effusion' -> 'Effusion'."""
+  by_low: dict[str, str] = {}
+  for c in candidates:
+    by_low.setdefault(c.lower(), c)
+  return [by_low[m] for m in difflib.get_close_matches(name.lower(), list(by_low), n=n)]
+
+
+def did_you_mean(names: Sequence[str], candidates: Iterable[str]) -> str:
+  """" (did you mean 'Effusion'?)" for the first of `names` with a close candidate, else ""."""
+  candidates = list(candidates)
+  for name in names:
+    near = closest(name, candidates)
+    if near:
+      return f" (did you mean {' or '.join(repr(c) for c in near)} for {name!r}?)"
+  return ""
 
 
 # --------------------------------------------------------------------------
@@ -290,6 +311,15 @@ def _read_joined(layout, tables, image_col, labels_col, sep, patient_col, wanted
             for split, path, line, im, pat, c in parsed]
     return LabelSet(layout, SINGLE_LABEL, classes, rows, [t[1] for t in tables],
                     {"image": image_col, "labels": labels_col, "patient": patient_col or None})
+  if wanted:
+    if any(w.lower() == NO_FINDING.lower() for w in wanted):
+      raise LabelError(f"--findings names {NO_FINDING!r}, which in column {labels_col!r} means "
+                       "none of the findings: name findings only")
+    missing = [w for w in wanted if w not in seen]
+    if missing:   # a typo would be a finding with no positive anywhere
+      raise LabelError(f"--findings names {', '.join(repr(m) for m in missing)}, which no row of "
+                       f"the label CSVs has in column {labels_col!r}{did_you_mean(missing, seen)}; "
+                       f"the findings they name: {', '.join(sorted(seen)) or 'none'}")
   classes = wanted or sorted(seen)
   if not classes:
     raise LabelError(f"the label CSVs name no findings in column {labels_col!r} (every row is "
@@ -336,8 +366,9 @@ def _read_state_columns(layout, tables, image_col, hand_columns, patient_col, wa
   if wanted:
     missing = [w for w in wanted if _col(first_header, w) is None]
     if missing:
-      raise LabelError(f"--findings names {', '.join(missing)}, which the label CSV "
-                       f"{tables[0][1]} has no column for; finding columns: {', '.join(columns)}")
+      raise LabelError(f"--findings names {', '.join(repr(m) for m in missing)}, which the label "
+                       f"CSV {tables[0][1]} has no column for{did_you_mean(missing, first_header)}; "
+                       f"finding columns: {', '.join(columns)}")
     classes = [first_header[_col(first_header, w)] for w in wanted]
   else:
     classes = list(columns)

@@ -10,7 +10,7 @@ reads:
 
   OUTPUT/NORMAL/p00000_0.png             (default)
   OUTPUT/train/NORMAL/p00000_0.png       (--with_splits: train/val/test by patient)
-  OUTPUT/synthetic.json                  (the arguments; ignored by the converter)
+  OUTPUT/synthetic.json                  (the arguments; the converter reads its group_regex)
 
 Each image is a grayscale frontal "radiograph": a body outline, two dark lung
 fields above a domed diaphragm, spine and heart shadows, ribs, a random
@@ -20,8 +20,10 @@ size and zone depend on the class (class 1: one to three focal lower-zone
 consolidations; class 2: many small bilateral peripheral patches; class 3+:
 upper-zone lesions). Anatomy is drawn per patient, noise per image, all from
 `numpy.random.default_rng([seed, ...])`, so the same arguments give the same
-bytes. File names start with the patient id (`p00012_0.png`), so
-`--group_regex='^(p\\d+)_'` splits by patient.
+bytes. File names start with the patient id (`p00012_0.png`), and synthetic.json
+records the regex that finds it (`group_regex`): with --images_per_patient > 1
+the converter keeps each patient's films in one split by itself (it reads that
+regex; `tfrecord_tools.convert.split.detect_grouping`), as --group_regex would.
 
 --image_format=dicom writes each film as a DICOM file (`.dcm`, PatientID =
 the patient id, so `--group_by=dicom_patient_id` splits by patient too), the
@@ -80,6 +82,7 @@ STORAGE_KINDS = {
 CLASS_NAMES = ("NORMAL", "PNEUMONIA", "COVID", "NODULE", "EFFUSION")
 SPLIT_FRACTIONS = (("train", 0.7), ("val", 0.15), ("test", 0.15))
 MARKER = "synthetic.json"
+TOOL = "tfrecord_tools.synthetic"      # synthetic.json's "tool"
 
 
 class SyntheticError(errors.UserError):
@@ -466,7 +469,7 @@ def generate(output_dir: str, *, num_images: int = 200, size: int = 256,
     counts[key][cls] += 1
 
   summary = {
-      "tool": "tfrecord_tools.synthetic", "num_images": num_images, "size": size,
+      "tool": TOOL, "num_images": num_images, "size": size,
       "bit_depth": bit_depth, "classes": class_names(num_classes), "seed": seed,
       "with_splits": with_splits, "images_per_patient": images_per_patient,
       "image_format": image_format, "size_jitter": size_jitter,
@@ -596,7 +599,7 @@ def generate_labelled(output_dir: str, layout: str, *, num_images: int = 200, si
       write_csv(file, header, rows.get(split, []))
     files = {"csv": CHEXPERT_CSVS}
   summary = {
-      "tool": "tfrecord_tools.synthetic", "labels_layout": layout, "num_images": num_images,
+      "tool": TOOL, "labels_layout": layout, "num_images": num_images,
       "num_patients": num_patients, "size": size, "bit_depth": bit_depth, "seed": seed,
       "images_per_patient": images_per_patient, "image_format": image_format,
       "findings": list(names), "prevalence": PREVALENCE, **files,

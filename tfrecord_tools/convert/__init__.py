@@ -24,8 +24,8 @@ One chain of stages, each in its own module (`pipeline.convert` runs them):
   found = dedupe(found, mapping, ...)  # 3. split.py: identical files (sha256) converted
   items = make_items(found, ...)       #    once, kept in one split, or a conflict; splits
       # stratified by class, seeded by hashing (seed, name), and by patient when
-      # --group_regex or --group_by=dicom_patient_id (the DICOM header's PatientID) is
-      # given: a patient's images all go to one split.
+      # --group_regex, --group_by=dicom_patient_id (the DICOM header's PatientID) or the
+      # file names (split.detect_grouping) show one: a patient's images all go to one split.
   plan = plan_shards(items, opts)      # 4. plan.py: each split's files shuffled (seeded
       # hash order) and cut into `split-%05d-of-%05d.tfrecord` shards.
   run_locally(todo, opts, log)         # 5. plan.py: one task per shard

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+from tfrecord_tools import labels as labels_lib
 from tfrecord_tools.convert.find import Found
 from tfrecord_tools.convert.options import ConvertError
 
@@ -84,7 +85,8 @@ def resolve_classes(found: Found, class_map: str) -> tuple[list[str], dict[str, 
     missing = [s for _, srcs in spec for s in srcs if s not in source_classes]
     if missing:
       raise ConvertError(f"--class_map names {', '.join(repr(m) for m in missing)} but the "
-                         f"input's classes are {', '.join(source_classes)}")
+                         f"input's classes are {', '.join(source_classes)}"
+                         + labels_lib.did_you_mean(missing, source_classes))
     classes = [t for t, _ in spec]
     mapping = {s: t for t, srcs in spec for s in srcs}
   else:

@@ -25,9 +25,10 @@ from tfrecord_tools import labels as labels_lib
 from tfrecord_tools import pseudonym, storage
 from tfrecord_tools.convert.classes import default_class_order
 from tfrecord_tools.convert.find import Found, is_image_name, split_order, walk_files
-from tfrecord_tools.convert.options import SPLIT_ALIASES, ConvertError, ConvertOptions
-from tfrecord_tools.convert.split import (assign_splits, compile_group_regex, drawn_fractions,
-                                          patient_id, patient_leaks)
+from tfrecord_tools.convert.options import GROUP_NONE, SPLIT_ALIASES, ConvertError, ConvertOptions
+from tfrecord_tools.convert.split import (assign_splits, compile_group_regex, detect_grouping,
+                                          drawn_fractions, label_warnings, patient_id,
+                                          patient_leaks)
 from tfrecord_tools.shards import Item, Source
 
 
@@ -232,7 +233,6 @@ def labelled_items(opts: ConvertOptions, log: Callable[[str], None]
   reach every split; a patient's stratum is that of most of their images.
   """
   found, pairs, lab = find_labelled(opts, log)
-  regex = compile_group_regex(opts.group_regex)
   classes = lab.labels.classes
   multi = lab.multi_label
   if not multi:
@@ -240,12 +240,13 @@ def labelled_items(opts: ConvertOptions, log: Callable[[str], None]
     if len(classes) < 2:
       raise ConvertError(f"the labelled images have one class only ({classes[0]}): a classifier "
                          "needs at least two")
+  regex, grouping = _grouping(opts, pairs, lab, log)
   raw, unmatched = {}, []
   for s, r in pairs:
-    pid = r.patient
+    pid = r.patient if opts.group_by != GROUP_NONE else ""
     if not pid and regex is not None:
       pid = patient_id(s.rel, regex)
-      if pid is None:
+      if pid is None and grouping["source"] == "--group_regex":
         unmatched.append(s.rel)
     raw[s.rel] = pid or ""
   if unmatched:
@@ -267,7 +268,7 @@ def labelled_items(opts: ConvertOptions, log: Callable[[str], None]
   else:
     strata = [classes.index(r.cls) for _, r in pairs]
   splits = [r.split or "train" for _, r in pairs]
-  info: dict[str, Any] = {}
+  info: dict[str, Any] = {"patient_grouping": grouping}
   fractions = drawn_fractions(opts, found.splits, what="split in the label files")
   if fractions:
     idx = [i for i, sp in enumerate(splits) if sp == "train"]
@@ -288,8 +289,29 @@ def labelled_items(opts: ConvertOptions, log: Callable[[str], None]
       items.append(Item(source=s, split=sp, label=classes.index(r.cls), text=r.cls,
                         patient_id=pid, name=name))
   if any(pids):
-    info["patients_in_several_splits"] = patient_leaks(items, log)
+    info.update(patient_leaks(items, log))
+  # A finding with no positive anywhere may be a typo of a name the rows use but --findings left out.
+  info["label_warnings"] = label_warnings(
+      items, classes, log, closest=lambda name: labels_lib.closest(name, lab.labels.unlisted_findings))
   return found, classes, items, lab, info
+
+
+def _grouping(opts: ConvertOptions, pairs, lab: Labelled, log: Callable[[str], None]
+              ) -> tuple[Any, dict]:
+  """(the regex that finds a patient id in a path, or None; dataset.json's
+  args.patient_grouping): the rows' patient column wins; --group_regex covers rows
+  without one; without either, the file names' own id (`split.detect_grouping`, as for
+  folders); --group_by=none: no patients."""
+  column = lab.labels.columns.get("patient")
+  have = any(r.patient for _, r in pairs)
+  if opts.group_by == GROUP_NONE:
+    return None, {"source": "--group_by=none"}
+  if opts.group_regex:
+    return compile_group_regex(opts.group_regex), {
+        "source": "--group_regex", "regex": opts.group_regex, **({"column": column} if have else {})}
+  if have:
+    return None, {"source": "label CSV", "column": column}
+  return detect_grouping([s.rel for s, _ in pairs], opts.input_dir, log)
 
 
 def add_labels_manifest(manifest: dict, lab: Labelled, items: Sequence[Item],

@@ -19,7 +19,8 @@ from tfrecord_tools import labels as labels_lib
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "test": "test", "testing": "test"}
 INPUT_FORMATS = ("folders", "keras_pair")
-GROUP_BY = ("", "dicom_patient_id")
+GROUP_NONE = "none"      # --group_by=none: no patients, every image its own group
+GROUP_BY = ("", "dicom_patient_id", GROUP_NONE)
 
 
 class ConvertError(errors.UserError):
@@ -49,11 +50,17 @@ class ConvertOptions:
                                    "folder is the split. 0: no test split.")
   seed: int = cli.field(0, "Seed of the split and of the shard order.")
   group_regex: str = cli.field("", "Regex whose first group is the patient id, searched in the file "
-                               "name (in the relative path when it contains '/'); drawn splits then "
-                               "keep each patient in one split.")
+                               "name (in the relative path when it contains '/'); every file must "
+                               "match; drawn splits then keep each patient in one split. Default: "
+                               "the id the file names show, if they show one (synthetic.json's "
+                               "group_regex, or names <id>_<n> / <id>-<n> with ids that repeat: "
+                               "docs/guide.md#patients-and-splits); the log and dataset.json say "
+                               "which.")
   group_by: str = cli.field("", "dicom_patient_id: the DICOM header's PatientID is the patient "
                             "(drawn splits keep each patient in one split; every file must be "
-                            "DICOM with a PatientID). Default: --group_regex, if given.")
+                            "DICOM with a PatientID). none: no patients, each image on its own "
+                            "(not even the id the file names show). Default: --group_regex, "
+                            "else the file names' id.")
   patient_key_file: str = cli.field("", "File (local or gs://) holding the secret key of the "
                                     "patient pseudonyms: every patient id is written as "
                                     "pt-<HMAC-SHA256(key, id)>, never in clear. Default: $"
@@ -142,7 +149,10 @@ def check_options(o: ConvertOptions) -> None:
   except ValueError as e:
     raise ConvertError(f"--dicom_window={e}") from None
   if o.group_by not in GROUP_BY:
-    raise ConvertError(f"--group_by={o.group_by}: must be dicom_patient_id (or empty)")
+    raise ConvertError(f"--group_by={o.group_by}: must be dicom_patient_id or {GROUP_NONE} (or empty)")
+  if o.group_by == GROUP_NONE and o.group_regex:
+    raise ConvertError("--group_by=none (no patients) and --group_regex (patients by file name) "
+                       "contradict each other: give one")
   if o.group_by and o.group_regex:
     raise ConvertError("--group_by and --group_regex both name the patient: give one")
   for name in ("val_fraction", "test_fraction"):
@@ -178,6 +188,9 @@ def _check_label_options(o: ConvertOptions) -> None:
     return
   if o.input_format != "folders":
     raise ConvertError("--labels_csv reads image files: drop --input_format")
+  if o.group_by not in ("", GROUP_NONE):
+    raise ConvertError(f"--group_by={o.group_by} reads folders of images; with --labels_csv the "
+                       "patient is the CSV's patient column (--patient_column)")
   if o.class_map:
     raise ConvertError("--class_map maps class folders; with --labels_csv choose the findings "
                        "with --findings")

@@ -236,7 +236,7 @@ def _build_manifest(opts, found, classes, mapping, dropped, plan, results, split
     splits[split] = {
         "num_examples": sum(r["num_examples"] for r in rs),
         "class_counts": counts,
-        "num_groups": len(patients) if opts.group_regex or opts.group_by else None,
+        "num_groups": len(patients) if any(names.ids.values()) else None,   # patients grouped
         "shards": [{"file": r["file"], "num_examples": r["num_examples"],
                     **({"sha256": r["sha256"]} if r.get("sha256") else {})} for r in rs],
     }

@@ -3,27 +3,32 @@
   dedupe        files with identical contents (sha256): symlinked paths
                 converted once, copies under two classes a conflict, copies
                 within a class kept together in one split
-  patient ids   --group_regex (a regex's first group in the file name) or
-                --group_by=dicom_patient_id (the DICOM header's PatientID), read
-                by `read_patients`; from then on only their keyed pseudonyms
+  patient ids   --group_regex (a regex's first group in the file name),
+                --group_by=dicom_patient_id (the DICOM header's PatientID), else
+                the id the file names show (`detect_grouping`: synthetic.json's
+                regex or "<id>_<n>"; --group_by=none: none), read by
+                `read_patients`; from then on only their keyed pseudonyms
                 (tfrecord_tools.pseudonym: records, manifest, log lines, split order)
   assign_splits stratified by class, seeded by hashing (seed, name), and by
                 patient when one is known: a patient's images all go to one split
-  make_items    the `Item`s (source, split, label, patient) the plan cuts into shards
+  make_items    the `Item`s (source, split, label, patient) the plan cuts into shards;
+                patients the input's own splits share (`patient_leaks`) and labels a
+                split cannot score (`label_warnings`) are warned and recorded
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import re
 from typing import Any, Callable, Sequence
 
-from tfrecord_tools import dicom, pixels, pseudonym, storage
-from tfrecord_tools.convert.find import Found
-from tfrecord_tools.convert.options import (AUTO_FRACTION, DEFAULT_FRACTION, ConvertError,
-                                            ConvertOptions)
+from tfrecord_tools import dicom, pixels, pseudonym, storage, synthetic
+from tfrecord_tools.convert.find import Found, split_order
+from tfrecord_tools.convert.options import (AUTO_FRACTION, DEFAULT_FRACTION, GROUP_NONE,
+                                            ConvertError, ConvertOptions)
 from tfrecord_tools.shards import Item, Source
 
 
@@ -120,14 +125,27 @@ def dedupe(found: Found, mapping: dict[str, str], on_conflict: str,
 # Patients.
 # --------------------------------------------------------------------------
 
+# Patient ids in file names when neither --group_regex nor --group_by is given
+# (`detect_grouping`; the rule is documented in docs/guide.md#patients-and-splits):
+#   ID_N_REGEX  a file name "<id>_<n>" or "<id>-<n>" (extension aside), the id letters then
+#               digits, or digits: p00012_0.png (tfrecord_tools.synthetic), patient7-2.dcm,
+#               NIH's 00000013_005.png. Grouped by it when it is the rule of the input.
+#   LEADING_ID_REGEX  only a leading id-like token (person12_bacteria_3.jpeg): a warning,
+#               never grouped without being asked.
+ID_N_REGEX = r"^([A-Za-z]*\d+)[_-]\d+(?:\.\w+)?$"
+LEADING_ID_REGEX = r"^([A-Za-z]*\d+)[_-]"
+AUTO_MIN_MATCHED = 0.9   # grouped when at least this share of the file names match,
+AUTO_MAX_GROUP = 0.25    # and no id holds more than this share of the files (a date, a batch)
+WARN_MIN_MATCHED = 0.5   # a warning when ids repeat in at least this share of the names
 
-def compile_group_regex(pattern: str) -> re.Pattern | None:
+
+def compile_group_regex(pattern: str, flag: str = "--group_regex") -> re.Pattern | None:
   if not pattern:
     return None
   try:
     regex = re.compile(pattern)
   except re.error as e:
-    raise ConvertError(f"--group_regex {pattern!r} is not a valid regex: {e}") from None
+    raise ConvertError(f"{flag} {pattern!r} is not a valid regex: {e}") from None
   return regex
 
 
@@ -141,6 +159,90 @@ def patient_id(rel: str, regex: re.Pattern | None) -> str | None:
   if not m:
     return None
   return m.group(1) if m.groups() else m.group(0)
+
+
+def _synthetic_regex(root: str, log: Callable[[str], None]) -> str:
+  """The group_regex tfrecord_tools.synthetic recorded in ROOT/synthetic.json ("" when none)."""
+  path = storage.join(root, synthetic.MARKER)
+  try:
+    if not storage.exists(path):
+      return ""
+    info = json.loads(storage.read_text(path))
+  except (OSError, ValueError, storage.StorageError) as e:
+    log(f"warning: {path} cannot be read ({e}): its group_regex is not used")
+    return ""
+  if not isinstance(info, dict) or info.get("tool") != synthetic.TOOL:
+    return ""
+  regex = info.get("group_regex")
+  return regex if isinstance(regex, str) else ""
+
+
+def _id_counts(rels: Sequence[str], regex: re.Pattern) -> tuple[int, dict[str, int]]:
+  """(files whose name the regex matches, {id: files})."""
+  counts: dict[str, int] = {}
+  matched = 0
+  for rel in rels:
+    pid = patient_id(rel, regex)
+    if pid:
+      matched += 1
+      counts[pid] = counts.get(pid, 0) + 1
+  return matched, counts
+
+
+def detect_grouping(rels: Sequence[str], root: str, log: Callable[[str], None]
+                    ) -> tuple[re.Pattern | None, dict]:
+  """The patient id the file names show, when neither --group_regex nor --group_by is given.
+
+  The candidate regex is synthetic.json's group_regex (the generator's own record of its
+  names) when the input has one, else ID_N_REGEX ("<id>_<n>"). The images are grouped by
+  it when at least AUTO_MIN_MATCHED of the file names match, some id names two files or
+  more, and no id names more than AUTO_MAX_GROUP of them; a file whose name does not
+  match is then its own group. When no id repeats, every patient has one image and
+  nothing needs grouping. Ids that repeat in too few names (or in a leading token only,
+  LEADING_ID_REGEX) give a warning instead. Returns (the regex or None, dataset.json's
+  "patient_grouping"); the log says which. No id is shown: only counts and the regex.
+  """
+  given = _synthetic_regex(root, log)
+  source = synthetic.MARKER if given else "file names"
+  regex = compile_group_regex(given, f"{synthetic.MARKER}'s group_regex") if given else re.compile(ID_N_REGEX)
+  total = len(rels)
+  matched, counts = _id_counts(rels, regex)
+  repeated = sum(1 for n in counts.values() if n > 1)
+  largest = max(counts.values(), default=0)
+  record = {"source": source, "regex": regex.pattern, "files_matched": matched,
+            "num_files": total, "num_ids": len(counts), "ids_repeated": repeated}
+  how = ("the generator's group_regex in synthetic.json" if given
+         else "file names of the form <id>_<n> / <id>-<n>")
+  if repeated and matched >= AUTO_MIN_MATCHED * total and largest <= AUTO_MAX_GROUP * total:
+    rest = total - matched
+    log(f"patients: {how} (regex {regex.pattern!r}: {matched} of {total} files, {len(counts)} "
+        f"ids, {repeated} with several films): each patient's films stay in one split"
+        + (f"; the {rest} other files are each their own group" if rest else "")
+        + " (another rule: --group_regex; split by image: --group_by=none)")
+    return regex, record
+  leading = not repeated
+  if leading:
+    # No id repeats: one image per patient, grouping changes nothing. Maybe a leading token repeats.
+    regex = re.compile(LEADING_ID_REGEX)
+    matched, counts = _id_counts(rels, regex)
+    repeated = sum(1 for n in counts.values() if n > 1)
+    largest = max(counts.values(), default=0)
+    record.update(regex=regex.pattern, files_matched=matched, num_ids=len(counts),
+                  ids_repeated=repeated)
+    how = "file names that start with an id-like token"
+  if repeated and matched >= WARN_MIN_MATCHED * total:
+    why = ("the id is only the names' first token" if leading
+           else "an id names more than a quarter of the files: a date or a batch?"
+           if largest > AUTO_MAX_GROUP * total
+           else f"fewer than {AUTO_MIN_MATCHED:.0%} of the names match")
+    msg = (f"{matched} of {total} {how} share ids ({repeated} ids name several files; regex "
+           f"{regex.pattern!r}), but they are not grouped ({why}): if that is a patient id, "
+           "pass --group_regex (a regex every file name matches) to keep each patient's "
+           "films in one split; --group_by=none says they are not")
+    log(f"warning: patients are not grouped: {msg}")
+    return None, {"source": "none", "warning": msg, **{k: v for k, v in record.items()
+                                                      if k != "source"}}
+  return None, {"source": "none"}
 
 
 def dicom_patient_id(s: Source) -> str | None:
@@ -157,18 +259,37 @@ def dicom_patient_id(s: Source) -> str | None:
     return ""
 
 
+class PatientNames(pseudonym.Names):
+  """`pseudonym.Names` that also says how the patients were found (`grouping`: dataset.json's
+  args.patient_grouping)."""
+
+  def __init__(self, ids, *, grouping: dict, **kw):
+    super().__init__(ids, **kw)
+    self.grouping = grouping
+
+
 def read_patients(found: Found, mapping: dict[str, str], opts: ConvertOptions,
-                  log: Callable[[str], None]) -> pseudonym.Names:
-  """Each source's patient id (--group_regex or --group_by; None where none is found),
-  kept in memory only, in the `Names` that writes their pseudonyms and the paths."""
+                  log: Callable[[str], None]) -> PatientNames:
+  """Each source's patient id (--group_regex, --group_by, else `detect_grouping`; None where
+  a required one is not found, "" for a file of its own), kept in memory only, in the
+  `Names` that writes their pseudonyms and the paths."""
   regex = compile_group_regex(opts.group_regex)
+  rels = [s.rel for s in found.sources if s.source_class in mapping]
   ids: dict[str, str | None] = {}
-  if regex is not None or opts.group_by:
-    for s in found.sources:
-      if s.source_class in mapping:
-        ids[s.rel] = dicom_patient_id(s) if opts.group_by else patient_id(s.rel, regex)
-  return pseudonym.Names(ids, regex=regex, hash_all=opts.hash_filenames,
-                         key_file=opts.patient_key_file, log=log)
+  if opts.group_by == GROUP_NONE:
+    grouping = {"source": "--group_by=none"}
+  elif opts.group_by:
+    ids = {s.rel: dicom_patient_id(s) for s in found.sources if s.source_class in mapping}
+    grouping = {"source": f"--group_by={opts.group_by}"}
+  elif regex is not None:
+    ids = {rel: patient_id(rel, regex) for rel in rels}
+    grouping = {"source": "--group_regex", "regex": opts.group_regex}
+  else:
+    regex, grouping = detect_grouping(rels, found.root, log)
+    if regex is not None:
+      ids = {rel: patient_id(rel, regex) or "" for rel in rels}
+  return PatientNames(ids, grouping=grouping, regex=regex,
+                      hash_all=opts.hash_filenames, key_file=opts.patient_key_file, log=log)
 
 
 # --------------------------------------------------------------------------
@@ -262,11 +383,11 @@ def drawn_fractions(opts: ConvertOptions, given: Sequence[str], what: str = "fol
 
 def make_items(found: Found, classes: list[str], mapping: dict[str, str],
                 opts: ConvertOptions, log: Callable[[str], None],
-                names: pseudonym.Names | None = None) -> tuple[list[Item], dict[str, int], dict]:
+                names: PatientNames | None = None) -> tuple[list[Item], dict[str, int], dict]:
   """Maps classes, pseudonymises the patient ids (`names`: `read_patients`'s) and draws
   the splits (by pseudonym: the same key gives the same splits)."""
   names = names or read_patients(found, mapping, opts, log)
-  grouped = bool(opts.group_regex or opts.group_by)
+  grouped = bool(names.ids)
   label_of = {c: i for i, c in enumerate(classes)}
   kept, dropped = [], {}
   for s in found.sources:
@@ -290,7 +411,7 @@ def make_items(found: Found, classes: list[str], mapping: dict[str, str],
                        f"{len(unmatched)} file names, e.g. {unmatched[0]!r}")
   labels = [label_of[mapping[s.source_class]] for s in kept]
   splits = [s.split or "train" for s in kept]
-  info: dict[str, Any] = {}
+  info: dict[str, Any] = {"patient_grouping": names.grouping}
 
   # Draw the splits the layout does not give: from everything (classes layout)
   # or from train (splits layout without val/ or test/).
@@ -308,7 +429,8 @@ def make_items(found: Found, classes: list[str], mapping: dict[str, str],
                 name=_name_if_other(names, s.rel))
            for s, sp, lab, pid in zip(kept, splits, labels, pids)]
   if grouped:
-    info["patients_in_several_splits"] = patient_leaks(items, log)
+    info.update(patient_leaks(items, log))
+  info["label_warnings"] = label_warnings(items, classes, log)
   return items, dropped, info
 
 
@@ -318,13 +440,73 @@ def _name_if_other(names: pseudonym.Names, rel: str) -> str:
   return "" if name == rel else name
 
 
-def patient_leaks(items: Sequence[Item], log: Callable[[str], None]) -> int:
-  """Warns about patients whose images the input's own splits put in several splits; their number."""
-  split_of: dict[str, set] = {}
+LEAK_EXAMPLES = 10   # patients in several splits named (by pseudonym) in dataset.json
+
+
+def patient_leaks(items: Sequence[Item], log: Callable[[str], None]) -> dict[str, Any]:
+  """Patients whose images the input's own splits (split folders, the publisher's CSVs or
+  lists) put in several splits: a warning, and dataset.json's args
+  `patients_in_several_splits` (their number) and `patients_in_several_splits_examples`
+  ({"patient": pseudonym, "images": {split: n}}, at most LEAK_EXAMPLES)."""
+  per: dict[str, dict[str, int]] = {}
   for it in items:
-    split_of.setdefault(it.patient_id, set()).add(it.split)
-  leaked = sorted(p for p, sps in split_of.items() if len(sps) > 1 and p)
+    if it.patient_id:
+      by_split = per.setdefault(it.patient_id, {})
+      by_split[it.split] = by_split.get(it.split, 0) + 1
+  leaked = sorted(p for p, sps in per.items() if len(sps) > 1)
   if leaked:
+    pairs: dict[str, int] = {}
+    for p in leaked:
+      key = "+".join(sorted(per[p], key=split_order))
+      pairs[key] = pairs.get(key, 0) + 1
     log(f"warning: {len(leaked)} patients appear in more than one of the input's own "
-        f"splits (e.g. {leaked[0]!r}): their images leak between splits")
-  return len(leaked)
+        f"splits ({', '.join(f'{k}: {n}' for k, n in sorted(pairs.items()))}; e.g. "
+        f"{leaked[0]!r}): their images leak between splits (listed in dataset.json)")
+  return {"patients_in_several_splits": len(leaked),
+          "patients_in_several_splits_examples": [
+              {"patient": p, "images": {sp: per[p][sp] for sp in sorted(per[p], key=split_order)}}
+              for p in leaked[:LEAK_EXAMPLES]]}
+
+
+def label_warnings(items: Sequence[Item], classes: Sequence[str], log: Callable[[str], None],
+                   closest: Callable[[str], list[str]] | None = None) -> list[dict]:
+  """Labels a split cannot score: a class (single-label) with no image in a split, a
+  finding (multi-label: the items carry multi_hot/mask) with no positive or no negative
+  in a split (its AUC there is undefined; with none in any split, the model learns
+  nothing for it). One warning line per kind, naming the `closest` other names of a
+  finding with no positive anywhere (a typo?). Returns dataset.json's args
+  `label_warnings`: [{"split", "label", "positives", "negatives"}] (counts before
+  conversion; the splits' class_counts / finding_counts hold what was written)."""
+  multi = any(it.multi_hot for it in items)
+  by_split: dict[str, list[Item]] = {}
+  for it in items:
+    by_split.setdefault(it.split, []).append(it)
+  out = []
+  for split in sorted(by_split, key=split_order):
+    its = by_split[split]
+    for k, name in enumerate(classes):
+      if multi:
+        pos = sum(1 for it in its if it.mask[k] == 1.0 and it.multi_hot[k] == 1.0)
+        neg = sum(1 for it in its if it.mask[k] == 1.0 and it.multi_hot[k] != 1.0)
+      else:
+        pos = sum(1 for it in its if it.label == k)
+        neg = len(its) - pos
+      if pos == 0 or (multi and neg == 0):
+        out.append({"split": split, "label": name, "positives": pos, "negatives": neg})
+  kinds = ((("findings with no positive", "positives"), ("findings with no negative", "negatives"))
+           if multi else (("classes with no image", "positives"),))
+  for kind, key in kinds:
+    hit: dict[str, list[str]] = {}
+    for w in out:
+      if w[key] == 0:
+        hit.setdefault(w["label"], []).append(w["split"])
+    parts = []
+    for name, splits in hit.items():
+      near = closest(name) if closest and key == "positives" and len(splits) == len(by_split) else []
+      parts.append(f"{name!r} ({', '.join(splits)}"
+                   + (f"; a typo? closest names in the labels: {', '.join(near)}" if near else "")
+                   + ")")
+    if parts:
+      log(f"warning: {kind} in a split: {'; '.join(parts)}: that split cannot score "
+          f"{'them' if len(parts) > 1 else 'it'} (counts in dataset.json)")
+  return out

@@ -16,7 +16,9 @@ and reuses the converter as is, so the records follow the one pixel contract
   1. `tfds.builder(NAME[/CONFIG][:VERSION], data_dir=--tfds_data_dir)`, then
      `download_and_prepare` with `--tfds_manual_dir` as the manual download
      folder (data sets such as chexpert need one; a prepared set is not
-     downloaded again).
+     downloaded again). A failure is one line: a missing package named, a failed
+     download (no network) with the files to fetch by hand into --tfds_manual_dir,
+     where TFDS finds them by name (`_prepare_hint`; docs/tfds.md).
   2. The set must be an image classifier: an Image feature and a ClassLabel
      feature (its supervised_keys, else "image" and "label"). A multi-label
      TFDS set (a Sequence of ClassLabel, e.g. chexpert) is refused with a
@@ -47,7 +49,9 @@ import io
 import os
 import re
 import shutil
+import socket
 import tempfile
+import urllib.error
 from typing import Callable
 
 from absl import logging
@@ -100,7 +104,7 @@ def materialise(data_dir: str, *, tfds_data_dir: str = "", tfds_manual_dir: str 
         manual_dir=tfds_manual_dir or None))
   except Exception as e:  # noqa: BLE001 - a missing manual download, no network, ...: one line
     raise TfdsError(f"--data_dir={data_dir}: cannot prepare the TFDS data set: "
-                    f"{_first_line(e)}") from None
+                    f"{_first_line(e)}{_prepare_hint(builder, e)}") from None
   log(f"{data_dir}: converting TFDS {builder.info.full_name} ({', '.join(classes)}) once into {out}")
   with tempfile.TemporaryDirectory(prefix="xraytpu-tfds-") as tmp:
     _export(builder, image_key, label_key, classes, tmp, log)
@@ -168,6 +172,43 @@ def _data_dir_root(builder) -> str:
   path = str(builder.data_dir)
   full = builder.info.full_name
   return path[:-len(full)].rstrip("/") if path.endswith(full) else os.path.dirname(path)
+
+
+def _chain(e: BaseException | None):
+  """The exception and its causes (the error TFDS re-raised may wrap the one that tells)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    yield e
+    e = e.__cause__ or e.__context__
+
+
+def _prepare_hint(builder, e: BaseException) -> str:
+  """What to do about a failed `download_and_prepare`, for the one line: a missing package
+  names it; a failed download names the files to fetch by hand for --tfds_manual_dir (TFDS
+  takes a file found there by name, its checksum checked, instead of downloading it)."""
+  name = builder.info.full_name
+  for err in _chain(e):
+    if isinstance(err, ImportError) and getattr(err, "name", None):
+      return (f" (TFDS's {name} builder needs the Python package {err.name!r}: pip install "
+              f"{err.name}; `make venv` installs what the data sets in docs/tfds.md need)")
+  for err in _chain(e):
+    kind = type(err)
+    if (isinstance(err, (ConnectionError, TimeoutError, socket.gaierror, urllib.error.URLError))
+        or kind.__module__.split(".")[0] in ("requests", "urllib3")
+        or kind.__name__ == "DownloadError"):
+      try:
+        files = {url: info.filename for url, info in (builder.url_infos or {}).items()}
+      except Exception:  # noqa: BLE001 - the hint only
+        files = {}
+      by_name: dict[str, str] = {}
+      for url, filename in sorted(files.items()):
+        by_name.setdefault(filename or os.path.basename(url.split("?")[0]), url)
+      what = (", ".join(f"{url} (as {fn})" for fn, url in sorted(by_name.items()))
+              or f"the files TFDS's {name} builder downloads")
+      return (f"; the download failed (no network?): download {what} on a machine with network, "
+              "put it in a folder here and pass --tfds_manual_dir=FOLDER (docs/tfds.md)")
+  return ""
 
 
 def _first_line(e: BaseException) -> str:
