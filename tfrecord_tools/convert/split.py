@@ -232,13 +232,13 @@ def detect_grouping(rels: Sequence[str], root: str, log: Callable[[str], None]
     how = "file names that start with an id-like token"
   if repeated and matched >= WARN_MIN_MATCHED * total:
     why = ("the id is only the names' first token" if leading
-           else "an id names more than a quarter of the files: a date or a batch?"
+           else "an id names more than a quarter of the files (a date or a batch?)"
            if largest > AUTO_MAX_GROUP * total
            else f"fewer than {AUTO_MIN_MATCHED:.0%} of the names match")
     msg = (f"{matched} of {total} {how} share ids ({repeated} ids name several files; regex "
-           f"{regex.pattern!r}), but they are not grouped ({why}): if that is a patient id, "
-           "pass --group_regex (a regex every file name matches) to keep each patient's "
-           "films in one split; --group_by=none says they are not")
+           f"{regex.pattern!r}), but {why}: if that is a patient id, pass --group_regex (a "
+           "regex every file name matches) to keep each patient's films in one split; "
+           "--group_by=none says there are no patients")
     log(f"warning: patients are not grouped: {msg}")
     return None, {"source": "none", "warning": msg, **{k: v for k, v in record.items()
                                                       if k != "source"}}
