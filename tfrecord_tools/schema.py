@@ -60,7 +60,8 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
 #     "train": {
 #       "num_examples": 900,
 #       "class_counts": {"NORMAL": 300, "PNEUMONIA": 600},   # every class present, 0 allowed
-#       "num_groups": 310,                 # patients, when --group_regex / --group_by was given, else null
+#       "num_groups": 310,                 # patients, when they are grouped, else null
+#                                          # (how: args.patient_grouping, docs/guide.md#patients-and-splits)
 #       "shards": [{"file": "train-00000-of-00002.tfrecord", "num_examples": 450}, ...]
 #     },
 #     "val": {...}, "test": {...}           # a split may be absent
