@@ -19,9 +19,13 @@ it is accepted with a one-line deprecation warning.
 `run(main)` starts a command (absl's `app.run`) and is the one place that
 turns a user's mistake into one line, `<prog>: error: <message>`, and exit
 code 2: a `tfrecord_tools.errors.UserError` (xraytpu's errors subclass it), a
-bad or missing flag, unexpected arguments. An exception whose class sets an
-integer `exit_code` (train's TrainingDiverged: 3) exits with that. Anything
-else is a bug and keeps its traceback. docs/cli.md's "Exit codes" lists them all.
+bad or missing flag, unexpected arguments, and an output the machine refused to
+write, whichever library call wrote it: an `OSError` with an errno of
+`errors.WRITE_HINTS` (read-only folder or file system, disk full, quota), or a
+TensorFlow / h5py error that names one, becomes `cannot write PATH: <cause>
+(<ERRNO>); <what to do>` (`errors.os_error_line`; other OSErrors keep their
+traceback). An exception whose class sets an integer `exit_code` (train's
+TrainingDiverged: 3) exits with that. Anything else is a bug and keeps its traceback. docs/cli.md's "Exit codes" lists them all.
 
 `run(main, tensorflow=True)`, for the commands that need TensorFlow, imports it
 first and filters the process's stderr (file descriptor 2, so C++ writes too)
@@ -283,7 +287,12 @@ def run(main: Callable[[list[str]], Any], argv: list[str] | None = None, *,
       if not _missing_tensorflow(e):
         raise
       fail(not_installed(e.name))
-    except Exception as e:  # noqa: BLE001 - only classes that name their exit code are caught
+    except Exception as e:  # noqa: BLE001 - only write failures and classes that name their
+      # exit code are caught: an output the machine refused (read-only, disk full, quota) is
+      # one line; anything else is a bug and keeps its traceback.
+      line = errors.os_error_line(e)
+      if line is not None:
+        fail(line)
       code = getattr(type(e), "exit_code", None)
       if not isinstance(code, int):
         raise

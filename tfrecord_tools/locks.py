@@ -15,6 +15,10 @@ holder (host, PID, start time, command).
                  on THIS host is taken over (the PID is checked); one left on
                  another host needs `gsutil rm` after checking that its
                  holder is gone, as the message says.
+
+A folder where the lock cannot be created (read-only, a full disk, a quota) raises
+the OSError, which the entry-point runner prints as one line naming the lock file
+(tfrecord_tools.errors.os_error_line).
 """
 
 from __future__ import annotations
@@ -118,7 +122,7 @@ def _local_lock(folder: str, what: str) -> Iterator[None]:
     # Removed while still held, so a waiting process never locks a file on its way out.
     try:
       os.remove(path)
-    except FileNotFoundError:
+    except OSError:   # gone, or the folder became read-only: the kernel drops the lock anyway
       pass
     os.close(fd)
 

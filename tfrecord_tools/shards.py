@@ -264,10 +264,7 @@ class ShardWriteError(errors.UserError):
 
 def write_error_text(path: str, e: OSError) -> str:
   """One line for an I/O error at write time: 'cannot write PATH: No space left on device (ENOSPC)'."""
-  import errno  # noqa: PLC0415
-  code = errno.errorcode.get(getattr(e, "errno", None) or -1)
-  where = f" {path}" if path else ""
-  return f"cannot write{where}: {getattr(e, 'strerror', None) or e}" + (f" ({code})" if code else "")
+  return errors.write_error_text(path, e)
 
 
 def _discard(tmp: str, final: str) -> None:

@@ -178,6 +178,9 @@ class EvalConfig:
   batch_size: int = _f(0, "Evaluation batch size (0 = the run's).")
   plots: bool = _f(True, "Write the PNG plots (--noplots: numbers only, faster).")
   out_dir: str = _f("", "Report folder (default RUN/eval/<dataset>-<split>).")
+  allow_data_change: bool = _f(False, "Evaluate even when the run's training data changed since "
+                               "training (its digest differs from config.json's): the change, and "
+                               "the films the model trained on, are named in the report and the card.")
 
 
 @dataclasses.dataclass

@@ -2,11 +2,18 @@
 
   python -m xraytpu.evaluate --model_dir=RUN [--data_dir=DIR] [--split=test]
       [--threshold_policy=youden|sensitivity:0.95|specificity:0.9|fixed:0.5] [--temperature_scaling]
+      [--allow_data_change]
 
 The operating threshold is chosen on the VAL split of the run's training data,
 stored in RUN/threshold.json, and applied unchanged to --split. Writes
 RUN/eval/<dataset>-<split>/ (predictions.csv, report.json, report.md, plots);
 see xraytpu.evaluation.evaluate_lib for the report's keys.
+
+The run's training data must still be the data it was trained on (the digest in
+RUN/config.json): converted again, e.g. with another --seed, it is refused in one
+line naming the change, unless --allow_data_change (the change is then named in
+the report and the model card). Any other --data_dir is evaluated as it is, and
+the report counts its films that the run trained on (by content hash).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ def main(argv):
       opts.model_dir, data_dir=opts.data_dir, split=opts.split,
       threshold_policy=opts.threshold_policy, temperature_scaling=opts.temperature_scaling,
       n_resamples=opts.bootstrap_resamples, seed=opts.bootstrap_seed, batch_size=opts.batch_size,
-      out_dir=opts.out_dir, write_plots=opts.plots)
+      out_dir=opts.out_dir, write_plots=opts.plots, allow_data_change=opts.allow_data_change)
   print(reports.headline(report))
   for note in report["notes"]:
     print(f"note: {note}")

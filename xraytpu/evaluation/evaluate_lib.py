@@ -36,6 +36,21 @@ report.json keys (stable; `null` when undefined, with the reason in `undefined`)
   brier, ece, temperature, brier_uncalibrated, ece_uncalibrated
   classification_report         scikit-learn's, as a dict
   ci {method, level, resamples, seed}, undefined {key: reason}, notes [..], files {name: file}
+  data_change                   null, or (--allow_data_change) how the run's training data changed
+                                since training: {data_dir, differences [..], trained_digest, digest}
+  training_overlap              the evaluated films the run trained on, by content hash
+                                (xraytpu.run.films): {checked, num_films, without_hash, in_train,
+                                in_val, reason (why not checked)}
+
+The data: the run's training data is checked against the fingerprint recorded in
+config.json at training (schema.data_fingerprint / fingerprint_differences, the check
+a resume makes). When it changed (converted again, e.g. with another --seed, so
+"test" may now hold films the model trained on) and this evaluation reads it (its
+split, or its val split for a new threshold), the evaluation is refused with one
+line naming the change, unless allow_data_change. Other data (data_dir=OTHER) is
+evaluated as it is; for every evaluation the films of the split are looked up in
+the run's list of training films (RUN/training_films.json, written at training) and
+the count that the model trained on is reported (a note, a warning on stderr).
 """
 
 from __future__ import annotations
@@ -51,12 +66,12 @@ from typing import Any, Sequence
 import numpy as np
 from absl import logging
 
-from tfrecord_tools import storage
+from tfrecord_tools import schema, storage
 from xraytpu import errors
 from xraytpu.config import EvalConfig
 from xraytpu.evaluation import metrics, multilabel, plots
 from xraytpu.inference import model_call, predict_lib
-from xraytpu.run import model_card, reports, rundir
+from xraytpu.run import films, model_card, reports, rundir
 
 REPORT_VERSION = 1
 DEFAULT_POLICY = "youden"
@@ -255,12 +270,15 @@ def choose_operating_point(run: rundir.LoadedRun, val: SplitPredictions | None, 
 
 def resolve_operating_point(run: rundir.LoadedRun, *, policy: str | None,
                             temperature_scaling: bool | None, batch_size: int = 0,
-                            cache: dict | None = None) -> dict[str, Any]:
+                            cache: dict | None = None,
+                            trained: TrainingData | None = None) -> dict[str, Any]:
   """The run's threshold.json, (re)chosen on the training data's val split when needed.
 
   policy None / temperature_scaling None = keep what threshold.json says (or
   the defaults youden / off when there is none). `cache` may hold val
-  predictions already computed ({(data_dir, split): SplitPredictions}).
+  predictions already computed ({(data_dir, split): SplitPredictions}). `trained`: the
+  training data checked (`training_data`); its val split is read only if unchanged, or
+  changed and allowed.
   """
   if policy is not None:
     try:
@@ -281,8 +299,11 @@ def resolve_operating_point(run: rundir.LoadedRun, *, policy: str | None,
   needs_val = temperature_scaling or ((run.binary or run.multi_label)
                                       and metrics.parse_threshold_policy(policy)[0] != "fixed")
   val = None
+  manifest = run.manifest
   if needs_val:
-    if not data_dir or not _has_split(run.manifest, THRESHOLD_SPLIT):
+    trained = trained or training_data(run)
+    manifest = trained.check(f"'{THRESHOLD_SPLIT}' split, on which the threshold is chosen,") or manifest
+    if not data_dir or not _has_split(manifest, THRESHOLD_SPLIT):
       raise EvaluateError(
           f"the run's training data ({data_dir or 'unknown'}) has no '{THRESHOLD_SPLIT}' split to "
           f"choose the threshold on; convert with a validation split, or use "
@@ -291,7 +312,7 @@ def resolve_operating_point(run: rundir.LoadedRun, *, policy: str | None,
     if cache is not None and key in cache:
       val = cache[key]
     else:
-      val = predict_split(run, data_dir, THRESHOLD_SPLIT, manifest=run.manifest, batch_size=batch_size)
+      val = predict_split(run, data_dir, THRESHOLD_SPLIT, manifest=manifest, batch_size=batch_size)
       if cache is not None:
         cache[key] = val
   if run.multi_label:
@@ -304,6 +325,100 @@ def resolve_operating_point(run: rundir.LoadedRun, *, policy: str | None,
   logging.info("operating point written to %s: threshold %s (%s on %s)", path, op["threshold"],
                op["policy"], op["source_split"])
   return op
+
+
+# --------------------------------------------------------------------------
+# The data the run was trained on.
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainingData:
+  """The run's training data now, against what training recorded.
+
+  recorded: config.json's run.data (schema.data_fingerprint at training; None for runs
+  from before it was recorded); manifest: its dataset.json now (None when gone or
+  unreadable); differences: schema.fingerprint_differences(recorded, now), [] when the
+  same data; used: the evaluation read it although it changed (allow_data_change)."""
+  data_dir: str
+  recorded: dict | None
+  manifest: dict | None
+  differences: list[str]
+  allow_change: bool = False
+  used: bool = False
+
+  def check(self, what: str) -> dict | None:
+    """Before reading `what` of the training data: the manifest to read it with (the
+    run's copy when unchanged, None), or EvaluateError when it changed (unless allowed)."""
+    if not self.differences:
+      return None
+    if not self.allow_change:
+      raise EvaluateError(
+          f"the run's training data {self.data_dir} changed since the run was trained on it "
+          f"({'; '.join(self.differences[:4])}): its {what} may now hold films the model trained "
+          "on. Evaluate it on other data (--data_dir), train again on this data, or pass "
+          "--allow_data_change to evaluate anyway (the change is then named in the report and "
+          "the model card)")
+    if not self.used:
+      logging.warning("--allow_data_change: evaluating on %s although it changed since training "
+                      "(%s)", self.data_dir, "; ".join(self.differences))
+    self.used = True
+    return self.manifest
+
+  def change(self) -> dict | None:
+    """report.json's data_change (None unless a changed training data set was read)."""
+    if not self.used:
+      return None
+    return {"data_dir": self.data_dir, "differences": list(self.differences),
+            "trained_digest": (self.recorded or {}).get("digest"),
+            "digest": schema.data_fingerprint(self.manifest)["digest"]}
+
+
+def training_data(run: rundir.LoadedRun, allow_change: bool = False) -> TrainingData:
+  """The run's training data checked against config.json's fingerprint (the resume check's
+  schema.fingerprint_differences: one comparison for both)."""
+  data_dir = run.cfg.data_dir or ""
+  recorded = ((rundir.read_config(run.model_dir) or {}).get("run") or {}).get("data")
+  try:
+    manifest = schema.read_manifest(data_dir) if data_dir else None
+  except (schema.ManifestError, OSError, ValueError):
+    manifest = None
+  differences = []
+  if recorded and manifest is not None:
+    differences = schema.fingerprint_differences(recorded, schema.data_fingerprint(manifest))
+  return TrainingData(data_dir, recorded, manifest, differences, allow_change)
+
+
+def training_overlap(run: rundir.LoadedRun, trained: TrainingData, data_dir: str, manifest: dict,
+                     split: str) -> dict:
+  """report.json's training_overlap: the films of `split` the run trained on (by content hash)."""
+  listing, why = films.training_films(run.model_dir, trained.data_dir, trained.manifest,
+                                      trained.differences if trained.recorded else None)
+  if listing is None:
+    return {"checked": False, "num_films": None, "without_hash": None, "in_train": None,
+            "in_val": None, "reason": why}
+  return films.overlap(listing, films.split_hashes(data_dir, manifest, split))
+
+
+def _overlap_notes(overlap: dict, split: str, same: bool) -> list[str]:
+  """The report's notes about its films the run trained on (loud: also logged as warnings)."""
+  if not overlap["checked"]:
+    return [f"not checked whether these films were in training: {overlap['reason']}"]
+  n, notes = overlap["num_films"], []
+  if overlap["in_train"]:
+    whose = "this is the run's own training split" if same and split == "train" else (
+        "these numbers overstate how the model does on films it has not seen")
+    notes.append(f"{overlap['in_train']} of {n} {split} films were in the run's training split "
+                 f"(same content hash): {whose}")
+  if overlap["in_val"] and not (same and split == THRESHOLD_SPLIT):
+    notes.append(f"{overlap['in_val']} of {n} {split} films were in the run's val split (which "
+                 "chose the best epoch and the threshold)")
+  if overlap["without_hash"]:
+    notes.append(f"{overlap['without_hash']} of {n} {split} films carry no content hash "
+                 "(image/sha256): not checked against the training films")
+  for note in notes[:2]:
+    logging.warning("%s", note)
+  return notes
 
 
 def _has_split(manifest: dict, split: str) -> bool:
@@ -427,11 +542,13 @@ def evaluate(model_dir: str, *, data_dir: str = EvalConfig.data_dir, split: str 
              temperature_scaling: bool | None = EvalConfig.temperature_scaling,
              n_resamples: int = EvalConfig.bootstrap_resamples, seed: int = EvalConfig.bootstrap_seed,
              batch_size: int = EvalConfig.batch_size, out_dir: str = EvalConfig.out_dir,
-             write_plots: bool = EvalConfig.plots) -> dict[str, Any]:
+             write_plots: bool = EvalConfig.plots,
+             allow_data_change: bool = EvalConfig.allow_data_change) -> dict[str, Any]:
   """Evaluates RUN on `split` of `data_dir` (default: the run's training data).
 
   write_plots=False skips the PNGs (report.json/md and predictions.csv are
-  always written).
+  always written). allow_data_change: evaluate the run's training data even when it
+  changed since training (module docstring: "The data"); the change is in the report.
 
   Returns the report dict (as written to report.json) with "report_dir" added.
   """
@@ -450,16 +567,30 @@ def evaluate(model_dir: str, *, data_dir: str = EvalConfig.data_dir, split: str 
   if not data_dir:
     raise EvaluateError("no --data_dir given and the run's config.json names none")
   cache: dict = {}
-  op = resolve_operating_point(run, policy=threshold_policy, temperature_scaling=temperature_scaling,
-                               batch_size=batch_size, cache=cache)
+  trained = training_data(run, allow_data_change)
   same = os.path.normpath(data_dir) == os.path.normpath(run.cfg.data_dir or "")
+  manifest = (trained.check(f"'{split}' split") or run.manifest) if same else None
+  op = resolve_operating_point(run, policy=threshold_policy, temperature_scaling=temperature_scaling,
+                               batch_size=batch_size, cache=cache, trained=trained)
+  if manifest is None:
+    try:
+      manifest = schema.read_manifest(data_dir)
+      schema.split_info(manifest, split)
+    except schema.ManifestError as e:
+      raise EvaluateError(str(e)) from e
   key = (run.cfg.data_dir, split)
   if same and key in cache:
     preds = cache[key]
   else:
-    preds = predict_split(run, data_dir, split, manifest=run.manifest if same else None,
-                          batch_size=batch_size)
+    preds = predict_split(run, data_dir, split, manifest=manifest, batch_size=batch_size)
   notes = []
+  provenance = {"data_change": trained.change(),
+                "training_overlap": training_overlap(run, trained, data_dir, manifest, split)}
+  if provenance["data_change"]:
+    notes.append(f"evaluated with --allow_data_change: the run's training data {trained.data_dir} "
+                 f"changed since training ({'; '.join(trained.differences)}); films the model "
+                 "trained on may be among those evaluated here")
+  notes += _overlap_notes(provenance["training_overlap"], split, same)
   if same and split == op.get("source_split"):
     notes.append(f"the threshold was chosen on this same split ({split}): its numbers are optimistic")
   if op.get("fallback_reason"):
@@ -468,7 +599,8 @@ def evaluate(model_dir: str, *, data_dir: str = EvalConfig.data_dir, split: str 
   if run.multi_label:
     return _with_model_card(run, _evaluate_multilabel(run, preds, op, notes, data_dir=data_dir,
                                                       split=split, n_resamples=n_resamples, seed=seed,
-                                                      out_dir=out_dir, write_plots=write_plots))
+                                                      out_dir=out_dir, write_plots=write_plots,
+                                                      provenance=provenance))
   # Calibrated probabilities at the operating point, by the one inference path.
   probs, _ = class_probabilities(run, preds.raw, temperature=op.get("temperature"),
                                  threshold=op.get("threshold"))
@@ -481,7 +613,7 @@ def evaluate(model_dir: str, *, data_dir: str = EvalConfig.data_dir, split: str 
     notes.append(f"no {split} examples of {', '.join(missing)}")
   out_dir = out_dir or rundir.eval_dir(model_dir, preds.dataset, split)
   report = {"report_version": REPORT_VERSION, "model_dir": model_dir, "data_dir": data_dir,
-            "dataset": preds.dataset, "split": split, **rep, "notes": notes,
+            "dataset": preds.dataset, "split": split, **rep, **provenance, "notes": notes,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
   files = {k: rundir.EVAL_FILES[k] for k in ("predictions", "report_json", "report_md")}
   _write_predictions(storage.join(out_dir, files["predictions"]), run.classes, preds, probs, pred)
@@ -511,7 +643,7 @@ def _write_report(report: dict, files: dict, out_dir: str, markdown_fn) -> dict:
 
 def _evaluate_multilabel(run: rundir.LoadedRun, preds: SplitPredictions, op: dict, notes: list, *,
                          data_dir: str, split: str, n_resamples: int, seed: int, out_dir: str,
-                         write_plots: bool) -> dict:
+                         write_plots: bool, provenance: dict | None = None) -> dict:
   """evaluate()'s second half for a multi-label run (xraytpu.evaluation.multilabel)."""
   probs, positive = class_probabilities(run, preds.raw, temperature=op.get("temperature"),
                                         thresholds=rundir.thresholds_of(op, run.classes))
@@ -527,7 +659,7 @@ def _evaluate_multilabel(run: rundir.LoadedRun, preds: SplitPredictions, op: dic
     notes.append(f"not labelled in {split}: {', '.join(unlabelled)}")
   out_dir = out_dir or rundir.eval_dir(run.model_dir, preds.dataset, split)
   report = {"report_version": REPORT_VERSION, "model_dir": run.model_dir, "data_dir": data_dir,
-            "dataset": preds.dataset, "split": split, **rep, "notes": notes,
+            "dataset": preds.dataset, "split": split, **rep, **(provenance or {}), "notes": notes,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
   files = {k: rundir.EVAL_FILES[k] for k in ("predictions", "report_json", "report_md")}
   multilabel.write_predictions(storage.join(out_dir, files["predictions"]), run.classes,

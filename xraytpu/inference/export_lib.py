@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 
 import numpy as np
@@ -116,10 +117,15 @@ def export(model_dir: str, *, version: int = ExportConfig.version,
     return target
   os.makedirs(root, exist_ok=True)
   tmp = os.path.join(root, f".tmp-{version}-{os.getpid()}")
-  tf.saved_model.save(module, tmp, signatures=signatures)
-  storage.write_text(os.path.join(tmp, rundir.EXPORT_METADATA), meta_text)
-  storage.write_text(os.path.join(tmp, rundir.EXPORT_MODEL_CARD), card_text)
-  os.replace(tmp, target)
+  os.makedirs(tmp, exist_ok=True)   # a folder that cannot be written fails here, naming it
+  try:
+    tf.saved_model.save(module, tmp, signatures=signatures)
+    storage.write_text(os.path.join(tmp, rundir.EXPORT_METADATA), meta_text)
+    storage.write_text(os.path.join(tmp, rundir.EXPORT_MODEL_CARD), card_text)
+    os.replace(tmp, target)
+  except BaseException:   # a full disk, an interrupt: no half-written version left behind
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
   return target
 
 

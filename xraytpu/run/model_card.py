@@ -97,7 +97,28 @@ def _all_reports(run: rundir.LoadedRun) -> list[dict]:
     if isinstance(report, dict) and "auc" in report:
       out.append({k: report.get(k) for k in (
           "dataset", "split", "num_examples", "auc", "auc_ci", "pr_auc", "sensitivity", "specificity",
-          "ppv", "npv", "accuracy", "brier", "ece", "threshold_policy", "created")})
+          "ppv", "npv", "accuracy", "brier", "ece", "threshold_policy", "created",
+          "data_change", "training_overlap")})
+  return out
+
+
+def _data_caveats(card: dict) -> list[str]:
+  """Caveat lines for evaluations on changed training data (--allow_data_change) or whose films
+  the run trained on (xraytpu.evaluation's data_change / training_overlap); the quoted
+  report's own notes already say it."""
+  ev, out = card.get("evaluation") or {}, []
+  for e in card.get("evaluations") or []:
+    if (e.get("dataset"), e.get("split")) == (ev.get("dataset"), ev.get("split")):
+      continue
+    where = f"`{e.get('dataset')}` / `{e.get('split')}`"
+    change = e.get("data_change")
+    if change:
+      out.append(f"- {where} was evaluated with --allow_data_change: the training data changed "
+                 f"since training ({'; '.join(change.get('differences') or [])})")
+    seen = (e.get("training_overlap") or {}).get("in_train")
+    if seen:
+      out.append(f"- {where}: {seen} of {e['training_overlap'].get('num_films')} evaluated films "
+                 "were in the training split: its numbers overstate performance on new films")
   return out
 
 
@@ -725,6 +746,7 @@ def _caveats_md(card: dict) -> list[str]:
                  "metrics of a finding cover its labelled images only.")
   for note in (ev or {}).get("notes") or []:
     lines.append(f"- {note}")
+  lines += _data_caveats(card)
   lines += ["- Recommended: evaluate on data from the intended site before any study, choose the "
             "operating point on that site's validation data, and measure subgroups (sex, age, view, "
             "device) there.", ""]

@@ -8,6 +8,7 @@ local or gs://):
                      batch sizes, library versions, manifest sha256, parameter counts,
                      and at the end the best validation AUC and epochs trained
   dataset.json       copy of the data set's manifest (classes in label order)
+  training_films.json  content hashes of the train and val films (xraytpu.run.films)
   history.csv        one row per epoch: epoch, loss and metrics, val_*, lr,
                      images_per_sec, epoch_seconds (kept across resumes)
   logs/              TensorBoard event files (train/, validation/)
@@ -343,3 +344,12 @@ def load(run_dir: str, weights: str = "best") -> LoadedRun:
       aspect=getattr(cfg, "aspect", "squash"),
       conversion=pixels.conversion_args(manifest.get("args")),
       operating_point=read_operating_point(run_dir))
+
+
+# --------------------------------------------------------------------------
+# training_films.json: the content hashes of the films a run trained on
+# (written at training, read by evaluation: xraytpu.run.films).
+# --------------------------------------------------------------------------
+
+TRAINING_FILMS = "training_films.json"
+_ENTRIES += (TRAINING_FILMS,)   # cleared with the rest: a new model, a new list

@@ -47,7 +47,7 @@ import tensorflow as tf
 import tfrecord_tools
 from xraytpu.training import distribute, multilabel
 from xraytpu import errors
-from xraytpu.run import rundir
+from xraytpu.run import films, rundir
 from xraytpu import models as models_lib
 from xraytpu._keras import keras
 from xraytpu.training.callbacks import StopOnNaN, _save_and_discard, make_callbacks, parse_profile_steps
@@ -591,6 +591,7 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
     storage.makedirs(rundir.path(run_dir, rundir.CHECKPOINTS))
     _write_json(cfg, run_dir, "running", run_info)
     rundir.write_manifest_copy(run_dir, manifest)
+    films.record(run_dir, cfg.data_dir, manifest)   # what evaluate checks overlap with
 
   total_epochs = cfg.epochs + (cfg.fine_tune_epochs if cfg.fine_tune_at >= 0 else 0)
   nan = StopOnNaN()
