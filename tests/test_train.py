@@ -143,7 +143,7 @@ def test_nan_loss_stops_with_a_clear_message(demo_data_dir, tmp_path, monkeypatc
   run = str(tmp_path / "run")
   with pytest.raises(train_lib.TrainingDiverged, match="loss became NaN/inf in epoch 1"):
     train_lib.train_and_evaluate(_cfg(demo_data_dir, run, epochs=3), verbose=0)
-  assert json.load(open(os.path.join(run, "config.json")))["status"] == "running"
+  assert json.load(open(os.path.join(run, "config.json")))["status"] == "failed"   # diverged
   assert not os.path.exists(os.path.join(run, "model.keras"))
 
 

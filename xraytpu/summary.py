@@ -39,11 +39,13 @@ def summarize(run_dir: str) -> str:
     speeds = [float(r["images_per_sec"]) for r in rows if r.get("images_per_sec")]
     # Steady state: the first epoch also decodes and fills the cache.
     steady = statistics.median(speeds[1:]) if len(speeds) > 1 else (speeds[0] if speeds else None)
-    best = max(((float(r["val_auc"]), i + 1) for i, r in enumerate(rows) if "val_auc" in r),
-               default=None)
+    # Epochs whose loss became NaN/inf never count (rundir.best_row).
+    best = rundir.best_row(rows, "val_auc")
     speed = f"{steady:.1f} images/sec (median after epoch 1)" if steady else "n/a"
-    auc = f"best val AUC {best[0]:.3f} (epoch {best[1]})" if best else "no val AUC (no val split)"
+    auc = (f"best val AUC {best['val_auc']:.3f} (epoch {int(best['epoch']) + 1})" if best
+           else "no finite val AUC" if any("val_auc" in r for r in rows) else "no val AUC (no val split)")
     lines.append(f"training: {len(rows)} epochs, {speed}, {auc}")
+  lines += _status_lines(run_dir, cfg, rows)
   for report_path in rundir.eval_report_paths(run_dir):
     r = reports.read(report_path)
     where = f"{r.get('dataset')}/{r.get('split')}, {r.get('num_examples')} images"
@@ -54,6 +56,26 @@ def summarize(run_dir: str) -> str:
                    f"specificity {_fmt_ci(r.get('specificity'), r.get('specificity_ci'))}")
     lines.append(f"          report {storage.join(storage.dirname(report_path), rundir.EVAL_FILES['report_md'])} (plots beside it)")
   return "\n".join(lines)
+
+
+def _status_lines(run_dir: str, doc: dict, rows: list[dict]) -> list[str]:
+  """What went wrong, when something did: a diverged, failed, unfinished or collapsed run."""
+  status, info = doc.get("status"), doc.get("run") or {}
+  has_best = storage.exists(rundir.path(run_dir, rundir.BEST_WEIGHTS))
+  if info.get("diverged"):
+    d = info["diverged"]
+    kept = (f"{rundir.BEST_WEIGHTS} holds an earlier epoch's finite weights" if has_best else
+            "no finite checkpoint: predict, evaluate, export and serve refuse this run")
+    return [f"status:   DIVERGED: the training loss became NaN/inf in epoch {int(d.get('epoch', 0)) + 1} "
+            f"(step {d.get('step')}); {kept}; retrain with a lower --learning_rate"]
+  if status == "failed":
+    return [f"status:   FAILED: {info.get('failure') or 'no reason recorded'}; fix it and run the "
+            "same command again to resume"]
+  if status == "running":
+    return ["status:   unfinished (training is running, or stopped without a word: run the same "
+            "command again to resume)"]
+  collapsed = info.get("collapsed") or rundir.collapse_of(doc, rows)
+  return [f"status:   WARNING: {collapsed}"] if collapsed else []
 
 
 def main(argv: list[str]) -> None:

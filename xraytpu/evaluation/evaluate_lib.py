@@ -196,6 +196,7 @@ def predict_split(run: rundir.LoadedRun, data_dir: str, split: str, *, manifest:
   integrity.check_count(data_dir, split, seen, total)
   k = len(run.classes)
   raw = np.concatenate(raws) if raws else np.zeros((0, 1 if run.binary else k), np.float32)
+  model_call.check_finite(raw, f"the {split} split of {data_dir}")   # one line, not a NaN report
   logging.info("%s: %d images predicted in %.1fs", split, seen, time.time() - start)
   mask = None
   if multi:

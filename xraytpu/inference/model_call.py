@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from tfrecord_tools import pixels
 from tfrecord_tools import schema
+from xraytpu import errors
 from xraytpu.run import rundir
 
 # Probabilities are clipped this far from 0 and 1 before the logit.
@@ -38,6 +39,27 @@ _EPS = rundir.PROB_CLIP
 NO_FINDING = schema.NO_FINDING
 # The SavedModel's signatures (InferenceModule.signatures): file bytes, and pixels after the contract.
 SERVING_DEFAULT, SERVING_PIXELS = "serving_default", "serving_pixels"
+
+
+class NonFiniteOutput(errors.UserError):
+  """The model answered NaN or inf: no probability can be given (one line for the user)."""
+
+
+def check_finite(outputs: np.ndarray, what: str = "") -> None:
+  """Raises NonFiniteOutput when `outputs` (the model's, [n, K]) hold a NaN or an inf.
+
+  rundir.load refuses a run whose weights are not finite; finite weights can still
+  overflow on some input (a collapsed run's huge weights), and a NaN must never become a
+  label ("NORMAL nan") or a probability in a report or an HTTP answer."""
+  outputs = np.asarray(outputs)
+  bad = ~np.isfinite(outputs).all(axis=tuple(range(1, outputs.ndim))) if outputs.ndim > 1 \
+      else ~np.isfinite(outputs)
+  if bad.any():
+    where = f" for {what}" if what else ""
+    raise NonFiniteOutput(
+        f"the model's output is not a finite number (NaN or inf){where}: {int(bad.sum())} of "
+        f"{len(outputs)} image(s); its weights are unusable for these inputs (a diverged or "
+        "collapsed training): retrain with a lower --learning_rate")
 
 
 def module_of(run: rundir.LoadedRun) -> "InferenceModule":
@@ -158,9 +180,13 @@ class InferenceModule(tf.Module):
       pixels.prepare_image(data, **self.conversion, max_pixels=max_pixels)   # the converter's ImageError
       raise pixels.ImageError("cannot decode (TensorFlow refused the image)") from None
 
-  def predict_batches(self, images: np.ndarray, batch_size: int = 64) -> dict[str, np.ndarray]:
+  def predict_batches(self, images: np.ndarray, batch_size: int = 64,
+                      check: bool = True) -> dict[str, np.ndarray]:
     """uint8 [n, S, S, C] -> {"probabilities": float32 [n, K], "raw": ..., and "label_index"
-    int [n] (single-label) or "positive" bool [n, K] (multi-label)}."""
+    int [n] (single-label) or "positive" bool [n, K] (multi-label)}.
+
+    check: raise NonFiniteOutput when a probability is NaN/inf (`check_finite`); a caller
+    that answers per image (serve) passes False and checks each image's row itself."""
     decision = "positive" if self.multi_label else "label_index"
     outs: dict[str, list] = {"probabilities": [], decision: [], "raw": []}
     for start in range(0, len(images), batch_size):
@@ -173,7 +199,10 @@ class InferenceModule(tf.Module):
     width = 1 if self.binary else k
     empty = {"probabilities": np.zeros((0, k), np.float32), "label_index": np.zeros(0, np.int32),
              "positive": np.zeros((0, k), bool), "raw": np.zeros((0, width), np.float32)}
-    return {k: (np.concatenate(v) if v else empty[k]) for k, v in outs.items()}
+    result = {k: (np.concatenate(v) if v else empty[k]) for k, v in outs.items()}
+    if check:
+      check_finite(result["probabilities"])
+    return result
 
 
 def _scaled_sigmoid(p, temperature):

@@ -190,6 +190,24 @@ def _provenance(run: rundir.LoadedRun, doc: dict) -> dict[str, Any]:
   }
 
 
+def _training_warning(run: rundir.LoadedRun, doc: dict) -> str | None:
+  """One line when the training went wrong: a run that collapsed (rundir.collapse's rule),
+  or one that diverged or failed (its weights are those of its best finished epoch)."""
+  info = doc.get("run") or {}
+  if info.get("diverged"):
+    d = info["diverged"]
+    return (f"training diverged (the loss became NaN/inf in epoch {int(d.get('epoch', 0)) + 1}) and "
+            "the run is unfinished: these are the weights of its best earlier epoch")
+  if doc.get("status") == "failed":
+    return (f"the training run failed ({info.get('failure')}) and is unfinished: these are the "
+            "weights of its best finished epoch")
+  try:
+    rows = rundir.read_history(run.model_dir)
+  except (OSError, ValueError):
+    rows = []
+  return info.get("collapsed") or rundir.collapse_of(doc, rows)
+
+
 def model_card(run: rundir.LoadedRun, opts=None) -> dict[str, Any]:
   """What the model is and what its numbers mean (GET /v1/model).
 
@@ -212,6 +230,7 @@ def model_card(run: rundir.LoadedRun, opts=None) -> dict[str, Any]:
    "metadata": the YAML header as a dict (license, library_name, tags, datasets, pipeline_tag,
                metrics, model-index),
    "disclaimer": str, "model_card_md": render_markdown(card), the card as Markdown (MODEL_CARD.md),
+   "training_warning": one line when the run collapsed, diverged or failed (at the card's top), or null,
    "limits": {"max_upload_mb", "max_files", "max_pixels"} (with serve's options only)}
   """
   op = run.operating_point or {}
@@ -252,6 +271,7 @@ def model_card(run: rundir.LoadedRun, opts=None) -> dict[str, Any]:
       "evaluation": None,
       "evaluations": _all_reports(run),
       "disclaimer": DISCLAIMER,
+      "training_warning": _training_warning(run, doc),
   }
   report = find_eval_report(run)
   if report is not None:
@@ -758,6 +778,8 @@ def render_markdown(card: dict[str, Any]) -> str:
   meta = card.get("metadata") or metadata(card)
   lines = ["---", *to_yaml(meta), "---", "",
            f"# Model card: {card['run']} ({card['model']})", "", f"> **{card['disclaimer']}**", ""]
+  if card.get("training_warning"):
+    lines += [f"> **Warning: {card['training_warning']}**", ""]
   for part in (_model_details_md, _intended_use_md, _factors_md, _metrics_md, _evaluation_data_md,
                _training_data_md, _quantitative_md, _ethics_md, _caveats_md):
     lines += part(card)

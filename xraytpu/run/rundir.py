@@ -4,9 +4,12 @@ No other module spells a run-directory file name. Layout (`--model_dir`,
 local or gs://):
 
   config.json        the resolved Config fields at top level (Config.from_dict reads it),
-                     "status": "running" | "finished", and "run": strategy, replicas,
+                     "status": "running" | "finished" | "failed", and "run": strategy, replicas,
                      batch sizes, library versions, manifest sha256, parameter counts,
-                     and at the end the best validation AUC and epochs trained
+                     and at the end the best validation AUC and epochs trained; a failed run
+                     has "failure" (one line) and, when the loss became NaN/inf, "diverged"
+                     {"epoch", "step"}; a finished run that collapsed (`collapse`) has
+                     "collapsed" (one line)
   dataset.json       copy of the data set's manifest (classes in label order)
   training_films.json  content hashes of the train and val films (xraytpu.run.films)
   history.csv        one row per epoch: epoch, loss and metrics, val_*, lr,
@@ -37,15 +40,18 @@ way of calling the model.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
 import json
+import math
 import os
-from typing import Any
+from typing import Any, Iterator
 
 from tfrecord_tools import pixels
 from tfrecord_tools import schema
+from tfrecord_tools import errors as tools_errors
 from tfrecord_tools import storage
 from xraytpu import errors
 
@@ -84,6 +90,28 @@ MULTI_LABEL = schema.MULTI_LABEL
 
 class RunError(errors.UserError):
   """The run directory is missing, unfinished or unreadable; one line for the user."""
+
+
+class WriteError(RunError):
+  """A file of the run could not be written (a full disk, a quota, no permission): one line
+  naming the file and the cause."""
+
+
+@contextlib.contextmanager
+def writing(path: str, hint: str = "") -> Iterator[None]:
+  """Turns a failed write in the block into one WriteError line: 'cannot write PATH: No space
+  left on device (ENOSPC); HINT'. A failed write is what tfrecord_tools.errors.write_failure
+  recognises (an OSError, or an h5py or TensorFlow error naming the errno); other errors
+  pass unchanged."""
+  try:
+    yield
+  except errors.UserError:
+    raise
+  except Exception as e:  # noqa: BLE001 - only write failures are turned into a line
+    cause = tools_errors.write_failure(e)
+    if cause is None:
+      raise
+    raise WriteError(tools_errors.write_error_text(path, cause) + (f"; {hint}" if hint else "")) from None
 
 
 def path(run_dir: str, name: str) -> str:
@@ -126,17 +154,23 @@ def write_config(run_dir: str, doc: dict) -> None:
   storage.write_text(path(run_dir, CONFIG), json.dumps(doc, indent=2, sort_keys=True, default=str))
 
 
-def mark_failed(run_dir: str, reason: str) -> None:
-  """config.json's status becomes "failed" (with the one-line reason) if the run was running."""
+def mark_failed(run_dir: str, reason: str, **details: Any) -> bool:
+  """config.json's status becomes "failed" (with the one-line reason and `details`, e.g.
+  diverged={"epoch": 1, "step": 3}) if the run was running. Returns whether it was written:
+  on a disk that is still full it cannot be (the status then stays "running")."""
   try:
     doc = read_config(run_dir)
-  except RunError:
-    return
-  if doc is None or doc.get("status") != "running":
-    return
+  except (RunError, OSError):
+    return False
+  if doc is None or doc.get("status") not in ("running", "failed"):
+    return False
   doc["status"] = "failed"
-  doc.setdefault("run", {})["failure"] = reason
-  write_config(run_dir, doc)
+  doc.setdefault("run", {}).update(failure=reason, **details)
+  try:
+    write_config(run_dir, doc)
+  except OSError:
+    return False
+  return True
 
 
 def write_manifest_copy(run_dir: str, manifest: dict) -> None:
@@ -176,6 +210,67 @@ def write_history(run_dir: str, rows: list[dict]) -> None:
   for r in rows:
     w.writerow(r)
   storage.write_text(path(run_dir, HISTORY), out.getvalue())
+
+
+# --------------------------------------------------------------------------
+# What history.csv says about the training: the best epoch, a collapse.
+# --------------------------------------------------------------------------
+
+# A collapsed run: it finished with finite weights, yet learned nothing. The rule: its best
+# monitored AUC (validation, or training without a val split) is within COLLAPSE_AUC_MARGIN
+# of chance (0.5), AND its last epoch's training loss is over COLLAPSE_LOSS_FACTOR x ln K,
+# the loss a model with no information starts from (K classes; 2 for a binary or
+# multi-label task, whose loss is a mean of per-finding binary cross-entropies: ln 2 = 0.69).
+# The model's output bias starts at the class priors, so its loss starts at ln K or below.
+COLLAPSE_AUC_MARGIN = 0.05
+COLLAPSE_LOSS_FACTOR = 10.0
+
+
+def finite_rows(rows: list[dict]) -> list[dict]:
+  """The epochs that ended with a finite training loss. In an epoch where the loss became
+  NaN/inf, the weights (and the metrics measured with them) are meaningless: it is never
+  the best epoch."""
+  return [r for r in rows if "loss" not in r or math.isfinite(r["loss"])]
+
+
+def best_row(rows: list[dict], monitor: str) -> dict | None:
+  """The epoch with the highest finite `monitor` among `finite_rows`, or None."""
+  scored = [r for r in finite_rows(rows) if math.isfinite(r.get(monitor, math.nan))]
+  return max(scored, key=lambda r: r[monitor]) if scored else None
+
+
+def monitor_of(doc: dict | None, rows: list[dict]) -> str:
+  """The metric the run chose its best epoch by: config.json's, else val_auc when recorded, else auc."""
+  recorded = ((doc or {}).get("run") or {}).get("monitor")
+  if recorded:
+    return recorded
+  return "val_auc" if any("val_auc" in r for r in rows) else "auc"
+
+
+def collapse(rows: list[dict], monitor: str, num_classes: int, task: str = "") -> str | None:
+  """One line saying why the run collapsed (the rule above), or None when it did not."""
+  best, last = best_row(rows, monitor), (finite_rows(rows) or [None])[-1]
+  if best is None or last is None or "loss" not in last:
+    return None
+  k = 2 if task == MULTI_LABEL else max(int(num_classes or 2), 2)
+  chance_loss = math.log(k)
+  auc, loss = best[monitor], last["loss"]
+  if abs(auc - 0.5) > COLLAPSE_AUC_MARGIN or loss <= COLLAPSE_LOSS_FACTOR * chance_loss:
+    return None
+  return (f"the run collapsed: its best {monitor} {auc:.3f} is within {COLLAPSE_AUC_MARGIN} of "
+          f"chance (0.5) and its last training loss {loss:.4g} is over {COLLAPSE_LOSS_FACTOR:g} x "
+          f"ln {k} = {COLLAPSE_LOSS_FACTOR * chance_loss:.2f}, where an untrained model starts: "
+          "the model learned nothing usable; retrain with a lower --learning_rate")
+
+
+def collapse_of(doc: dict | None, rows: list[dict]) -> str | None:
+  """`collapse` for a run directory's config.json and history.csv rows (what train records
+  in config.json, and what summary and the model card show, for runs of any age)."""
+  info = (doc or {}).get("run") or {}
+  if (doc or {}).get("status") != "finished":
+    return None
+  num_classes = info.get("num_classes") or len((info.get("manifest") or {}).get("classes") or ())
+  return collapse(rows, monitor_of(doc, rows), num_classes, info.get("task", ""))
 
 
 # --------------------------------------------------------------------------
@@ -323,6 +418,10 @@ def load(run_dir: str, weights: str = "best") -> LoadedRun:
         model = models_lib.load_model(local)
     else:
       if not storage.exists(best_path):
+        if (doc.get("run") or {}).get("diverged"):
+          raise RunError(f"the run in {run_dir} has no finite weights: {_failure(doc)}; no epoch "
+                         "ended with finite weights, so there is nothing to use: retrain with a "
+                         "lower --learning_rate (python -m xraytpu.train ... --overwrite)")
         raise RunError(f"{run_dir} has neither {MODEL} nor {BEST_WEIGHTS}: the run has not "
                        "finished an epoch")
       logging.warning("%s has no %s (unfinished run): rebuilding from %s", run_dir, MODEL, CONFIG)
@@ -331,12 +430,25 @@ def load(run_dir: str, weights: str = "best") -> LoadedRun:
           channels=cfg.channels or stats.input_channels(manifest, cfg), task=stats.task(manifest))
       weights = "best"
     if weights == "best" and storage.exists(best_path):
-      with storage.local_copy(best_path) as local:
-        model.load_weights(local)
+      try:
+        with storage.local_copy(best_path) as local:
+          model.load_weights(local)
+      except (OSError, ValueError) as e:
+        raise RunError(f"cannot load {best_path}: the file is incomplete or damaged (a write that "
+                       f"stopped, e.g. on a full disk: {' '.join(str(e).split())[:200]}); rerun the "
+                       "training command to resume the run, or delete the file to use "
+                       f"{MODEL}") from None
   except RunError:
     raise
   except (OSError, ValueError) as e:
     raise RunError(f"cannot load the run in {run_dir}: {e}") from e
+  bad = nonfinite_weights(model)
+  if bad:
+    why = f" ({_failure(doc)})" if (doc.get("run") or {}).get("failure") else ""
+    raise RunError(f"the run in {run_dir} has weights that are not finite (NaN or inf, in "
+                   f"{len(bad)} variable(s), e.g. {bad[0]}){why}: its outputs would be meaningless, "
+                   "so predict, evaluate, export and serve refuse it; retrain with a lower "
+                   "--learning_rate (python -m xraytpu.train ... --overwrite)")
   shape = model.inputs[0].shape
   return LoadedRun(
       model_dir=run_dir, cfg=cfg, manifest=manifest, model=model,
@@ -344,6 +456,22 @@ def load(run_dir: str, weights: str = "best") -> LoadedRun:
       aspect=getattr(cfg, "aspect", "squash"),
       conversion=pixels.conversion_args(manifest.get("args")),
       operating_point=read_operating_point(run_dir))
+
+
+def nonfinite_weights(model) -> list[str]:
+  """The names of the model's variables that hold a NaN or an inf ([] when all are finite)."""
+  import numpy as np  # noqa: PLC0415
+  return [w.name for w in model.weights if not np.all(np.isfinite(np.asarray(w.numpy(), np.float64)))]
+
+
+def _failure(doc: dict) -> str:
+  """config.json's recorded failure, as one short clause."""
+  info = doc.get("run") or {}
+  d = info.get("diverged")
+  if d:
+    return (f"training diverged: the loss became NaN/inf in epoch {int(d.get('epoch', 0)) + 1} "
+            f"(step {d.get('step')})")
+  return f"the run failed: {info.get('failure')}"
 
 
 # --------------------------------------------------------------------------

@@ -24,6 +24,8 @@ Starlette on uvicorn.
               the file header, before decoding)      415 not an image (or DICOM without pydicom)
               404 unknown path    405 wrong method    408 body not sent within --body_timeout_s
               503 no request slot (--max_inflight) or no model answer within request_timeout_s
+              422 the model's output for the image is not a finite number (NaN/inf: a
+              diverged or collapsed run; never a 500)
 
 TensorFlow Serving's REST API (the same requests and answers as TF Serving serving
 `xraytpu.export`'s SavedModel, whose serving_default takes image_bytes): a client
@@ -100,7 +102,7 @@ from typing import Any
 
 from tfrecord_tools import storage
 from tfrecord_tools import __version__
-from xraytpu.inference import predict_lib
+from xraytpu.inference import model_call, predict_lib
 from xraytpu.run import rundir
 from xraytpu.config import ServeError, ServeOptions  # noqa: F401 - defined with the other options
 from xraytpu.config import is_loopback  # noqa: F401 - part of this module's API
@@ -814,7 +816,11 @@ def make_server(opts: ServeOptions, run: rundir.LoadedRun | None = None, environ
   port, extra_routes = vertex_settings(opts, environ)
   run = run or load_run(opts)
   app = App(run, opts, static=load_static())
-  app.warm_up()
+  try:
+    app.warm_up()
+  except model_call.NonFiniteOutput as e:
+    app.close()
+    raise ServeError(f"not serving the run in {run.model_dir}: {e}") from None
   web = Web(app, model_name=opts.model_name or app.card["model"], extra_routes=extra_routes,
             tokens=tokens, version=tf_serving.served_version(run.model_dir))
   try:
@@ -861,6 +867,8 @@ def serve(opts: ServeOptions, out=None) -> None:
         file=out)
   if card["threshold_note"]:
     print(f"  note: {card['threshold_note']}", file=out)
+  if card.get("training_warning"):
+    print(f"  WARNING: {card['training_warning']}", file=out)
   web = server.web
   if web.tokens is not None:
     print(f"  access: a bearer token of {opts.auth_token_file} ({web.tokens.count} token"

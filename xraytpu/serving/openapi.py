@@ -33,7 +33,7 @@ def _op(summary: str, *, ok: str, body: dict | None = None, errors: tuple[int, .
   return op
 
 
-_PREDICT_ERRORS = (400, 408, 411, 413, 415, 503)
+_PREDICT_ERRORS = (400, 408, 411, 413, 415, 422, 503)
 _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
          "description": "the run's model name (--model_name) or 'default'"}
 _VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "integer"},

@@ -179,7 +179,9 @@ class App:
 
   def _predict_batch(self, jobs: list[Job]) -> None:
     batch = np.concatenate([j.pixels for j in jobs])
-    out = self.module.predict_batches(batch, self.opts.max_batch)
+    # Not checked here: a NaN answer is refused per request, in `predict` (one request's
+    # image must not fail the others batched with it).
+    out = self.module.predict_batches(batch, self.opts.max_batch, check=False)
     probs = out["probabilities"].astype(np.float64)
     multi = self.run.multi_label
     # Multi-label: the decision is per finding; Grad-CAM explains the most probable one.
@@ -216,6 +218,11 @@ class App:
       results = self.batcher.submit(Job(np.stack(images), gradcam)).wait(self.opts.request_timeout_s)
     except BatchTimeout as e:
       raise RequestError(503, str(e)) from None
+    try:   # never a NaN in the answer (JSON has none: it would be a 500)
+      model_call.check_finite(np.stack([r.probabilities for r in results]),
+                              ", ".join(n for n, _ in files if n) or "the image")
+    except model_call.NonFiniteOutput as e:
+      raise RequestError(422, str(e)) from None
     predictions = []
     for i, ((name, _), r, pix) in enumerate(zip(files, results, images)):
       p = predict_lib.prediction(run, name, r.probabilities, label_index=r.label_index,
@@ -249,7 +256,10 @@ class App:
     from PIL import Image
     buf = io.BytesIO()
     Image.new("L", (self.run.size, self.run.size)).save(buf, format="PNG")
-    self.module.predict_batches(self.module.file_pixels(buf.getvalue())[None], 1)
+    out = self.module.predict_batches(self.module.file_pixels(buf.getvalue())[None], 1, check=False)
+    # A model that answers NaN/inf is refused at start-up (rundir.load already refuses
+    # non-finite weights; finite ones can still overflow).
+    model_call.check_finite(out["probabilities"], "the start-up check's black image")
 
   def health(self) -> dict[str, Any]:
     b = self.batcher

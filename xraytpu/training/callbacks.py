@@ -3,9 +3,17 @@
   make_callbacks(cfg, run_dir, ...)  the list for one phase, in the order that matters
   EpochSummary     lr / images_per_sec / epoch_seconds in the logs, one log line per epoch
   HistoryCSV       history.csv, rewritten each epoch, resume-aware (xraytpu.run.rundir reads and writes it)
+  BestCheckpoint   checkpoints/best.weights.h5: the best epoch's weights, written atomically,
+                   only from finite weights (a NaN/inf epoch never becomes "best")
   tensorboard      Keras' TensorBoard callback: epoch scalars (lr included), graph, profiler trace
   StopOnNaN        stops at the first NaN/inf loss and remembers where
   SaveOnTrainEnd   the phase's final weights, before BackupAndRestore deletes its state
+  Backup           Keras' BackupAndRestore (the resume point), never of a diverged epoch
+
+Every file these write goes through `rundir.writing`: a full disk, a quota or a folder
+that cannot be written is one line naming the file and the cause (WRITE_HINT), and the
+trainer marks the run failed; the last good state stays (atomic writes), so the same
+command resumes.
   PlateauState     EarlyStopping / ReduceLROnPlateau counters across a resume
   PushRunDir       uploads the local copy of a gs:// run directory after every epoch
 """
@@ -73,6 +81,16 @@ def _fmt(v) -> str:
   return f"{float(v):.4f}"
 
 
+# What a failed write of the run directory adds to its one line (rundir.writing).
+WRITE_HINT = ("the run is marked failed: make room (or fix the permissions) and run the same "
+              "command again to resume from its last finished epoch")
+
+
+def writing(path: str):
+  """rundir.writing with the trainer's hint: the one wrapper of the run's writers."""
+  return rundir.writing(path, WRITE_HINT)
+
+
 class HistoryCSV(keras.callbacks.Callback):
   """history.csv, rewritten atomically each epoch; on resume, rows from the
   restart epoch on are dropped (they will be trained again)."""
@@ -99,7 +117,8 @@ class HistoryCSV(keras.callbacks.Callback):
     row.update({k: float(v) for k, v in (logs or {}).items()})
     self.rows.append(row)
     if self.enabled:
-      rundir.write_history(self.run_dir, self.rows)
+      with writing(rundir.path(self.run_dir, rundir.HISTORY)):
+        rundir.write_history(self.run_dir, self.rows)
 
 
 def parse_profile_steps(text: str) -> tuple[int, int] | None:
@@ -149,10 +168,31 @@ def tensorboard(log_dir: str, profile_steps: str = "") -> keras.callbacks.Tensor
 class _TensorBoard(keras.callbacks.TensorBoard):
   """Keras' callback with one learning-rate scalar: EpochSummary's "lr" (the rate of the
   epoch's last step). Keras would add "epoch_learning_rate" for a schedule, evaluated one
-  step later, a second and slightly different curve."""
+  step later, a second and slightly different curve. Its event writers' failures (a full
+  disk: ResourceExhaustedError) are one line naming the log folder (`writing`)."""
 
   def _collect_learning_rate(self, logs):
     return logs
+
+  def on_train_begin(self, logs=None):
+    with writing(self.log_dir):
+      super().on_train_begin(logs)
+
+  def on_train_end(self, logs=None):
+    with writing(self.log_dir):
+      super().on_train_end(logs)
+
+  def on_epoch_end(self, epoch, logs=None):
+    with writing(self.log_dir):
+      super().on_epoch_end(epoch, logs)
+
+  def on_train_batch_end(self, batch, logs=None):
+    with writing(self.log_dir):
+      super().on_train_batch_end(batch, logs)
+
+  def on_test_end(self, logs=None):
+    with writing(self.log_dir):
+      super().on_test_end(logs)
 
 
 class StopOnNaN(keras.callbacks.Callback):
@@ -170,6 +210,35 @@ class StopOnNaN(keras.callbacks.Callback):
     if loss is not None and not np.isfinite(float(loss)):
       self.where = (self.epoch, batch)
       self.model.stop_training = True
+
+
+class BestCheckpoint(keras.callbacks.Callback):
+  """checkpoints/best.weights.h5: the weights of the epoch with the highest `monitor`
+  (above `best_so_far`, the best of the epochs before a resume), like Keras' ModelCheckpoint
+  with save_best_only, but written atomically (`_save_weights_atomic`: a temp file, then a
+  rename; a failed write leaves the previous best whole) and only from finite weights: an
+  epoch whose loss became NaN/inf, or whose weights hold a NaN/inf, is never the best."""
+
+  def __init__(self, path: str, monitor: str, best_so_far: float | None, chief: bool,
+               nan: "StopOnNaN"):
+    super().__init__()
+    self.path, self.monitor, self.chief, self.nan = path, monitor, chief, nan
+    self.best = best_so_far
+
+  def on_epoch_end(self, epoch, logs=None):
+    value = (logs or {}).get(self.monitor)
+    if value is None or self.nan.where is not None:
+      return
+    value = float(value)
+    if not np.isfinite(value) or (self.best is not None and not value > self.best):
+      return
+    bad = rundir.nonfinite_weights(self.model)
+    if bad:
+      logging.warning("Epoch %d: %s=%.4f but %d weight variable(s) hold NaN/inf (e.g. %s): not "
+                      "saved as the best checkpoint", epoch + 1, self.monitor, value, len(bad), bad[0])
+      return
+    _save_weights_atomic(self.model, self.path, self.chief)
+    self.best = value
 
 
 class SaveOnTrainEnd(keras.callbacks.Callback):
@@ -214,7 +283,29 @@ class PlateauState(keras.callbacks.Callback):
       state = {type(cb).__name__: {f: float(getattr(cb, f)) if f == "best" else int(getattr(cb, f))
                                    for f in self.FIELDS[type(cb).__name__] if hasattr(cb, f)}
                for cb in self.callbacks}
-      storage.write_text(self.path, json.dumps(state))
+      with writing(self.path):
+        storage.write_text(self.path, json.dumps(state))
+
+
+class Backup(keras.callbacks.BackupAndRestore):
+  """Keras' BackupAndRestore (weights, optimizer and epoch after every epoch: the resume
+  point), except after an epoch whose loss became NaN/inf: a rerun must not resume from
+  NaN weights. Its writes are one line on failure (`writing`); tf.train.Checkpoint
+  updates its index last, so a failed write leaves the previous backup usable."""
+
+  def __init__(self, backup_dir: str, nan: "StopOnNaN"):
+    super().__init__(backup_dir)
+    self.nan = nan
+
+  def on_train_begin(self, logs=None):
+    with writing(self.backup_dir):
+      super().on_train_begin(logs)
+
+  def on_epoch_end(self, epoch, logs=None):
+    if self.nan.where is not None:
+      return
+    with writing(self.backup_dir):
+      super().on_epoch_end(epoch, logs)
 
 
 class PushRunDir(keras.callbacks.Callback):
@@ -254,8 +345,13 @@ def _save_weights_atomic(model: keras.Model, path: str, chief: bool = True) -> N
     _save_and_discard(model.save_weights, "w.weights.h5")
     return
   tmp = path[:-len(".weights.h5")] + f".tmp-{os.getpid()}.weights.h5"
-  model.save_weights(tmp)
-  storage.rename(tmp, path)
+  try:
+    with writing(path):
+      model.save_weights(tmp)
+      storage.rename(tmp, path)
+  finally:
+    if not storage.is_remote(tmp) and os.path.exists(tmp):
+      os.remove(tmp)   # a half-written temp file (the disk filled): never left behind
 
 
 def make_callbacks(cfg: Config, run_dir: str, *, chief: bool, monitor: str, phase: int,
@@ -275,9 +371,8 @@ def make_callbacks(cfg: Config, run_dir: str, *, chief: bool, monitor: str, phas
                                  total_epochs=total_epochs, phase=f"phase {phase}")]
   cbs.append(HistoryCSV(run_dir, enabled=chief,
                         first_epoch=0 if phase == 1 else cfg.epochs))
-  cbs.append(keras.callbacks.ModelCheckpoint(
-      rundir.path(run_dir, rundir.BEST_WEIGHTS), monitor=monitor, mode="max", save_best_only=True,
-      save_weights_only=True, initial_value_threshold=best_so_far, verbose=0))
+  cbs.append(BestCheckpoint(rundir.path(run_dir, rundir.BEST_WEIGHTS), monitor, best_so_far,
+                            chief, nan))
   if chief:
     cbs.append(tensorboard(log_dir or rundir.path(run_dir, rundir.LOGS), cfg.profile_steps))
   plateau = []
@@ -290,7 +385,7 @@ def make_callbacks(cfg: Config, run_dir: str, *, chief: bool, monitor: str, phas
   cbs.extend(plateau)
   if phase == 1:
     cbs.append(SaveOnTrainEnd(rundir.path(run_dir, rundir.PHASE1_WEIGHTS), chief, nan))
-  cbs.append(keras.callbacks.BackupAndRestore(rundir.backup_dir(run_dir, phase)))
+  cbs.append(Backup(rundir.backup_dir(run_dir, phase), nan))
   if plateau:
     cbs.append(PlateauState(rundir.plateau_state(run_dir, phase), plateau, chief))
   for m in (mirror, log_mirror):

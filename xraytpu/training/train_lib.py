@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import errno
 import hashlib
 import math
 import os
@@ -51,6 +52,7 @@ from xraytpu.run import films, rundir
 from xraytpu import models as models_lib
 from xraytpu._keras import keras
 from xraytpu.training.callbacks import StopOnNaN, _save_and_discard, make_callbacks, parse_profile_steps
+from xraytpu.training.callbacks import writing
 from xraytpu.config import Config
 from xraytpu.data import DataError
 from xraytpu.data import input_pipeline
@@ -58,6 +60,7 @@ from xraytpu.data import integrity
 from xraytpu.data import stats
 from xraytpu.data import tfds_source
 from xraytpu.models import applications
+from tfrecord_tools import errors as tools_errors
 from tfrecord_tools import locks
 from tfrecord_tools import schema
 from tfrecord_tools import storage
@@ -83,8 +86,14 @@ class TrainError(errors.UserError):
 
 
 class TrainingDiverged(RuntimeError):
-  """The loss became NaN or infinite; the run stops without a model.keras."""
+  """The loss became NaN or infinite; the run stops without a model.keras, marked "failed"
+  with "diverged": {"epoch", "step"} in config.json (its best checkpoint, if any, is of an
+  earlier epoch with finite weights)."""
   exit_code = 3   # tfrecord_tools.cli.run exits with it (docs/cli.md: exit codes)
+
+  def __init__(self, message: str, epoch: int = 0, step: int = 0):
+    super().__init__(message)
+    self.epoch, self.step = epoch, step
 
 
 # Errors that are the user's to fix: entry points print the one-line message
@@ -441,7 +450,10 @@ def train_and_evaluate(cfg: Config, *, strategy: tf.distribute.Strategy | None =
   # One process owns the run directory: the chief holds its lock until the run ends
   # (a second trainer fails at once naming the holder; a killed holder's lock is taken over).
   chief = distribute.chief_from_env(cfg.strategy)
-  with (locks.exclusive(cfg.model_dir, "xraytpu.train") if chief else contextlib.nullcontext()):
+  with contextlib.ExitStack() as owned:
+    if chief:   # a --model_dir that cannot be created or written: one line naming it
+      with rundir.writing(cfg.model_dir, "choose a --model_dir this user can write"):
+        owned.enter_context(locks.exclusive(cfg.model_dir, "xraytpu.train"))
     return _train_owned(cfg, strategy=strategy, verbose=verbose, t_start=t_start, log_dir=log_dir)
 
 
@@ -461,14 +473,26 @@ def _train_owned(cfg: Config, *, strategy, verbose, t_start: float, log_dir: str
   log_mirror = storage.Mirror(log_dir) if log_dir else None
   finished = False
   try:
-    result = _train(cfg, strategy=strategy, verbose=verbose, mirror=mirror, t_start=t_start,
-                    log_mirror=log_mirror)
+    try:
+      result = _train(cfg, strategy=strategy, verbose=verbose, mirror=mirror, t_start=t_start,
+                      log_mirror=log_mirror)
+    except Exception as e:  # noqa: BLE001 - only a full disk is turned into a line here
+      # A full disk or quota met by a writer no wrapper names (e.g. Keras' own, inside fit):
+      # one line naming the run directory. Everything else passes unchanged.
+      cause = None if isinstance(e, errors.UserError) else tools_errors.write_failure(e, _DISK_FULL)
+      if cause is None:
+        raise
+      with writing(cause.filename or cfg.model_dir):
+        raise   # as WriteError, one line
     finished = True
   except errors.UserError as e:
-    # Bad data (a corrupt shard, ...): the run directory records the failure instead of
-    # staying "running" (a rerun after the fix resumes). A crash or a preemption leaves
-    # "running", as a kill would.
-    rundir.mark_failed(mirror.local, str(e).splitlines()[0][:500])
+    # Bad data (a corrupt shard, ...), a write that failed (a full disk): the run directory
+    # records the failure instead of staying "running" (a rerun after the fix resumes). A
+    # crash or a preemption leaves "running", as a kill would.
+    _mark_failed(mirror.local, str(e))
+    raise
+  except TrainingDiverged as e:
+    _mark_failed(mirror.local, str(e), diverged={"epoch": e.epoch, "step": e.step})
     raise
   finally:
     for m in (mirror, log_mirror):
@@ -482,6 +506,18 @@ def _train_owned(cfg: Config, *, strategy, verbose, t_start: float, log_dir: str
         logging.exception("Could not push the run directory to %s", m.remote)
       m.close()
   return result
+
+
+# A full disk or quota: whichever writer meets it, it is one line (the others name their file).
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _mark_failed(run_dir: str, message: str, **details) -> None:
+  """Marks the run failed with the error's first line; says so when even that cannot be written."""
+  if not rundir.mark_failed(run_dir, message.splitlines()[0][:500], **details):
+    if (rundir.read_config(run_dir) or {}).get("status") == "running":
+      logging.warning("Could not mark the run in %s failed (its config.json cannot be written): "
+                      "it still says \"running\"", run_dir)
 
 
 def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int | str,
@@ -588,10 +624,13 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
                                     stats.prevalence(manifest),
                                     pos_weight if pos_weight is not None else np.ones(num_classes))]
   if chief:
-    storage.makedirs(rundir.path(run_dir, rundir.CHECKPOINTS))
+    with writing(rundir.path(run_dir, rundir.CHECKPOINTS)):
+      storage.makedirs(rundir.path(run_dir, rundir.CHECKPOINTS))
     _write_json(cfg, run_dir, "running", run_info)
-    rundir.write_manifest_copy(run_dir, manifest)
-    films.record(run_dir, cfg.data_dir, manifest)   # what evaluate checks overlap with
+    with writing(rundir.path(run_dir, rundir.MANIFEST_COPY)):
+      rundir.write_manifest_copy(run_dir, manifest)
+    with writing(rundir.path(run_dir, rundir.TRAINING_FILMS)):   # what evaluate checks overlap with
+      films.record(run_dir, cfg.data_dir, manifest)
 
   total_epochs = cfg.epochs + (cfg.fine_tune_epochs if cfg.fine_tune_at >= 0 else 0)
   nan = StopOnNaN()
@@ -635,32 +674,38 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
   history = rundir.read_history(run_dir) if chief else []
   inference = keras.Model(model.inputs, model.outputs, name=model.name)
   # Every worker saves (see _save_weights_atomic); non-chief copies go to a temp dir.
-  _save_model_atomic(inference, rundir.path(run_dir, rundir.MODEL), chief)
+  with writing(rundir.path(run_dir, rundir.MODEL)):
+    _save_model_atomic(inference, rundir.path(run_dir, rundir.MODEL), chief)
   if chief:
     # BackupAndRestore already removed its state; drop the phase marker and folder
     storage.rmtree(rundir.path(run_dir, rundir.BACKUP))
-  best = _best(run_dir, monitor) if chief else None
-  best_epoch = None
-  if history and best is not None:
-    best_epoch = max(history, key=lambda r: r.get(monitor, -1.0))["epoch"]
+  best_row = rundir.best_row(history, monitor) if chief else None
+  best = None if best_row is None else float(best_row[monitor])
+  best_epoch = None if best_row is None else best_row["epoch"]
+  collapsed = rundir.collapse(history, monitor, num_classes, task) if chief else None
   run_info.update({
       "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "epochs_trained": len(history),
       "best": {"monitor": monitor, "value": best, "epoch": best_epoch},
       "seconds_this_session": round(time.perf_counter() - t_start, 1),
   })
+  if collapsed:
+    run_info["collapsed"] = collapsed
   if chief:
     _write_json(cfg, run_dir, "finished", run_info)
   logging.info("Done: %d epochs; best %s %s (epoch %s, counting from 1 as in the progress "
                "lines); run dir %s", len(history), monitor, "n/a" if best is None else f"{best:.4f}",
                "n/a" if best_epoch is None else int(best_epoch) + 1, cfg.model_dir)
+  if collapsed:
+    logging.warning("WARNING: %s (recorded in %s; xraytpu.summary and the model card say so too)",
+                    collapsed, rundir.CONFIG)
   return TrainResult(model=model, history=history, run_dir=cfg.model_dir, config=cfg, strategy=info)
 
 
 def _best(run_dir: str, monitor: str) -> float | None:
-  values = [r[monitor] for r in rundir.read_history(run_dir) if monitor in r]
-  values = [v for v in values if np.isfinite(v)]
-  return max(values) if values else None
+  """The best `monitor` value so far (rundir.best_row: epochs with a finite loss only)."""
+  row = rundir.best_row(rundir.read_history(run_dir), monitor)
+  return None if row is None else float(row[monitor])
 
 
 def _check_nan(nan: StopOnNaN, run_dir: str) -> None:
@@ -668,15 +713,17 @@ def _check_nan(nan: StopOnNaN, run_dir: str) -> None:
     epoch, batch = nan.where
     raise TrainingDiverged(
         f"the training loss became NaN/inf in epoch {epoch + 1} (step {batch}); the run in {run_dir} "
-        "is left unfinished: lower --learning_rate, try --mixed_precision=off, or check the data "
-        "(python -m tfrecord_tools.inspect)")
+        "is marked failed and keeps no weights of that epoch: lower --learning_rate, try "
+        "--mixed_precision=off, or check the data (python -m tfrecord_tools.inspect)",
+        epoch=epoch, step=batch)
 
 
 def _write_json(cfg: Config, run_dir: str, status: str, run_info: dict) -> None:
   doc = cfg.to_dict()
   doc["status"] = status
   doc["run"] = run_info
-  rundir.write_config(run_dir, doc)
+  with writing(rundir.path(run_dir, rundir.CONFIG)):
+    rundir.write_config(run_dir, doc)
 
 
 def _save_model_atomic(model: keras.Model, path: str, chief: bool = True) -> None:
