@@ -126,6 +126,13 @@ def _no_temp_files(folder) -> list[str]:
 # ---- the one line, whatever wrote ------------------------------------------------------------
 
 
+def _tf_error(message: str) -> Exception:
+  """An error as TensorFlow's own classes look to the runner (module tensorflow.*), without
+  importing TensorFlow."""
+  cls = type("ResourceExhaustedError", (Exception,), {"__module__": "tensorflow.python.framework"})
+  return cls(message)
+
+
 @pytest.mark.parametrize("exc, expected", [
     (PermissionError(errno.EACCES, "Permission denied", "/out/run/MODEL_CARD.md.tmp-12-34"),
      "cannot write /out/run/MODEL_CARD.md: Permission denied (EACCES); this user may not write"),
@@ -138,12 +145,16 @@ def _no_temp_files(folder) -> list[str]:
     (OSError("Unable to synchronously create file (unable to open file: name = '/r/b.weights.h5', "
              "errno = 28, error message = 'No space left on device')"),
      "cannot write /r/b.weights.h5: No space left on device (ENOSPC)"),
+    (_tf_error("{{function_node __wrapped__SaveV2_device_/job:localhost/replica:0/task:0/device:CPU:0}}"
+               " /out/e/.tmp-1-9/variables/variables_temp/part-0.tempstate12; No space left on device"),
+     "cannot write /out/e: No space left on device (ENOSPC)"),
 ])
 def test_write_failures_are_named_with_their_cause(exc, expected):
   assert errors.os_error_line(exc).startswith(expected)
 
 
 @pytest.mark.parametrize("exc", [
+    _tf_error("OOM when allocating tensor with shape[4096,4096]"),   # out of memory: no write
     FileNotFoundError(errno.ENOENT, "No such file or directory", "/in/x.png"),   # a missing input
     PermissionError(errno.EACCES, "Permission denied"),                          # names no file
     OSError(errno.EIO, "Input/output error", "/in/x.png"),
@@ -288,12 +299,16 @@ def test_export_cleans_its_temp_folder_when_saving_fails(trained_run, tmp_path, 
   from xraytpu.inference import export_lib
   root = tmp_path / "exports"
 
-  def full(module, path, signatures=None):
-    os.makedirs(os.path.join(path, "variables"))
-    (open(os.path.join(path, "variables", "variables.index"), "wb")).close()
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(path, "variables"))
+  def full(module, path, signatures=None):   # what TensorFlow 2.21 raises on a full disk
+    os.makedirs(os.path.join(path, "variables", "variables_temp"))
+    part = os.path.join(path, "variables", "variables_temp",
+                        "part-00000-of-00001.data-00000-of-00001.tempstate2987896255717120752")
+    open(part, "wb").close()
+    raise export_lib.tf.errors.ResourceExhaustedError(
+        None, None, "{{function_node __wrapped__SaveV2_dtypes_21_device_/job:localhost/replica:0/"
+        f"task:0/device:CPU:0}}}} {part}; No space left on device [Op:SaveV2]")
   monkeypatch.setattr(export_lib.tf.saved_model, "save", full)
-  with pytest.raises(OSError) as e:
+  with pytest.raises(export_lib.tf.errors.ResourceExhaustedError) as e:
     export_lib.export(trained_run, export_dir=str(root))
   assert errors.os_error_line(e.value) == f"cannot write {root}: {_cause(errno.ENOSPC)}"
   assert os.listdir(root) == []

@@ -86,16 +86,22 @@ def write_failure(e: BaseException, codes: tuple[int, ...] = tuple(WRITE_HINTS))
   for code in codes:
     if os.strerror(code) in text or f"errno = {code}," in text:
       name = getattr(e, "filename", None)
-      if name is None:
-        found = _PATH_IN_TEXT.search(text)
-        name = found.group(1) if found else None
-      return OSError(code, os.strerror(code), name)
+      return OSError(code, os.strerror(code), name if name is not None else _path_in(text, code))
   return None
 
 
-# A path in a writer's message ("Failed to create a NewWriteableFile: /runs/x/y.tmp : Permission
-# denied", "name = '/runs/x/best.weights.h5'"): absolute, or gs://.
-_PATH_IN_TEXT = re.compile(r"""((?:gs://|/)[^\s;:'"(),]+)""")
+def _path_in(text: str, code: int) -> str | None:
+  """The file a writer's message names: the path just before its cause (TensorFlow:
+  ".../part-00000...tempstate123; No space left on device", "NewWriteableFile: /runs/x : Permission
+  denied"), h5py's "name = '/runs/x/best.weights.h5'", else the first absolute or gs:// path
+  that is not part of a TensorFlow device name ("/job:localhost/...")."""
+  for pattern in (r"""((?:gs://|/)[^\s;'"(),{}]+?)\s*[;:]\s*""" + re.escape(os.strerror(code)),
+                  r"""name = '([^']+)'""",
+                  r"""(?<![\w:/])((?:gs://|/)[^\s;:'"(),{}]+)"""):
+    found = re.search(pattern, text)
+    if found:
+      return found.group(1)
+  return None
 
 
 def _unreadable(path) -> bool:
