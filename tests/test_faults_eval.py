@@ -144,7 +144,7 @@ def test_other_data_is_evaluated_with_its_training_films_counted(own_data_run, d
   other = tmp_path / "other"
   _reconvert(_flat_images(demo_images_dir, tmp_path / "flat"), other, seed=3)
   report = _evaluate(run, data_dir=str(other), split="test")
-  overlap = report["training_overlap"]
+  overlap, overlap_dataset = report["training_overlap"], report["dataset"]
   assert report["data_change"] is None and overlap["checked"]
   assert 0 < overlap["in_train"] <= overlap["num_films"] == report["num_examples"]
   assert any(f"{overlap['in_train']} of {overlap['num_films']} test films were in the run's "
@@ -159,6 +159,10 @@ def test_other_data_is_evaluated_with_its_training_films_counted(own_data_run, d
   _reconvert(tmp_path / "fresh_images", fresh, seed=0)
   report = _evaluate(run, data_dir=str(fresh), split="test")
   assert report["training_overlap"]["in_train"] == 0 and report["training_overlap"]["in_val"] == 0
+  # The card quotes one report (here fresh's); the other's films seen in training are a caveat.
+  card = open(os.path.join(run, "MODEL_CARD.md")).read()
+  assert (f"`{overlap_dataset}` / `test`: {overlap['in_train']} of {overlap['num_films']} evaluated "
+          "films were in the training split") in card
 
 
 def test_a_run_without_a_film_list_gets_one_or_says_why_not(own_data_run, demo_images_dir,
