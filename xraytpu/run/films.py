@@ -13,10 +13,12 @@ case that matters is the one where that data has changed or is gone (converted
 again with another seed, moved): then only a list made at training still says
 what the model saw. The cost is one read of the train and val shards (no
 decoding) when a run starts, a small part of one epoch; the list holds the
-first 16 hex digits (64 bits) of each hash: about 20 bytes per film, and a
-chance collision is negligible below billions of films. A run trained before
-this list existed gets it from its training data at its first evaluation,
-while that data still has the digest recorded at training (`training_films`).
+first 16 hex digits (64 bits) of each hash: about 20 bytes per film; the
+chance that an unseen film matches a seen one by accident is about
+(films evaluated x films trained on) / 2^64: about 5e-8 for a million of
+each. A run trained before this list existed gets it from its training data
+at its first evaluation, while that data still has the digest recorded at
+training (`training_films`).
 
 Layout of training_films.json:
   {"format": 1, "data_digest": "<schema.data_fingerprint digest>",
