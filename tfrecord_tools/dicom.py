@@ -634,6 +634,19 @@ class Decoded:
   image: np.ndarray        # uint16 [H, W] (full), uint8 [H, W] or uint8 [H, W, 3]
   description: str         # e.g. "DICOM MONOCHROME1 12-bit RLE Lossless": the manifest's source_mode
   rendering: Rendering
+  attributes: tuple[tuple[str, str], ...] = ()   # PatientSex / PatientAge / ViewPosition as
+                                                 # record values (`attributes`)
+
+
+def attributes(ds) -> tuple[tuple[str, str], ...]:
+  """The header's PatientSex, PatientAge (Age String, e.g. 058Y) and ViewPosition as record
+  values, by tfrecord_tools.metadata's rules (known ones only). No other header value: never
+  a date (an age is not computed from PatientBirthDate)."""
+  from tfrecord_tools import metadata  # noqa: PLC0415
+  values = ((metadata.SEX, metadata.sex(ds.get("PatientSex", ""))),
+            (metadata.AGE, metadata.age(ds.get("PatientAge", ""))),
+            (metadata.VIEW, metadata.view(ds.get("ViewPosition", ""))))
+  return tuple((a, v) for a, v in values if v)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -660,7 +673,8 @@ def decode(data: bytes, window: Window | str = DEFAULT_WINDOW) -> Decoded:
   syntax = "" if not syntax.is_compressed else f" {syntax.name}"
   description = (f"DICOM {str(ds.get('PhotometricInterpretation', 'MONOCHROME2')).upper()} "
                  f"{int(ds.get('BitsStored') or 8)}-bit{syntax}")
-  return Decoded(image=image, description=description, rendering=rendering)
+  return Decoded(image=image, description=description, rendering=rendering,
+                 attributes=attributes(ds))
 
 
 def render(data: bytes, window: Window | str = DEFAULT_WINDOW, *, png_compress_level: int = 6) -> Rendered:

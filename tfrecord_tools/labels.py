@@ -30,6 +30,12 @@ Layouts, recognised from the header (`recognise`):
             cell a single class name: a single-label task) or --label_columns
             (one 1/0/-1/blank column per finding); --patient_column optional.
 
+Attributes: each row's sex, age and view, from the columns recognised in the
+header of any layout (NIH Patient Gender / Patient Age / View Position, CheXpert
+Sex / Age / Frontal/Lateral / AP/PA, MIMIC ViewPosition), and the
+--metadata_columns, become its `meta` (record values, `tfrecord_tools.metadata`);
+those columns are never findings.
+
 Uncertain labels (-1) follow Irvin et al. 2019 (CheXpert), `--uncertain`:
 ignore (masked out of the loss, the default), zeros (negative) or ones
 (positive). A blank cell is negative (the report did not mention it) unless
@@ -47,7 +53,7 @@ import io
 import re
 from typing import Callable, Iterable, Sequence
 
-from tfrecord_tools import errors, storage
+from tfrecord_tools import errors, metadata, storage
 
 LAYOUTS = ("nih", "chexpert", "rsna", "columns")
 MULTI_LABEL = "multi_label"
@@ -83,6 +89,8 @@ class Row:
   patient: str       # patient id, "" when the layout has none
   states: str = ""   # multi-label: one of POSITIVE/NEGATIVE/UNCERTAIN/BLANK per finding
   cls: str = ""      # single-label: the class name
+  meta: tuple[tuple[str, str], ...] = ()   # sex, age, view, --metadata_columns as record values
+                                           # (tfrecord_tools.metadata.Reader), known ones only
 
   def where(self) -> str:
     return f"{self.csv} line {self.line}"
@@ -99,6 +107,8 @@ class LabelSet:
   columns: dict               # which columns were used: {"image": ..., "labels"/"findings": ..., "patient": ...}
   unlisted_findings: dict[str, int] = dataclasses.field(default_factory=dict)  # not in --findings
   merged_rows: int = 0        # RSNA: repeated box rows of one image
+  metadata: dict = dataclasses.field(default_factory=dict)  # attribute -> its column(s)
+                                                            # (tfrecord_tools.metadata)
 
 
 # --------------------------------------------------------------------------
@@ -194,11 +204,14 @@ def _col(header: list[str], name: str) -> int | None:
   return low.index(name.lower()) if name.lower() in low else None
 
 
-def _status_columns(header: list[str], rows: list[tuple[int, list[str]]]) -> list[str]:
-  """Columns whose every value is 1 / 0 / -1 / blank (and that are not metadata)."""
+def _status_columns(header: list[str], rows: list[tuple[int, list[str]]],
+                    kept: Sequence[str] = ()) -> list[str]:
+  """Columns whose every value is 1 / 0 / -1 / blank (and that are not metadata, nor
+  --metadata_columns `kept`)."""
   out = []
+  kept_low = {k.lower() for k in kept}
   for i, h in enumerate(header):
-    if not h or h.lower() in _METADATA:
+    if not h or h.lower() in _METADATA or h.lower() in kept_low:
       continue
     if all(r[i] in _CELL for _, r in rows):
       out.append(h)
@@ -226,13 +239,30 @@ def recognise(header: Sequence[str], *, image_column: str = "", labels_column: s
 
 def read_labels(csvs: Sequence[tuple[str, str]], *, image_column: str = "", labels_column: str = "",
                 label_separator: str = "|", label_columns: str = "", patient_column: str = "",
-                findings: str = "", log: Callable[[str], None] = lambda m: None) -> LabelSet:
+                findings: str = "", metadata_columns: str = "",
+                log: Callable[[str], None] = lambda m: None) -> LabelSet:
   """Reads the label CSVs ([(split or "", path)]) into one LabelSet.
 
   Every CSV must have the same layout (and, for column layouts, the same
   finding columns). Raises LabelError for an unknown layout, a missing column,
   a cell that is not a label, or a --findings name a column layout lacks.
+  Each row's sex / age / view (recognised from the header) and `metadata_columns`
+  become its `meta` (tfrecord_tools.metadata).
   """
+  try:
+    extra = metadata.parse_columns(metadata_columns)
+  except metadata.MetadataError as e:
+    raise LabelError(str(e)) from None
+  try:
+    out = _read_labels(csvs, image_column, labels_column, label_separator, label_columns,
+                       patient_column, findings, extra, log)
+  except metadata.MetadataError as e:
+    raise LabelError(str(e)) from None
+  return out
+
+
+def _read_labels(csvs, image_column, labels_column, label_separator, label_columns,
+                 patient_column, findings, extra, log) -> LabelSet:
   if label_columns and labels_column:
     raise LabelError("give --labels_column (findings in one cell) or --label_columns (a column "
                      "per finding), not both")
@@ -259,11 +289,16 @@ def read_labels(csvs: Sequence[tuple[str, str]], *, image_column: str = "", labe
                         labels_column or "Finding Labels",
                         label_separator if layout == "columns" else "|",
                         patient_column or ("" if layout == "columns" else "Patient ID"),
-                        wanted, log)
+                        wanted, log, extra)
   if layout == "rsna":
-    return _read_rsna(tables, patient_column, wanted)
+    return _read_rsna(tables, patient_column, wanted, extra)
   return _read_state_columns(layout, tables, image_column or "Path", _names(label_columns),
-                             patient_column, wanted, log)
+                             patient_column, wanted, log, extra)
+
+
+def _meta_reader(header, path, rows, extra, exclude) -> metadata.Reader:
+  """The attribute columns of one CSV (tfrecord_tools.metadata.Reader)."""
+  return metadata.Reader(header, extra, path, exclude=exclude, rows=[c for _, c in rows])
 
 
 def _need(header: list[str], name: str, path: str, flag: str = "") -> int:
@@ -284,16 +319,22 @@ def _patient_col(header: list[str], name: str, path: str, hand: bool) -> int | N
   return i
 
 
-def _read_joined(layout, tables, image_col, labels_col, sep, patient_col, wanted, log) -> LabelSet:
+def _read_joined(layout, tables, image_col, labels_col, sep, patient_col, wanted, log,
+                 extra=()) -> LabelSet:
   """NIH, or by hand --labels_column: labels joined in one cell (sep "" = single class)."""
   single = sep == ""
   parsed = []   # (split, path, line, image, patient, [labels] or class)
   seen: dict[str, int] = {}
+  metas, described = {}, {}
   for split, path, header, rows in tables:
     ii = _need(header, image_col, path, "image_column" if layout == "columns" else "")
     li = _need(header, labels_col, path, "labels_column" if layout == "columns" else "")
     pi = _patient_col(header, patient_col, path, hand=layout == "columns")
+    meta = _meta_reader(header, path, rows, extra,
+                        [header[ii], header[li]] + ([header[pi]] if pi is not None else []))
+    described = described or meta.describe(header)
     for line, cells in rows:
+      metas[(path, line)] = meta(cells)
       cell = cells[li]
       if single:
         if not cell:
@@ -307,10 +348,12 @@ def _read_joined(layout, tables, image_col, labels_col, sep, patient_col, wanted
       parsed.append((split, path, line, cells[ii], cells[pi] if pi is not None else "", names))
   if single:
     classes = sorted({p[5] for p in parsed})
-    rows = [Row(image=im, csv=path, line=line, split=split, patient=pat, cls=c)
+    rows = [Row(image=im, csv=path, line=line, split=split, patient=pat, cls=c,
+                meta=metas[(path, line)])
             for split, path, line, im, pat, c in parsed]
     return LabelSet(layout, SINGLE_LABEL, classes, rows, [t[1] for t in tables],
-                    {"image": image_col, "labels": labels_col, "patient": patient_col or None})
+                    {"image": image_col, "labels": labels_col, "patient": patient_col or None},
+                    metadata=described)
   if wanted:
     if any(w.lower() == NO_FINDING.lower() for w in wanted):
       raise LabelError(f"--findings names {NO_FINDING!r}, which in column {labels_col!r} means "
@@ -339,20 +382,22 @@ def _read_joined(layout, tables, image_col, labels_col, sep, patient_col, wanted
         if n in index:
           st[index[n]] = POSITIVE
       states = "".join(st)
-    rows.append(Row(image=im, csv=path, line=line, split=split, patient=pat, states=states))
+    rows.append(Row(image=im, csv=path, line=line, split=split, patient=pat, states=states,
+                    meta=metas[(path, line)]))
   return LabelSet(layout, MULTI_LABEL, list(classes), rows, [t[1] for t in tables],
                   {"image": image_col, "labels": labels_col, "separator": sep,
-                   "patient": patient_col or None}, unlisted)
+                   "patient": patient_col or None}, unlisted, metadata=described)
 
 
-def _read_state_columns(layout, tables, image_col, hand_columns, patient_col, wanted, log) -> LabelSet:
+def _read_state_columns(layout, tables, image_col, hand_columns, patient_col, wanted, log,
+                        extra=()) -> LabelSet:
   """CheXpert / MIMIC, or by hand --label_columns: one 1/0/-1/blank column per finding."""
   columns = None
   for split, path, header, rows in tables:
     if hand_columns:
       cols = [header[_need(header, c, path, "label_columns")] for c in hand_columns]
     else:
-      cols = _status_columns(header, rows)
+      cols = _status_columns(header, rows, extra)
     if columns is None:
       columns = cols
     elif cols != columns:
@@ -373,11 +418,15 @@ def _read_state_columns(layout, tables, image_col, hand_columns, patient_col, wa
   else:
     classes = list(columns)
   out = []
+  described = {}
   for split, path, header, rows in tables:
     ii = _need(header, image_col, path, "image_column" if layout == "columns" else "")
     ci = [_col(header, c) for c in classes]
     pname = patient_col or ("" if layout == "columns" else "subject_id")
     pi = _patient_col(header, pname, path, hand=bool(patient_col))
+    meta = _meta_reader(header, path, rows, extra,
+                        [header[ii], *columns] + ([header[pi]] if pi is not None else []))
+    described = described or meta.describe(header)
     for line, cells in rows:
       states = []
       for c, k in zip(classes, ci):
@@ -394,30 +443,33 @@ def _read_state_columns(layout, tables, image_col, hand_columns, patient_col, wa
       else:
         patient = ""
       out.append(Row(image=image, csv=path, line=line, split=split, patient=patient,
-                     states="".join(states)))
+                     states="".join(states), meta=meta(cells)))
   pcol = patient_col or None
   if layout == "chexpert" and not patient_col:
     pcol = ("subject_id" if _col(first_header, "subject_id") is not None
             else "path segment patientNNNNN / pNNNNNNNN")
   return LabelSet(layout, MULTI_LABEL, classes, out, [t[1] for t in tables],
-                  {"image": image_col, "findings": classes, "patient": pcol})
+                  {"image": image_col, "findings": classes, "patient": pcol}, metadata=described)
 
 
-def _read_rsna(tables, patient_col, wanted) -> LabelSet:
+def _read_rsna(tables, patient_col, wanted, extra=()) -> LabelSet:
   """RSNA: one row per box; an image's repeated rows must agree on Target."""
   if wanted:
     raise LabelError("--findings does not apply to the RSNA layout (a single Target column)")
   rows, merged = [], 0
   first: dict[str, Row] = {}
+  described = {}
   for split, path, header, cells_rows in tables:
     ii, ti = _need(header, "patientId", path), _need(header, "Target", path)
     pi = _patient_col(header, patient_col, path, hand=True) if patient_col else ii
+    meta = _meta_reader(header, path, cells_rows, extra, [header[ii], header[ti], header[pi]])
+    described = described or meta.describe(header)
     for line, cells in cells_rows:
       t = cells[ti]
       if t not in ("0", "1", "0.0", "1.0"):
         raise LabelError(f"{path} line {line}: Target holds {t!r}, not 0 or 1")
       row = Row(image=cells[ii], csv=path, line=line, split=split, patient=cells[pi],
-                cls=RSNA_CLASSES[int(float(t))])
+                cls=RSNA_CLASSES[int(float(t))], meta=meta(cells))
       prev = first.get((split, row.image))
       if prev is not None and prev.cls == row.cls:
         merged += 1
@@ -427,7 +479,8 @@ def _read_rsna(tables, patient_col, wanted) -> LabelSet:
       rows.append(row)   # a conflicting repeat stays: the converter reports the image named twice
   return LabelSet("rsna", SINGLE_LABEL, list(RSNA_CLASSES), rows, [t[1] for t in tables],
                   {"image": "patientId", "labels": "Target",
-                   "patient": patient_col or "patientId"}, merged_rows=merged)
+                   "patient": patient_col or "patientId"}, merged_rows=merged,
+                  metadata=described)
 
 
 # --------------------------------------------------------------------------

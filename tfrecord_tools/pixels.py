@@ -109,6 +109,8 @@ class PreparedImage:
   source_width: int = 0
   rendering: str = ""       # DICOM: how it was rendered (`dicom.Rendering.to_json`); else ""
   rendering_summary: str = ""   # DICOM: `dicom.Rendering.summary` (the manifest's count key)
+  attributes: tuple[tuple[str, str], ...] = ()   # DICOM: sex / age / view from the header
+                                                 # (`dicom.attributes`, record values)
 
 
 def _normalise_channels(value) -> str:
@@ -364,7 +366,8 @@ def prepare_image(data: bytes, *, max_side: int = 0, channels: str = "keep",
       source_format=source_format, source_mode=source_mode, source_height=size0[1],
       source_width=size0[0],
       rendering=dicom_image.rendering.to_json() if dicom_image is not None else "",
-      rendering_summary=dicom_image.rendering.summary if dicom_image is not None else "")
+      rendering_summary=dicom_image.rendering.summary if dicom_image is not None else "",
+      attributes=dicom_image.attributes if dicom_image is not None else ())
 
 
 def _open(data: bytes, max_side: int, max_pixels: int):

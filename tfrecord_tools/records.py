@@ -53,6 +53,11 @@ SHA256 = "image/sha256"
 MULTI_HOT = "image/class/multi_hot"
 MASK = "image/class/mask"
 DICOM_RENDERING = "image/dicom/rendering"
+# Patient and acquisition attributes (tfrecord_tools.metadata: their rules and sources).
+META_SEX = "image/meta/sex"
+META_AGE = "image/meta/age"
+META_VIEW = "image/meta/view"
+META_COLUMNS = "image/meta/columns"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +68,7 @@ class Feature:
   kind: str           # BYTES | INT64 | FLOAT_LIST
   default: Any        # parsed when absent; written when the writer omits `arg` (None: required)
   meaning: str
+  omit_empty: bool = False   # not written when empty (parses back to its default, "")
 
 
 FEATURES: tuple[Feature, ...] = (
@@ -91,6 +97,16 @@ FEATURES: tuple[Feature, ...] = (
             'DICOM sources: JSON of the rendering (window asked, VOI applied: "file window", '
             '"file VOI LUT", "data range", ...; center, width, function, inverted, bit_depth); '
             'b"" for other formats'),
+    # Attributes for subgroup results (tfrecord_tools.metadata); b"" = unknown, not written.
+    Feature(META_SEX, "meta_sex", BYTES, "", 'b"M" or b"F"; b"" unknown', omit_empty=True),
+    Feature(META_AGE, "meta_age", BYTES, "",
+            'whole years as text, b"0".."90" (b"90" = 90 or older); b"" unknown', omit_empty=True),
+    Feature(META_VIEW, "meta_view", BYTES, "",
+            'b"PA", b"AP", b"LATERAL", b"FRONTAL" or another projection; b"" unknown',
+            omit_empty=True),
+    Feature(META_COLUMNS, "meta_columns", BYTES, "",
+            "JSON {column: value} of the label CSV's --metadata_columns; b\"\" when none",
+            omit_empty=True),
 )
 
 
@@ -113,7 +129,8 @@ def _values(features: tuple[Feature, ...], given: dict[str, Any], caller: str) -
   out = [(f, given[f.arg] if f.arg in given else f.default) for f in features]
   # An empty list is not written at all (it parses back to its empty default), so
   # single-label records carry no multi-label fields.
-  return [(f, v) for f, v in out if not (f.kind == FLOAT_LIST and len(v) == 0)]
+  return [(f, v) for f, v in out
+          if not (f.kind == FLOAT_LIST and len(v) == 0) and not (f.omit_empty and not v)]
 
 
 def _as_bytes(value: bytes | str) -> bytes:

@@ -94,6 +94,14 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
 #              "patient": ...}, "uncertain": "ignore", "blank": "negative", "num_rows": n,
 #              "merged_rows": n (RSNA box rows), "skipped_reasons": {"missing file": n, ...},
 #              "unlisted_findings": {name: rows}}   # findings left out by --findings
+#   "metadata": {"columns": {"sex": "Patient Gender", "age": "Patient Age", "view": "View Position",
+#                            "columns": ["Scanner"]},   # attribute -> the label CSV's column(s)
+#                "known": {"sex": n, "age": n, "view": n, "columns": n},  # converted images with a value
+#                "age": "whole years; 90 = 90 or older; above 120 unknown"}
+#       # only when the records carry label CSV attributes (image/meta/*, tfrecord_tools.metadata;
+#       # DICOM headers' PatientSex/PatientAge/ViewPosition: image_stats.dicom_attributes); what
+#       # evaluate's subgroups read (xraytpu.evaluation.subgroups). Optional: older manifests
+#       # and records without it read as before (no subgroups).
 # --------------------------------------------------------------------------
 
 

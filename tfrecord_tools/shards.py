@@ -54,6 +54,8 @@ class Item:
   mask: tuple[float, ...] = ()        # multi-label sets: K floats (records.MASK), else empty
   name: str = ""   # the path written (image/filename, skipped lists): the patient's id replaced
                    # by its pseudonym (tfrecord_tools.pseudonym.Names); "" = source.rel
+  meta: tuple[tuple[str, str], ...] = ()   # ((records arg, value), ...): sex, age, view, columns
+                                           # (tfrecord_tools.metadata), known ones only
 
   @property
   def record_name(self) -> str:
@@ -105,6 +107,8 @@ class Stats:
     self._inc("source_mode", p.source_mode)
     if p.rendering_summary:   # DICOM: what was applied (dicom.Rendering.summary)
       self._inc("dicom_rendering", p.rendering_summary)
+    for arg, _ in p.attributes:   # DICOM header attributes (sex, age, view) written
+      self._inc("dicom_attributes", arg)
 
   def merge(self, other: dict) -> None:
     for k, v in other.items():
@@ -125,7 +129,8 @@ class Stats:
       if k in self.d:
         e = self.d[k]
         out[k] = {"min": e["min"], "max": e["max"], "mean": round(e["sum"] / max(n, 1), 1)}
-    for k in ("channels", "bit_depth", "format", "source_mode", "dicom_rendering"):
+    for k in ("channels", "bit_depth", "format", "source_mode", "dicom_rendering",
+              "dicom_attributes"):
       if k in self.d:
         out[k] = dict(sorted(self.d[k].items()))
     out["bytes"] = self.d["bytes"]
@@ -146,7 +151,8 @@ def convert_one(source: Source, *, label: int, text: str, patient_id: str, max_s
                 channels: str, image_format: str, jpeg_quality: int, dicom_window: str = "full",
                 max_pixels: int = pixels.MAX_PIXELS,
                 multi_hot: tuple[float, ...] = (), mask: tuple[float, ...] = (),
-                name: str = "") -> tuple[bytes, pixels.PreparedImage] | str:
+                name: str = "", meta: tuple[tuple[str, str], ...] = ()
+                ) -> tuple[bytes, pixels.PreparedImage] | str:
   """One source -> (serialised tf.train.Example, PreparedImage), or why it is skipped.
 
   Read the bytes, prepare_image (the size held against `max_pixels` from the header;
@@ -173,7 +179,8 @@ def convert_one(source: Source, *, label: int, text: str, patient_id: str, max_s
       bit_depth=prepared.bit_depth, label=label, text=text, filename=name or s.rel,
       patient_id=patient_id, sha256=hashlib.sha256(data).hexdigest(),
       multi_hot=multi_hot, mask=mask,   # empty for single-label: not written
-      dicom_rendering=prepared.rendering)
+      dicom_rendering=prepared.rendering,
+      **{**dict(prepared.attributes), **dict(meta)})   # tfrecord_tools.metadata; a CSV's win
   return record, prepared
 
 
@@ -190,7 +197,7 @@ def convert_item(item: Item, *, max_side: int, channels: str, image_format: str,
                      patient_id=item.patient_id, max_side=max_side, channels=channels,
                      image_format=image_format, jpeg_quality=jpeg_quality, max_pixels=max_pixels,
                      dicom_window=dicom_window, multi_hot=item.multi_hot, mask=item.mask,
-                     name=item.record_name)
+                     name=item.record_name, meta=item.meta)
   if isinstance(done, str):
     return None, {"path": item.record_name, "reason": done, "split": item.split}
   record, prepared = done

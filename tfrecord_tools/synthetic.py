@@ -499,6 +499,18 @@ CHEXPERT_CSVS = {"train": "train.csv", "val": "valid.csv"}
 PREVALENCE = 0.3          # each finding present independently with this probability
 
 
+def _age(patient: int) -> int:
+  """A patient's age in years: spread over 5-94, as adult and paediatric sets hold them."""
+  return 5 + (patient * 37) % 90
+
+
+def _sex(patient: int, male: str, female: str) -> str:
+  """A patient's sex as the layout spells it; every 13th patient "Unknown", as CheXpert has some."""
+  if patient % 13 == 12:
+    return "Unknown"
+  return male if patient % 2 else female
+
+
 def _chexpert_cell(rng: np.random.Generator, present: bool, consensus: bool) -> str:
   """A CheXpert label cell: train labels from reports (uncertain, blank), valid by consensus."""
   if consensus:
@@ -519,8 +531,10 @@ def generate_labelled(output_dir: str, layout: str, *, num_images: int = 200, si
 
   nih:       OUTPUT/images_001/images/00000000_000.png (50 per folder, as NIH ships
              them), Data_Entry_2017.csv (Image Index, Finding Labels "A|B" or
-             "No Finding", Follow-up #, Patient ID, ...), train_val_list.txt and
-             test_list.txt (a fifth of the patients).
+             "No Finding", Follow-up #, Patient ID, Patient Age, Patient Gender, View
+             Position, ...), train_val_list.txt and test_list.txt (a fifth of the patients).
+             Ages spread over 5-94, sex M/F (every 13th patient "Unknown"), a third of
+             the films AP, the rest PA: subgroups to report (tfrecord_tools.metadata).
   chexpert:  OUTPUT/{train,valid}/patient00000/study1/view1_frontal.png,
              train.csv / valid.csv (Path "<OUTPUT name>/train/...", Sex, Age,
              Frontal/Lateral, AP/PA, No Finding, one column per finding). train
@@ -561,17 +575,18 @@ def generate_labelled(output_dir: str, layout: str, *, num_images: int = 200, si
       rel = f"images_{i // 50 + 1:03d}/images/{name}"
       found = [n for n, p in zip(names, present) if p]
       rows.setdefault("", []).append([name, "|".join(found) or "No Finding", str(j),
-                                      str(patient), str(40 + patient % 40),
-                                      "M" if patient % 2 else "F", "PA", str(size), str(size),
-                                      "0.143", "0.143"])
+                                      str(patient), str(_age(patient)), _sex(patient, "M", "F"),
+                                      "AP" if (patient + j) % 3 == 0 else "PA", str(size),
+                                      str(size), "0.143", "0.143"])
       lists.setdefault("test" if held_out else "train", []).append(name)
     else:
       split = "valid" if held_out else "train"
       rel = f"{split}/patient{patient:05d}/study{j + 1}/view1_frontal.{ext}"
       cells = [_chexpert_cell(label_rng, p, split == "valid") for p in present]
       no_finding = "" if any(c in ("1.0", "-1.0") for c in cells) else "1.0"
-      rows.setdefault(split, []).append([f"{root}/{rel}", "Male" if patient % 2 else "Female",
-                                         str(40 + patient % 40), "Frontal", "PA", no_finding]
+      rows.setdefault(split, []).append([f"{root}/{rel}", _sex(patient, "Male", "Female"),
+                                         str(_age(patient)), "Frontal",
+                                         "AP" if (patient + j) % 3 == 0 else "PA", no_finding]
                                         + cells)
     truth[rel] = [n for n, p in zip(names, present) if p]
     path = os.path.join(output_dir, *rel.split("/"))

@@ -87,7 +87,8 @@ class PrepareImage(beam.DoFn):
                            path=e["path"], size=e["size"], offset=e["offset"])
     item = shards.Item(source=source, split=e["split"], label=e["label"], text=e["text"],
                        patient_id=e["patient_id"], multi_hot=tuple(e.get("multi_hot", ())),
-                       mask=tuple(e.get("mask", ())), name=e.get("name", ""))
+                       mask=tuple(e.get("mask", ())), name=e.get("name", ""),
+                       meta=tuple(tuple(m) for m in e.get("meta", ())))
     record, info = shards.convert_item(item, **self.args)
     (self.skipped if record is None else self.converted).inc()
     yield e["shard"], (e["pos"], record, info)
@@ -128,7 +129,8 @@ def _plan_lines(tasks: Sequence[shards.ShardTask]) -> Iterable[str]:
                         "path": s.path, "offset": s.offset, "size": s.size,
                         "label": it.label, "text": it.text, "patient_id": it.patient_id,
                         "name": it.record_name,
-                        **({"multi_hot": it.multi_hot, "mask": it.mask} if it.multi_hot else {})})
+                        **({"multi_hot": it.multi_hot, "mask": it.mask} if it.multi_hot else {}),
+                        **({"meta": it.meta} if it.meta else {})})
 
 
 def run_pipeline(tasks: Sequence[shards.ShardTask], opts: ConvertOptions,

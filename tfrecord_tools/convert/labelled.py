@@ -22,7 +22,7 @@ import os
 from typing import Any, Callable, Sequence
 
 from tfrecord_tools import labels as labels_lib
-from tfrecord_tools import pseudonym, storage
+from tfrecord_tools import metadata, pseudonym, storage
 from tfrecord_tools.convert.classes import default_class_order
 from tfrecord_tools.convert.find import Found, is_image_name, split_order, walk_files
 from tfrecord_tools.convert.options import GROUP_NONE, SPLIT_ALIASES, ConvertError, ConvertOptions
@@ -131,7 +131,8 @@ def find_labelled(opts: ConvertOptions, log: Callable[[str], None]
   lab = labels_lib.read_labels(
       csvs, image_column=opts.image_column, labels_column=opts.labels_column,
       label_separator=opts.label_separator, label_columns=opts.label_columns,
-      patient_column=opts.patient_column, findings=opts.findings, log=log)
+      patient_column=opts.patient_column, findings=opts.findings,
+      metadata_columns=opts.metadata_columns, log=log)
   what = "findings" if lab.task == labels_lib.MULTI_LABEL else "classes"
   log(f"labels: {lab.layout} layout in {', '.join(lab.csvs)} ({len(lab.rows)} rows; columns "
       f"{json.dumps(lab.columns)}); {len(lab.classes)} {what}: {', '.join(lab.classes)}")
@@ -283,11 +284,11 @@ def labelled_items(opts: ConvertOptions, log: Callable[[str], None]
     name = "" if name == s.rel else name
     if multi:
       items.append(Item(source=s, split=sp, label=0, text=labels_lib.text_of(hot, classes),
-                        patient_id=pid, multi_hot=hot, mask=mask, name=name))
+                        patient_id=pid, multi_hot=hot, mask=mask, name=name, meta=r.meta))
       lab.states[s.rel] = r.states
     else:
       items.append(Item(source=s, split=sp, label=classes.index(r.cls), text=r.cls,
-                        patient_id=pid, name=name))
+                        patient_id=pid, name=name, meta=r.meta))
   if any(pids):
     info.update(patient_leaks(items, log))
   # A finding with no positive anywhere may be a typo of a name the rows use but --findings left out.
@@ -312,6 +313,23 @@ def _grouping(opts: ConvertOptions, pairs, lab: Labelled, log: Callable[[str], N
   if have:
     return None, {"source": "label CSV", "column": column}
   return detect_grouping([s.rel for s, _ in pairs], opts.input_dir, log)
+
+
+def metadata_summary(columns: dict, items: Sequence[Item], failed: set) -> dict:
+  """dataset.json's "metadata": {"columns": {attribute: CSV column(s)}, "known":
+  {attribute: converted images whose value is known}, "age": the rule}."""
+  known: dict[str, int] = {}
+  for it in items:
+    if it.record_name in failed:
+      continue
+    for arg, _ in it.meta:
+      name = metadata.NAMES.get(arg, "columns")
+      known[name] = known.get(name, 0) + 1
+  out = {"columns": columns, "known": {a: known.get(a, 0) for a in columns}}
+  if "age" in columns:
+    out["age"] = (f"whole years; {metadata.TOP_AGE} = {metadata.TOP_AGE} or older; above "
+                  f"{metadata.MAX_AGE} unknown")
+  return out
 
 
 def add_labels_manifest(manifest: dict, lab: Labelled, items: Sequence[Item],
@@ -345,6 +363,8 @@ def add_labels_manifest(manifest: dict, lab: Labelled, items: Sequence[Item],
       "merged_rows": ls.merged_rows, "skipped_reasons": dict(sorted(kinds.items())),
       "unlisted_findings": ls.unlisted_findings,
   }
+  if ls.metadata:   # the attribute columns kept in the records (tfrecord_tools.metadata)
+    manifest["metadata"] = metadata_summary(ls.metadata, items, failed)
   if lab.multi_label:   # "task" beside "classes" (absent = single_label, as for folders)
     out = {}
     for k, v in manifest.items():

@@ -97,6 +97,13 @@ class ConvertOptions:
   patient_column: str = cli.field("", "With --labels_csv: the column holding the patient id "
                                   "(default: the layout's own, e.g. NIH Patient ID); drawn splits "
                                   "keep each patient in one split.")
+  metadata_columns: str = cli.field("", "With --labels_csv: comma-separated columns kept in "
+                                    "each record as attributes for subgroup results (e.g. "
+                                    "Scanner,Site), besides the sex, age and view columns "
+                                    "recognised from the header (NIH Patient Gender / Patient "
+                                    "Age / View Position, CheXpert Sex / Age / Frontal/Lateral / "
+                                    "AP/PA, MIMIC ViewPosition). Columns that look like "
+                                    "identifiers or dates are refused (docs/privacy.md).")
   uncertain: str = cli.field("ignore", "With --labels_csv: uncertain (-1) labels are ignored "
                              "(masked out), zeros (negative) or ones (positive); Irvin et al. "
                              "2019.", ("ignore", "zeros", "ones"))
@@ -182,7 +189,7 @@ def _check_label_options(o: ConvertOptions) -> None:
     raise ConvertError(f"--blank must be one of {', '.join(labels_lib.BLANK_POLICIES)}")
   if not o.labels_csv:
     given = [n for n in ("split_lists", "image_column", "labels_column", "label_columns",
-                         "patient_column", "findings") if getattr(o, n)]
+                         "patient_column", "findings", "metadata_columns") if getattr(o, n)]
     if given:
       raise ConvertError(f"--{given[0]} needs --labels_csv")
     return

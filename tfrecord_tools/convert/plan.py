@@ -95,7 +95,8 @@ def _fingerprint(task: ShardTask) -> str:
     s = it.source
     h.update(json.dumps([s.rel, s.path, s.size, s.mtime_ns, s.offset, it.label,
                          it.text, it.patient_id, it.record_name]
-                        + ([it.multi_hot, it.mask] if it.multi_hot else [])).encode())
+                        + ([it.multi_hot, it.mask] if it.multi_hot else [])
+                        + ([it.meta] if it.meta else [])).encode())
   return h.hexdigest()
 
 

@@ -191,6 +191,29 @@ def eval_dataset(data_dir: str, split: str, spec: InputSpec, *, batch_size: int,
                   padded=padded)
 
 
+META_KEYS = (records.META_SEX, records.META_AGE, records.META_VIEW, records.META_COLUMNS)
+
+
+def record_metadata(data_dir: str, split: str, manifest: dict | None = None
+                    ) -> tuple[list[str], list[dict[str, bytes]]]:
+  """(filenames, attribute fields) of every record of `split`, in manifest order: the order
+  `eval_dataset` yields. Parses only image/filename and the image/meta/* fields (no image is
+  decoded): what evaluation's subgroups need, read apart so that training's chain never
+  carries them. Records written before these fields parse to b"" (unknown)."""
+  manifest = manifest if manifest is not None else schema.read_manifest(data_dir)
+  files = schema.shard_paths(data_dir, manifest, split)
+  spec = {k: v for k, v in records.feature_spec().items() if k in (records.FILENAME, *META_KEYS)}
+  ds = tf.data.TFRecordDataset(files, buffer_size=_READ_BUFFER_BYTES).batch(1024)
+  ds = ds.map(lambda s: tf.io.parse_example(s, spec))   # in order: no parallel calls
+  names: list[str] = []
+  values: list[dict[str, bytes]] = []
+  for batch in ds:
+    names.extend(f.decode("utf-8", "replace") for f in batch[records.FILENAME].numpy())
+    cols = {k: batch[k].numpy() for k in META_KEYS}
+    values.extend({k: cols[k][i] for k in META_KEYS} for i in range(len(cols[META_KEYS[0]])))
+  return names, values
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalPlan:
   """A split evaluated in equal, full global batches (`eval_dataset(padded=True)`).
