@@ -349,15 +349,16 @@ class TrainingData:
   used: bool = False
 
   def check(self, what: str) -> dict | None:
-    """Before reading `what` of the training data: the manifest to read it with (the
-    run's copy when unchanged, None), or EvaluateError when it changed (unless allowed)."""
+    """Before reading `what` of the training data: None when it is unchanged (read it with
+    the run's manifest copy); when it changed, EvaluateError, or with allow_change its
+    manifest now (the change is then in `change()`)."""
     if not self.differences:
       return None
     if not self.allow_change:
       raise EvaluateError(
           f"the run's training data {self.data_dir} changed since the run was trained on it "
           f"({'; '.join(self.differences[:4])}): its {what} may now hold films the model trained "
-          "on. Evaluate it on other data (--data_dir), train again on this data, or pass "
+          "on. Evaluate the run on other data (--data_dir), train again on this data, or pass "
           "--allow_data_change to evaluate anyway (the change is then named in the report and "
           "the model card)")
     if not self.used:
