@@ -247,7 +247,7 @@ def test_a_full_disk_mid_training_is_one_line_marks_the_run_failed_and_resumes(
   assert "\n" not in line
   assert line.startswith(f"cannot write {os.path.join(run, 'history.csv')}: No space left on "
                          "device (ENOSPC)"), line
-  assert "run the same command again to resume" in line
+  assert "run the same command again: it resumes" in line
   doc = _config(run)
   assert doc["status"] == "failed" and doc["run"]["failure"] == line
   assert _temp_files(run) == []
@@ -287,11 +287,35 @@ def test_a_full_disk_in_the_checkpoint_writer_leaves_the_previous_best_whole(tmp
                   f"= '{target}', errno = 28, error message = 'No space left on device')")
   monkeypatch.setattr(model, "save_weights", half_written)
   with pytest.raises(rundir.WriteError, match=r"^cannot write .*best\.weights\.h5: No space left "
-                                              r"on device \(ENOSPC\); the run is marked failed"):
+                                              r"on device \(ENOSPC\); make room"):
     cb.on_epoch_end(1, {"val_auc": 0.7})
   with open(path, "rb") as f:
     assert f.read() == before
   assert _temp_files(str(tmp_path)) == []
+
+
+def test_a_real_full_disk_is_one_short_line_and_the_run_is_marked_failed(demo_data_dir, tmp_path):
+  """A real full disk (a 600 KB tmpfs: the first checkpoint does not fit). h5py's error is
+  its whole message: the line says only the cause. HDF5 keeps a file whose close failed
+  open, so the temp checkpoint is emptied as well as removed: else its space stays taken
+  and even config.json's "failed" cannot be written."""
+  from xraytpu.run import rundir
+  from xraytpu.training import train_lib
+  small = tmp_path / "small"
+  small.mkdir()
+  if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs",
+                                          str(small)], capture_output=True).returncode != 0:
+    pytest.skip("mounting a tmpfs needs root (the monkeypatched full-disk tests still run)")
+  run = str(small / "run")
+  try:
+    with pytest.raises(rundir.WriteError) as e:
+      train_lib.train_and_evaluate(_cfg(demo_data_dir, run), verbose=0)
+    assert str(e.value).startswith(f"cannot write {os.path.join(run, rundir.BEST_WEIGHTS)}: No "
+                                   "space left on device (ENOSPC); make room"), str(e.value)
+    assert _config(run)["status"] == "failed"
+    assert _temp_files(run) == [] and not os.path.exists(os.path.join(run, rundir.BEST_WEIGHTS))
+  finally:   # lazily: this process still holds the aborted run's TensorBoard event files
+    subprocess.run(["umount", "-l", str(small)], check=True)
 
 
 def test_a_checkpoint_is_written_only_from_finite_weights(tmp_path):

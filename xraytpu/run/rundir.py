@@ -105,13 +105,20 @@ def writing(path: str, hint: str = "") -> Iterator[None]:
   pass unchanged."""
   try:
     yield
+    return
   except errors.UserError:
     raise
   except Exception as e:  # noqa: BLE001 - only write failures are turned into a line
     cause = tools_errors.write_failure(e)
     if cause is None:
       raise
-    raise WriteError(tools_errors.write_error_text(path, cause) + (f"; {hint}" if hint else "")) from None
+    # Its own words for the errno (h5py's strerror is its whole message), raised outside the
+    # except block and holding nothing of the error: the failed writer's frames (an h5py
+    # file still open on the full disk) are let go, so its space is free again before the
+    # run is marked failed.
+    line = tools_errors.write_error_text(path, OSError(cause.errno, os.strerror(cause.errno)))
+    cause = None
+  raise WriteError(line + (f"; {hint}" if hint else ""))
 
 
 def path(run_dir: str, name: str) -> str:

@@ -20,6 +20,7 @@ command resumes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -82,8 +83,8 @@ def _fmt(v) -> str:
 
 
 # What a failed write of the run directory adds to its one line (rundir.writing).
-WRITE_HINT = ("the run is marked failed: make room (or fix the permissions) and run the same "
-              "command again to resume from its last finished epoch")
+WRITE_HINT = ("make room (or fix the permissions), then run the same command again: it resumes "
+              "from the last finished epoch")
 
 
 def writing(path: str):
@@ -351,7 +352,12 @@ def _save_weights_atomic(model: keras.Model, path: str, chief: bool = True) -> N
       storage.rename(tmp, path)
   finally:
     if not storage.is_remote(tmp) and os.path.exists(tmp):
-      os.remove(tmp)   # a half-written temp file (the disk filled): never left behind
+      # A half-written temp file (the disk filled): never left behind. Emptied first: HDF5
+      # keeps a file open when its close fails, and an open file's space is not freed by
+      # its removal alone (the run could not even be marked failed).
+      with contextlib.suppress(OSError):
+        os.truncate(tmp, 0)
+      os.remove(tmp)
 
 
 def make_callbacks(cfg: Config, run_dir: str, *, chief: bool, monitor: str, phase: int,

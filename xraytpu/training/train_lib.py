@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import datetime
 import errno
+import gc
 import hashlib
 import math
 import os
@@ -514,6 +515,7 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 def _mark_failed(run_dir: str, message: str, **details) -> None:
   """Marks the run failed with the error's first line; says so when even that cannot be written."""
+  gc.collect()   # a failed writer's open files (h5py's on a full disk) are closed, their space freed
   if not rundir.mark_failed(run_dir, message.splitlines()[0][:500], **details):
     if (rundir.read_config(run_dir) or {}).get("status") == "running":
       logging.warning("Could not mark the run in %s failed (its config.json cannot be written): "
