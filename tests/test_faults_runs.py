@@ -170,6 +170,24 @@ def test_serve_answers_a_nan_output_with_a_json_error_and_never_starts_on_one(
     http_api.make_server(opts, run=run)   # its start-up check answers NaN
 
 
+def test_predict_and_evaluate_refuse_a_nan_output_in_one_line(trained_run, demo_data_dir, tmp_path,
+                                                               monkeypatch):
+  """Finite weights that still answer NaN: one line naming the cause, never 'NORMAL nan' or a
+  NaN report."""
+  from tests._runs import copy_run
+  from xraytpu.evaluation import evaluate_lib
+  from xraytpu.inference import model_call, predict_lib
+  run = predict_lib.load(trained_run)
+  _nan_outputs(model_call.module_of(run))
+  with pytest.raises(model_call.NonFiniteOutput, match=r"not a finite number \(NaN or inf\)"):
+    predict_lib.predict_files(run, _demo_files(demo_data_dir)[:2])
+  copy = copy_run(trained_run, tmp_path)
+  monkeypatch.setattr(predict_lib, "load", lambda model_dir: run)
+  with pytest.raises(model_call.NonFiniteOutput, match="not a finite number .* for the val split"):
+    evaluate_lib.evaluate(copy, split="test", n_resamples=5, write_plots=False)
+  assert not os.path.exists(os.path.join(copy, "eval"))
+
+
 # ---- a collapsed run ------------------------------------------------------------------------
 
 
@@ -251,6 +269,8 @@ def test_a_full_disk_mid_training_is_one_line_marks_the_run_failed_and_resumes(
   doc = _config(run)
   assert doc["status"] == "failed" and doc["run"]["failure"] == line
   assert _temp_files(run) == []
+  from xraytpu import summary
+  assert f"status:   FAILED: {line}" in summary.summarize(run)
   rundir.load(run)   # the checkpoint of epoch 1 is whole
 
   monkeypatch.setattr(rundir, "write_history", real)
