@@ -259,17 +259,26 @@ def _synthetic(tmp_path, name="img", **kw):
 
 
 def test_killed_run_leaves_no_partial_file_and_rerun_completes(tmp_path):
-  """A converter blocked on a named pipe is SIGKILLed mid-run, then run again."""
+  """A converter blocked on one image is SIGKILLed mid-run, then run again."""
   inp = _synthetic(tmp_path)
   clean = tmp_path / "clean"
   convert(_opts(inp, clean, num_shards=6))
-  # Replace one image by a FIFO: reading it blocks the converter mid-run.
   victim = inp / "PNEUMONIA" / "p00011_0.png"
   data = victim.read_bytes()
-  victim.unlink()
-  os.mkfifo(victim)
+  # Converting that image blocks the converter mid-run (a FIFO no longer does: only regular
+  # files are read; one worker runs in the converter's own process).
+  block = ("import sys, time\n"
+           "from tfrecord_tools import shards\n"
+           "convert_one = shards.convert_one\n"
+           "def blocked(source, **kw):\n"
+           "  if source.rel.endswith('p00011_0.png'):\n"
+           "    time.sleep(3600)\n"
+           "  return convert_one(source, **kw)\n"
+           "shards.convert_one = blocked\n"
+           "from tfrecord_tools.convert.__main__ import run\n"
+           "run()\n")
   out = tmp_path / "out"
-  proc = subprocess.Popen([sys.executable, "-m", "tfrecord_tools.convert", f"--input_dir={inp}",
+  proc = subprocess.Popen([sys.executable, "-c", block, f"--input_dir={inp}",
                            f"--output_dir={out}", "--num_shards=6", "--num_workers=1",
                            "--val_fraction=0", "--test_fraction=0"],
                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

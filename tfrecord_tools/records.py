@@ -33,7 +33,8 @@ import google_crc32c
 from tfrecord_tools import errors, storage
 
 # Value types of a feature (the `tf.train.Feature` list each is stored in).
-BYTES = "bytes"            # one bytes value; a str is written as UTF-8
+BYTES = "bytes"            # one bytes value; a str is written as UTF-8 (storage.escape_name's
+                           # text for a name that is not UTF-8)
 INT64 = "int64"            # one non-negative int
 FLOAT_LIST = "float_list"  # any number of float32 values (e.g. a multi-hot label vector)
 KINDS = (BYTES, INT64, FLOAT_LIST)
@@ -81,7 +82,8 @@ FEATURES: tuple[Feature, ...] = (
     Feature(LABEL, "label", INT64, None, "index into the manifest's `classes`"),
     Feature(TEXT, "text", BYTES, None, "class name (utf-8)"),
     Feature(FILENAME, "filename", BYTES, None,
-            "path relative to the input root (utf-8, '/' separated), the patient's id in it "
+            "path relative to the input root (utf-8, '/' separated; bytes that are not UTF-8 "
+            "written as \\xHH, tfrecord_tools.storage.escape_name), the patient's id in it "
             "replaced by its pseudonym; h-<keyed hash>.<ext> with --hash_filenames"),
     Feature(PATIENT_ID, "patient_id", BYTES, "",
             'the patient\'s keyed pseudonym pt-<24 hex> (tfrecord_tools.pseudonym; never the id), '
@@ -134,7 +136,9 @@ def _values(features: tuple[Feature, ...], given: dict[str, Any], caller: str) -
 
 
 def _as_bytes(value: bytes | str) -> bytes:
-  return value.encode("utf-8") if isinstance(value, str) else bytes(value)
+  if not isinstance(value, str):
+    return bytes(value)
+  return storage.as_text(value).encode("utf-8")   # a name that is not UTF-8: escaped
 
 
 # --------------------------------------------------------------------------

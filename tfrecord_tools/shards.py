@@ -163,7 +163,7 @@ def convert_one(source: Source, *, label: int, text: str, patient_id: str, max_s
   """
   s = source
   try:
-    data = storage.read_bytes(s.path, s.offset, s.size)
+    data = storage.read_input(s.path, s.offset, s.size)   # regular files only, never more than their size
     if s.offset >= 0 and len(data) != s.size:
       raise OSError("record shorter than its header says")
     prepared = pixels.prepare_image(data, max_side=max_side, channels=channels,

@@ -37,12 +37,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fnmatch
 import glob as glob_lib
 import io
 import os
 import posixpath
+import re
 import shutil
+import stat as stat_lib
 import tempfile
 import threading
 from typing import IO, Iterator
@@ -89,6 +92,63 @@ def split_gcs(path: str) -> tuple[str, str]:
   if not bucket:
     raise StorageError(f"{path}: no bucket name (expected gs://BUCKET/PATH)")
   return bucket, key.strip("/")
+
+
+# --------------------------------------------------------------------------
+# File names as every output writes them.
+# --------------------------------------------------------------------------
+
+# A backslash that starts what reads as an escape (`\xHH`) in a name: escaped itself.
+_LITERAL_ESCAPE = re.compile(rb"\\(?=x[0-9a-fA-F]{2})")
+_ESCAPE = re.compile(rb"\\x([0-9a-fA-F]{2})")
+
+
+def escape_name(name: str | bytes) -> str:
+  r"""A file name (or '/'-separated path) as text that every output can hold: records
+  (image/filename, image/class/text), dataset.json, skipped lists, predict's CSV/JSON,
+  serve's answers and log lines. The one rule (docs/faults.md, "File names"):
+
+  - a name that is valid UTF-8 is written unchanged;
+  - each byte that is not part of valid UTF-8 is written as `\xHH` (two lowercase hex
+    digits: Python's "backslashreplace"). Linux gives such names to Python as str with
+    surrogate escapes (os.fsencode's bytes); bytes are taken as they are;
+  - so that this reverses, a backslash in the name itself that is followed by `x` and two
+    hex digits is written as `\x5c` (only then: other backslashes are unchanged).
+
+  `unescape_name` is the inverse: unescape_name(escape_name(n)) == n for every name.
+  """
+  raw = name if isinstance(name, bytes) else _name_bytes_raw(name)
+  return _LITERAL_ESCAPE.sub(rb"\\x5c", raw).decode("utf-8", "backslashreplace")
+
+
+def as_text(text: str) -> str:
+  """Text that may hold a path as the os module gives it (argv, os.walk): unchanged when it
+  is valid UTF-8, else `escape_name`'s text (for text that need not read back as a path)."""
+  try:
+    text.encode("utf-8")
+    return text
+  except UnicodeEncodeError:
+    return escape_name(text)
+
+
+def unescape_name(text: str) -> str:
+  """The file name that `escape_name` wrote as `text`, as the os module takes it (bytes that
+  are not UTF-8 as surrogate escapes)."""
+  return name_bytes(text).decode("utf-8", "surrogateescape")
+
+
+def name_bytes(text: str) -> bytes:
+  r"""The file system's bytes of a name that `escape_name` wrote as `text` (each `\xHH`
+  back to its byte). Hashes of names are taken of these bytes, so they do not depend on
+  how a name is written."""
+  return _ESCAPE.sub(lambda m: bytes([int(m.group(1), 16)]), _name_bytes_raw(text))
+
+
+def _name_bytes_raw(name: str) -> bytes:
+  try:
+    return name.encode("utf-8", "surrogateescape")   # os.fsencode's bytes on Linux
+  except UnicodeEncodeError:   # a lone surrogate no file system gave: never fail
+    return name.encode("utf-8", "backslashreplace")
 
 
 def _tf_gfile():
@@ -385,6 +445,68 @@ def read_bytes(path: str, offset: int = -1, size: int = -1) -> bytes:
       f.seek(offset)
       return f.read(size)
     return f.read()
+
+
+class NotRegularFileError(OSError):
+  """An input path that is no regular file (a named pipe, a device, a socket, a folder),
+  itself or where its symbolic links lead: never opened (a FIFO would wait for a writer
+  forever, /dev/zero never ends). str(e) and e.strerror: "not a regular file (...)"."""
+
+  def __str__(self) -> str:
+    return self.strerror
+
+
+_KINDS = ((stat_lib.S_ISFIFO, "a named pipe"), (stat_lib.S_ISCHR, "a character device"),
+          (stat_lib.S_ISBLK, "a block device"), (stat_lib.S_ISSOCK, "a socket"),
+          (stat_lib.S_ISDIR, "a folder"))
+
+
+def _check_regular(path: str, st: os.stat_result) -> os.stat_result:
+  """The one check of an input file: a regular file, or NotRegularFileError naming its kind."""
+  if stat_lib.S_ISREG(st.st_mode):
+    return st
+  kind = next((k for test, k in _KINDS if test(st.st_mode)), "a special file")
+  via = ", through a symbolic link" if os.path.islink(path) else ""
+  raise NotRegularFileError(errno.EINVAL, f"not a regular file ({kind}{via})", path)
+
+
+def stat_input(path: str) -> tuple[int, int]:
+  """(size, mtime_ns) of an input file (an image to convert or predict), links followed;
+  NotRegularFileError for a FIFO, device, socket or folder. Remote paths: `stat`."""
+  if is_remote(path):
+    return stat(path)
+  st = _check_regular(path, os.stat(path))
+  return st.st_size, st.st_mtime_ns
+
+
+def open_input(path: str) -> IO[bytes]:
+  """An input file opened for reading ("rb"), checked by `stat_input`'s rule on the opened
+  file itself: opened without waiting (O_NONBLOCK: a FIFO would wait for a writer), then
+  refused unless it is a regular file, so a file swapped after a check is caught too."""
+  if is_remote(path):
+    return open(path, "rb")
+  fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+  try:
+    _check_regular(path, os.fstat(fd))
+    if hasattr(os, "set_blocking"):
+      os.set_blocking(fd, True)
+    return io.open(fd, "rb")
+  except BaseException:
+    os.close(fd)
+    raise
+
+
+def read_input(path: str, offset: int = -1, size: int = -1) -> bytes:
+  """An input file's bytes (`read_bytes`'s arguments), through `open_input`: never more than
+  the file's size when opened, so no read waits or grows forever."""
+  if is_remote(path):
+    return read_bytes(path, offset, size)
+  with open_input(path) as f:
+    limit = os.fstat(f.fileno()).st_size
+    if offset >= 0:
+      f.seek(offset)
+      limit = max(0, min(size if size >= 0 else limit, limit - offset))
+    return f.read(limit)
 
 
 def read_text(path: str) -> str:

@@ -1,9 +1,12 @@
 """Stage 1, find: the input's image files as `Source`s, in a `Found`.
 
   find_files       input/<split>/<class>/**/* or input/<class>/**/* (local or
-                   gs://): symlinks followed (no folder entered twice), hidden
-                   files skipped, image-like files kept (by extension, or
-                   DICOM's DICM preamble in a file without one), sorted by path
+                   gs://): symlinks followed (every path listed, loops cut),
+                   hidden files skipped, image-like files kept (by extension, or
+                   DICOM's DICM preamble in a file without one), sorted by path;
+                   what is no regular file (FIFO, device, socket) is never
+                   opened: skipped with its reason. Names that are not UTF-8
+                   are written escaped (storage.escape_name)
   find_keras_pair  the Keras TPU example's images.tfrec + paths.tfrec pair(s),
                    in input/ or input/<split>/; a path's parent folder is its class
 
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from tfrecord_tools import dicom, records, schema, storage
 from tfrecord_tools.convert.options import SPLIT_ALIASES, ConvertError, log
@@ -36,54 +39,98 @@ class Found:
   layout: str                      # "splits" or "classes"
   splits: list[str]                # canonical split names found ("" for the classes layout)
   ignored: list[str]               # files that are not image-like, relative paths
-  # Set by `dedupe`: files skipped before conversion (content conflicts), with reasons;
+  # Files skipped before conversion, with reasons: not regular files (set by `find_files`,
+  # paths as found) and, set by `dedupe` (all paths as written), content conflicts;
   # paths that reach a file already listed (converted once); same-class identical contents.
   skipped: list[dict] = dataclasses.field(default_factory=list)
   aliases: list[dict] = dataclasses.field(default_factory=list)
   duplicates: list[list[str]] = dataclasses.field(default_factory=list)
 
 
-def walk_files(root: str) -> Iterable[str]:
-  """Paths (relative to root, '/'-separated) of all non-hidden files, sorted.
+# How many paths (of folder links) may reach one real folder: each is listed (`dedupe` then
+# sorts out what they reach), but a link graph that multiplies the tree is refused.
+MAX_FOLDER_PATHS = 16
 
-  Symbolic links are followed, but no directory is entered twice (real paths are
-  compared), so a link to a parent folder cannot loop or repeat the tree.
+
+def walk_files(root: str) -> list[str]:
+  """Paths (relative to root, '/'-separated, written by `storage.escape_name`) of all
+  non-hidden files, sorted; `source_path` turns one back into its file's path.
+
+  Symbolic links are followed, to files and folders alike, and a folder reached by two
+  paths is listed under both: `split.dedupe` then converts a file once (the other paths
+  in `aliases`) and refuses the same file under two classes, so a link never moves a
+  class's films into another class silently. Only a link back to a folder on the way down
+  (an ancestor: a loop) is not entered. A folder reached through more than
+  MAX_FOLDER_PATHS paths is a ConvertError (a link graph that multiplies the tree).
   """
   out = []
-  seen_dirs: set[str] = set()
-  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-    real = os.path.realpath(dirpath)
-    if real in seen_dirs:
-      dirnames[:] = []
-      continue
-    seen_dirs.add(real)
-    dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                         and os.path.realpath(os.path.join(dirpath, d)) not in seen_dirs)
-    rel_dir = os.path.relpath(dirpath, root)
-    for name in filenames:
-      if name.startswith("."):
+  reached: dict[str, list[str]] = {}   # real folder -> the paths that reached it
+  # (raw relative path, path, its real path, the real paths of its ancestors)
+  stack: list[tuple[str, str, str, tuple[str, ...]]] = [("", root, os.path.realpath(root), ())]
+  while stack:
+    rel_dir, path, real, ancestors = stack.pop()
+    paths = reached.setdefault(real, [])
+    paths.append(rel_dir)
+    if len(paths) > MAX_FOLDER_PATHS:
+      shown = ", ".join(storage.escape_name(p) for p in paths[:3])
+      raise ConvertError(f"{root}: symbolic links reach the folder {storage.escape_name(real)} by "
+                         f"more than {MAX_FOLDER_PATHS} paths (e.g. {shown}): remove the extra links")
+    try:
+      with os.scandir(path) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    except OSError:
+      continue   # an unreadable folder is left out (as os.walk does)
+    chain = ancestors + (real,)
+    for e in reversed(entries):   # popped in name order
+      if e.name.startswith("."):
         continue
-      out.append(name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/"))
+      rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
+      try:
+        is_dir = e.is_dir()   # follows links
+      except OSError:
+        is_dir = False
+      if not is_dir:
+        out.append(storage.escape_name(rel))
+        continue
+      sub_real = os.path.realpath(e.path)
+      if sub_real not in chain:   # a link to an ancestor would loop
+        stack.append((rel, e.path, sub_real, chain))
   return sorted(out)
+
+
+def source_path(root: str, rel: str) -> str:
+  """The file a relative path of `walk_files` (or of a remote listing) names."""
+  if storage.is_remote(root):
+    return storage.join(root, rel)
+  return os.path.join(root, *storage.unescape_name(rel).split("/"))
+
+
+def link_on_path(root: str, rel: str) -> str | None:
+  """The first part of `rel` (a local relative path of `walk_files`) that is a symbolic
+  link, as a relative path ('COVID/more_cases'); None when there is none."""
+  if storage.is_remote(root):
+    return None
+  parts = rel.split("/")
+  for i in range(1, len(parts) + 1):
+    if os.path.islink(source_path(root, "/".join(parts[:i]))):
+      return "/".join(parts[:i])
+  return None
 
 
 def is_image_name(name: str) -> bool:
   return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _is_unnamed_dicom(root: str, rel: str) -> bool:
-  """A file without an (image) extension that starts like DICOM (`IM0001`, UID names)."""
-  if not dicom.worth_probing(rel):
-    return False
-  path = storage.join(root, rel) if storage.is_remote(root) else os.path.join(root, *rel.split("/"))
+def _is_unnamed_dicom(path: str) -> bool:
+  """A (regular) file without an image extension that starts like DICOM (`IM0001`, UID names)."""
   try:
-    return dicom.has_preamble(storage.read_bytes(path, 0, 132))
+    return dicom.has_preamble(storage.read_input(path, 0, 132))
   except OSError:
     return False
 
 
 def _top_level_dirs(root: str) -> list[str]:
-  return sorted(d for d in os.listdir(root)
+  return sorted(storage.escape_name(d) for d in os.listdir(root)
                 if not d.startswith(".") and os.path.isdir(os.path.join(root, d)))
 
 
@@ -123,31 +170,33 @@ def find_files(input_dir: str) -> Found:
     files, dirs = walk_files(input_dir), _top_level_dirs(input_dir)
   with_splits = _split_layout(input_dir, dirs)
   need = 3 if with_splits else 2   # split/class/file or class/file
-  ignored, wanted = [], []
+  ignored, skipped, sources = [], [], []
   for rel in files:
-    ok = rel.count("/") + 1 >= need and (is_image_name(rel.rsplit("/", 1)[-1])
-                                         or _is_unnamed_dicom(input_dir, rel))
-    (wanted if ok else ignored).append(rel)
-  paths = [storage.join(input_dir, rel) if storage.is_remote(input_dir) else os.path.join(input_dir, *rel.split("/"))
-           for rel in wanted]
-
-  def stat(rel, path):
-    if rel in listed:
-      return listed[rel]
-    try:
-      st = os.stat(path)
-      return st.st_size, st.st_mtime_ns
-    except OSError as e:
-      return e
-  stats = [stat(rel, path) for rel, path in zip(wanted, paths)]
-  sources = []
-  for rel, path, st in zip(wanted, paths, stats):
-    if isinstance(st, Exception):
+    base = rel.rsplit("/", 1)[-1]
+    image_name = is_image_name(base)
+    if rel.count("/") + 1 < need or not (image_name or dicom.worth_probing(base)):
       ignored.append(rel)
-      log(f"warning: cannot stat {rel}: {st}")
       continue
     parts = rel.split("/")
     split = SPLIT_ALIASES[parts[0].lower()] if with_splits else ""
+    path = source_path(input_dir, rel)
+    # A FIFO, device or socket (itself or through a link) is never opened: an image name
+    # makes it a counted skip with the reason; a name to probe for DICOM, an ignored file.
+    try:
+      st = listed[rel] if rel in listed else storage.stat_input(path)
+    except storage.NotRegularFileError as e:
+      if image_name:
+        skipped.append({"path": rel, "reason": e.strerror, "split": split})
+      else:
+        ignored.append(rel)
+      continue
+    except OSError as e:
+      ignored.append(rel)
+      log(f"warning: cannot stat {rel}: {e.strerror or e}")
+      continue
+    if not image_name and not _is_unnamed_dicom(path):
+      ignored.append(rel)
+      continue
     cls = parts[1] if with_splits else parts[0]
     sources.append(Source(rel=rel, split=split, source_class=cls, path=path,
                           size=st[0], mtime_ns=st[1]))
@@ -155,11 +204,13 @@ def find_files(input_dir: str) -> Found:
   if not sources:
     hint = ("expected input/<class>/<image> or input/<split>/<class>/<image>, e.g. "
             "input/NORMAL/1.png")
-    what = "is empty" if not dirs and not ignored else "has no image files"
+    what = "is empty" if not dirs and not ignored and not skipped else "has no image files"
+    if skipped:
+      what += f" ({len(skipped)} are not regular files, e.g. {skipped[0]['path']}: {skipped[0]['reason']})"
     raise ConvertError(f"input folder {input_dir} {what}: {hint}")
   splits = sorted({s.split for s in sources}, key=split_order)
   return Found(root=input_dir, sources=sources, layout="splits" if with_splits else "classes",
-               splits=splits, ignored=ignored)
+               splits=splits, ignored=ignored, skipped=skipped)
 
 
 def find_keras_pair(input_dir: str) -> Found:
@@ -188,7 +239,7 @@ def find_keras_pair(input_dir: str) -> Found:
   for split, folder in pairs:
     img_path, paths_path = (storage.join(folder, n) for n in KERAS_PAIR)
     try:
-      paths = [p.decode("utf-8", "replace") for p in records.read_records(paths_path)]
+      paths = list(records.read_records(paths_path))
       with storage.open(img_path, "rb") as f:
         offsets = list(records.iter_offsets(f))
     except records.RecordFileError as e:
@@ -197,10 +248,11 @@ def find_keras_pair(input_dir: str) -> Found:
       raise ConvertError(f"{folder}: images.tfrec has {len(offsets)} records but paths.tfrec "
                          f"has {len(paths)}: not a matching pair")
     for i, (p, (offset, length)) in enumerate(zip(paths, offsets)):
-      parts = p.replace("\\", "/").rstrip("/").split("/")
+      # Windows or POSIX separators; each part as storage.escape_name writes it.
+      parts = [storage.escape_name(part) for part in p.replace(b"\\", b"/").rstrip(b"/").split(b"/")]
       if len(parts) < 2 or not parts[-2]:
-        raise ConvertError(f"{paths_path} record {i}: path {p!r} has no parent folder "
-                           "to take the class from")
+        raise ConvertError(f"{paths_path} record {i}: path {storage.escape_name(p)!r} has no "
+                           "parent folder to take the class from")
       cls, base = parts[-2], parts[-1]
       rel = f"{split}/{cls}/{base}" if split else f"{cls}/{base}"
       sources.append(Source(rel=rel, split=split, source_class=cls, path=img_path,

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 from tfrecord_tools import labels as labels_lib
 from tfrecord_tools import metadata, pseudonym, storage
 from tfrecord_tools.convert.classes import default_class_order
-from tfrecord_tools.convert.find import Found, is_image_name, split_order, walk_files
+from tfrecord_tools.convert.find import Found, is_image_name, source_path, split_order, walk_files
 from tfrecord_tools.convert.options import GROUP_NONE, SPLIT_ALIASES, ConvertError, ConvertOptions
 from tfrecord_tools.convert.split import (assign_splits, compile_group_regex, detect_grouping,
                                           drawn_fractions, label_warnings, patient_id,
@@ -187,17 +187,15 @@ def find_labelled(opts: ConvertOptions, log: Callable[[str], None]
   pairs, ignored = [], []
   for rel in sorted(named):
     row = named[rel][0]
-    path = (storage.join(opts.input_dir, rel) if storage.is_remote(opts.input_dir)
-            else os.path.join(opts.input_dir, *rel.split("/")))
+    path = source_path(opts.input_dir, rel)   # rel as find.walk_files writes it
     if rel in listed:
       size, mtime = listed[rel]
     else:
-      try:
-        st = os.stat(path)
+      try:   # a FIFO, device or socket is never opened (storage.stat_input)
+        size, mtime = storage.stat_input(path)
       except OSError as e:
         skip(row, f"unreadable: {e.strerror or e}", row.split)
         continue
-      size, mtime = st.st_size, st.st_mtime_ns
     pairs.append((Source(rel=rel, split=row.split, source_class=row.cls, path=path, size=size,
                          mtime_ns=mtime), row))
   unlabelled = []

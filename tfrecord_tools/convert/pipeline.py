@@ -243,7 +243,8 @@ def _build_manifest(opts, found, classes, mapping, dropped, plan, results, split
   skipped.extend(found.skipped)
   skipped.sort(key=lambda s: s["path"])
   num_converted = sum(s["num_examples"] for s in splits.values())
-  args = dataclasses.asdict(opts)
+  # Paths as given (argv may hold names that are not UTF-8): storage.escape_name's text.
+  args = {k: storage.as_text(v) if isinstance(v, str) else v for k, v in dataclasses.asdict(opts).items()}
   args.pop("quiet")
   args.pop("patient_key_file")   # where the key is kept is the user's business: "privacy" has its id
   for name, split in (("val_fraction", "val"), ("test_fraction", "test")):
@@ -256,7 +257,7 @@ def _build_manifest(opts, found, classes, mapping, dropped, plan, results, split
   args.update(split_info)
   return {
       "manifest_version": schema.MANIFEST_VERSION,
-      "name": opts.name or os.path.basename(opts.output_dir.rstrip("/")) or "dataset",
+      "name": storage.as_text(opts.name or os.path.basename(opts.output_dir.rstrip("/")) or "dataset"),
       "tool": "tfrecord_tools.convert",
       "tool_version": __version__,
       "pixel_contract": pixels.CONTRACT_VERSION,   # tfrecord_tools.pixels: what the records hold

@@ -26,7 +26,7 @@ import re
 from typing import Any, Callable, Sequence
 
 from tfrecord_tools import dicom, pixels, pseudonym, storage, synthetic
-from tfrecord_tools.convert.find import Found, split_order
+from tfrecord_tools.convert.find import Found, link_on_path, split_order
 from tfrecord_tools.convert.options import (AUTO_FRACTION, DEFAULT_FRACTION, GROUP_NONE,
                                             ConvertError, ConvertOptions)
 from tfrecord_tools.shards import Item, Source
@@ -39,7 +39,7 @@ from tfrecord_tools.shards import Item, Source
 
 def _content_digest(src: Source) -> str:
   h = hashlib.sha256()
-  with storage.open(src.path, "rb") as f:
+  with storage.open_input(src.path) as f:   # a regular file, read up to its end
     for block in iter(lambda: f.read(1 << 20), b""):
       h.update(block)
   return h.hexdigest()
@@ -52,11 +52,12 @@ def dedupe(found: Found, mapping: dict[str, str], on_conflict: str,
   `name`: a path as messages and the skipped list show it (`pseudonym.Names`); the
   returned `aliases` and `duplicates` hold the paths themselves (named when written).
 
-  - the same file reached by two paths (symlinks): converted once, the other paths
-    listed in `aliases`;
+  - the same file reached by two paths (symlinks to files or folders): converted once,
+    by the path without a link when there is one, the other paths listed in `aliases`;
   - identical contents under two classes (after --class_map: `mapping` source -> class;
-    files whose class it drops are left alone): a conflict. on_conflict="error" raises
-    ConvertError listing the pairs; "skip" leaves every copy out (`skipped`, counted);
+    files whose class it drops are left alone): a conflict, whether copies or one file
+    reached through a symbolic link (the message names the link). on_conflict="error"
+    raises ConvertError listing the pairs; "skip" leaves every copy out (`skipped`, counted);
   - identical contents under one class: kept, listed in `duplicates`; `make_items`
     keeps them in one split (a duplicate upload must not leak from train into test).
   """
@@ -71,23 +72,36 @@ def dedupe(found: Found, mapping: dict[str, str], on_conflict: str,
         by_digest.setdefault(_content_digest(src), []).append(src)
   drop: dict[str, dict | None] = {}     # rel -> skip record (conflict) or None (alias)
   conflicts, aliases, duplicates = [], [], []
+  link_of: dict[str, str | None] = {}   # rel -> the symbolic link on its path (find.link_on_path)
+
+  def real_path(src: Source) -> str:
+    return src.path if storage.is_remote(src.path) else os.path.realpath(src.path)
+
+  def link(src: Source) -> str | None:
+    if src.rel not in link_of:
+      link_of[src.rel] = link_on_path(found.root, src.rel)
+    return link_of[src.rel]
+
   for digest, group in sorted(by_digest.items()):
     if len(group) < 2:
       continue
-    group = sorted(group, key=lambda s: s.rel)
+    group = sorted(group, key=lambda s: (link(s) is not None, s.rel))   # a path without links first
     classes = sorted({mapping[s.source_class] for s in group})
     if len(classes) > 1:
       conflicts.append(group)
       continue
-    first_real: dict[str, str] = {}
+    first_real: dict[str, Source] = {}
     distinct = []
     for src in group:
-      real = src.path if storage.is_remote(src.path) else os.path.realpath(src.path)
+      real = real_path(src)
       if real in first_real:
         drop[src.rel] = None
-        aliases.append({"path": src.rel, "same_file_as": first_real[real]})
+        aliases.append({"path": src.rel, "same_file_as": first_real[real].rel})
+        if src.split != first_real[real].split:
+          log(f"warning: {name(src.rel)} reaches {name(first_real[real].rel)} (a symbolic link) "
+              f"across split folders: converted once, in {first_real[real].split}")
       else:
-        first_real[real] = src.rel
+        first_real[real] = src
         distinct.append(src.rel)
     if len(distinct) > 1:
       duplicates.append(distinct)
@@ -96,17 +110,31 @@ def dedupe(found: Found, mapping: dict[str, str], on_conflict: str,
             f"{[name(r) for r in distinct[:3]]} "
             "(they leak between splits; remove the copies)")
   if conflicts:
-    pairs = "; ".join(" = ".join(f"{name(s.rel)} ({mapping[s.source_class]})" for s in g)
-                      for g in conflicts[:5])
+    conflicts.sort(key=lambda g: min(s.rel for s in g))
+    pairs = "; ".join(" = ".join(f"{name(s.rel)} ({mapping[s.source_class]})"
+                                 for s in sorted(g, key=lambda s: s.rel)) for g in conflicts[:5])
     more = f" (and {len(conflicts) - 5} more)" if len(conflicts) > 5 else ""
+
+    def through(g: list[Source], s: Source | None = None) -> list[str]:
+      """The symbolic links by which one file (not a copy) is reached under two classes
+      (the link on `s`'s path only, when given)."""
+      same = [o for o in g if any(real_path(o) == real_path(p) for p in g if p is not o)]
+      return sorted({link(o) for o in same if link(o) and (s is None or o is s)})
+    links = sorted({lk for g in conflicts for lk in through(g)})
+    via = ((f"; they are the same file{'s' if len(conflicts) > 1 else ''}, reached through the "
+            f"symbolic link{'s' if len(links) > 1 else ''} {', '.join(name(lk) for lk in links[:5])}"
+            + (f" (and {len(links) - 5} more)" if len(links) > 5 else "")) if links else "")
     if on_conflict != "skip":
       raise ConvertError(f"{len(conflicts)} file(s) have the same contents under different classes: "
-                         f"{pairs}{more}. Remove the wrong copies, or pass --on_conflict=skip to leave "
-                         "them all out")
+                         f"{pairs}{more}{via}. Remove the wrong copies"
+                         + (" or links" if links else "")
+                         + ", or pass --on_conflict=skip to leave them all out")
     for g in conflicts:
       for s in g:
         others = ", ".join(f"{name(o.rel)} ({mapping[o.source_class]})" for o in g if o is not s)
-        drop[s.rel] = {"path": name(s.rel), "reason": f"same contents as {others} under another class"}
+        own = through(g, s)
+        drop[s.rel] = {"path": name(s.rel), "reason": f"same contents as {others} under another class"
+                       + (f" (the same file, through the symbolic link {name(own[0])})" if own else "")}
     log(f"warning: skipped {sum(len(g) for g in conflicts)} files whose contents appear under "
         f"different classes (--on_conflict=skip): {pairs}{more}")
   if aliases:
@@ -117,7 +145,8 @@ def dedupe(found: Found, mapping: dict[str, str], on_conflict: str,
         "is kept in one split")
   return dataclasses.replace(
       found, sources=[s for s in found.sources if s.rel not in drop],
-      skipped=sorted((r for r in drop.values() if r), key=lambda r: r["path"]),
+      skipped=sorted([{**r, "path": name(r["path"])} for r in found.skipped]   # find's, as written
+                     + [r for r in drop.values() if r], key=lambda r: r["path"]),
       aliases=aliases, duplicates=duplicates)
 
 
@@ -298,7 +327,10 @@ def read_patients(found: Found, mapping: dict[str, str], opts: ConvertOptions,
 
 
 def hash_key(seed: int, *parts: str) -> bytes:
-  return hashlib.sha256("\0".join([str(seed), *parts]).encode("utf-8")).digest()
+  """sha256 of the seed and the parts (names), each as the file system's bytes
+  (`storage.name_bytes`: a name that is not UTF-8 hashes as its raw bytes, whatever its
+  escaped text; any other name as its UTF-8, so splits are as before)."""
+  return hashlib.sha256(b"\0".join(storage.name_bytes(p) for p in (str(seed), *parts))).digest()
 
 
 def assign_splits(keys: Sequence[str], labels: Sequence[int], groups: Sequence[str],

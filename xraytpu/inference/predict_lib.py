@@ -51,43 +51,66 @@ class InputError(errors.UserError):
 # --------------------------------------------------------------------------
 
 
+def _image_name(path: str) -> bool:
+  return path.lower().endswith(IMAGE_EXTENSIONS + dicom.EXTENSIONS)
+
+
 def _wanted(path: str) -> bool:
-  """An image or DICOM file name, or a file without an extension that starts like DICOM."""
-  if path.lower().endswith(IMAGE_EXTENSIONS + dicom.EXTENSIONS):
+  """An image or DICOM file name, or a (regular) file without an extension that starts like
+  DICOM."""
+  if _image_name(path):
     return True
   if not dicom.worth_probing(path):
     return False
   try:
-    return dicom.has_preamble(storage.read_bytes(path, 0, 132))
-  except OSError:
+    return dicom.has_preamble(storage.read_input(path, 0, 132))
+  except OSError:   # storage.NotRegularFileError included: a FIFO is not waited for
     return False
+
+
+def _not_regular(path: str) -> str | None:
+  """Why a local input is never opened (a FIFO, device or socket: storage.stat_input), or None."""
+  try:
+    storage.stat_input(path)
+  except storage.NotRegularFileError as e:
+    return e.strerror
+  except OSError:
+    return None   # missing or unreadable: reported when it is read
+  return None
 
 
 def expand_inputs(paths: Iterable[str]) -> list[tuple[str, str | None]]:
   """Files as given, folders walked (sorted) for image and DICOM files (.dcm, .dicom, and
   files without an extension that carry the DICM preamble).
 
-  Returns [(path, error or None)]; a missing path is an entry with an error.
+  Returns [(path, error or None)]: paths as the os module takes them (outputs write them
+  as `storage.escape_name` does); a missing path, or one that is no regular file (a FIFO,
+  device or socket, itself or through a link: never opened), is an entry with an error.
   """
   out: list[tuple[str, str | None]] = []
   for p in paths:
     remote = storage.is_remote(p)
     if storage.isdir(p) if remote else os.path.isdir(p):
       if remote:   # one listing (gs://: google-cloud-storage)
-        found = [storage.join(p, rel) for rel, _, _ in storage.walk_files(p)
+        found = [(storage.join(p, rel), None) for rel, _, _ in storage.walk_files(p)
                  if _wanted(storage.join(p, rel))]
       else:
         found = []
         for root, dirs, files in os.walk(p):
           dirs.sort()
           for f in sorted(files):
-            if _wanted(os.path.join(root, f)):
-              found.append(os.path.join(root, f))
+            path = os.path.join(root, f)
+            if _image_name(path):
+              found.append((path, _not_regular(path)))
+            elif _wanted(path):
+              found.append((path, None))
       if not found:
         out.append((p, "folder holds no image or DICOM files"))
-      out.extend((f, None) for f in found)
+      out.extend(found)
     elif remote or os.path.isfile(p):
       out.append((p, None))
+    elif os.path.exists(p):
+      out.append((p, _not_regular(p) or "not a regular file"))
     else:
       out.append((p, "no such file or folder"))
   return out
@@ -108,10 +131,13 @@ def parse_window(window: str) -> str | None:
 
 
 def read_file(path: str) -> bytes:
+  """An input file's bytes: a regular file only, never more than its size (storage.read_input)."""
   try:
-    return storage.read_bytes(path)
+    return storage.read_input(path)
+  except storage.NotRegularFileError as e:
+    raise InputError(e.strerror) from None
   except Exception as e:  # noqa: BLE001 - permissions, missing, remote errors
-    raise InputError(f"cannot read ({e})") from None
+    raise InputError(f"cannot read ({storage.as_text(str(e))})") from None
 
 
 def file_bytes(path: str, dicom_window: str = dicom.DEFAULT_WINDOW,
@@ -119,7 +145,7 @@ def file_bytes(path: str, dicom_window: str = dicom.DEFAULT_WINDOW,
   """A file's bytes as the inference graph takes them (`pixels.graph_input`: its size held
   against max_pixels from the header first; DICOM rendered with `dicom_window`, TIFF/WebP
   decoded, both to PNG); InputError when unusable or too large."""
-  return graph_bytes(read_file(path), dicom_window, name=path, max_pixels=max_pixels)
+  return graph_bytes(read_file(path), dicom_window, name=storage.escape_name(path), max_pixels=max_pixels)
 
 
 def graph_bytes(data: bytes, dicom_window: str = dicom.DEFAULT_WINDOW, name: str = "",
@@ -241,21 +267,22 @@ def predict_files(run: rundir.LoadedRun, paths: Sequence[str], *,
     pending.clear()
 
   for path, error in items:
+    name = storage.escape_name(path)   # how every output writes it: a name that is not UTF-8, escaped
     if error is None:
       try:
         data = file_bytes(path, dicom_window, max_pixels)
-        pending.append((path, file_pixels(model_call.module_of(run), data, max_pixels)))
+        pending.append((name, file_pixels(model_call.module_of(run), data, max_pixels)))
       except InputError as e:
         error = str(e)
     if error is not None:
-      r = Prediction(path=path, error=error)
+      r = Prediction(path=name, error=error)
       results.append(r)
       if progress:
         progress(r)
     if len(pending) >= batch_size:
       flush()
   flush()
-  order = {p: i for i, (p, _) in enumerate(items)}
+  order = {storage.escape_name(p): i for i, (p, _) in enumerate(items)}
   results.sort(key=lambda r: order.get(r.path, 0))
   return results
 

@@ -211,8 +211,9 @@ def parse_multipart(body: bytes, content_type: str, max_files: int) -> list[tupl
                               "(curl -F file=@x.png) and options as query parameters (?gradcam=1)")
     if len(files) >= max_files:
       raise RequestError(413, f"more than {max_files} files in one request (--max_files)")
-    name = filename.decode("utf-8", "replace") if filename is not None else name
-    part["name"] = os.path.basename(name.replace("\\", "/"))[:_MAX_FILENAME]
+    # A file name's bytes that are not UTF-8: escaped (storage.escape_name), as every output writes them.
+    name = filename.decode("utf-8", "surrogateescape") if filename is not None else name
+    part["name"] = storage.escape_name(os.path.basename(name.replace("\\", "/"))[:_MAX_FILENAME])
 
   def on_part_data(data, start, end):
     part["data"].append(data[start:end])
