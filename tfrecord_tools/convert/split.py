@@ -111,9 +111,6 @@ def dedupe(found: Found, mapping: dict[str, str], on_conflict: str,
             "(they leak between splits; remove the copies)")
   if conflicts:
     conflicts.sort(key=lambda g: min(s.rel for s in g))
-    pairs = "; ".join(" = ".join(f"{name(s.rel)} ({mapping[s.source_class]})"
-                                 for s in sorted(g, key=lambda s: s.rel)) for g in conflicts[:5])
-    more = f" (and {len(conflicts) - 5} more)" if len(conflicts) > 5 else ""
 
     def through(g: list[Source], s: Source | None = None) -> list[str]:
       """The symbolic links by which one file (not a copy) is reached under two classes
@@ -121,12 +118,17 @@ def dedupe(found: Found, mapping: dict[str, str], on_conflict: str,
       same = [o for o in g if any(real_path(o) == real_path(p) for p in g if p is not o)]
       return sorted({link(o) for o in same if link(o) and (s is None or o is s)})
     links = sorted({lk for g in conflicts for lk in through(g)})
-    via = ((f"; they are the same file{'s' if len(conflicts) > 1 else ''}, reached through the "
-            f"symbolic link{'s' if len(links) > 1 else ''} {', '.join(name(lk) for lk in links[:5])}"
-            + (f" (and {len(links) - 5} more)" if len(links) > 5 else "")) if links else "")
+    # The links first (a linked folder makes every file of it a conflict), then examples.
+    via = ((f" (the same file{'s' if len(conflicts) > 1 else ''}, reached through the symbolic "
+            f"link{'s' if len(links) > 1 else ''} {', '.join(name(lk) for lk in links[:3])}"
+            + (f" and {len(links) - 3} more" if len(links) > 3 else "") + ")") if links else "")
+    shown = 2 if links else 5
+    pairs = "; ".join(" = ".join(f"{name(s.rel)} ({mapping[s.source_class]})"
+                                 for s in sorted(g, key=lambda s: s.rel)) for g in conflicts[:shown])
+    more = f" (and {len(conflicts) - shown} more)" if len(conflicts) > shown else ""
     if on_conflict != "skip":
-      raise ConvertError(f"{len(conflicts)} file(s) have the same contents under different classes: "
-                         f"{pairs}{more}{via}. Remove the wrong copies"
+      raise ConvertError(f"{len(conflicts)} file(s) have the same contents under different classes"
+                         f"{via}: {pairs}{more}. Remove the wrong copies"
                          + (" or links" if links else "")
                          + ", or pass --on_conflict=skip to leave them all out")
     for g in conflicts:
