@@ -175,6 +175,23 @@ def test_a_folder_linked_within_its_class_is_converted_once_and_listed_in_aliase
   assert m["aliases"] == [{"path": f"NORMAL/again/{first}", "same_file_as": f"NORMAL/sub/{first}"}]
 
 
+def test_a_folder_linked_across_split_folders_is_an_alias_with_a_warning(tmp_path):
+  src = _images(tmp_path, n=24, with_splits=True)
+  os.symlink(os.path.join("..", "..", "val", "NORMAL"), src / "train" / "NORMAL" / "from_val")
+  lines = []
+  with _bounded_memory():
+    m = convert_lib.convert(convert_lib.ConvertOptions(
+        input_dir=str(src), output_dir=str(tmp_path / "out"), num_workers=1),
+        log=lines.append)
+  _counts_add_up(m)
+  val_normal = sorted(os.listdir(src / "val" / "NORMAL"))
+  assert sorted(m["aliases"], key=lambda a: a["path"]) == [
+      {"path": f"train/NORMAL/from_val/{f}", "same_file_as": f"val/NORMAL/{f}"} for f in val_normal]
+  assert m["splits"]["val"]["class_counts"]["NORMAL"] == len(val_normal)   # converted in val only
+  assert any(ln.startswith("warning: train/NORMAL/from_val/") and "across split folders" in ln
+             for ln in lines), lines
+
+
 def test_a_link_graph_that_multiplies_the_tree_is_one_line(tmp_path):
   src = _images(tmp_path)
   level = src / "NORMAL" / "deep"
