@@ -447,10 +447,12 @@ def read_bytes(path: str, offset: int = -1, size: int = -1) -> bytes:
     return f.read()
 
 
-class NotRegularFileError(OSError):
+class NotRegularFileError(OSError, errors.UserError):
   """An input path that is no regular file (a named pipe, a device, a socket, a folder),
   itself or where its symbolic links lead: never opened (a FIFO would wait for a writer
-  forever, /dev/zero never ends). str(e) and e.strerror: "not a regular file (...)"."""
+  forever, /dev/zero never ends). str(e) and e.strerror: "not a regular file (...)".
+  An OSError (callers that skip unreadable inputs skip it too) and a UserError (one line
+  when it reaches the entry point)."""
 
   def __str__(self) -> str:
     return self.strerror
