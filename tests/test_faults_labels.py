@@ -20,6 +20,7 @@ import pytest
 from tests.conftest import ROOT
 from tfrecord_tools import convert as convert_lib, errors, pseudonym, records, synthetic
 from tfrecord_tools.convert import split as split_lib
+from tests._records import record_rows
 
 
 def _convert(inp, out, log=None, **kw) -> dict:
@@ -28,18 +29,7 @@ def _convert(inp, out, log=None, **kw) -> dict:
   return convert_lib.convert(convert_lib.ConvertOptions(**args), log=log)
 
 
-def _records(out) -> list[dict]:
-  """[{"name", "patient", "split"}] of every record written."""
-  import tensorflow as tf
-  spec = records.feature_spec()
-  got = []
-  for f in sorted(pathlib.Path(out).glob("*.tfrecord")):
-    for raw in records.read_records(str(f)):
-      ex = tf.io.parse_single_example(raw, spec)
-      got.append({"name": ex[records.FILENAME].numpy().decode(),
-                  "patient": ex[records.PATIENT_ID].numpy().decode(),
-                  "split": f.name.split("-")[0]})
-  return got
+_records = record_rows
 
 
 def _splits_per_patient(rows: list[dict]) -> dict[str, set]:

@@ -20,6 +20,7 @@ import pytest
 from tests.conftest import ROOT
 from tfrecord_tools import convert as convert_lib, pseudonym, records, schema, synthetic
 from tfrecord_tools import inspect as tfr_inspect
+from tests._records import record_rows
 
 KEY = "xraytpu-tests-patient-key-0123456789"   # tests/conftest.py's
 
@@ -107,17 +108,7 @@ def test_identifier_kinds_in_file_names():
 # -- conversion: pseudonyms in the records, the same splits again --------------------------
 
 
-def _records(out) -> list[dict]:
-  import tensorflow as tf
-  spec = records.feature_spec()
-  got = []
-  for f in sorted(pathlib.Path(out).glob("*.tfrecord")):
-    for raw in records.read_records(str(f)):
-      ex = tf.io.parse_single_example(raw, spec)
-      got.append({"file": f.name, "split": f.name.split("-")[0],
-                  "name": ex[records.FILENAME].numpy().decode(),
-                  "patient": ex[records.PATIENT_ID].numpy().decode()})
-  return got
+_records = record_rows
 
 
 def test_group_regex_splits_by_pseudonym_the_same_way_every_time(tmp_path, monkeypatch):
