@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT
-from tfrecord_tools import convert as convert_lib, errors, pseudonym, records, synthetic
+from tfrecord_tools import convert as convert_lib, errors, pseudonym, synthetic
 from tfrecord_tools.convert import split as split_lib
 from tests._records import record_rows
 
