@@ -325,3 +325,17 @@ def test_a_pure_resume_says_nothing_to_convert(tmp_path, monkeypatch, capsys):
   n = sum(len(s["shards"]) for s in m["splits"].values())
   assert f"nothing to convert: {n} of {n} shards already complete" in lines
   assert not any("converting:" in ln for ln in lines)
+
+
+# ---- the table of faults in docs/faults.md ---------------------------------------------------
+
+
+def test_every_test_the_fault_table_names_exists():
+  """docs/faults.md's table names a test for each class of fault: each must exist."""
+  import re
+  text = open(os.path.join(ROOT, "docs", "faults.md"), encoding="utf-8").read()
+  named = re.findall(r"`(test_[a-z_]+\.py)::(test_[a-z0-9_]+)`", text)
+  assert len(named) >= 30, named
+  for file, test in named:
+    source = open(os.path.join(ROOT, "tests", file), encoding="utf-8").read()
+    assert re.search(rf"^def {test}\(", source, re.M), f"docs/faults.md names {file}::{test}"
