@@ -1,7 +1,8 @@
 """Clinical evaluation of a trained run.
 
   python -m xraytpu.evaluate --model_dir=RUN [--data_dir=DIR] [--split=test]
-      [--threshold_policy=youden|sensitivity:0.95|specificity:0.9|fixed:0.5] [--temperature_scaling]
+      [--threshold_policy=youden|sensitivity:0.95|specificity:0.9|fixed:0.5|sensitivity:0.95:lower]
+      [--temperature_scaling]
       [--allow_data_change]
 
 The operating threshold is chosen on the VAL split of the run's training data,

@@ -10,7 +10,8 @@
 
 The operating point: binary tasks call P(positive) >= threshold positive, with
 the threshold chosen by `threshold_policy` (see xraytpu.evaluation.metrics:
-youden | sensitivity:X | specificity:X | fixed:X) on the val split of the data
+youden | sensitivity:X | specificity:X | fixed:X; sensitivity:X:lower and
+specificity:X:lower hold X at the 95% exact lower confidence bound) on the val split of the data
 the run was trained on, written to RUN/threshold.json and then applied
 unchanged to whatever split / data set is evaluated. An existing
 threshold.json is reused unless another policy (or temperature setting) is
@@ -26,6 +27,11 @@ report.json keys (stable; `null` when undefined, with the reason in `undefined`)
   pr_auc, pr_auc_ci             binary average precision; multi-class macro AP (no CI)
   threshold, threshold_policy, threshold_source_split, threshold_source_dataset,
   threshold_fallback_reason     (multi-class: threshold null, policy "argmax")
+  threshold_evidence            what the threshold rests on, on val (metrics.threshold_evidence):
+                                {positives, negatives, sensitivity, sensitivity_ci,
+                                sensitivity_lower_bound, specificity, ..., target {metric, value,
+                                requested_at, cases, needed, lower_bound, met}, warning}; null when
+                                not chosen on data (multi-label: per_finding[f].threshold_evidence)
   sensitivity, specificity, ppv, npv, accuracy, f1, each with <name>_ci
                                 binary: at the threshold; multi-class: the macro average
                                 of one-vs-rest values (accuracy: overall), CI for accuracy only
@@ -237,7 +243,7 @@ def choose_operating_point(run: rundir.LoadedRun, val: SplitPredictions | None, 
       "threshold": None, "policy": "argmax", "source_split": None, "source_data_dir": None,
       "source_dataset": None, "positive_class": None, "sensitivity": None, "specificity": None,
       "temperature": None, "temperature_fit": None, "fallback_reason": None, "num_examples": None,
-      "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+      "evidence": None, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
   }
   if val is not None:
     op.update(source_split=val.split, source_data_dir=val.data_dir, source_dataset=val.dataset,
@@ -254,19 +260,34 @@ def choose_operating_point(run: rundir.LoadedRun, val: SplitPredictions | None, 
   if not run.binary:
     return op
   op["positive_class"] = run.classes[1]
-  kind, _ = metrics.parse_threshold_policy(policy)
-  op["policy"] = metrics.canonical_policy(policy)
-  if kind == "fixed" and val is None:
-    op["threshold"] = metrics.parse_threshold_policy(policy)[1]
+  pol = metrics.parse_threshold_policy(policy)
+  op["policy"] = pol.name
+  if pol.kind == "fixed" and val is None:
+    op["threshold"] = pol.target
     return op
   choice = metrics.choose_threshold(val.labels, probs[:, 1], policy)
+  if choice.threshold is not None and choice.reason:  # a lower bound val is too small for
+    op["fallback_reason"] = choice.reason
+    logging.warning("threshold policy %s on %s: %s", op["policy"], val.split, choice.reason)
   if choice.threshold is None:
     op.update(threshold=rundir.DEFAULT_THRESHOLD, fallback_reason=choice.reason)
     logging.warning("threshold policy %s failed on %s (%s): using %s", op["policy"], val.split,
                     choice.reason, rundir.DEFAULT_THRESHOLD)
     choice = metrics.choose_threshold(val.labels, probs[:, 1], rundir.DEFAULT_POLICY)
-  op.update(threshold=choice.threshold, sensitivity=choice.sensitivity, specificity=choice.specificity)
+  op.update(threshold=choice.threshold, sensitivity=choice.sensitivity, specificity=choice.specificity,
+            evidence=metrics.threshold_evidence(val.labels, probs[:, 1], choice.threshold, policy))
   return op
+
+
+def _evidence_notes(op: dict[str, Any]) -> list[str]:
+  """A note per threshold whose val split is too small for the requested point (its
+  evidence's warning; multi-label: per finding), unless its fallback note says it already."""
+  items = [("the threshold", op.get("evidence"), op.get("fallback_reason"))]
+  items += [(f"the {c} threshold", e.get("evidence"), e.get("fallback_reason"))
+            for c, e in (op.get("per_finding") or {}).items()]
+  return [f"{what} ({op.get('policy')} on {op.get('source_split')}): {ev['warning']}"
+          for what, ev, fallback in items
+          if ev and ev.get("warning") and ev["warning"] not in (fallback or "")]
 
 
 def resolve_operating_point(run: rundir.LoadedRun, *, policy: str | None,
@@ -298,7 +319,7 @@ def resolve_operating_point(run: rundir.LoadedRun, *, policy: str | None,
     temperature_scaling = bool(existing and existing.get("temperature") is not None)
   data_dir = run.cfg.data_dir
   needs_val = temperature_scaling or ((run.binary or run.multi_label)
-                                      and metrics.parse_threshold_policy(policy)[0] != "fixed")
+                                      and metrics.parse_threshold_policy(policy).kind != "fixed")
   val = None
   manifest = run.manifest
   if needs_val:
@@ -519,7 +540,8 @@ def compute_report(classes: Sequence[str], labels: np.ndarray, probs: np.ndarray
   r.update(threshold=op.get("threshold"), threshold_policy=op.get("policy"),
            threshold_source_split=op.get("source_split"),
            threshold_source_dataset=op.get("source_dataset"),
-           threshold_fallback_reason=op.get("fallback_reason"))
+           threshold_fallback_reason=op.get("fallback_reason"),
+           threshold_evidence=op.get("evidence"))
   cal = probs[:, 1] if binary else probs
   raw_cal = raw_probs[:, 1] if binary else raw_probs
   put("brier", metrics.brier_score(labels, cal), with_ci=False)
@@ -598,6 +620,7 @@ def evaluate(model_dir: str, *, data_dir: str = EvalConfig.data_dir, split: str 
   if op.get("fallback_reason"):
     notes.append(f"threshold policy {op['policy']} could not be applied on "
                  f"{op.get('source_split')}: {op['fallback_reason']}; threshold {op['threshold']} used")
+  notes += _evidence_notes(op)
   if run.multi_label:
     return _with_model_card(run, _evaluate_multilabel(run, preds, op, notes, data_dir=data_dir,
                                                       split=split, n_resamples=n_resamples, seed=seed,
@@ -655,7 +678,7 @@ def _evaluate_multilabel(run: rundir.LoadedRun, preds: SplitPredictions, op: dic
                if e.get("fallback_reason")}
   for c, why in fallbacks.items():
     notes.append(f"threshold policy {op['policy']} could not be applied to {c} on "
-                 f"{op.get('source_split')}: {why}; threshold {rundir.DEFAULT_THRESHOLD} used")
+                 f"{op.get('source_split')}: {why}; threshold {op['thresholds'].get(c)} used")
   unlabelled = [c for j, c in enumerate(run.classes) if not preds.mask[:, j].any()]
   if unlabelled:
     notes.append(f"not labelled in {split}: {', '.join(unlabelled)}")
@@ -766,6 +789,11 @@ def render_markdown(report: dict, classification_text: str = "") -> str:
                  f"policy `{r['threshold_policy']}`, chosen on "
                  + (f"the `{src}` split of {r.get('threshold_source_dataset')}" if src else "no data (fixed)")
                  + ", applied unchanged here")
+    if r.get("threshold_evidence"):
+      lines.append(f"- what the threshold rests on (`{src}`): {reports.evidence(r['threshold_evidence'])}")
+      if r["threshold_evidence"].get("warning"):
+        lines.append(f"- **warning**: `{src}` is too small for this operating point: "
+                     f"{r['threshold_evidence']['warning']}")
   else:
     lines.append("- decision: the most probable class (argmax)")
   if r.get("temperature") is not None:

@@ -7,8 +7,11 @@ cells the converter was told to ignore) never count, for any metric.
 
 The operating point (RUN/threshold.json): one threshold per finding, each chosen
 on the training data's val split by the same `--threshold_policy` as a binary
-task (youden | sensitivity:X | specificity:X | fixed:X), over that finding's
-labelled val images; optionally one temperature fitted on every labelled
+task (youden | sensitivity:X | specificity:X | fixed:X, and sensitivity:X:lower |
+specificity:X:lower at the exact lower confidence bound; xraytpu.evaluation.metrics),
+over that finding's labelled val images, each with its evidence (val positives and
+negatives, achieved rates with exact CIs, a warning when too few for the target);
+optionally one temperature fitted on every labelled
 (image, finding) pair of val. The thresholds are then applied unchanged.
 
 report.json keys for a multi-label task (besides the shared ones: model_dir,
@@ -17,7 +20,8 @@ data_dir, dataset, split, classes = the findings, num_examples, notes, files, ci
                                                           AUC, CIs by bootstrap over images
   sensitivity, specificity, ppv, npv, f1                  macro means at the thresholds
   per_finding {finding: {auc, auc_ci, pr_auc, pr_auc_ci, threshold, sensitivity, sensitivity_ci,
-               specificity, specificity_ci, ppv, npv, positives, negatives, ignored}}
+               specificity, specificity_ci, ppv, npv, positives, negatives, ignored,
+               threshold_evidence (on val: metrics.threshold_evidence, or null)}}
   class_counts {finding: positives}; thresholds {finding: t}; threshold_policy, threshold_source_split
   brier, ece (pooled over labelled pairs), temperature; undefined {key: reason}
 """
@@ -76,11 +80,11 @@ def choose_operating_point(run: rundir.LoadedRun, val, policy: str, temperature_
       "per_finding": {}, "temperature": None, "temperature_fit": None, "fallback_reason": None,
       "num_examples": None, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
   }
-  kind, x = metrics.parse_threshold_policy(policy)
+  pol = metrics.parse_threshold_policy(policy)
   if val is None:
-    if kind != "fixed":
+    if pol.kind != "fixed":
       raise error("choosing thresholds needs the val split of the training data")
-    op["thresholds"] = {c: x for c in run.classes}
+    op["thresholds"] = {c: pol.target for c in run.classes}
     return op
   op.update(source_split=val.split, source_data_dir=val.data_dir, source_dataset=val.dataset,
             num_examples=int(val.labels.shape[0]))
@@ -95,6 +99,9 @@ def choose_operating_point(run: rundir.LoadedRun, val, policy: str, temperature_
     m = val.mask[:, j]
     choice = metrics.choose_threshold(val.labels[m, j], probs[m, j], policy)
     entry: dict[str, Any] = {"labelled": int(m.sum()), "fallback_reason": None}
+    if choice.threshold is not None and choice.reason:  # a lower bound val is too small for
+      entry["fallback_reason"] = choice.reason
+      logging.warning("threshold policy %s for %s on %s: %s", op["policy"], c, val.split, choice.reason)
     if choice.threshold is None:
       entry["fallback_reason"] = choice.reason
       logging.warning("threshold policy %s failed for %s on %s (%s): using %s", op["policy"], c,
@@ -102,7 +109,9 @@ def choose_operating_point(run: rundir.LoadedRun, val, policy: str, temperature_
       choice = metrics.choose_threshold(val.labels[m, j], probs[m, j],
                                         rundir.DEFAULT_POLICY)
     op["thresholds"][c] = choice.threshold
-    entry.update(sensitivity=choice.sensitivity, specificity=choice.specificity)
+    entry.update(sensitivity=choice.sensitivity, specificity=choice.specificity,
+                 evidence=metrics.threshold_evidence(val.labels[m, j], probs[m, j], choice.threshold,
+                                                     policy))
     op["per_finding"][c] = entry
   return op
 
@@ -136,7 +145,8 @@ def compute_report(classes: Sequence[str], labels: np.ndarray, mask: np.ndarray,
     m = mask[:, j]
     y, p = labels[m, j], probs[m, j]
     d: dict[str, Any] = {"positives": int(y.sum()), "negatives": int((1 - y).sum()),
-                         "ignored": int((~m).sum()), "threshold": float(thresholds[j])}
+                         "ignored": int((~m).sum()), "threshold": float(thresholds[j]),
+                         "threshold_evidence": ((op.get("per_finding") or {}).get(c) or {}).get("evidence")}
     for name, metric in (("auc", metrics.roc_auc(y, p, **kw)), ("pr_auc", metrics.pr_auc(y, p, **kw))):
       d[name], d[f"{name}_ci"] = metric.value, (list(metric.ci) if metric.ci else None)
       if metric.reason:
@@ -254,4 +264,13 @@ def render_markdown(report: dict) -> list[str]:
                  f"{d['threshold']:.3f} | {reports.fmt_ci(d['sensitivity'], d['sensitivity_ci'])} | "
                  f"{reports.fmt_ci(d['specificity'], d['specificity_ci'])} | {reports.fmt(d['ppv'])} | "
                  f"{d['positives']} / {d['negatives']} / {d['ignored']} |")
+  chosen = {c: d["threshold_evidence"] for c, d in report["per_finding"].items()
+            if d.get("threshold_evidence")}
+  if chosen:
+    src = report["threshold_source_split"]
+    lines += ["", f"What each threshold rests on (`{src}`, exact binomial intervals):", ""]
+    for c, ev in chosen.items():
+      lines.append(f"- {c}: {reports.evidence(ev)}")
+      if ev.get("warning"):
+        lines.append(f"  - **warning**: `{src}` is too small for this operating point: {ev['warning']}")
   return lines

@@ -224,6 +224,9 @@ def model_card(run: rundir.LoadedRun, opts=None) -> dict[str, Any]:
                                     "manifest_sha256", "data_digest", "privacy"}},
    "threshold": float|null, "thresholds": {finding: float} (multi-label) | null, "threshold_policy": str, "threshold_source_split": str|null,
    "threshold_source_dataset": str|null, "threshold_note": str|null, "temperature": float|null,
+   "threshold_evidence": what the threshold rests on, on val (threshold.json's "evidence":
+                         positives, negatives, achieved rates with exact CIs, target, warning) | null;
+                         multi-label: {finding: evidence | null},
    "evaluation": null | {report.json's headline numbers (auc, auc_ci, sensitivity, ..., brier, ece,
                          confusion_matrix, per_class, subgroups), "headline": one line, "stale": bool},
    "evaluations": [every eval/*/report.json's headline numbers],
@@ -268,6 +271,8 @@ def model_card(run: rundir.LoadedRun, opts=None) -> dict[str, Any]:
           f"{rundir.DEFAULT_THRESHOLD} is used; run python -m xraytpu.evaluate to choose one "
           "on the validation split"),
       "temperature": run.temperature,
+      "threshold_evidence": ({c: (e or {}).get("evidence") for c, e in (op.get("per_finding") or {}).items()}
+                             if run.multi_label else op.get("evidence")),
       "evaluation": None,
       "evaluations": _all_reports(run),
       "disclaimer": DISCLAIMER,
@@ -411,6 +416,10 @@ _POLICIES = {
     "youden": "Youden's J: the threshold that maximises sensitivity + specificity - 1",
     "sensitivity": "the highest threshold whose sensitivity reaches {x:g}",
     "specificity": "the lowest threshold whose specificity reaches {x:g}",
+    f"sensitivity:{rundir.POLICY_LOWER}": "the highest threshold whose sensitivity reaches {x:g} at "
+                                          "its {c:.0%} exact lower confidence bound on val",
+    f"specificity:{rundir.POLICY_LOWER}": "the lowest threshold whose specificity reaches {x:g} at "
+                                          "its {c:.0%} exact lower confidence bound on val",
     "fixed": "a fixed threshold of {x:g}, not chosen on data",
 }
 _METRICS = (("auc", "ROC AUC"), ("pr_auc", "PR AUC (average precision)"), ("micro_auc", "ROC AUC (micro)"),
@@ -433,13 +442,14 @@ def _policy_text(policy: str | None) -> str:
   if not policy:
     return "none"
   kind, _, x = policy.partition(":")
+  x, _, bound = x.partition(":")   # sensitivity:X:lower (xraytpu.evaluation.metrics' policies)
   if kind == "argmax":
     return "argmax: the most probable class, no threshold"
-  text = _POLICIES.get(kind)
+  text = _POLICIES.get(kind if bound != rundir.POLICY_LOWER else f"{kind}:{bound}")
   if text is None:
     return f"`{policy}`"
   try:
-    return f"`{policy}`: " + text.format(x=float(x) if x else 0.0)
+    return f"`{policy}`: " + text.format(x=float(x) if x else 0.0, c=rundir.POLICY_CONFIDENCE)
   except ValueError:
     return f"`{policy}`"
 
@@ -571,6 +581,13 @@ def _metrics_md(card: dict) -> list[str]:
     lines.append("- the most probable class (argmax); no threshold")
   if task != "multiclass":
     lines.append(f"- policy {_policy_text(card.get('threshold_policy'))}; {chosen_on}")
+    evidence = card.get("threshold_evidence") or {}
+    for c, ev in ([(None, evidence)] if task == "binary" else list(evidence.items())):
+      if ev:
+        lines.append(f"- {c + ': ' if c else ''}on `{source}`, {reports.evidence(ev)}")
+        if ev.get("warning"):
+          lines.append(f"- **warning**{' (' + c + ')' if c else ''}: `{source}` is too small for this "
+                       f"operating point: {ev['warning']}")
   if card.get("temperature") is not None:
     lines.append(f"- probabilities calibrated by temperature scaling, T = {_num(card['temperature'])}")
   if card.get("threshold_note"):

@@ -64,6 +64,30 @@ def fmt_ci(v, ci) -> str:
   return fmt(v) + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
 
 
+def evidence(ev: dict | None) -> str:
+  """What an operating point rests on (threshold.json's "evidence", xraytpu.evaluation.metrics.
+  threshold_evidence), in one line: '20 positives / 30 negatives; sensitivity 0.950 (95% CI
+  0.751-0.999, lower bound 0.780), specificity ... (exact binomial, Clopper-Pearson); target
+  sensitivity 0.95 at the lower bound: not reached'."""
+  if not ev:
+    return "not recorded"
+  level = f"{ev.get('confidence', 0.95):.0%}"
+
+  def rate(m):
+    lb, ci = ev.get(f"{m}_lower_bound"), ev.get(f"{m}_ci")
+    inner = ", ".join(x for x in ((f"95% CI {ci[0]:.3f}-{ci[1]:.3f}" if ci else ""),
+                                  (f"{level} lower bound {lb:.3f}" if lb is not None else "")) if x)
+    return f"{m} {fmt(ev.get(m))}" + (f" ({inner})" if inner else "")
+
+  line = (f"{ev.get('positives')} positives / {ev.get('negatives')} negatives; "
+          f"{rate('sensitivity')}, {rate('specificity')} ({ev.get('method', 'exact binomial')})")
+  t = ev.get("target")
+  if t:
+    line += (f"; target {t['metric']} {t['value']:g} at the {t['requested_at']}: "
+             + ("reached" if t.get("met") else "not reached") + f" at the {level} lower bound")
+  return line
+
+
 def metric(report: dict, name: str) -> str:
   """report[name] with its interval, or n/a with the report's reason."""
   v = report.get(name)

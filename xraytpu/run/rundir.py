@@ -82,6 +82,10 @@ _ENTRIES = (CONFIG, HISTORY, MANIFEST_COPY, MODEL, OPERATING_POINT, MODEL_CARD, 
 
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_POLICY = f"fixed:{DEFAULT_THRESHOLD}"   # what a run without threshold.json applies
+# A threshold policy's third part, "sensitivity:0.95:lower": hold the target at the exact
+# one-sided lower confidence bound of this level on val (xraytpu.evaluation.metrics).
+POLICY_LOWER = "lower"
+POLICY_CONFIDENCE = 0.95
 # Temperature scaling works on logits of probabilities clipped to [PROB_CLIP, 1 - PROB_CLIP]:
 # the same clip where it is fitted (xraytpu.evaluation.metrics, numpy) and applied (model_call, TF).
 PROB_CLIP = 1e-7
