@@ -74,7 +74,10 @@ class Config:
   ram_budget_mb: int = _f(0, "RAM budget for tf.data autotuning in MiB (0 = TensorFlow's default).")
   data_service_address: str = _f("", "grpc://host:port of a tf.data service dispatcher; empty = preprocess in this process.")
   # ---- augmentation (runs inside the model, on the device, training only) ---
-  augment: str = _f(DEFAULT_AUGMENT, "Augmentation preset; the individual flags below override it.", tuple(AUGMENT_PRESETS))
+  augment: str = _f(DEFAULT_AUGMENT, "Augmentation preset; the individual flags below override it. "
+                    "light (the default) suits radiographs: small rotation, zoom and shift, mild "
+                    "brightness/contrast, never a flip (the heart is on the left); tutorial flips.",
+                    tuple(AUGMENT_PRESETS))
   rotation_range: float = _aug("rotation_range", "Random rotation, +- degrees (ImageDataGenerator semantics).")
   width_shift_range: float = _aug("width_shift_range", "Random horizontal shift, fraction of width.")
   height_shift_range: float = _aug("height_shift_range", "Random vertical shift, fraction of height.")
@@ -84,6 +87,13 @@ class Config:
   vertical_flip: bool = _aug("vertical_flip", "Random up-down flips.")
   brightness_range: float = _aug("brightness_range", "Random brightness change, +- fraction of the full range.")
   contrast_range: float = _aug("contrast_range", "Random contrast change, +- fraction.")
+  # Model Garden's mixup_and_cutmix (image classification's ImageClassificationConfig
+  # parser: mixup_and_cutmix.mixup_alpha / cutmix_alpha, switch_prob 0.5).
+  mixup_alpha: float = _f(0.0, "Mixup: each training batch is mixed with its reverse, images and "
+                          "labels, lam ~ Beta(alpha, alpha) per film (0 = off; Model Garden uses 0.8).")
+  cutmix_alpha: float = _f(0.0, "CutMix: a box of the partner film pasted in, labels weighted by area, "
+                           "lam ~ Beta(alpha, alpha) (0 = off; Model Garden uses 1.0). With "
+                           "--mixup_alpha too, each batch takes one of the two, cutmix half the time.")
   # ---- model ---------------------------------------------------------------
   model: str = _f("xray_cnn", "Architecture name from xraytpu.models.MODELS.")
   weights: str = _f("none", "Backbone weights: 'imagenet', 'none', or a path to a .weights.h5/.h5 file.")
@@ -104,7 +114,12 @@ class Config:
   warmup_epochs: float = _f(0.0, "Linear warmup length in epochs.")
   weight_decay: float = _f(0.0, "Weight decay (adamw) or L2-style decay for sgd.")
   class_weight: str = _f("balanced", "Class weights: 'balanced' (scikit-learn's definition, from the manifest) or 'none'.", ("balanced", "none"))
-  label_smoothing: float = _f(0.0, "Label smoothing for the loss.")
+  label_smoothing: float = _f(0.0, "Label smoothing for the loss, in [0, 1): targets move towards "
+                              "1/K (binary and multi-label: towards 0.5) by this fraction (0 = off).")
+  ema_decay: float = _f(0.0, "Exponential moving average of the weights, its decay per step in [0, 1) "
+                        "(0 = off; Model Garden's average_decay is 0.9999 for long runs: about "
+                        "1/(1 - decay) steps are averaged). Validation, the best checkpoint, "
+                        "model.keras, evaluate and export use the averaged weights.")
   mixed_precision: str = _f("auto", "Mixed precision: auto = bfloat16 on TPU, float16 on GPU, off on CPU.", ("auto", "off", "bfloat16", "float16"))
   steps_per_execution: int = _f(1, "Training steps per compiled call (raise on TPU).")
   jit_compile: bool = _f(False, "XLA-compile the train step (always on for TPU).")
@@ -125,7 +140,7 @@ class Config:
       "data": ("data_dir", "tfds_data_dir", "tfds_manual_dir", "tfds_cache_dir", "image_size",
                "channels", "aspect", "cache", "cache_dir", "shuffle_buffer", "deterministic",
                "private_threads", "ram_budget_mb", "data_service_address"),
-      "augmentation": ("augment",) + tuple(AUGMENT_PRESETS["none"]),
+      "augmentation": ("augment",) + tuple(AUGMENT_PRESETS["none"]) + ("mixup_alpha", "cutmix_alpha"),
       "model": ("model", "weights", "head", "dropout"),
       "distribution": ("strategy", "tpu", "mixed_precision", "steps_per_execution", "jit_compile"),
       "run directory": ("model_dir", "overwrite", "profile_steps", "model_license"),

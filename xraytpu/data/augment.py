@@ -322,3 +322,103 @@ def build_augmentation(cfg, seed: int | None = None) -> keras.Sequential | None:
 def rescaling_layer(scale: float = 1.0 / 255.0, offset: float = 0.0, name: str = "rescale"):
   """Raw pixels [0, 255] -> [0, 1] (default) inside the model, so exported models take raw pixels."""
   return keras.layers.Rescaling(scale, offset, name=name)
+
+
+# ---- mixup / cutmix: images and labels of a batch -----------------------------
+# Model Garden's `MixupAndCutmix` (official/vision/ops/augment.py), its semantics
+# and defaults: each example is mixed with its partner in the reversed batch,
+# with its own lambda ~ Beta(alpha, alpha); with both alphas > 0 a batch is
+# cutmixed with probability MIX_SWITCH_PROB (its switch_prob), else mixed up.
+# It needs the labels, which never enter the model, so unlike the layers above it
+# runs in the input pipeline, on each batch (xraytpu.data.input_pipeline's chain),
+# as Model Garden's does: a few element-wise ops per batch on the host.
+MIX_SWITCH_PROB = 0.5
+
+
+def _beta(alpha: float, shape, seed: int | None):
+  """Beta(alpha, alpha) samples as g1 / (g1 + g2), g ~ Gamma(alpha) (tf has no Beta op)."""
+  g1 = tf.random.gamma(shape, alpha, dtype=tf.float32, seed=seed)
+  g2 = tf.random.gamma(shape, alpha, dtype=tf.float32, seed=None if seed is None else seed + 1)
+  return tf.math.divide_no_nan(g1, g1 + g2)
+
+
+def mix_labels(labels, lam, *, multi_label: bool = False):
+  """labels [b, L] mixed with the reversed batch's: lam * y + (1 - lam) * y[::-1], lam [b].
+
+  Single-label (binary [b, 1] or one-hot [b, K]): the soft label of the mix.
+  Multi-label (`input_pipeline.multi_label_targets`, [b, 2K] = [multi_hot, mask]):
+  the multi-hot vectors mix the same way; an entry stays labelled (mask 1) only
+  when it is labelled in both films, so an unknown finding never enters the loss.
+  """
+  labels = tf.cast(labels, tf.float32)
+  lam = tf.reshape(tf.cast(lam, tf.float32), [-1, 1])
+  other = tf.reverse(labels, axis=[0])
+  if not multi_label:
+    return lam * labels + (1.0 - lam) * other
+  k = int(labels.shape[-1]) // 2
+  hot = lam * labels[:, :k] + (1.0 - lam) * other[:, :k]
+  return tf.concat([hot, labels[:, k:] * other[:, k:]], axis=-1)
+
+
+def mixup(images, labels, alpha: float, *, multi_label: bool = False, seed: int | None = None):
+  """Mixup (Zhang et al. 2018): x = lam * x + (1 - lam) * x[::-1], labels alike.
+
+  images [b, H, W, C] (uint8 or float; the result keeps the dtype, uint8 rounded),
+  labels [b, L]; lam ~ Beta(alpha, alpha) per example. Returns (images, labels float32).
+  """
+  batch = tf.shape(images)[0]
+  lam = _beta(alpha, [batch], seed)
+  x = tf.cast(images, tf.float32)
+  l4 = tf.reshape(lam, [-1, 1, 1, 1])
+  mixed = l4 * x + (1.0 - l4) * tf.reverse(x, axis=[0])
+  if images.dtype.is_integer:
+    mixed = tf.clip_by_value(tf.round(mixed), images.dtype.min, images.dtype.max)
+  return tf.cast(mixed, images.dtype), mix_labels(labels, lam, multi_label=multi_label)
+
+
+def cutmix_boxes(batch, height, width, alpha: float, seed: int | None = None):
+  """Per example a box [y0, y1) x [x0, x1) of area about (1 - lam) H W, lam ~ Beta(alpha, alpha),
+  centred uniformly and clipped to the image (Yun et al. 2019). int32 [b, 4]."""
+  lam = _beta(alpha, [batch], seed)
+  ratio = tf.sqrt(1.0 - lam)
+  h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+  cut_h, cut_w = tf.cast(h * ratio, tf.int32), tf.cast(w * ratio, tf.int32)
+  cy = tf.random.uniform([batch], 0, height, dtype=tf.int32, seed=None if seed is None else seed + 2)
+  cx = tf.random.uniform([batch], 0, width, dtype=tf.int32, seed=None if seed is None else seed + 3)
+  y0 = tf.clip_by_value(cy - cut_h // 2, 0, height)
+  y1 = tf.clip_by_value(cy + cut_h // 2, 0, height)
+  x0 = tf.clip_by_value(cx - cut_w // 2, 0, width)
+  x1 = tf.clip_by_value(cx + cut_w // 2, 0, width)
+  return tf.stack([y0, y1, x0, x1], axis=-1)
+
+
+def cutmix(images, labels, alpha: float, *, multi_label: bool = False, seed: int | None = None):
+  """CutMix: a box of the reversed batch's image pasted into each image; the labels mixed
+  with lam = 1 - box area / image area (the box after clipping). Returns (images, labels)."""
+  shape = tf.shape(images)
+  batch, height, width = shape[0], shape[1], shape[2]
+  box = cutmix_boxes(batch, height, width, alpha, seed)
+  rows = tf.range(height)[None, :, None]
+  cols = tf.range(width)[None, None, :]
+  y0, y1, x0, x1 = (box[:, i, None, None] for i in range(4))
+  inside = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)   # [b, H, W]
+  mixed = tf.where(inside[..., None], tf.reverse(images, axis=[0]), images)
+  area = tf.cast((box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2]), tf.float32)
+  lam = 1.0 - area / tf.cast(height * width, tf.float32)
+  return mixed, mix_labels(labels, lam, multi_label=multi_label)
+
+
+def mix_batch(images, labels, *, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
+              multi_label: bool = False, seed: int | None = None):
+  """Model Garden's mixup_and_cutmix on one batch: mixup, cutmix, or (both alphas > 0) one of
+  them per batch, cutmix with probability MIX_SWITCH_PROB. Returns (images, labels float32)."""
+  kw = dict(multi_label=multi_label, seed=seed)
+  if mixup_alpha > 0 and cutmix_alpha > 0:
+    switch = tf.random.uniform([], seed=None if seed is None else seed + 4) < MIX_SWITCH_PROB
+    return tf.cond(switch, lambda: cutmix(images, labels, cutmix_alpha, **kw),
+                   lambda: mixup(images, labels, mixup_alpha, **kw))
+  if cutmix_alpha > 0:
+    return cutmix(images, labels, cutmix_alpha, **kw)
+  if mixup_alpha > 0:
+    return mixup(images, labels, mixup_alpha, **kw)
+  return images, tf.cast(labels, tf.float32)

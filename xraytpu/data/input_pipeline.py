@@ -34,7 +34,10 @@ The chain (`_dataset`), top to bottom:
   -> [padded evaluation: a sample weight per example, then weight-0 padding up to
      `eval_plan`'s steps: every replica gets the same number of full batches]
   -> batch (per-replica batch; drop_remainder when training)
-  -> labels in the loss's form -> prefetch(AUTOTUNE)
+  -> labels in the loss's form
+  -> [training with spec.mixup_alpha / spec.cutmix_alpha: each batch mixed with its
+     reverse, images and labels (`augment.mix_batch`, Model Garden's mixup_and_cutmix)]
+  -> prefetch(AUTOTUNE)
 
 With spec.data_service_address (training only), the tf.data service's workers
 run one epoch of the chain (files in manifest order, no cache, shuffle,
@@ -51,7 +54,9 @@ the disk has room, else nothing; one log line says which and why.
 
 Augmentation is not here: it runs inside the model, on the device
 (`xraytpu.data.augment`), so the cache never freezes it and the host only
-replays cached uint8 pixels after the first epoch.
+replays cached uint8 pixels after the first epoch. Mixup/cutmix are the one
+exception: they mix the labels too, which never enter the model, so they run on
+each batch after the labels (a few element-wise ops; the images stay uint8).
 
 Usage with a strategy:
   spec = InputSpec.from_config(cfg, manifest)
@@ -73,7 +78,7 @@ from absl import logging
 from tfrecord_tools import pixels
 from tfrecord_tools import records
 from tfrecord_tools import schema
-from xraytpu.data import DataError, stats
+from xraytpu.data import DataError, augment, stats
 
 AUTOTUNE = tf.data.AUTOTUNE
 LABEL_MODES = ("int", "binary", "one_hot", "multi_label")
@@ -125,6 +130,8 @@ class InputSpec:
   data_service_address: str = ""  # training: grpc://host:port of a tf.data service dispatcher
   seed: int | None = None   # training: file and example shuffling
   cache_dir: str = ""       # cache="auto": folder of a file cache ("" = the system temp folder)
+  mixup_alpha: float = 0.0  # training: mixup's Beta(alpha, alpha) (0 = off; changes pixels and labels)
+  cutmix_alpha: float = 0.0  # training: cutmix's Beta(alpha, alpha) (0 = off)
 
   @classmethod
   def from_config(cls, cfg, manifest: dict | None = None) -> InputSpec:
@@ -134,7 +141,8 @@ class InputSpec:
                cache=cfg.cache, shuffle_buffer=int(cfg.shuffle_buffer),
                deterministic=bool(cfg.deterministic), private_threads=int(cfg.private_threads),
                ram_budget_mb=int(cfg.ram_budget_mb), data_service_address=cfg.data_service_address,
-               seed=cfg.seed, cache_dir=cfg.cache_dir)
+               seed=cfg.seed, cache_dir=cfg.cache_dir, mixup_alpha=float(cfg.mixup_alpha),
+               cutmix_alpha=float(cfg.cutmix_alpha))
 
 
 def train_dataset(data_dir: str, spec: InputSpec, *, global_batch: int, input_context=None,
@@ -417,6 +425,14 @@ def _dataset(data_dir: str, split: str, spec: InputSpec, *, training: bool, batc
   # Labels in the form the loss wants (vectorised, per batch).
   ds = ds.map(_label_fn(label_mode, len(classes)), num_parallel_calls=AUTOTUNE,
               deterministic=True)  # batches in order, as above
+  if training and (spec.mixup_alpha > 0 or spec.cutmix_alpha > 0):
+    # Mixup / cutmix: each batch with its reverse, images and labels alike (soft labels).
+    if label_mode == "int":
+      raise ValueError("mixup/cutmix need label_mode binary, one_hot or multi_label (soft labels)")
+    mix = dict(mixup_alpha=float(spec.mixup_alpha), cutmix_alpha=float(spec.cutmix_alpha),
+               multi_label=label_mode == "multi_label", seed=spec.seed)
+    ds = ds.map(lambda image, label, *rest: (*augment.mix_batch(image, label, **mix), *rest),
+                num_parallel_calls=AUTOTUNE, deterministic=True)
   # Overlap host work with the device step.
   ds = ds.prefetch(AUTOTUNE)
   ds = ds.with_options(_options(spec, deterministic, own_sharding=num_pipelines > 1))

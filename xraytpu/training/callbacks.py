@@ -9,6 +9,8 @@
   StopOnNaN        stops at the first NaN/inf loss and remembers where
   SaveOnTrainEnd   the phase's final weights, before BackupAndRestore deletes its state
   Backup           Keras' BackupAndRestore (the resume point), never of a diverged epoch
+  EmaValidation    --ema_decay: validation sees the moving average of the weights
+                   (`ema_weights`; BestCheckpoint saves it too)
 
 Every file these write goes through `rundir.writing`: a full disk, a quota or a folder
 that cannot be written is one line naming the file and the cause (WRITE_HINT), and the
@@ -44,6 +46,56 @@ def current_learning_rate(model: keras.Model) -> float:
   if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
     lr = lr(opt.iterations)
   return float(keras.backend.get_value(lr))
+
+
+def ema_optimizer(model: keras.Model):
+  """The model's optimizer when it keeps a moving average of the weights and has built it
+  (tf-keras' use_ema; under float16 the LossScaleOptimizer around it), else None."""
+  opt = getattr(model, "optimizer", None)
+  inner = getattr(opt, "inner_optimizer", opt)
+  if not getattr(inner, "use_ema", False) or not getattr(inner, "_model_variables_moving_average", None):
+    return None
+  return opt
+
+
+@contextlib.contextmanager
+def ema_weights(model: keras.Model):
+  """Inside the block the model's trainable variables hold their moving averages (--ema_decay),
+  put there by the optimizer's own `finalize_variable_values` (what `fit` does at its end, under
+  every strategy); the raw training weights come back after. A no-op without EMA."""
+  opt = ema_optimizer(model)
+  if opt is None:
+    yield
+    return
+  variables = model.trainable_variables
+  raw = [v.numpy() for v in variables]
+  opt.finalize_variable_values(variables)
+  try:
+    yield
+  finally:
+    for v, value in zip(variables, raw):
+      v.assign(value)
+
+
+class EmaValidation(keras.callbacks.Callback):
+  """--ema_decay: each epoch's validation scores the averaged weights (as Model Garden
+  evaluates its EMA), so val_auc, the best epoch and checkpoints/best.weights.h5 are the
+  averaged model's; training resumes on the raw weights after. The training metrics of
+  the epoch are the raw weights'. At the end of `fit`, tf-keras puts the averages into the
+  model for good (model.keras, the next phase)."""
+
+  def __init__(self):
+    super().__init__()
+    self._swap = None
+
+  def on_test_begin(self, logs=None):
+    self._swap = ema_weights(self.model)
+    self._swap.__enter__()
+
+  def on_test_end(self, logs=None):
+    if self._swap is not None:
+      swap, self._swap = self._swap, None
+      swap.__exit__(None, None, None)
 
 
 class EpochSummary(keras.callbacks.Callback):
@@ -218,7 +270,8 @@ class BestCheckpoint(keras.callbacks.Callback):
   (above `best_so_far`, the best of the epochs before a resume), like Keras' ModelCheckpoint
   with save_best_only, but written atomically (`_save_weights_atomic`: a temp file, then a
   rename; a failed write leaves the previous best whole) and only from finite weights: an
-  epoch whose loss became NaN/inf, or whose weights hold a NaN/inf, is never the best."""
+  epoch whose loss became NaN/inf, or whose weights hold a NaN/inf, is never the best.
+  With --ema_decay the saved weights are the moving averages (`ema_weights`)."""
 
   def __init__(self, path: str, monitor: str, best_so_far: float | None, chief: bool,
                nan: "StopOnNaN"):
@@ -233,12 +286,14 @@ class BestCheckpoint(keras.callbacks.Callback):
     value = float(value)
     if not np.isfinite(value) or (self.best is not None and not value > self.best):
       return
-    bad = rundir.nonfinite_weights(self.model)
-    if bad:
-      logging.warning("Epoch %d: %s=%.4f but %d weight variable(s) hold NaN/inf (e.g. %s): not "
-                      "saved as the best checkpoint", epoch + 1, self.monitor, value, len(bad), bad[0])
-      return
-    _save_weights_atomic(self.model, self.path, self.chief)
+    with ema_weights(self.model):
+      bad = rundir.nonfinite_weights(self.model)
+      if bad:
+        logging.warning("Epoch %d: %s=%.4f but %d weight variable(s) hold NaN/inf (e.g. %s): not "
+                        "saved as the best checkpoint", epoch + 1, self.monitor, value, len(bad),
+                        bad[0])
+        return
+      _save_weights_atomic(self.model, self.path, self.chief)
     self.best = value
 
 
@@ -373,8 +428,9 @@ def make_callbacks(cfg: Config, run_dir: str, *, chief: bool, monitor: str, phas
   the local copy; the trainer passes $AIP_TENSORBOARD_LOG_DIR's local copy on
   Vertex AI), pushed after every epoch by `log_mirror` when that is a gs:// folder.
   """
-  cbs: list = [nan, EpochSummary(global_batch=global_batch, steps_per_epoch=steps_per_epoch,
-                                 total_epochs=total_epochs, phase=f"phase {phase}")]
+  cbs: list = [EmaValidation()] if cfg.ema_decay > 0 else []
+  cbs += [nan, EpochSummary(global_batch=global_batch, steps_per_epoch=steps_per_epoch,
+                            total_epochs=total_epochs, phase=f"phase {phase}")]
   cbs.append(HistoryCSV(run_dir, enabled=chief,
                         first_epoch=0 if phase == 1 else cfg.epochs))
   cbs.append(BestCheckpoint(rundir.path(run_dir, rundir.BEST_WEIGHTS), monitor, best_so_far,

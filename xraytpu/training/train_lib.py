@@ -204,6 +204,11 @@ def validate_config(cfg: Config) -> None:
     raise TrainError(f"--steps_per_execution must be >= 1, got {cfg.steps_per_execution}")
   if not 0.0 <= cfg.label_smoothing < 1.0:
     raise TrainError(f"--label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
+  if not 0.0 <= cfg.ema_decay < 1.0:
+    raise TrainError(f"--ema_decay must be in [0, 1) (0 = off), got {cfg.ema_decay}")
+  for name in ("mixup_alpha", "cutmix_alpha"):
+    if not getattr(cfg, name) >= 0.0:
+      raise TrainError(f"--{name} must be >= 0 (0 = off), got {getattr(cfg, name)}")
   if cfg.learning_rate <= 0:
     raise TrainError(f"--learning_rate must be > 0, got {cfg.learning_rate}")
   is_backbone = cfg.model in applications.BACKBONES
@@ -277,16 +282,25 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
             "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch}
 
 
-def make_optimizer(name: str, learning_rate, weight_decay: float = 0.0):
+def make_optimizer(name: str, learning_rate, weight_decay: float = 0.0, ema_decay: float = 0.0):
+  """The optimizer; ema_decay > 0 keeps an exponential moving average of the weights.
+
+  EMA is tf-keras' own (`use_ema=True, ema_momentum=decay`: every optimizer keeps the
+  averages as its variables, updated inside the train step under every strategy, saved
+  by BackupAndRestore, and swapped into the model at the end of `fit` by
+  `finalize_variable_values`) rather than a hand-written average; the callbacks swap
+  them in for validation and the best checkpoint (`callbacks.EmaWeights`).
+  """
   wd = weight_decay or None
+  ema = dict(use_ema=True, ema_momentum=float(ema_decay)) if ema_decay > 0 else {}
   if name == "adam":
-    return keras.optimizers.Adam(learning_rate)
+    return keras.optimizers.Adam(learning_rate, **ema)
   if name == "adamw":
-    return keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay or 0.004)
+    return keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay or 0.004, **ema)
   if name == "sgd":
-    return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True, weight_decay=wd)
+    return keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True, weight_decay=wd, **ema)
   if name == "rmsprop":
-    return keras.optimizers.RMSprop(learning_rate, weight_decay=wd)
+    return keras.optimizers.RMSprop(learning_rate, weight_decay=wd, **ema)
   raise TrainError(f"--optimizer={name}: unknown optimizer (adam, adamw, sgd, rmsprop)")
 
 
@@ -336,7 +350,8 @@ def compile_model(model: keras.Model, cfg: Config, *, learning_rate, num_classes
                   jit_compile: bool, task: str = stats.SINGLE_LABEL,
                   findings: list[str] | None = None, pos_weight=None) -> None:
   """Optimizer, loss and metrics; multi-label takes the findings and optional positive weights."""
-  model.compile(optimizer=make_optimizer(cfg.optimizer, learning_rate, cfg.weight_decay),
+  model.compile(optimizer=make_optimizer(cfg.optimizer, learning_rate, cfg.weight_decay,
+                                         cfg.ema_decay),
                 loss=make_loss(num_classes, cfg.label_smoothing, task=task, pos_weight=pos_weight),
                 # Weighted: validation pads its last steps with weight-0 examples
                 # (input_pipeline.eval_plan), and Keras applies sample weights only to
@@ -353,12 +368,15 @@ def compile_model(model: keras.Model, cfg: Config, *, learning_rate, num_classes
 # ---------------------------------------------------------------------------
 
 def _class_weight_fn(weights: dict[int, float], num_classes: int):
-  """(image, label) -> (image, label, weight[b]) for binary [b,1] or one-hot [b,K] labels."""
+  """(image, label) -> (image, label, weight[b]) for binary [b,1] or one-hot [b,K] labels.
+
+  A soft label (mixup/cutmix) weighs the classes' weights in its proportions."""
   table = tf.constant([weights[i] for i in range(num_classes)], tf.float32)
 
   def add_weight(image, label):
     if num_classes == 2:
-      w = tf.gather(table, tf.cast(tf.reshape(label, [-1]) > 0.5, tf.int32))
+      y = tf.reshape(tf.cast(label, tf.float32), [-1])
+      w = table[0] * (1.0 - y) + table[1] * y
     else:
       w = tf.reduce_sum(label * table, axis=-1)
     return image, label, w
