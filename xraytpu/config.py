@@ -183,9 +183,13 @@ class EvalConfig:
   data_dir: str = _f("", "Converted data set to evaluate (default: the run's training data). "
                      "Its classes must be known to the model (matched by name).")
   split: str = _f("test", "Split to evaluate (train, val or test).")
-  threshold_policy: str | None = _f(None, "How to choose the binary threshold on the val split: youden | "
-                                    "sensitivity:X | specificity:X | fixed:X. Default: keep RUN/threshold.json, "
-                                    "or youden when there is none.")
+  threshold_policy: str | None = _f(None, "How to choose the binary threshold (multi-label: each finding's) "
+                                    "on the val split: youden | sensitivity:X | specificity:X | fixed:X; "
+                                    "sensitivity:X:lower | specificity:X:lower hold X at the 95% exact "
+                                    "(Clopper-Pearson) lower confidence bound on val, not only at the point "
+                                    "estimate (too few val positives/negatives: the point estimate, with a "
+                                    "warning). Default: keep RUN/threshold.json, or youden when there is "
+                                    "none.")
   temperature_scaling: bool | None = _f(None, "Fit a temperature on val and calibrate the probabilities "
                                         "(default: keep what RUN/threshold.json says; off when there is none).")
   bootstrap_resamples: int = _f(BOOTSTRAP_RESAMPLES, "Bootstrap resamples for the 95% CIs.")
