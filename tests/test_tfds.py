@@ -75,6 +75,8 @@ def _tfds_writer_files(manifest: dict) -> dict[str, object]:
   k = len(manifest["classes"])
   feats = {}
   for f in records.FEATURES:
+    if f.omit_empty:     # in some records only: TFDS would require it in every one
+      continue
     if f.key == records.ENCODED:
       feats[f.key] = tfds.features.Image(
           shape=(None, None, 3 if "3" in stats["channels"] else 1), dtype=dtype,

@@ -95,6 +95,10 @@ def features(manifest: dict) -> dict:
   k = len(manifest["classes"])
   out = {}
   for f in records.FEATURES:
+    if f.omit_empty:
+      # Written only when known (a patient's sex, age, view): TFDS's parser requires every
+      # feature it is told of, so these stay out of its view (xraytpu reads them itself).
+      continue
     if f.key == records.ENCODED:
       image = {"dtype": dtype, "shape": _dims(-1, -1, channels)}
       if encoding:
