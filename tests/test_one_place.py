@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import collections
+import functools
 import pathlib
 
 import pytest
@@ -14,6 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CODE = sorted(p for d in ("xraytpu", "tfrecord_tools", "benchmarks") for p in (ROOT / d).rglob("*.py"))
 
 
+@functools.cache      # every key and file name is looked up in the same parsed modules
 def _literals(path: pathlib.Path) -> list[ast.Constant]:
   """String constants of a module, without its docstrings."""
   tree = ast.parse(path.read_text())
