@@ -44,6 +44,9 @@ report.json keys (stable; `null` when undefined, with the reason in `undefined`)
   ci {method, level, resamples, seed}, undefined {key: reason}, notes [..], files {name: file}
   data_change                   null, or (--allow_data_change) how the run's training data changed
                                 since training: {data_dir, differences [..], trained_digest, digest}
+  subgroups, subgroups_info     per sex / age band / view (and --metadata_columns attribute):
+                                AUC, sensitivity, specificity with CIs (xraytpu.evaluation.subgroups);
+                                {} when the data records no attributes
   training_overlap              the evaluated films the run trained on, by content hash
                                 (xraytpu.run.films): {checked, num_films, without_hash, in_train,
                                 in_val, reason (why not checked)}
@@ -75,7 +78,7 @@ from absl import logging
 from tfrecord_tools import schema, storage
 from xraytpu import errors
 from xraytpu.config import EvalConfig
-from xraytpu.evaluation import metrics, multilabel, plots
+from xraytpu.evaluation import metrics, multilabel, plots, subgroups
 from xraytpu.inference import model_call, predict_lib
 from xraytpu.run import films, model_card, reports, rundir
 
@@ -631,6 +634,9 @@ def evaluate(model_dir: str, *, data_dir: str = EvalConfig.data_dir, split: str 
                                  threshold=op.get("threshold"))
   rep = compute_report(run.classes, preds.labels, probs, op, raw_probs=preds.probs,
                        n_resamples=n_resamples, seed=seed)
+  rep.update(subgroups.for_report(preds, manifest, task=rep["task"], classes=run.classes,
+                                  probs=probs, op=op, n_resamples=n_resamples, seed=seed,
+                                  notes=notes))
   pred = rep.pop("_pred")
   report_text = rep.pop("_classification_report_text")
   missing = [c for c, n in rep["class_counts"].items() if n == 0]
@@ -674,6 +680,9 @@ def _evaluate_multilabel(run: rundir.LoadedRun, preds: SplitPredictions, op: dic
                                         thresholds=rundir.thresholds_of(op, run.classes))
   rep = multilabel.compute_report(run.classes, preds.labels, preds.mask, probs, op,
                                            n_resamples=n_resamples, seed=seed)
+  rep.update(subgroups.for_report(preds, None, task=rep["task"], classes=run.classes,
+                                  probs=probs, op=op, n_resamples=n_resamples, seed=seed,
+                                  notes=notes))
   fallbacks = {c: e["fallback_reason"] for c, e in (op.get("per_finding") or {}).items()
                if e.get("fallback_reason")}
   for c, why in fallbacks.items():
@@ -831,7 +840,8 @@ def render_markdown(report: dict, classification_text: str = "") -> str:
 
 
 def _markdown_tail(r: dict, lines: list[str], classification_text: str) -> str:
-  """report.md's closing sections: classification report, notes, plots."""
+  """report.md's closing sections: subgroups, classification report, notes, plots."""
+  lines += subgroups.render_markdown(r)   # xraytpu.evaluation.subgroups
   if classification_text:
     lines += ["", "## Classification report", "", "```", classification_text.rstrip(), "```"]
   if r.get("notes") or r.get("undefined"):

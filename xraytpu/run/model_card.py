@@ -59,7 +59,8 @@ _CARD_METRICS = ("auc", "auc_ci", "pr_auc", "pr_auc_ci", "sensitivity", "sensiti
                  "micro_auc", "micro_auc_ci", "threshold", "threshold_policy", "threshold_source_split",
                  "threshold_source_dataset", "num_examples", "class_counts", "dataset", "split", "task",
                  "ci", "notes", "undefined", "created", "temperature", "brier", "ece",
-                 "brier_uncalibrated", "ece_uncalibrated", "confusion_matrix", "per_class", "subgroups")
+                 "brier_uncalibrated", "ece_uncalibrated", "confusion_matrix", "per_class", "subgroups",
+                 "subgroups_info")
 # config.json's fields that shaped the weights (Model details > hyperparameters).
 _HYPERPARAMETERS = ("model", "weights", "head", "dropout", "image_size", "channels", "aspect",
                     "optimizer", "learning_rate", "lr_schedule", "warmup_epochs", "weight_decay",
@@ -726,13 +727,21 @@ def _quantitative_md(card: dict) -> list[str]:
     lines.append("")
   sub = ev.get("subgroups") or {}
   if sub:
-    lines += ["Per subgroup:", "", "| attribute | value | images | AUC (95% CI) | sensitivity | specificity |",
-              "| --- | --- | --- | --- | --- | --- |"]
+    info = ev.get("subgroups_info") or {}
+    lines += [f"Per subgroup (xraytpu.evaluation.subgroups; age bands in years: "
+              f"{', '.join(info.get('age_bands') or []) or 'n/a'}; a CI needs at least "
+              f"{info.get('min_per_class', 'n/a')} images of each class it covers, a smaller "
+              "subgroup says so in its note):", "",
+              "| attribute | value | images | AUC (95% CI) | sensitivity | specificity | note |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for attribute, groups in sub.items():
       for value, d in (groups or {}).items():
         lines.append(f"| {attribute} | {value} | {d.get('num_examples')} | "
-                     f"{_with_ci(d.get('auc'), d.get('auc_ci'))} | {_num(d.get('sensitivity'))} | "
-                     f"{_num(d.get('specificity'))} |")
+                     f"{_with_ci(d.get('auc'), d.get('auc_ci'))} | "
+                     f"{_with_ci(d.get('sensitivity'), d.get('sensitivity_ci'))} | "
+                     f"{_with_ci(d.get('specificity'), d.get('specificity_ci'))} | "
+                     f"{d.get('note') or ''} |")
+    lines += [f"- {a}: not reported ({why})" for a, why in (info.get("left_out") or {}).items()]
     lines.append("")
   else:
     lines += ["Subgroups: none measured. The data set records no patient or acquisition attributes "
