@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests._runs import copy_run
-from xraytpu.evaluation import evaluate_lib, metrics
+from xraytpu.evaluation import evaluate_lib, metrics, operating_point
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED_KEYS = ("auc", "auc_ci", "pr_auc", "threshold", "threshold_policy", "threshold_source_split",
@@ -58,14 +58,14 @@ def test_threshold_chosen_on_val_and_applied_unchanged_to_test(run_dir, tmp_path
   cm = np.array(on_disk["confusion_matrix"])
   assert cm.sum() == 8 and cm[1, 1] == int(((pred == 1) & (y == 1)).sum())
   # A threshold chosen on test itself would differ from the one chosen on val.
-  assert metrics.choose_threshold(y, p, "youden").threshold != pytest.approx(on_disk["threshold"], abs=1e-9)
+  assert operating_point.choose_threshold(y, p, "youden").threshold != pytest.approx(on_disk["threshold"], abs=1e-9)
   if on_disk["auc"] is not None:
     assert on_disk["auc_ci"][0] <= on_disk["auc"] <= on_disk["auc_ci"][1]
 
   # The val split's own report: the threshold is Youden's on exactly these predictions.
   val = evaluate_lib.evaluate(run, split="val", **FAST)
   _, yv, pv, _ = _read_predictions(os.path.join(val["report_dir"], "predictions.csv"))
-  expected = metrics.choose_threshold(yv, pv, "youden")
+  expected = operating_point.choose_threshold(yv, pv, "youden")
   if expected.threshold is not None:
     assert op["threshold"] == pytest.approx(expected.threshold, abs=1e-6)
   else:

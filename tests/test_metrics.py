@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from xraytpu.evaluation import metrics as M
+from xraytpu.evaluation import metrics as M, operating_point
 
 # The hand-worked example used throughout:
 #   label  0    0    1     1
@@ -43,7 +43,7 @@ def test_degenerate_one_class_only_gives_none_with_reason():
     assert "n/a" in m.format()
   assert M.pr_auc([0, 0, 0], [0.2, 0.5, 0.9]).value is None
   assert "no positive" in M.pr_auc([0, 0, 0], [0.2, 0.5, 0.9]).reason
-  t = M.choose_threshold([1, 1, 1], [0.2, 0.5, 0.9], "youden")
+  t = operating_point.choose_threshold([1, 1, 1], [0.2, 0.5, 0.9], "youden")
   assert t.threshold is None and "one class" in t.reason
   r = M.metrics_at_threshold([1, 1, 1], [0.2, 0.5, 0.9], 0.5)
   assert r["specificity"].value is None and "no negative" in r["specificity"].reason
@@ -58,10 +58,10 @@ def test_degenerate_all_equal_scores():
   s = np.full(5, 0.7)
   assert M.roc_auc(y, s).value == pytest.approx(0.5)  # every pair is a tie
   assert M.pr_auc(y, s, ci=False).value == pytest.approx(3 / 5)  # the prevalence
-  t = M.choose_threshold(y, s, "youden")
+  t = operating_point.choose_threshold(y, s, "youden")
   assert t.threshold is None and "separate" in t.reason
   # sensitivity:0.95 is still achievable: call everything positive.
-  t = M.choose_threshold(y, s, "sensitivity:0.95")
+  t = operating_point.choose_threshold(y, s, "sensitivity:0.95")
   assert t.threshold == pytest.approx(0.7) and t.sensitivity == 1.0 and t.specificity == 0.0
   r = M.metrics_at_threshold(y, s, 0.8)  # nobody predicted positive
   assert r["ppv"].value is None and "predicted positive" in r["ppv"].reason
@@ -71,17 +71,17 @@ def test_degenerate_all_equal_scores():
 
 def test_threshold_policies_hand_computed():
   # ROC points (threshold: tpr, fpr): .8: .5,0   .4: .5,.5   .35: 1,.5   .1: 1,1
-  t = M.choose_threshold(Y, S, "youden")  # J=.5 at .8 and .35: ties -> higher sensitivity
+  t = operating_point.choose_threshold(Y, S, "youden")  # J=.5 at .8 and .35: ties -> higher sensitivity
   assert (t.threshold, t.sensitivity, t.specificity) == (0.35, 1.0, 0.5)
-  assert M.choose_threshold(Y, S, "sensitivity:0.95").threshold == 0.35
-  assert M.choose_threshold(Y, S, "sensitivity:0.5").threshold == 0.8
-  assert M.choose_threshold(Y, S, "specificity:1").threshold == 0.8
-  t = M.choose_threshold(Y, S, "fixed:0.5")
+  assert operating_point.choose_threshold(Y, S, "sensitivity:0.95").threshold == 0.35
+  assert operating_point.choose_threshold(Y, S, "sensitivity:0.5").threshold == 0.8
+  assert operating_point.choose_threshold(Y, S, "specificity:1").threshold == 0.8
+  t = operating_point.choose_threshold(Y, S, "fixed:0.5")
   assert (t.threshold, t.policy, t.sensitivity, t.specificity) == (0.5, "fixed:0.5", 0.5, 1.0)
-  assert M.canonical_policy(" Sensitivity:0.950 ") == "sensitivity:0.95"
+  assert operating_point.canonical_policy(" Sensitivity:0.950 ") == "sensitivity:0.95"
   for bad in ("yoden", "fixed:", "fixed:1.5", "sensitivity:x", ""):
     with pytest.raises(ValueError, match="threshold policy"):
-      M.parse_threshold_policy(bad)
+      operating_point.parse_threshold_policy(bad)
 
 
 def test_metrics_at_threshold_hand_computed():

@@ -17,7 +17,7 @@ import pytest
 from scipy import stats
 
 from tests._runs import copy_run
-from xraytpu.evaluation import evaluate_lib, metrics, multilabel
+from xraytpu.evaluation import evaluate_lib, multilabel, operating_point
 from xraytpu.run import rundir
 
 
@@ -33,33 +33,33 @@ def _lower(k: int, n: int) -> float:
 
 
 def test_parse_the_lower_bound_spelling():
-  p = metrics.parse_threshold_policy(" Sensitivity:0.950:LOWER ")
+  p = operating_point.parse_threshold_policy(" Sensitivity:0.950:LOWER ")
   assert (p.kind, p.target, p.lower, p.name) == ("sensitivity", 0.95, True, "sensitivity:0.95:lower")
-  assert metrics.canonical_policy("specificity:0.9:lower") == "specificity:0.9:lower"
-  assert metrics.canonical_policy("sensitivity:0.95") == "sensitivity:0.95"
+  assert operating_point.canonical_policy("specificity:0.9:lower") == "specificity:0.9:lower"
+  assert operating_point.canonical_policy("sensitivity:0.95") == "sensitivity:0.95"
   for bad in ("fixed:0.5:lower", "youden:lower", "sensitivity:0.9:upper", "sensitivity:0.9:",
               "sensitivity:1.5:lower"):
     with pytest.raises(ValueError, match="lower"):
-      metrics.parse_threshold_policy(bad)
+      operating_point.parse_threshold_policy(bad)
 
 
 def test_needed_count_is_computed_from_the_exact_bound():
   """59 positives for 0.95 at 95% (the bound with no miss: 58 fall short), computed, not tabulated."""
   for target, n in ((0.95, 59), (0.9, 29), (0.99, 299)):
-    assert metrics.needed_for_lower_bound(target) == n
+    assert operating_point.needed_for_lower_bound(target) == n
     assert _lower(n, n) >= target > _lower(n - 1, n - 1)
-  assert metrics.needed_for_lower_bound(1.0) is None
+  assert operating_point.needed_for_lower_bound(1.0) is None
 
 
 def test_lower_bound_policy_is_stricter_than_the_point_policy():
   y, s = _scores(300, 300)
-  point = metrics.choose_threshold(y, s, "sensitivity:0.95")
-  lower = metrics.choose_threshold(y, s, "sensitivity:0.95:lower")
+  point = operating_point.choose_threshold(y, s, "sensitivity:0.95")
+  lower = operating_point.choose_threshold(y, s, "sensitivity:0.95:lower")
   assert lower.reason is None and lower.policy == "sensitivity:0.95:lower"
   assert lower.threshold < point.threshold          # stricter for sensitivity: a lower threshold
   assert lower.sensitivity > point.sensitivity and lower.specificity < point.specificity
-  ev_point = metrics.threshold_evidence(y, s, point.threshold, "sensitivity:0.95")
-  ev_lower = metrics.threshold_evidence(y, s, lower.threshold, "sensitivity:0.95:lower")
+  ev_point = operating_point.threshold_evidence(y, s, point.threshold, "sensitivity:0.95")
+  ev_lower = operating_point.threshold_evidence(y, s, lower.threshold, "sensitivity:0.95:lower")
   assert ev_point["target"]["lower_bound"] < 0.95 <= ev_lower["target"]["lower_bound"]
   assert ev_lower["target"]["met"] and not ev_point["target"]["met"]
   assert ev_lower["positives"] == 300 and ev_lower["negatives"] == 300 and ev_lower["warning"] is None
@@ -71,26 +71,26 @@ def test_lower_bound_policy_is_stricter_than_the_point_policy():
   higher = np.unique(s)[np.unique(s) > lower.threshold].min()
   assert _lower(int((s[y == 1] >= higher).sum()), 300) < 0.95
   # specificity: stricter is a higher threshold
-  sp_point = metrics.choose_threshold(y, s, "specificity:0.9")
-  sp_lower = metrics.choose_threshold(y, s, "specificity:0.9:lower")
+  sp_point = operating_point.choose_threshold(y, s, "specificity:0.9")
+  sp_lower = operating_point.choose_threshold(y, s, "specificity:0.9:lower")
   assert sp_lower.threshold > sp_point.threshold and sp_lower.specificity > sp_point.specificity
-  assert metrics.threshold_evidence(y, s, sp_lower.threshold, "specificity:0.9:lower")["target"]["met"]
+  assert operating_point.threshold_evidence(y, s, sp_lower.threshold, "specificity:0.9:lower")["target"]["met"]
 
 
 def test_val_too_small_falls_back_to_the_point_estimate_with_the_count():
   y, s = _scores(30, 30)
-  point = metrics.choose_threshold(y, s, "sensitivity:0.95")
-  lower = metrics.choose_threshold(y, s, "sensitivity:0.95:lower")
+  point = operating_point.choose_threshold(y, s, "sensitivity:0.95")
+  lower = operating_point.choose_threshold(y, s, "sensitivity:0.95:lower")
   assert lower.threshold == point.threshold
   assert "30 positives" in lower.reason and "at least 59 positives" in lower.reason
   assert "point estimate (sensitivity:0.95) was applied" in lower.reason
   for policy in ("sensitivity:0.95:lower", "sensitivity:0.95"):   # the point policy warns too
-    ev = metrics.threshold_evidence(y, s, point.threshold, policy)
+    ev = operating_point.threshold_evidence(y, s, point.threshold, policy)
     assert ev["target"]["needed"] == 59 and ev["target"]["cases"] == 30 and not ev["target"]["met"]
     assert "at least 59 positives" in ev["warning"]
-  ev = metrics.threshold_evidence(y, s, point.threshold, "specificity:0.99")
+  ev = operating_point.threshold_evidence(y, s, point.threshold, "specificity:0.99")
   assert "30 negatives are too few" in ev["warning"] and "299 negatives" in ev["warning"]
-  assert metrics.threshold_evidence(y, s, 0.5, "youden")["warning"] is None
+  assert operating_point.threshold_evidence(y, s, 0.5, "youden")["warning"] is None
 
 
 def test_multi_label_thresholds_carry_evidence_per_finding():
@@ -104,9 +104,9 @@ def test_multi_label_thresholds_carry_evidence_per_finding():
   op = multilabel.choose_operating_point(run, val, "sensitivity:0.95:lower", False, None, ValueError)
   big, small = op["per_finding"]["Big"], op["per_finding"]["Small"]
   assert big["fallback_reason"] is None and big["evidence"]["target"]["met"]
-  assert op["thresholds"]["Big"] < metrics.choose_threshold(y1, s1, "sensitivity:0.95").threshold
+  assert op["thresholds"]["Big"] < operating_point.choose_threshold(y1, s1, "sensitivity:0.95").threshold
   assert "20 positives" in small["fallback_reason"] and small["evidence"]["warning"]
-  assert op["thresholds"]["Small"] == metrics.choose_threshold(y2, s2, "sensitivity:0.95").threshold
+  assert op["thresholds"]["Small"] == operating_point.choose_threshold(y2, s2, "sensitivity:0.95").threshold
   rep = multilabel.compute_report(classes, val.labels, val.mask, val.probs, op, n_resamples=5, seed=0)
   assert rep["per_finding"]["Small"]["threshold_evidence"]["positives"] == 20
   md = "\n".join(multilabel.render_markdown(rep))

@@ -27,7 +27,7 @@ report.json keys (stable; `null` when undefined, with the reason in `undefined`)
   pr_auc, pr_auc_ci             binary average precision; multi-class macro AP (no CI)
   threshold, threshold_policy, threshold_source_split, threshold_source_dataset,
   threshold_fallback_reason     (multi-class: threshold null, policy "argmax")
-  threshold_evidence            what the threshold rests on, on val (metrics.threshold_evidence):
+  threshold_evidence            what the threshold rests on, on val (operating_point.threshold_evidence):
                                 {positives, negatives, sensitivity, sensitivity_ci,
                                 sensitivity_lower_bound, specificity, ..., target {metric, value,
                                 requested_at, cases, needed, lower_bound, met}, warning}; null when
@@ -78,7 +78,7 @@ from absl import logging
 from tfrecord_tools import schema, storage
 from xraytpu import errors
 from xraytpu.config import EvalConfig
-from xraytpu.evaluation import metrics, multilabel, plots, subgroups
+from xraytpu.evaluation import metrics, multilabel, operating_point, plots, subgroups
 from xraytpu.inference import model_call, predict_lib
 from xraytpu.run import films, model_card, reports, rundir
 
@@ -232,7 +232,7 @@ def _wants_new(existing: dict | None, policy: str | None, temperature_scaling: b
     return True  # written for the other kind of task
   if binary and (existing.get("threshold") is None or existing.get("policy") == "argmax"):
     return True  # e.g. written for another task, or edited by hand
-  if policy is not None and metrics.canonical_policy(policy) != existing.get("policy"):
+  if policy is not None and operating_point.canonical_policy(policy) != existing.get("policy"):
     return True
   if temperature_scaling is not None and temperature_scaling != (existing.get("temperature") is not None):
     return True
@@ -263,12 +263,12 @@ def choose_operating_point(run: rundir.LoadedRun, val: SplitPredictions | None, 
   if not run.binary:
     return op
   op["positive_class"] = run.classes[1]
-  pol = metrics.parse_threshold_policy(policy)
+  pol = operating_point.parse_threshold_policy(policy)
   op["policy"] = pol.name
   if pol.kind == "fixed" and val is None:
     op["threshold"] = pol.target
     return op
-  choice = metrics.choose_threshold(val.labels, probs[:, 1], policy)
+  choice = operating_point.choose_threshold(val.labels, probs[:, 1], policy)
   if choice.threshold is not None and choice.reason:  # a lower bound val is too small for
     op["fallback_reason"] = choice.reason
     logging.warning("threshold policy %s on %s: %s", op["policy"], val.split, choice.reason)
@@ -276,9 +276,9 @@ def choose_operating_point(run: rundir.LoadedRun, val: SplitPredictions | None, 
     op.update(threshold=rundir.DEFAULT_THRESHOLD, fallback_reason=choice.reason)
     logging.warning("threshold policy %s failed on %s (%s): using %s", op["policy"], val.split,
                     choice.reason, rundir.DEFAULT_THRESHOLD)
-    choice = metrics.choose_threshold(val.labels, probs[:, 1], rundir.DEFAULT_POLICY)
+    choice = operating_point.choose_threshold(val.labels, probs[:, 1], rundir.DEFAULT_POLICY)
   op.update(threshold=choice.threshold, sensitivity=choice.sensitivity, specificity=choice.specificity,
-            evidence=metrics.threshold_evidence(val.labels, probs[:, 1], choice.threshold, policy))
+            evidence=operating_point.threshold_evidence(val.labels, probs[:, 1], choice.threshold, policy))
   return op
 
 
@@ -307,7 +307,7 @@ def resolve_operating_point(run: rundir.LoadedRun, *, policy: str | None,
   """
   if policy is not None:
     try:
-      metrics.parse_threshold_policy(policy)
+      operating_point.parse_threshold_policy(policy)
     except ValueError as e:
       raise EvaluateError(str(e)) from e
   existing = run.operating_point
@@ -322,7 +322,7 @@ def resolve_operating_point(run: rundir.LoadedRun, *, policy: str | None,
     temperature_scaling = bool(existing and existing.get("temperature") is not None)
   data_dir = run.cfg.data_dir
   needs_val = temperature_scaling or ((run.binary or run.multi_label)
-                                      and metrics.parse_threshold_policy(policy).kind != "fixed")
+                                      and operating_point.parse_threshold_policy(policy).kind != "fixed")
   val = None
   manifest = run.manifest
   if needs_val:
@@ -581,7 +581,7 @@ def evaluate(model_dir: str, *, data_dir: str = EvalConfig.data_dir, split: str 
   """
   if threshold_policy is not None:  # fail before loading anything
     try:
-      metrics.parse_threshold_policy(threshold_policy)
+      operating_point.parse_threshold_policy(threshold_policy)
     except ValueError as e:
       raise EvaluateError(str(e)) from e
   if n_resamples < 1:

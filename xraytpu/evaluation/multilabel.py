@@ -21,7 +21,7 @@ data_dir, dataset, split, classes = the findings, num_examples, notes, files, ci
   sensitivity, specificity, ppv, npv, f1                  macro means at the thresholds
   per_finding {finding: {auc, auc_ci, pr_auc, pr_auc_ci, threshold, sensitivity, sensitivity_ci,
                specificity, specificity_ci, ppv, npv, positives, negatives, ignored,
-               threshold_evidence (on val: metrics.threshold_evidence, or null)}}
+               threshold_evidence (on val: operating_point.threshold_evidence, or null)}}
   class_counts {finding: positives}; thresholds {finding: t}; threshold_policy, threshold_source_split
   brier, ece (pooled over labelled pairs), temperature; undefined {key: reason}
 """
@@ -38,7 +38,7 @@ import numpy as np
 from absl import logging
 
 from tfrecord_tools import storage
-from xraytpu.evaluation import metrics, plots
+from xraytpu.evaluation import metrics, operating_point, plots
 
 
 from xraytpu.run import reports, rundir
@@ -75,12 +75,12 @@ def choose_operating_point(run: rundir.LoadedRun, val, policy: str, temperature_
                            class_probabilities, error) -> dict[str, Any]:
   """Per-finding thresholds (and one temperature) on `val`; the threshold.json dict."""
   op: dict[str, Any] = {
-      "threshold": None, "thresholds": {}, "policy": metrics.canonical_policy(policy),
+      "threshold": None, "thresholds": {}, "policy": operating_point.canonical_policy(policy),
       "source_split": None, "source_data_dir": None, "source_dataset": None,
       "per_finding": {}, "temperature": None, "temperature_fit": None, "fallback_reason": None,
       "num_examples": None, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
   }
-  pol = metrics.parse_threshold_policy(policy)
+  pol = operating_point.parse_threshold_policy(policy)
   if val is None:
     if pol.kind != "fixed":
       raise error("choosing thresholds needs the val split of the training data")
@@ -97,7 +97,7 @@ def choose_operating_point(run: rundir.LoadedRun, val, policy: str, temperature_
       probs = class_probabilities(run, val.raw, temperature=fit.temperature)[0]
   for j, c in enumerate(run.classes):
     m = val.mask[:, j]
-    choice = metrics.choose_threshold(val.labels[m, j], probs[m, j], policy)
+    choice = operating_point.choose_threshold(val.labels[m, j], probs[m, j], policy)
     entry: dict[str, Any] = {"labelled": int(m.sum()), "fallback_reason": None}
     if choice.threshold is not None and choice.reason:  # a lower bound val is too small for
       entry["fallback_reason"] = choice.reason
@@ -106,11 +106,11 @@ def choose_operating_point(run: rundir.LoadedRun, val, policy: str, temperature_
       entry["fallback_reason"] = choice.reason
       logging.warning("threshold policy %s failed for %s on %s (%s): using %s", op["policy"], c,
                       val.split, choice.reason, rundir.DEFAULT_THRESHOLD)
-      choice = metrics.choose_threshold(val.labels[m, j], probs[m, j],
+      choice = operating_point.choose_threshold(val.labels[m, j], probs[m, j],
                                         rundir.DEFAULT_POLICY)
     op["thresholds"][c] = choice.threshold
     entry.update(sensitivity=choice.sensitivity, specificity=choice.specificity,
-                 evidence=metrics.threshold_evidence(val.labels[m, j], probs[m, j], choice.threshold,
+                 evidence=operating_point.threshold_evidence(val.labels[m, j], probs[m, j], choice.threshold,
                                                      policy))
     op["per_finding"][c] = entry
   return op
