@@ -108,12 +108,12 @@ def test_changed_training_data_is_refused_in_one_line(own_data_run, demo_images_
 def test_a_new_threshold_on_changed_data_is_refused_too(own_data_run, demo_images_dir, tmp_path):
   """Evaluating other data needs no training data, unless the threshold is chosen again on
   the training data's (changed) val split."""
-  from xraytpu.evaluation import evaluate_lib
+  from xraytpu.evaluation import training_data
   run, data = own_data_run
   other = tmp_path / "other"
   shutil.copytree(data, other)
   _reconvert(_flat_images(demo_images_dir, tmp_path / "flat"), data, seed=7)
-  with pytest.raises(evaluate_lib.EvaluateError, match="'val' split, on which the threshold is chosen"):
+  with pytest.raises(training_data.DataChangedError, match="'val' split, on which the threshold is chosen"):
     _evaluate(run, data_dir=str(other), threshold_policy="youden")
   report = _evaluate(run, data_dir=str(other))            # fixed threshold: the val split is not read
   assert report["data_change"] is None and report["training_overlap"]["in_train"] == 0
