@@ -11,7 +11,7 @@ import pytest
 from tests._runs import copy_run, evaluated_copy
 from xraytpu.inference import export_lib, predict_lib
 
-from xraytpu.run import model_card, rundir
+from xraytpu.run import card_metadata, model_card, rundir
 
 # Mitchell et al. 2019's sections (the operating point is part of Metrics), then the notice.
 SECTIONS = ("## Model details", "## Intended use", "## Factors", "## Metrics", "## Evaluation data",
@@ -231,4 +231,4 @@ def test_subgroups_render_when_the_report_has_them_and_yaml_scalars_round_trip()
   assert "subgroups by sex" in _section(text, "Factors")
   tricky = {"a": "yes", "b": "1.0", "c": "x: y", "d": "#tag", "e": "- dash", "f": None, "g": True,
             "h": [], "i": {}, "j": [{"k": [1, 2.5, "it's"]}], "l": "ECE (10 bins)", "m": "null"}
-  assert yaml.safe_load("\n".join(model_card.to_yaml(tricky))) == tricky
+  assert yaml.safe_load("\n".join(card_metadata.to_yaml(tricky))) == tricky

@@ -40,19 +40,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from typing import Any
 
 from tfrecord_tools import storage
 from xraytpu.config import AUGMENT_FIELDS
-from xraytpu.run import reports, rundir
+from xraytpu.run import card_metadata, reports, rundir
 
 DISCLAIMER = ("Not a diagnostic device. This is research software: its output is not a diagnosis, has "
               "not been cleared by any regulator, and must not be used to make clinical decisions.")
 CARD_FORMAT = 2          # 1: before the YAML header and Mitchell et al.'s sections
-LIBRARY_NAME = "keras"   # Hugging Face's library_name for Keras models (model.keras, tf-keras)
-PIPELINE_TAG = "image-classification"
-UNKNOWN_LICENSE = "unknown"
 
 _CARD_METRICS = ("auc", "auc_ci", "pr_auc", "pr_auc_ci", "sensitivity", "sensitivity_ci", "specificity",
                  "specificity_ci", "ppv", "ppv_ci", "npv", "npv_ci", "accuracy", "accuracy_ci",
@@ -75,11 +71,6 @@ _NOT_PROVENANCE = ("output_dir", "num_workers", "overwrite", "quiet", "patient_k
 # Options that only mean something with --labels_csv.
 _LABEL_OPTIONS = ("uncertain", "blank", "label_separator", "findings", "image_column",
                   "labels_column", "label_columns", "patient_column", "split_lists", "labels_csv")
-# (report key, model-index metric type, name) of the headline metrics.
-_INDEX_METRICS = (("auc", "roc_auc", "ROC AUC"), ("pr_auc", "average_precision", "PR AUC"),
-                  ("sensitivity", "recall", "Sensitivity"), ("specificity", "specificity", "Specificity"),
-                  ("ppv", "precision", "PPV"), ("npv", "npv", "NPV"), ("accuracy", "accuracy", "Accuracy"),
-                  ("brier", "brier_score", "Brier score"), ("ece", "ece", "ECE (10 bins)"))
 
 
 def find_eval_report(run: rundir.LoadedRun) -> dict | None:
@@ -149,7 +140,7 @@ def _model_details(run: rundir.LoadedRun, doc: dict) -> dict[str, Any]:
       "name": os.path.basename(os.path.normpath(run.model_dir)),
       "version": _weights_version(run),
       "date": str(info.get("finished") or info.get("started") or "")[:10] or None,
-      "license": getattr(run.cfg, "model_license", "") or UNKNOWN_LICENSE,
+      "license": getattr(run.cfg, "model_license", "") or card_metadata.UNKNOWN_LICENSE,
       "status": doc.get("status"),
       "architecture": getattr(run.cfg, "model", None) or "unknown",
       "parameters": (info.get("params") or {}).get("total"),
@@ -303,7 +294,7 @@ def model_card(run: rundir.LoadedRun, opts=None) -> dict[str, Any]:
           f"this report used threshold {t_report}; {rundir.OPERATING_POINT} now says "
           f"{t_now}: rerun python -m xraytpu.evaluate"]
     card["evaluation"] = ev
-  card["metadata"] = metadata(card)
+  card["metadata"] = card_metadata.metadata(card)
   card["model_card_md"] = render_markdown(card)
   if opts is not None:
     card["limits"] = {"max_upload_mb": opts.max_upload_mb, "max_files": opts.max_files,
@@ -316,97 +307,6 @@ def write(run: rundir.LoadedRun) -> str:
   p = rundir.path(run.model_dir, rundir.MODEL_CARD)
   storage.write_text(p, model_card(run)["model_card_md"])
   return p
-
-
-# --------------------------------------------------------------------------
-# The YAML header (Hugging Face's model card metadata)
-# --------------------------------------------------------------------------
-
-def _tag(text: str) -> str:
-  return re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-")
-
-
-def metadata(card: dict[str, Any]) -> dict[str, Any]:
-  """The card's YAML header as a dict: license, library_name, tags, datasets, pipeline_tag,
-  metrics and (once evaluated) model-index with every evaluation's results."""
-  details = card.get("model_details") or {}
-  data = card["training_data"]
-  evaluations = list(card.get("evaluations") or [])
-  ev = card.get("evaluation")
-  if ev and not any((e.get("dataset"), e.get("split")) == (ev.get("dataset"), ev.get("split"))
-                    for e in evaluations):
-    evaluations.insert(0, ev)
-  # The report the card quotes first, then the others in their order.
-  if ev:
-    evaluations.sort(key=lambda e: (e.get("dataset"), e.get("split")) != (ev.get("dataset"), ev.get("split")))
-  datasets = [data["dataset"]] + sorted({str(e["dataset"]) for e in evaluations
-                                          if e.get("dataset") and e["dataset"] != data["dataset"]})
-  task = card["task"]
-  tags = ["xraytpu", "medical-imaging", "chest-x-ray", "radiology", PIPELINE_TAG,
-          {"binary": "binary-classification", "multiclass": "multiclass-classification",
-           rundir.MULTI_LABEL: "multi-label-classification"}.get(task, task), _tag(card["model"])]
-  meta: dict[str, Any] = {
-      "license": details.get("license") or UNKNOWN_LICENSE,
-      "library_name": LIBRARY_NAME,
-      "pipeline_tag": PIPELINE_TAG,
-      "tags": list(dict.fromkeys(t for t in tags if t)),
-      "datasets": datasets,
-  }
-  results = []
-  for e in evaluations:
-    values = [{"type": kind, "value": round(float(e[key]), 4), "name": name
-               + (" (macro over findings)" if task == rundir.MULTI_LABEL and key not in ("brier", "ece") else "")}
-              for key, kind, name in _INDEX_METRICS if e.get(key) is not None]
-    if values:
-      results.append({"task": {"type": PIPELINE_TAG, "name": "Image Classification"},
-                      "dataset": {"type": str(e.get("dataset")), "name": str(e.get("dataset")),
-                                  "split": str(e.get("split"))},
-                      "metrics": values})
-  if results:
-    meta["metrics"] = list(dict.fromkeys(v["type"] for r in results for v in r["metrics"]))
-    meta["model-index"] = [{"name": card["run"], "results": results}]
-  return meta
-
-
-_PLAIN = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-/ ]*$")
-_YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "null", "y", "n", "~"}
-
-
-def _scalar(v) -> str:
-  if v is None:
-    return "null"
-  if isinstance(v, bool):
-    return "true" if v else "false"
-  if isinstance(v, (int, float)):
-    return json.dumps(v)
-  s = str(v)
-  if _PLAIN.match(s) and s.lower() not in _YAML_WORDS and not s.endswith(" "):
-    return s
-  return json.dumps(s)   # a JSON string is a YAML double-quoted scalar
-
-
-def to_yaml(obj, indent: int = 0) -> list[str]:
-  """Block-style YAML of dicts, lists and scalars (what the header needs; no library)."""
-  pad = " " * indent
-  lines = []
-  if isinstance(obj, dict):
-    for k, v in obj.items():
-      if isinstance(v, (dict, list)) and v:
-        lines.append(f"{pad}{k}:")
-        lines += to_yaml(v, indent + (2 if isinstance(v, dict) else 0))
-      else:
-        lines.append(f"{pad}{k}: {_scalar(v) if not isinstance(v, (dict, list)) else ('{}' if isinstance(v, dict) else '[]')}")
-  elif isinstance(obj, list):
-    for v in obj:
-      if isinstance(v, (dict, list)) and v:
-        sub = to_yaml(v, indent + 2)
-        lines.append(f"{pad}- {sub[0].lstrip()}")
-        lines += sub[1:]
-      else:
-        lines.append(f"{pad}- {_scalar(v)}")
-  else:
-    lines.append(pad + _scalar(obj))
-  return lines
 
 
 # --------------------------------------------------------------------------
@@ -484,9 +384,9 @@ def _model_details_md(card: dict) -> list[str]:
            f"- {_what(card)}, trained with xraytpu; task: {card['task']}"
            + (f"; positive class: {card['positive_class']}" if card.get("positive_class") else ""),
            f"- version: `{d.get('version') or 'n/a'}` (sha256 of the weights); date: "
-           f"{d.get('date') or 'n/a'} (training finished); licence: `{d.get('license') or UNKNOWN_LICENSE}`"
+           f"{d.get('date') or 'n/a'} (training finished); licence: `{d.get('license') or card_metadata.UNKNOWN_LICENSE}`"
            + (" (set with xraytpu.train --model_license; the training data's terms apply too)"
-              if (d.get("license") or UNKNOWN_LICENSE) == UNKNOWN_LICENSE else ""),
+              if (d.get("license") or card_metadata.UNKNOWN_LICENSE) == card_metadata.UNKNOWN_LICENSE else ""),
            f"- architecture: `{card['model']}`"
            + (f", {d['parameters']:,} parameters" if d.get("parameters") else ""),
            f"- input: {inp['size']}x{inp['size']} px, {inp['channels']} channel(s), uint8, non-square "
@@ -801,8 +701,8 @@ def _caveats_md(card: dict) -> list[str]:
 
 def render_markdown(card: dict[str, Any]) -> str:
   """MODEL_CARD.md from the card dict (`model_card`): the YAML header, then the same facts for people."""
-  meta = card.get("metadata") or metadata(card)
-  lines = ["---", *to_yaml(meta), "---", "",
+  meta = card.get("metadata") or card_metadata.metadata(card)
+  lines = ["---", *card_metadata.to_yaml(meta), "---", "",
            f"# Model card: {card['run']} ({card['model']})", "", f"> **{card['disclaimer']}**", ""]
   if card.get("training_warning"):
     lines += [f"> **Warning: {card['training_warning']}**", ""]
