@@ -46,7 +46,7 @@ def _records(out) -> list[dict]:
   return rows
 
 
-# TFDS's metadata beside dataset.json (tfrecord_tools.tfds_metadata; a single-label set).
+# TFDS's metadata beside dataset.json (tfrecord_tools.convert.tfds_metadata; a single-label set).
 TFDS_FILES = ["dataset_info.json", "features.json", "image.class.label.labels.txt"]
 
 

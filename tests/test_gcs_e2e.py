@@ -22,7 +22,7 @@ import pytest
 from tests.conftest import ROOT
 from tfrecord_tools import records, schema, storage
 
-# TFDS's metadata beside dataset.json (tfrecord_tools.tfds_metadata; a single-label set).
+# TFDS's metadata beside dataset.json (tfrecord_tools.convert.tfds_metadata; a single-label set).
 TFDS_FILES = ["dataset_info.json", "features.json", "image.class.label.labels.txt"]
 
 pytestmark = pytest.mark.slow

@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import ROOT
-from tfrecord_tools import convert as convert_lib, records, schema, synthetic, tfds_metadata
+from tfrecord_tools import convert as convert_lib, records, schema, synthetic
+from tfrecord_tools.convert import tfds_metadata
 from tfrecord_tools import inspect as tfr_inspect
 
 tfds = pytest.importorskip("tensorflow_datasets")

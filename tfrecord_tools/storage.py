@@ -31,6 +31,11 @@ paths; for a gs:// folder they write to a local copy:
 
 GCS objects appear only when their upload completes, so a write is atomic there
 without a rename; a failed write uploads nothing.
+
+Why one module of about 800 lines: every byte the project reads or writes itself
+passes here, with the two rules that must hold at every door: what an input may be
+(regular files only, reads bounded by their size: `open_input`) and how a file name is
+written in every output (`escape_name`); split up, a new reader could bypass either.
 """
 
 from __future__ import annotations

@@ -18,9 +18,8 @@ import re
 import time
 from typing import Callable
 
-from tfrecord_tools import (__version__, locks, pixels, pool, schema, shards, storage,
-                            tfds_metadata)
-from tfrecord_tools.convert import options
+from tfrecord_tools import __version__, locks, pixels, pool, schema, shards, storage
+from tfrecord_tools.convert import options, tfds_metadata
 from tfrecord_tools.convert.classes import resolve_classes
 from tfrecord_tools.convert.find import find_files, find_keras_pair
 from tfrecord_tools.convert.labelled import add_labels_manifest, labelled_items
@@ -200,7 +199,7 @@ def _convert_owned(opts: ConvertOptions, log: Callable[[str], None], run_tasks) 
 
 
 def _write_tfds_metadata(out: str, manifest: dict, log: Callable[[str], None]) -> None:
-  """TFDS metadata beside dataset.json (tfrecord_tools.tfds_metadata); a failure costs only that."""
+  """TFDS metadata beside dataset.json (tfrecord_tools.convert.tfds_metadata); a failure costs only that."""
   try:
     tfds_metadata.write(out, manifest)
   except Exception as e:  # noqa: BLE001 - the conversion itself is complete and kept
