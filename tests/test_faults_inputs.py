@@ -253,6 +253,28 @@ def test_a_fifo_named_by_a_label_csv_is_a_counted_skip(tmp_path):
   assert "not a regular file (a named pipe)" in m["skipped"][0]["reason"]
 
 
+def test_bare_names_in_a_label_csv_reached_through_a_folder_link_are_one_file(tmp_path):
+  """A folder link inside a label CSV's image root lists each film under two paths: a bare
+  file name (NIH style) that reaches one file both ways names that file, by its path
+  without a link; two different files with one name stay an error."""
+  films = _images(tmp_path)
+  os.symlink("NORMAL", films / "also_normal")
+  rows = ["file,dx"]
+  for cls in ("NORMAL", "PNEUMONIA"):
+    rows += [f"{f},{cls}" for f in sorted(os.listdir(films / cls)) if f.endswith(".png")]
+  csv_path = tmp_path / "labels.csv"
+  csv_path.write_text("\n".join(rows) + "\n")
+  kw = dict(labels_csv=str(csv_path), image_column="file", labels_column="dx", label_separator="")
+  m = _convert(films, tmp_path / "out", **kw)
+  _counts_add_up(m)
+  assert m["num_converted"] == 12 and m["num_skipped"] == 0
+  assert not any(b"also_normal" in raw for raw in _record_names(tmp_path / "out"))
+  first = sorted(f for f in os.listdir(films / "NORMAL") if f.endswith(".png"))[0]
+  (films / "PNEUMONIA" / first).write_bytes(b"another film, same name")
+  with pytest.raises(convert_lib.ConvertError, match="match several"):
+    _convert(films, tmp_path / "out2", **kw)
+
+
 def test_read_input_refuses_what_is_no_regular_file_and_reads_within_the_size(tmp_path):
   os.mkfifo(tmp_path / "p")
   with pytest.raises(storage.NotRegularFileError, match="named pipe"):

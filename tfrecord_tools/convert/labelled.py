@@ -72,6 +72,7 @@ class _Resolver:
   """
 
   def __init__(self, root: str, files: Sequence[str]):
+    self.root = root
     self.files = set(files)
     self.root_name = os.path.basename(root.rstrip("/"))
     self.by_name: dict[str, list[str]] = {}
@@ -94,8 +95,21 @@ class _Resolver:
       return rest if first == self.root_name and rest in self.files else None
     hits = self.by_name.get(v) or ([] if os.path.splitext(v)[1] else self.by_stem.get(v, []))
     if len(hits) > 1:
+      hits = self._one_file(hits)
+    if len(hits) > 1:
       self.ambiguous[v] = hits
     return hits[0] if len(hits) == 1 else None
+
+  def _one_file(self, hits: list[str]) -> list[str]:
+    """Paths that are one local file reached through folder links (find lists every path a
+    link reaches): its path without a link; otherwise `hits` (really different files)."""
+    if storage.is_remote(self.root):
+      return hits
+    paths = {h: os.path.join(self.root, *h.split("/")) for h in hits}
+    if len({os.path.realpath(p) for p in paths.values()}) > 1:
+      return hits
+    direct = [h for h, p in paths.items() if os.path.realpath(p) == os.path.abspath(p)]
+    return [(direct or sorted(hits))[0]]
 
 
 def _read_split_lists(spec: str) -> tuple[dict[str, str], list[str]]:
