@@ -248,7 +248,7 @@ def write_records(output_dir: str, file: str, split: str, fingerprint: str,
           patients.add(info["patient_id"])
   except OSError as e:
     _discard(tmp, final)
-    raise ShardWriteError(write_error_text(final, e)) from None
+    raise ShardWriteError(errors.write_error_text(final, e)) from None
   result = {
       "file": file, "split": split, "fingerprint": fingerprint,
       "num_examples": converted, "class_counts": class_counts, "skipped": skipped,
@@ -261,17 +261,12 @@ def write_records(output_dir: str, file: str, split: str, fingerprint: str,
       storage.rename(tmp, final)
   except OSError as e:
     _discard(tmp, final)
-    raise ShardWriteError(write_error_text(final, e)) from None
+    raise ShardWriteError(errors.write_error_text(final, e)) from None
   return result
 
 
 class ShardWriteError(errors.UserError):
   """A shard could not be written (disk full, permissions, ...): one line; its temp file is gone."""
-
-
-def write_error_text(path: str, e: OSError) -> str:
-  """One line for an I/O error at write time: 'cannot write PATH: No space left on device (ENOSPC)'."""
-  return errors.write_error_text(path, e)
 
 
 def _discard(tmp: str, final: str) -> None:

@@ -18,7 +18,7 @@ import re
 import time
 from typing import Callable
 
-from tfrecord_tools import __version__, locks, pixels, pool, schema, shards, storage
+from tfrecord_tools import __version__, errors, locks, pixels, pool, schema, shards, storage
 from tfrecord_tools.convert import options, tfds_metadata
 from tfrecord_tools.convert.classes import resolve_classes
 from tfrecord_tools.convert.find import find_files, find_keras_pair
@@ -209,10 +209,10 @@ def _write_tfds_metadata(out: str, manifest: dict, log: Callable[[str], None]) -
 
 
 def _io_error_text(e: BaseException) -> str:
-  """One line for an I/O error at write time (shards.write_error_text's wording)."""
+  """One line for an I/O error at write time (errors.write_error_text's wording)."""
   if isinstance(e, shards.ShardWriteError):
     return str(e)
-  return shards.write_error_text(getattr(e, "filename", None) or "", e)
+  return errors.write_error_text(getattr(e, "filename", None) or "", e)
 
 
 def _build_manifest(opts, found, classes, mapping, dropped, plan, results, split_info,
