@@ -69,6 +69,7 @@ EVAL = "eval"
 EXPORT = "export"
 EXPORT_METADATA = os.path.join("assets.extra", "xraytpu.json")
 MODEL_CARD = "MODEL_CARD.md"
+TRAINING_FILMS = "training_films.json"   # content hashes of the train/val films (xraytpu.run.films)
 EXPORT_MODEL_CARD = os.path.join(os.path.dirname(EXPORT_METADATA), MODEL_CARD)
 # Files of one evaluation report folder, eval/<dataset>-<split>/, by role.
 EVAL_FILES = {
@@ -77,13 +78,13 @@ EVAL_FILES = {
     "confusion_matrix": "confusion_matrix.png", "samples": "samples.png", "history": "history.png",
 }
 # What a finished run holds; `clear` removes exactly these (never the folder).
-_ENTRIES = (CONFIG, HISTORY, MANIFEST_COPY, MODEL, OPERATING_POINT, MODEL_CARD, LOGS, CHECKPOINTS,
-            BACKUP, EVAL, EXPORT)
+_ENTRIES = (CONFIG, HISTORY, MANIFEST_COPY, MODEL, OPERATING_POINT, MODEL_CARD, TRAINING_FILMS, LOGS,
+            CHECKPOINTS, BACKUP, EVAL, EXPORT)
 
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_POLICY = f"fixed:{DEFAULT_THRESHOLD}"   # what a run without threshold.json applies
 # A threshold policy's third part, "sensitivity:0.95:lower": hold the target at the exact
-# one-sided lower confidence bound of this level on val (xraytpu.evaluation.metrics).
+# one-sided lower confidence bound of this level on val (xraytpu.evaluation.operating_point).
 POLICY_LOWER = "lower"
 POLICY_CONFIDENCE = 0.95
 # Temperature scaling works on logits of probabilities clipped to [PROB_CLIP, 1 - PROB_CLIP]:
@@ -484,11 +485,3 @@ def _failure(doc: dict) -> str:
             f"(step {d.get('step')})")
   return f"the run failed: {info.get('failure')}"
 
-
-# --------------------------------------------------------------------------
-# training_films.json: the content hashes of the films a run trained on
-# (written at training, read by evaluation: xraytpu.run.films).
-# --------------------------------------------------------------------------
-
-TRAINING_FILMS = "training_films.json"
-_ENTRIES += (TRAINING_FILMS,)   # cleared with the rest: a new model, a new list

@@ -11,13 +11,13 @@
   Backup           Keras' BackupAndRestore (the resume point), never of a diverged epoch
   EmaValidation    --ema_decay: validation sees the moving average of the weights
                    (`ema_weights`; BestCheckpoint saves it too)
+  PlateauState     EarlyStopping / ReduceLROnPlateau counters across a resume
+  PushRunDir       uploads the local copy of a gs:// run directory after every epoch
 
 Every file these write goes through `rundir.writing`: a full disk, a quota or a folder
 that cannot be written is one line naming the file and the cause (WRITE_HINT), and the
 trainer marks the run failed; the last good state stays (atomic writes), so the same
 command resumes.
-  PlateauState     EarlyStopping / ReduceLROnPlateau counters across a resume
-  PushRunDir       uploads the local copy of a gs:// run directory after every epoch
 """
 
 from __future__ import annotations

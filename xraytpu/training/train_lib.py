@@ -289,7 +289,7 @@ def make_optimizer(name: str, learning_rate, weight_decay: float = 0.0, ema_deca
   averages as its variables, updated inside the train step under every strategy, saved
   by BackupAndRestore, and swapped into the model at the end of `fit` by
   `finalize_variable_values`) rather than a hand-written average; the callbacks swap
-  them in for validation and the best checkpoint (`callbacks.EmaWeights`).
+  them in for validation and the best checkpoint (`callbacks.ema_weights`, `EmaValidation`).
   """
   wd = weight_decay or None
   ema = dict(use_ema=True, ema_momentum=float(ema_decay)) if ema_decay > 0 else {}
