@@ -208,16 +208,16 @@ def _synthetic_regex(root: str, log: Callable[[str], None]) -> str:
   return regex if isinstance(regex, str) else ""
 
 
-def _id_counts(rels: Sequence[str], regex: re.Pattern) -> tuple[int, dict[str, int]]:
-  """(files whose name the regex matches, {id: files})."""
+def _id_counts(rels: Sequence[str], regex: re.Pattern) -> tuple[int, int, int, int]:
+  """(files whose name the regex matches, distinct ids, ids naming several files, the most
+  files one id names)."""
   counts: dict[str, int] = {}
-  matched = 0
   for rel in rels:
     pid = patient_id(rel, regex)
     if pid:
-      matched += 1
       counts[pid] = counts.get(pid, 0) + 1
-  return matched, counts
+  return (sum(counts.values()), len(counts), sum(1 for n in counts.values() if n > 1),
+          max(counts.values(), default=0))
 
 
 def detect_grouping(rels: Sequence[str], root: str, log: Callable[[str], None]
@@ -237,16 +237,14 @@ def detect_grouping(rels: Sequence[str], root: str, log: Callable[[str], None]
   source = synthetic.MARKER if given else "file names"
   regex = compile_group_regex(given, f"{synthetic.MARKER}'s group_regex") if given else re.compile(ID_N_REGEX)
   total = len(rels)
-  matched, counts = _id_counts(rels, regex)
-  repeated = sum(1 for n in counts.values() if n > 1)
-  largest = max(counts.values(), default=0)
+  matched, num_ids, repeated, largest = _id_counts(rels, regex)
   record = {"source": source, "regex": regex.pattern, "files_matched": matched,
-            "num_files": total, "num_ids": len(counts), "ids_repeated": repeated}
+            "num_files": total, "num_ids": num_ids, "ids_repeated": repeated}
   how = ("the generator's group_regex in synthetic.json" if given
          else "file names of the form <id>_<n> / <id>-<n>")
   if repeated and matched >= AUTO_MIN_MATCHED * total and largest <= AUTO_MAX_GROUP * total:
     rest = total - matched
-    log(f"patients: {how} (regex {regex.pattern!r}: {matched} of {total} files, {len(counts)} "
+    log(f"patients: {how} (regex {regex.pattern!r}: {matched} of {total} files, {num_ids} "
         f"ids, {repeated} with several films): each patient's films stay in one split"
         + (f"; the {rest} other files are each their own group" if rest else "")
         + " (another rule: --group_regex; split by image: --group_by=none)")
@@ -255,10 +253,8 @@ def detect_grouping(rels: Sequence[str], root: str, log: Callable[[str], None]
   if leading:
     # No id repeats: one image per patient, grouping changes nothing. Maybe a leading token repeats.
     regex = re.compile(LEADING_ID_REGEX)
-    matched, counts = _id_counts(rels, regex)
-    repeated = sum(1 for n in counts.values() if n > 1)
-    largest = max(counts.values(), default=0)
-    record.update(regex=regex.pattern, files_matched=matched, num_ids=len(counts),
+    matched, num_ids, repeated, largest = _id_counts(rels, regex)
+    record.update(regex=regex.pattern, files_matched=matched, num_ids=num_ids,
                   ids_repeated=repeated)
     how = "file names that start with an id-like token"
   if repeated and matched >= WARN_MIN_MATCHED * total:
