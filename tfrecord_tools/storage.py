@@ -492,7 +492,16 @@ def open_input(path: str) -> IO[bytes]:
   refused unless it is a regular file, so a file swapped after a check is caught too."""
   if is_remote(path):
     return open(path, "rb")
-  fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+  try:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+  except OSError:   # a socket cannot be opened at all (ENXIO): say what it is
+    try:
+      st = os.stat(path)
+    except OSError:
+      st = None
+    if st is not None:
+      _check_regular(path, st)
+    raise
   try:
     _check_regular(path, os.fstat(fd))
     if hasattr(os, "set_blocking"):

@@ -51,14 +51,10 @@ class InputError(errors.UserError):
 # --------------------------------------------------------------------------
 
 
-def _image_name(path: str) -> bool:
-  return path.lower().endswith(IMAGE_EXTENSIONS + dicom.EXTENSIONS)
-
-
 def _wanted(path: str) -> bool:
   """An image or DICOM file name, or a (regular) file without an extension that starts like
   DICOM."""
-  if _image_name(path):
+  if path.lower().endswith(IMAGE_EXTENSIONS + dicom.EXTENSIONS):
     return True
   if not dicom.worth_probing(path):
     return False
@@ -68,24 +64,14 @@ def _wanted(path: str) -> bool:
     return False
 
 
-def _not_regular(path: str) -> str | None:
-  """Why a local input is never opened (a FIFO, device or socket: storage.stat_input), or None."""
-  try:
-    storage.stat_input(path)
-  except storage.NotRegularFileError as e:
-    return e.strerror
-  except OSError:
-    return None   # missing or unreadable: reported when it is read
-  return None
-
-
 def expand_inputs(paths: Iterable[str]) -> list[tuple[str, str | None]]:
   """Files as given, folders walked (sorted) for image and DICOM files (.dcm, .dicom, and
   files without an extension that carry the DICM preamble).
 
   Returns [(path, error or None)]: paths as the os module takes them (outputs write them
-  as `storage.escape_name` does); a missing path, or one that is no regular file (a FIFO,
-  device or socket, itself or through a link: never opened), is an entry with an error.
+  as `storage.escape_name` does); a missing path is an entry with an error. One that is no
+  regular file (a FIFO, device or socket, itself or through a link) is listed like a file:
+  `read_file` refuses it without opening it, as one per-file error.
   """
   out: list[tuple[str, str | None]] = []
   for p in paths:
@@ -99,18 +85,13 @@ def expand_inputs(paths: Iterable[str]) -> list[tuple[str, str | None]]:
         for root, dirs, files in os.walk(p):
           dirs.sort()
           for f in sorted(files):
-            path = os.path.join(root, f)
-            if _image_name(path):
-              found.append((path, _not_regular(path)))
-            elif _wanted(path):
-              found.append((path, None))
+            if _wanted(os.path.join(root, f)):
+              found.append((os.path.join(root, f), None))
       if not found:
         out.append((p, "folder holds no image or DICOM files"))
       out.extend(found)
-    elif remote or os.path.isfile(p):
+    elif remote or os.path.exists(p):   # a FIFO or device too: read_file refuses it
       out.append((p, None))
-    elif os.path.exists(p):
-      out.append((p, _not_regular(p) or "not a regular file"))
     else:
       out.append((p, "no such file or folder"))
   return out
