@@ -1,5 +1,6 @@
 """configs/*.flags: every seed recipe's flagfile trains for one step on the demo data
-(chexnet, the multi-label recipe, on multi-label data: conftest.chexnet_recipe_run).
+(chexnet, the multi-label recipe, on multi-label data: conftest.chexnet_recipe_run; a recipe
+with --init_from warm-starts from the shared run, conftest.trained_run).
 
 The recipe's own flags come first (--flagfile), then overrides that make it
 fast on a CPU (tests._runs.recipe_flags): no ImageNet download, tiny images (the applications models at
@@ -69,13 +70,20 @@ def test_flagfile_trains_one_step(path, demo_data_dir, tmp_path, request):
   # library it calls; the command line itself reads a --flagfile in tests/test_train.py.
   recipe = _recipe(path)
   size = SMALL_SIZE.get(recipe["model"], 32)
+  # A warm-start recipe's --init_from placeholder becomes the shared xray_cnn run (32 px).
+  extra = [f"--init_from={request.getfixturevalue('trained_run')}"] if "init_from" in recipe else []
   if path.name == "chexnet.flags":
     # The 14-finding multi-label recipe trains on multi-label data: one training, shared with
     # tests/test_multilabel_train.py (conftest.chexnet_recipe_run, made fast the same way).
     run_dir = pathlib.Path(request.getfixturevalue("chexnet_recipe_run"))
+  elif extra:
+    from xraytpu.training import train_lib
+    run_dir = tmp_path / "run"
+    train_lib.train_and_evaluate(_runs.recipe_config(
+        path, _runs.recipe_flags(demo_data_dir, str(run_dir), size) + extra), verbose=0)
   else:
     run_dir = pathlib.Path(_runs.train_recipe(path, demo_data_dir, str(tmp_path / "run"), size))
-  fast = _runs.recipe_flags("d", "m", size)
+  fast = _runs.recipe_flags("d", "m", size) + extra
   cfg = json.loads((run_dir / "config.json").read_text())
   assert cfg["image_size"] == size and cfg["epochs"] == 1 and cfg["steps_per_epoch"] == 1
   for name, value in recipe.items():   # the recipe's settings reached the run, except the overrides

@@ -99,7 +99,14 @@ class Config:
   weights: str = _f("none", "Backbone weights: 'imagenet', 'none', or a path to a .weights.h5/.h5 file.")
   head: str = _f("default", "Classifier head: 'default' (the architecture's seed head), 'inception', 'xception', 'simple'.")
   dropout: float = _f(-1.0, "Override the head's dropout rate (-1 = the seed's value).")
-  fine_tune_at: int = _f(-1, "Backbone models: after the frozen phase, unfreeze layers from this index on (-1 = no second phase, 0 = all).")
+  init_from: str = _f("", "Warm start: RUN_DIR, a finished xraytpu.train run of the same --model (on "
+                      "any data: multi-label NIH, CheXpert, ...), gives this run's backbone (every "
+                      "layer up to the features) its best weights; the head and output are new, for "
+                      "this data's classes or findings. All layers then train at --learning_rate; "
+                      "with --fine_tune_at/--fine_tune_epochs the backbone stays frozen for --epochs "
+                      "(the new head alone), then fine-tunes. Empty = off.")
+  fine_tune_at: int = _f(-1, "Backbone models, and any model with --init_from: after the frozen phase, "
+                         "unfreeze backbone layers from this index on (-1 = no second phase, 0 = all).")
   fine_tune_epochs: int = _f(0, "Epochs of the fine-tuning phase (added after --epochs).")
   fine_tune_learning_rate: float = _f(1e-5, "Learning rate of the fine-tuning phase.")
   # ---- training --------------------------------------------------------------
@@ -141,7 +148,7 @@ class Config:
                "channels", "aspect", "cache", "cache_dir", "shuffle_buffer", "deterministic",
                "private_threads", "ram_budget_mb", "data_service_address"),
       "augmentation": ("augment",) + tuple(AUGMENT_PRESETS["none"]) + ("mixup_alpha", "cutmix_alpha"),
-      "model": ("model", "weights", "head", "dropout"),
+      "model": ("model", "weights", "init_from", "head", "dropout"),
       "distribution": ("strategy", "tpu", "mixed_precision", "steps_per_execution", "jit_compile"),
       "run directory": ("model_dir", "overwrite", "profile_steps", "model_license"),
   }

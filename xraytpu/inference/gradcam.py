@@ -25,9 +25,10 @@ import numpy as np
 import tensorflow as tf
 
 from xraytpu._keras import keras
+from xraytpu.models import common
 from xraytpu.run import rundir
 
-FEATURES_LAYER = "features"
+FEATURES_LAYER = common.FEATURES_LAYER
 OUTPUT_LAYER = "probabilities"
 
 

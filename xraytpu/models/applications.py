@@ -19,7 +19,8 @@ backbone's no-top weights (e.g. keras' `*_notop.h5`, or one written by
 
 Training phases (see xraytpu.training.train_lib): with pretrained weights the backbone
 is frozen for --epochs, then `set_fine_tune(model, fine_tune_at)` unfreezes
-its layers from index --fine_tune_at on for --fine_tune_epochs.
+its layers from index --fine_tune_at on for --fine_tune_epochs (any model warm-started
+with --init_from, the from-scratch CNNs too, can be fine-tuned the same way).
 """
 
 from __future__ import annotations
@@ -124,16 +125,19 @@ def backbone_of(model: keras.Model) -> keras.Model | None:
 def set_fine_tune(model: keras.Model, fine_tune_at: int) -> int:
   """Unfreezes backbone layers [fine_tune_at:] (0 = all); returns how many are trainable.
 
-  BatchNormalization layers stay in inference mode (the backbone is called with
-  training=False), so small fine-tuning batches do not wreck their statistics.
+  The backbone: the nested keras.applications model's layers; in a from-scratch CNN
+  (fine-tuned after --init_from), the model's own layers up to "features"
+  (common.body_layers). BatchNormalization layers of a nested backbone stay in inference
+  mode (it is called with training=False), so small fine-tuning batches do not wreck
+  their statistics.
   """
   backbone = backbone_of(model)
-  if backbone is None:
-    raise common.ModelError("--fine_tune_at applies to backbone models only")
-  n = len(backbone.layers)
+  layers = backbone.layers if backbone is not None else common.body_layers(model)
+  n = len(layers)
   if not 0 <= fine_tune_at < n:
     raise common.ModelError(f"--fine_tune_at={fine_tune_at}: the backbone has {n} layers (use 0..{n - 1})")
-  backbone.trainable = True
-  for i, layer in enumerate(backbone.layers):
+  if backbone is not None:
+    backbone.trainable = True
+  for i, layer in enumerate(layers):
     layer.trainable = i >= fine_tune_at
-  return sum(1 for layer in backbone.layers if layer.trainable and layer.weights)
+  return sum(1 for layer in layers if layer.trainable and layer.weights)

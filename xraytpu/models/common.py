@@ -131,9 +131,29 @@ def to_rgb(x: tf.Tensor) -> tf.Tensor:
   return layers.Concatenate(axis=-1, name="gray_to_rgb")([x, x, x])
 
 
+FEATURES_LAYER = "features"   # the last feature map: Grad-CAM's handle, and where the backbone ends
+
+
 def features(x: tf.Tensor) -> tf.Tensor:
-  """Marks the last feature map (Grad-CAM reads `model.get_layer("features")`)."""
-  return layers.Activation("linear", name="features")(x)
+  """Marks the last feature map (Grad-CAM reads `model.get_layer(FEATURES_LAYER)`)."""
+  return layers.Activation("linear", name=FEATURES_LAYER)(x)
+
+
+def body_layers(model: keras.Model) -> list:
+  """The backbone: the model's layers up to and including FEATURES_LAYER (stem and body, a
+  nested keras.applications backbone included). The layers after it, the head and the
+  output, depend on the task; these do not (what --init_from copies, and what
+  --fine_tune_at indexes in a model without a nested backbone)."""
+  names = [layer.name for layer in model.layers]
+  if FEATURES_LAYER not in names:
+    raise ModelError(f"model {model.name!r} has no {FEATURES_LAYER!r} layer: not an xraytpu model")
+  return model.layers[:names.index(FEATURES_LAYER) + 1]
+
+
+def set_body_trainable(model: keras.Model, trainable: bool) -> None:
+  """Freezes (False) or unfreezes the backbone (`body_layers`); the head stays trainable."""
+  for layer in body_layers(model):
+    layer.trainable = trainable
 
 
 # ---------------------------------------------------------------------------

@@ -152,7 +152,8 @@ def _model_details(run: rundir.LoadedRun, doc: dict) -> dict[str, Any]:
                    "strategy": strategy.get("name"), "accelerator": strategy.get("accelerator"),
                    "replicas": info.get("replicas"), "global_batch": info.get("global_batch"),
                    "steps_per_epoch": info.get("steps_per_epoch"),
-                   "precision_policy": info.get("mixed_precision_policy")},
+                   "precision_policy": info.get("mixed_precision_policy"),
+                   "init_from": info.get("init_from")},   # xraytpu.training.transfer.Source.record
   }
 
 
@@ -409,6 +410,12 @@ def _model_details_md(card: dict) -> list[str]:
   return lines + [""]
 
 
+  if tr.get("init_from"):
+    src = tr["init_from"]
+    lines.append(f"- warm-started (--init_from) from the {src.get('model')} run `{src.get('run_dir')}` "
+                 f"(weights `sha256:{str(src.get('weights_sha256'))[:12]}`, {src.get('task')} on "
+                 f"{', '.join(src.get('classes') or [])}): {src.get('layers')} backbone layers copied, "
+                 "a new head for this task")
 def _intended_use_md(card: dict) -> list[str]:
   return ["## Intended use", "",
           "Research and teaching: studying how well a " + _what(card)

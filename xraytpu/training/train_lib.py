@@ -8,7 +8,8 @@
   3. read dataset.json: task, classes, class weights, initial output bias, steps/epoch,
   4. build and compile the model inside `strategy.scope()`,
   5. fit phase 1 (backbones frozen when pretrained), then optionally phase 2
-     (fine-tune from --fine_tune_at at --fine_tune_learning_rate),
+     (fine-tune from --fine_tune_at at --fine_tune_learning_rate); with --init_from the
+     backbone starts from an earlier run's weights (xraytpu.training.transfer),
   6. write the final model and mark the run finished (xraytpu.run.rundir).
 
 The run directory (`cfg.model_dir`, local or gs://): its layout, and every
@@ -47,7 +48,7 @@ import numpy as np
 import tensorflow as tf
 
 import tfrecord_tools
-from xraytpu.training import distribute, multilabel
+from xraytpu.training import distribute, multilabel, transfer
 from xraytpu import errors
 from xraytpu.run import films, rundir
 from xraytpu import models as models_lib
@@ -99,7 +100,7 @@ class TrainingDiverged(RuntimeError):
 
 # Errors that are the user's to fix: entry points print the one-line message
 # and exit non-zero instead of showing a traceback.
-USAGE_ERRORS = (TrainError, distribute.StrategyError, models_lib.ModelError,
+USAGE_ERRORS = (TrainError, transfer.TransferError, distribute.StrategyError, models_lib.ModelError,
                 schema.ManifestError, DataError, storage.StorageError)
 
 
@@ -128,22 +129,27 @@ def _config_differences(old: dict, new: Config) -> list[str]:
 
 
 def prepare_run_dir(cfg: Config, chief: bool = True, run_dir: str = "",
-                    data: dict | None = None) -> str:
+                    data: dict | None = None, before_fresh=None) -> str:
   """Decides fresh / resume / refuse. Returns "fresh" or "resume".
 
   run_dir: where the files are (a gs:// run's local copy), default cfg.model_dir.
   data: the training data's fingerprint (schema.data_fingerprint): an unfinished run
   trained on other data is not resumed (the same data elsewhere, e.g. a gs:// copy, is).
+  before_fresh: called (no arguments) when the run will start fresh, before an old run
+  is deleted: its error refuses the run and keeps the old one (--init_from's checks).
   Only the chief deletes an old run (--overwrite); other workers just go on.
   """
   run_dir = run_dir or cfg.model_dir
+  before_fresh = before_fresh or (lambda: None)
   old = rundir.read_config(run_dir)
   if old is None:
+    before_fresh()
     return "fresh"
   if old.get("status") == "finished":
     if not cfg.overwrite:
       raise TrainError(f"--model_dir={cfg.model_dir} holds a finished run; pass --overwrite to "
                        "replace it or choose another --model_dir")
+    before_fresh()
     logging.warning("--overwrite: replacing the finished run in %s", cfg.model_dir)
     if chief:
       rundir.clear(run_dir)
@@ -157,6 +163,7 @@ def prepare_run_dir(cfg: Config, chief: bool = True, run_dir: str = "",
       raise TrainError(f"--model_dir={cfg.model_dir} holds an unfinished run with other settings "
                        f"({'; '.join(diffs[:4])}); rerun with the same flags to resume, pass "
                        "--overwrite to start over, or choose another --model_dir")
+    before_fresh()
     logging.warning("--overwrite: discarding the unfinished run in %s (%s)", cfg.model_dir, "; ".join(diffs))
     if chief:
       rundir.clear(run_dir)
@@ -215,9 +222,15 @@ def validate_config(cfg: Config) -> None:
   if not is_backbone and cfg.weights not in ("none", ""):
     raise TrainError(f"--weights={cfg.weights} applies to backbone models "
                      f"({', '.join(applications.BACKBONES)}); {cfg.model} trains from scratch")
+  if cfg.init_from and cfg.weights not in ("none", ""):
+    raise TrainError(f"--init_from and --weights={cfg.weights} both give the backbone its starting "
+                     "weights: pass one")
+  if cfg.init_from and transfer.same_dir(cfg.init_from, cfg.model_dir):
+    raise TrainError(f"--init_from={cfg.init_from} is this run's own --model_dir: name an earlier run")
   if cfg.fine_tune_at >= 0 or cfg.fine_tune_epochs > 0:
-    if not is_backbone:
-      raise TrainError(f"--fine_tune_at/--fine_tune_epochs apply to backbone models, not {cfg.model}")
+    if not is_backbone and not cfg.init_from:
+      raise TrainError(f"--fine_tune_at/--fine_tune_epochs apply to backbone models, not {cfg.model} "
+                       "(or to a run warm-started with --init_from)")
     if cfg.fine_tune_at < 0 or cfg.fine_tune_epochs < 1:
       raise TrainError("fine-tuning needs both --fine_tune_at >= 0 and --fine_tune_epochs >= 1")
   if cfg.reduce_lr_patience > 0 and (cfg.lr_schedule != "constant" or cfg.warmup_epochs > 0):
@@ -573,7 +586,21 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
   if log_mirror is not None:
     log_mirror.read_only = not info.is_chief
   data = schema.data_fingerprint(manifest)
-  mode = prepare_run_dir(cfg, info.is_chief, run_dir=mirror.local, data=data)
+  source: list[transfer.Source] = []   # --init_from's run, loaded when this run needs its weights
+
+  def load_source() -> None:   # before an old run is deleted: a bad --init_from keeps it
+    source.append(transfer.load_source(cfg))
+
+  mode = prepare_run_dir(cfg, info.is_chief, run_dir=mirror.local, data=data,
+                         before_fresh=load_source if cfg.init_from else None)
+  transfer_record = None
+  if cfg.init_from and mode == "resume":
+    if _has_saved_weights(mirror.local):   # the backup's weights win: the source is not read again
+      transfer_record = ((rundir.read_config(mirror.local) or {}).get("run") or {}).get("init_from")
+      logging.info("Resuming: the weights come from the run's own backup; --init_from=%s is not "
+                   "applied again", cfg.init_from)
+    else:   # stopped before its first epoch ended: nothing of its own to resume from
+      load_source()
 
   logging.info("Batch: global %d = %d replica(s) x %d per replica; %d steps/epoch; policy %s; jit %s",
                global_batch, info.replicas, per_replica, steps_per_epoch, policy, jit)
@@ -602,8 +629,19 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
   with strategy.scope():
     model = models_lib.build_model(cfg, num_classes=num_classes, channels=channels,
                                    output_bias=output_bias, task=task)
+    copied = transfer.copy_backbone(model, source[0], cfg) if source else None
+    if cfg.init_from and cfg.fine_tune_at >= 0:   # phase 1 trains the new head alone
+      models_lib.common.set_body_trainable(model, False)
     compile_model(model, cfg, learning_rate=make_learning_rate(cfg, steps_per_epoch),
                   num_classes=num_classes, jit_compile=jit, **loss_kw)
+  if copied is not None:
+    transfer_record = source[0].record(copied)
+    logging.info("--init_from=%s: copied %d backbone layer(s) (%d weight tensors, %d parameters) "
+                 "of its best weights (sha256 %s); the head and output are new%s", cfg.init_from,
+                 copied["layers"], copied["tensors"], copied["params"],
+                 source[0].weights_sha256[:12],
+                 "; phase 1 trains them alone" if cfg.fine_tune_at >= 0 else "; every layer trains")
+    source.clear()   # the source model is not needed any more
   _log_lines(_summary(model), logging.DEBUG)   # the layer table: with -v=1
   params = models_lib.common.count_params(model)
   logging.info("Parameters: %d total, %d trainable", params["total"], params["trainable"])
@@ -634,6 +672,8 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
       "monitor": monitor,
       "resumed": mode == "resume",
   }
+  if transfer_record is not None:
+    run_info["init_from"] = transfer_record   # transfer.Source.record: what the backbone started from
   if multi_label:
     # In `classes` order: each finding's history.csv column ("val_" + metric for
     # validation) and its training statistics.
@@ -720,6 +760,13 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
     logging.warning("WARNING: %s (recorded in %s; xraytpu.summary and the model card say so too)",
                     collapsed, rundir.CONFIG)
   return TrainResult(model=model, history=history, run_dir=cfg.model_dir, config=cfg, strategy=info)
+
+
+def _has_saved_weights(run_dir: str) -> bool:
+  """Whether a resumed run restores weights of its own: phase 1's final weights, or a
+  BackupAndRestore checkpoint of either phase."""
+  return (storage.exists(rundir.path(run_dir, rundir.PHASE1_WEIGHTS))
+          or any(storage.walk_files(rundir.backup_dir(run_dir, phase)) for phase in (1, 2)))
 
 
 def _best(run_dir: str, monitor: str) -> float | None:
