@@ -175,6 +175,23 @@ class Config:
 AUGMENT_FIELDS = tuple(AUGMENT_PRESETS["none"])
 
 
+# Test-time augmentation (evaluate --tta, then predict, serve and export as evaluate chose):
+# the model's outputs are averaged over views of each image. A view is a square crop box
+# (side as a fraction of the S x S model input; its position in the free margin: -1 top/left,
+# 0 centred, +1 bottom/right) resized back to S by the pixel contract's resize
+# (xraytpu.inference.tta). Radiograph-safe: zoom-in and small shifts within what --augment=light
+# trains with (zoom 10%, shift 5%): an 8% zoom, shifts of 4% of S; never a flip (anatomy has a
+# side) and no border to fill (every box lies inside the image).
+TTA_VIEWS: dict[str, tuple[float, int, int]] = {
+    "identity": (1.0, 0, 0), "zoom": (0.92, 0, 0),
+    "top": (0.92, -1, 0), "bottom": (0.92, 1, 0), "left": (0.92, 0, -1), "right": (0.92, 0, 1)}
+TTA_PRESETS: dict[str, tuple[str, ...]] = {
+    "none": ("identity",),
+    "zoom": ("identity", "zoom"),
+    "shift": ("identity", "zoom", "top", "bottom", "left", "right"),
+}
+DEFAULT_TTA = "none"   # what a run whose threshold.json names no TTA applies
+
 # ---- the other commands ------------------------------------------------------
 # Bootstrap confidence intervals: xraytpu.evaluation.metrics' defaults too.
 BOOTSTRAP_RESAMPLES = 1000
@@ -207,6 +224,12 @@ class EvalConfig:
   allow_data_change: bool = _f(False, "Evaluate even when the run's training data changed since "
                                "training (its digest differs from config.json's): the change, and "
                                "the films the model trained on, are named in the report and the card.")
+  tta: str | None = _f(None, "Test-time augmentation: the model's outputs averaged over views of each "
+                       "film: none | zoom (the film and an 8% zoom-in: 2 views) | shift (those and "
+                       "the zoom-in shifted 4% up, down, left and right: 6 views); never a flip. The "
+                       "threshold is chosen on val with it and RUN/threshold.json records it, so "
+                       "predict, serve and export apply it too. Default: keep RUN/threshold.json's "
+                       "(none when it names none).", tuple(TTA_PRESETS))
 
 
 @dataclasses.dataclass

@@ -2,7 +2,7 @@
 
   python -m xraytpu.evaluate --model_dir=RUN [--data_dir=DIR] [--split=test]
       [--threshold_policy=youden|sensitivity:0.95|specificity:0.9|fixed:0.5|sensitivity:0.95:lower]
-      [--temperature_scaling]
+      [--temperature_scaling] [--tta=none|zoom|shift]
       [--allow_data_change]
 
 The operating threshold is chosen on the VAL split of the run's training data,
@@ -39,7 +39,8 @@ def main(argv):
       opts.model_dir, data_dir=opts.data_dir, split=opts.split,
       threshold_policy=opts.threshold_policy, temperature_scaling=opts.temperature_scaling,
       n_resamples=opts.bootstrap_resamples, seed=opts.bootstrap_seed, batch_size=opts.batch_size,
-      out_dir=opts.out_dir, write_plots=opts.plots, allow_data_change=opts.allow_data_change)
+      out_dir=opts.out_dir, write_plots=opts.plots, allow_data_change=opts.allow_data_change,
+      tta=opts.tta)
   print(reports.headline(report))
   for note in report["notes"]:
     print(f"note: {note}")

@@ -14,8 +14,11 @@ youden | sensitivity:X | specificity:X | fixed:X; sensitivity:X:lower and
 specificity:X:lower hold X at the 95% exact lower confidence bound) on the val split of the data
 the run was trained on, written to RUN/threshold.json and then applied
 unchanged to whatever split / data set is evaluated. An existing
-threshold.json is reused unless another policy (or temperature setting) is
-asked for. Multi-class tasks predict the argmax. `temperature_scaling` fits a
+threshold.json is reused unless another policy (or temperature setting, or
+test-time augmentation) is asked for. Multi-class tasks predict the argmax.
+`tta` (config.TTA_PRESETS) averages the model's outputs over views of each image
+(xraytpu.inference.tta): the threshold is chosen with it, threshold.json records
+it, and predict, serve and export apply it. `temperature_scaling` fits a
 temperature on val (metrics.fit_temperature) and applies it everywhere
 (predict and export read it from threshold.json too).
 
@@ -40,6 +43,7 @@ report.json keys (stable; `null` when undefined, with the reason in `undefined`)
   tp, fp, tn, fn                binary only (null otherwise)
   per_class {class: {auc, auc_ci, sensitivity, specificity, ppv, npv, f1, support}}
   brier, ece, temperature, brier_uncalibrated, ece_uncalibrated
+  tta                           the test-time augmentation applied ("none", "zoom", "shift")
   classification_report         scikit-learn's, as a dict
   ci {method, level, resamples, seed}, undefined {key: reason}, notes [..], files {name: file}
   data_change                   null, or (--allow_data_change) how the run's training data changed
@@ -76,7 +80,7 @@ import numpy as np
 from absl import logging
 
 from tfrecord_tools import schema, storage
-from xraytpu import errors
+from xraytpu import config, errors
 from xraytpu.config import EvalConfig
 from xraytpu.evaluation import metrics, multilabel, operating_point, plots, subgroups
 from xraytpu.evaluation.training_data import TrainingData, training_data, training_overlap
@@ -297,14 +301,16 @@ def _evidence_notes(op: dict[str, Any]) -> list[str]:
 def resolve_operating_point(run: rundir.LoadedRun, *, policy: str | None,
                             temperature_scaling: bool | None, batch_size: int = 0,
                             cache: dict | None = None,
-                            trained: TrainingData | None = None) -> dict[str, Any]:
+                            trained: TrainingData | None = None,
+                            tta: str | None = None) -> dict[str, Any]:
   """The run's threshold.json, (re)chosen on the training data's val split when needed.
 
   policy None / temperature_scaling None = keep what threshold.json says (or
   the defaults youden / off when there is none). `cache` may hold val
   predictions already computed ({(data_dir, split): SplitPredictions}). `trained`: the
   training data checked (`training_data`); its val split is read only if unchanged, or
-  changed and allowed.
+  changed and allowed. tta None = keep the run's test-time augmentation; another one
+  chooses a new operating point with it (the run's module is rebuilt with it first).
   """
   if policy is not None:
     try:
@@ -312,7 +318,9 @@ def resolve_operating_point(run: rundir.LoadedRun, *, policy: str | None,
     except ValueError as e:
       raise EvaluateError(str(e)) from e
   existing = run.operating_point
-  if not _wants_new(existing, policy, temperature_scaling, run.binary, run.multi_label):
+  tta = run.tta if tta is None else tta
+  if tta == run.tta and not _wants_new(existing, policy, temperature_scaling, run.binary,
+                                       run.multi_label):
     logging.info("using the operating point in %s (policy %s, chosen on %s)",
                  rundir.OPERATING_POINT, existing.get("policy"), existing.get("source_split"))
     return existing
@@ -321,6 +329,7 @@ def resolve_operating_point(run: rundir.LoadedRun, *, policy: str | None,
     policy = DEFAULT_POLICY
   if temperature_scaling is None:
     temperature_scaling = bool(existing and existing.get("temperature") is not None)
+  model_call.module_of(run, tta=tta)   # val is predicted, and the threshold chosen, with it
   data_dir = run.cfg.data_dir
   needs_val = temperature_scaling or ((run.binary or run.multi_label)
                                       and operating_point.parse_threshold_policy(policy).kind != "fixed")
@@ -346,6 +355,7 @@ def resolve_operating_point(run: rundir.LoadedRun, *, policy: str | None,
                                                     class_probabilities, EvaluateError)
   else:
     op = choose_operating_point(run, val, policy, temperature_scaling)
+  op["tta"] = tta
   path = rundir.write_operating_point(run.model_dir, op)
   run.operating_point = op
   logging.info("operating point written to %s: threshold %s (%s on %s)", path, op["threshold"],
@@ -502,12 +512,14 @@ def evaluate(model_dir: str, *, data_dir: str = EvalConfig.data_dir, split: str 
              n_resamples: int = EvalConfig.bootstrap_resamples, seed: int = EvalConfig.bootstrap_seed,
              batch_size: int = EvalConfig.batch_size, out_dir: str = EvalConfig.out_dir,
              write_plots: bool = EvalConfig.plots,
-             allow_data_change: bool = EvalConfig.allow_data_change) -> dict[str, Any]:
+             allow_data_change: bool = EvalConfig.allow_data_change,
+             tta: str | None = EvalConfig.tta) -> dict[str, Any]:
   """Evaluates RUN on `split` of `data_dir` (default: the run's training data).
 
   write_plots=False skips the PNGs (report.json/md and predictions.csv are
   always written). allow_data_change: evaluate the run's training data even when it
   changed since training (module docstring: "The data"); the change is in the report.
+  tta: test-time augmentation (config.TTA_PRESETS; None = keep threshold.json's).
 
   Returns the report dict (as written to report.json) with "report_dir" added.
   """
@@ -518,6 +530,8 @@ def evaluate(model_dir: str, *, data_dir: str = EvalConfig.data_dir, split: str 
       raise EvaluateError(str(e)) from e
   if n_resamples < 1:
     raise EvaluateError(f"bootstrap resamples must be >= 1, got {n_resamples}")
+  if tta is not None and tta not in config.TTA_PRESETS:
+    raise EvaluateError(f"--tta={tta}: choose one of {', '.join(config.TTA_PRESETS)}")
   try:
     run = predict_lib.load(model_dir)
   except predict_lib.PredictError as e:
@@ -530,7 +544,7 @@ def evaluate(model_dir: str, *, data_dir: str = EvalConfig.data_dir, split: str 
   same = os.path.normpath(data_dir) == os.path.normpath(run.cfg.data_dir or "")
   manifest = (trained.check(f"'{split}' split") or run.manifest) if same else None
   op = resolve_operating_point(run, policy=threshold_policy, temperature_scaling=temperature_scaling,
-                               batch_size=batch_size, cache=cache, trained=trained)
+                               batch_size=batch_size, cache=cache, trained=trained, tta=tta)
   if manifest is None:
     try:
       manifest = schema.read_manifest(data_dir)
@@ -576,7 +590,8 @@ def evaluate(model_dir: str, *, data_dir: str = EvalConfig.data_dir, split: str 
     notes.append(f"no {split} examples of {', '.join(missing)}")
   out_dir = out_dir or rundir.eval_dir(model_dir, preds.dataset, split)
   report = {"report_version": REPORT_VERSION, "model_dir": model_dir, "data_dir": data_dir,
-            "dataset": preds.dataset, "split": split, **rep, **provenance, "notes": notes,
+            "dataset": preds.dataset, "split": split, **rep, "tta": run.tta, **provenance,
+            "notes": notes,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
   files = {k: rundir.EVAL_FILES[k] for k in ("predictions", "report_json", "report_md")}
   _write_predictions(storage.join(out_dir, files["predictions"]), run.classes, preds, probs, pred)
@@ -625,7 +640,8 @@ def _evaluate_multilabel(run: rundir.LoadedRun, preds: SplitPredictions, op: dic
     notes.append(f"not labelled in {split}: {', '.join(unlabelled)}")
   out_dir = out_dir or rundir.eval_dir(run.model_dir, preds.dataset, split)
   report = {"report_version": REPORT_VERSION, "model_dir": run.model_dir, "data_dir": data_dir,
-            "dataset": preds.dataset, "split": split, **rep, **(provenance or {}), "notes": notes,
+            "dataset": preds.dataset, "split": split, **rep, "tta": run.tta, **(provenance or {}),
+            "notes": notes,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
   files = {k: rundir.EVAL_FILES[k] for k in ("predictions", "report_json", "report_md")}
   multilabel.write_predictions(storage.join(out_dir, files["predictions"]), run.classes,
@@ -721,6 +737,9 @@ def render_markdown(report: dict, classification_text: str = "") -> str:
            f"- model: `{r['model_dir']}`", f"- data: `{r['data_dir']}` (split `{r['split']}`, "
            f"{r['num_examples']} images: " + ", ".join(f"{c} {n}" for c, n in r["class_counts"].items()) + ")",
            f"- task: {r['task']}, classes {', '.join(r['classes'])}"]
+  if r.get("tta") not in (None, config.DEFAULT_TTA):
+    lines.append(f"- test-time augmentation: `{r['tta']}` (the outputs averaged over "
+                 f"{len(config.TTA_PRESETS[r['tta']])} views of each image)")
   if r["task"] == rundir.MULTI_LABEL:
     lines += multilabel.render_markdown(r)
     return _markdown_tail(r, lines, classification_text)

@@ -91,6 +91,7 @@ def export(model_dir: str, *, version: int = ExportConfig.version,
           "argmax" if run.task == "multiclass" else rundir.DEFAULT_POLICY),
       "threshold_source_split": op.get("source_split"),
       "temperature": run.temperature,
+      "tta": run.tta,   # the test-time augmentation's views are inside the graph (model_call)
       "image_size": run.size, "channels": run.channels, "aspect": run.aspect,
       "input": "serving_default: image_bytes tf.string [B], the bytes of PNG (8/16-bit), JPEG, BMP "
                "or GIF files as stored. Not DICOM (nor TIFF or WebP): render DICOM to PNG first as "

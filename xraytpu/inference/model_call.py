@@ -5,6 +5,8 @@ probabilities -> the label at the frozen operating point.
         │                  conversion replayed in the graph)──▶ uint8 [B, S, S, C]
         ▼
   model(x, training=False) ──▶ raw [B, 1] (binary: P(positive)) or [B, K] (softmax)
+        │   with test-time augmentation (threshold.json's "tta", chosen by evaluate --tta):
+        │   the mean of model(view(x)) over the views (xraytpu.inference.tta), one batch of V x B
         ▼
   calibrate: temperature (fitted on val by xraytpu.evaluate, logit space),
              binary [1 - p, p]; label = p >= threshold (binary) or argmax;
@@ -30,7 +32,8 @@ import tensorflow as tf
 
 from tfrecord_tools import pixels
 from tfrecord_tools import schema
-from xraytpu import errors
+from xraytpu import config, errors
+from xraytpu.inference import tta as tta_lib
 from xraytpu.run import rundir
 
 # Probabilities are clipped this far from 0 and 1 before the logit.
@@ -62,10 +65,13 @@ def check_finite(outputs: np.ndarray, what: str = "") -> None:
         "collapsed training): retrain with a lower --learning_rate")
 
 
-def module_of(run: rundir.LoadedRun) -> "InferenceModule":
-  """The run's InferenceModule, built on first use and kept on the run: the one way to call it."""
-  if run.module_cache is None:
-    run.module_cache = InferenceModule.from_run(run)
+def module_of(run: rundir.LoadedRun, tta: str | None = None) -> "InferenceModule":
+  """The run's InferenceModule, built on first use and kept on the run: the one way to call it.
+
+  tta: build it (again) with this test-time augmentation instead of the run's: evaluate,
+  choosing a new operating point with --tta before threshold.json records it."""
+  if run.module_cache is None or (tta is not None and run.module_cache.tta != tta):
+    run.module_cache = InferenceModule.from_run(run, tta=tta)
   return run.module_cache
 
 
@@ -74,9 +80,12 @@ class InferenceModule(tf.Module):
 
   def __init__(self, model, *, classes: Sequence[str], size: int, channels: int, aspect: str,
                conversion: dict, threshold: float | None = None, temperature: float | None = None,
-               multi_label: bool = False, thresholds: Sequence[float] | None = None):
+               multi_label: bool = False, thresholds: Sequence[float] | None = None,
+               tta: str = config.DEFAULT_TTA):
     super().__init__(name="xraytpu_inference")
     self.model = model
+    # Test-time augmentation: the views whose outputs _raw averages (fixed in the graph).
+    self.tta, self.views = tta, tta_lib.views_of(tta)
     self.classes = list(classes)
     self.multi_label = bool(multi_label)
     self.binary = len(self.classes) == 2 and not self.multi_label
@@ -103,10 +112,12 @@ class InferenceModule(tf.Module):
     self.predict_bytes = tf.function(self._predict_bytes, input_signature=[bytes_spec])
 
   @classmethod
-  def from_run(cls, run: rundir.LoadedRun) -> "InferenceModule":
+  def from_run(cls, run: rundir.LoadedRun, tta: str | None = None) -> "InferenceModule":
+    """The run's module, with the run's test-time augmentation (`tta` None) or `tta`."""
     return cls(run.model, classes=run.classes, size=run.size, channels=run.channels,
                aspect=run.aspect, conversion=run.conversion, threshold=run.threshold,
-               temperature=run.temperature, multi_label=run.multi_label, thresholds=run.thresholds)
+               temperature=run.temperature, multi_label=run.multi_label, thresholds=run.thresholds,
+               tta=run.tta if tta is None else tta)
 
   def signatures(self) -> dict:
     """The SavedModel's signatures (what xraytpu.export saves, and serve describes as TF
@@ -124,7 +135,13 @@ class InferenceModule(tf.Module):
         fn_output_signature=tf.TensorSpec([self.size, self.size, self.channels], tf.uint8))
 
   def _raw(self, images):
-    return tf.cast(self.model(images, training=False), tf.float32)
+    if len(self.views) == 1:   # no TTA ("none": the identity): the model as is
+      return tf.cast(self.model(tta_lib.view(images, self.views[0], self.size), training=False),
+                     tf.float32)
+    # One model call on the V views stacked as V x B images, then the mean over the views.
+    stacked = tf.concat([tta_lib.view(images, v, self.size) for v in self.views], axis=0)
+    out = tf.cast(self.model(stacked, training=False), tf.float32)
+    return tf.reduce_mean(tf.reshape(out, [len(self.views), -1, out.shape[-1]]), axis=0)
 
   def _decide(self, raw):
     if self.multi_label:

@@ -43,6 +43,7 @@ import os
 from typing import Any
 
 from tfrecord_tools import storage
+from xraytpu import config
 from xraytpu.config import AUGMENT_FIELDS
 from xraytpu.run import card_metadata, reports, rundir
 
@@ -56,7 +57,7 @@ _CARD_METRICS = ("auc", "auc_ci", "pr_auc", "pr_auc_ci", "sensitivity", "sensiti
                  "threshold_source_dataset", "num_examples", "class_counts", "dataset", "split", "task",
                  "ci", "notes", "undefined", "created", "temperature", "brier", "ece",
                  "brier_uncalibrated", "ece_uncalibrated", "confusion_matrix", "per_class", "subgroups",
-                 "subgroups_info")
+                 "subgroups_info", "tta")
 # config.json's fields that shaped the weights (Model details > hyperparameters).
 _HYPERPARAMETERS = ("model", "weights", "head", "dropout", "image_size", "channels", "aspect",
                     "optimizer", "learning_rate", "lr_schedule", "warmup_epochs", "weight_decay",
@@ -217,6 +218,7 @@ def model_card(run: rundir.LoadedRun, opts=None) -> dict[str, Any]:
                                     "manifest_sha256", "data_digest", "privacy"}},
    "threshold": float|null, "thresholds": {finding: float} (multi-label) | null, "threshold_policy": str, "threshold_source_split": str|null,
    "threshold_source_dataset": str|null, "threshold_note": str|null, "temperature": float|null,
+   "tta": the test-time augmentation every prediction applies (threshold.json's; "none"),
    "threshold_evidence": what the threshold rests on, on val (threshold.json's "evidence":
                          positives, negatives, achieved rates with exact CIs, target, warning) | null;
                          multi-label: {finding: evidence | null},
@@ -264,6 +266,7 @@ def model_card(run: rundir.LoadedRun, opts=None) -> dict[str, Any]:
           f"{rundir.DEFAULT_THRESHOLD} is used; run python -m xraytpu.evaluate to choose one "
           "on the validation split"),
       "temperature": run.temperature,
+      "tta": run.tta,
       "threshold_evidence": ({c: (e or {}).get("evidence") for c, e in (op.get("per_finding") or {}).items()}
                              if run.multi_label else op.get("evidence")),
       "evaluation": None,
@@ -290,6 +293,9 @@ def model_card(run: rundir.LoadedRun, opts=None) -> dict[str, Any]:
       t_report, t_now = report.get("threshold"), run.threshold
       ev["stale"] = (t_report is not None and t_now is not None
                      and abs(float(t_report) - t_now) > 1e-9)
+    tta_report = report.get("tta") or config.DEFAULT_TTA
+    if tta_report != run.tta:   # the model is called with other views now
+      ev["stale"], t_report, t_now = True, f"{t_report} (tta {tta_report})", f"{t_now} (tta {run.tta})"
     if ev["stale"]:
       ev["notes"] = list(ev.get("notes") or []) + [
           f"this report used threshold {t_report}; {rundir.OPERATING_POINT} now says "
@@ -498,6 +504,10 @@ def _metrics_md(card: dict) -> list[str]:
                        f"operating point: {ev['warning']}")
   if card.get("temperature") is not None:
     lines.append(f"- probabilities calibrated by temperature scaling, T = {_num(card['temperature'])}")
+  if card.get("tta") not in (None, config.DEFAULT_TTA):
+    lines.append(f"- test-time augmentation `{card['tta']}`: each probability is the mean over "
+                 f"{len(config.TTA_PRESETS[card['tta']])} views of the image (zoomed/shifted, never "
+                 "flipped), as the threshold was chosen")
   if card.get("threshold_note"):
     lines.append(f"- note: {card['threshold_note']}")
   return lines + [""]

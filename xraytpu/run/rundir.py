@@ -31,6 +31,8 @@ threshold.json:
    "source_split": "val", "source_data_dir": "...", "source_dataset": "chest_xray",
    "positive_class": "PNEUMONIA", "sensitivity": 0.95, "specificity": 0.71,
    "temperature": null,            # or T fitted on the source split (--temperature_scaling)
+   "tta": "shift",                 # the test-time augmentation the threshold was chosen with
+                                   # (evaluate --tta; config.TTA_PRESETS); absent = "none"
    "fallback_reason": null, "num_examples": 524, "created": "2026-11-23T18:00:00Z"}
 
 `load(run_dir)` gives a `LoadedRun` (config, manifest, model, operating
@@ -382,6 +384,13 @@ class LoadedRun:
   def temperature(self) -> float | None:
     t = (self.operating_point or {}).get("temperature")
     return float(t) if t is not None else None
+
+  @property
+  def tta(self) -> str:
+    """The test-time augmentation the operating point was chosen with (config.TTA_PRESETS'
+    name), which every caller of the model applies; config.DEFAULT_TTA when none is recorded."""
+    from xraytpu import config  # noqa: PLC0415
+    return (self.operating_point or {}).get("tta") or config.DEFAULT_TTA
 
   @property
   def has_operating_point(self) -> bool:
