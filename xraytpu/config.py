@@ -196,7 +196,15 @@ DEFAULT_TTA = "none"   # what a run whose threshold.json names no TTA applies
 # Bootstrap confidence intervals: xraytpu.evaluation.metrics' defaults too.
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
-RUN_DIR_HELP = "Run directory written by xraytpu.train."
+RUN_DIR_HELP = ("Run directory written by xraytpu.train, or an ensemble's directory; or several run "
+                "directories, comma-separated: an ensemble averaging their probabilities (see "
+                "--ensemble_dir).")
+ENSEMBLE_DIR_HELP = ("With several comma-separated run directories in --model_dir: the ensemble's own "
+                     "folder (xraytpu.run.ensemble), created, or reused when it names the same runs; "
+                     "it holds ensemble.json and, as a run does, threshold.json, eval/, export/ and "
+                     "the model card, and is then the model directory. The runs' raw probabilities are "
+                     "averaged. evaluate and export need it; predict and serve without it average in "
+                     "memory, with no operating point.")
 
 
 @dataclasses.dataclass
@@ -204,6 +212,7 @@ class EvalConfig:
   """What `python -m xraytpu.evaluate` takes (see xraytpu.evaluation.evaluate_lib.evaluate)."""
   FLAG_TOPIC: ClassVar[str] = "evaluation"   # --help heading
   model_dir: str = _f(help=RUN_DIR_HELP)
+  ensemble_dir: str = _f("", ENSEMBLE_DIR_HELP)
   data_dir: str = _f("", "Converted data set to evaluate (default: the run's training data). "
                      "Its classes must be known to the model (matched by name).")
   split: str = _f("test", "Split to evaluate (train, val or test).")
@@ -238,6 +247,7 @@ class PredictConfig:
   FLAG_TOPIC: ClassVar[str] = "prediction"   # --help heading
   FLAG_ALIASES: ClassVar[dict[str, str]] = {"window": "dicom_window"}   # its name before the rename
   model_dir: str = _f(help=RUN_DIR_HELP)
+  ensemble_dir: str = _f("", ENSEMBLE_DIR_HELP)
   output: str = _f("", "Also write the predictions to FILE.csv or FILE.jsonl.")
   gradcam: str = _f("", "Write a Grad-CAM overlay PNG per image to this folder.")
   dicom_window: str = _f("auto", "How DICOM files are rendered (tfrecord_tools.dicom): auto = as the "
@@ -256,6 +266,7 @@ class ExportConfig:
   """What `python -m xraytpu.export` takes (see xraytpu.inference.export_lib.export)."""
   FLAG_TOPIC: ClassVar[str] = "exporting"   # --help heading
   model_dir: str = _f(help=RUN_DIR_HELP)
+  ensemble_dir: str = _f("", ENSEMBLE_DIR_HELP)
   version: int = _f(0, "Integer version folder (0 = the next free one).")
   export_dir: str = _f("", "Parent folder of the version folders (default RUN/export), e.g. a TF Serving "
                        "model base path.")
@@ -280,7 +291,8 @@ def is_loopback(host: str) -> bool:
 class ServeOptions:
   """What `python -m xraytpu.serve` takes (see xraytpu.serving.http_api.serve); fields without help are not flags."""
   FLAG_TOPIC: ClassVar[str] = "serving"   # --help heading
-  model_dir: str = _f(help="Run directory written by xraytpu.train (and xraytpu.evaluate).")
+  model_dir: str = _f(help=RUN_DIR_HELP)
+  ensemble_dir: str = _f("", ENSEMBLE_DIR_HELP)
   host: str = _f("127.0.0.1", "Address to listen on. Any address but a loopback one (127.0.0.1, ::1, "
                  "localhost) needs --auth_token_file, or --allow_unauthenticated.")
   port: int = _f(8080, "Port to listen on (0 = any free port, printed at start-up).")

@@ -40,7 +40,7 @@ def main(argv):
       threshold_policy=opts.threshold_policy, temperature_scaling=opts.temperature_scaling,
       n_resamples=opts.bootstrap_resamples, seed=opts.bootstrap_seed, batch_size=opts.batch_size,
       out_dir=opts.out_dir, write_plots=opts.plots, allow_data_change=opts.allow_data_change,
-      tta=opts.tta)
+      tta=opts.tta, ensemble_dir=opts.ensemble_dir)
   print(reports.headline(report))
   for note in report["notes"]:
     print(f"note: {note}")

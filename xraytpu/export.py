@@ -19,7 +19,8 @@ def main(argv):
   cli.no_arguments(argv)
   opts = cli.from_flags(ExportConfig)
   from xraytpu.inference import export_lib
-  path = export_lib.export(opts.model_dir, version=opts.version, export_dir=opts.export_dir)
+  path = export_lib.export(opts.model_dir, version=opts.version, export_dir=opts.export_dir,
+                           ensemble_dir=opts.ensemble_dir)
   meta = export_lib.load_metadata(path)
   print(f"SavedModel written to {path}")
   print(f"  classes {meta['classes']}, input {meta['image_size']}x{meta['image_size']}x"

@@ -28,7 +28,8 @@ def main(argv):
   from xraytpu.inference import predict_lib
   failed = predict_lib.run_predict(opts.model_dir, argv[1:], dicom_window=opts.dicom_window,
                                    output=opts.output or None, gradcam_dir=opts.gradcam or None,
-                                   batch_size=opts.batch_size, max_pixels=opts.max_pixels)
+                                   batch_size=opts.batch_size, max_pixels=opts.max_pixels,
+                                   ensemble_dir=opts.ensemble_dir)
   sys.exit(1 if failed else 0)
 
 

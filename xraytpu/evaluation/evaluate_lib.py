@@ -513,12 +513,15 @@ def evaluate(model_dir: str, *, data_dir: str = EvalConfig.data_dir, split: str 
              batch_size: int = EvalConfig.batch_size, out_dir: str = EvalConfig.out_dir,
              write_plots: bool = EvalConfig.plots,
              allow_data_change: bool = EvalConfig.allow_data_change,
-             tta: str | None = EvalConfig.tta) -> dict[str, Any]:
+             tta: str | None = EvalConfig.tta,
+             ensemble_dir: str = EvalConfig.ensemble_dir) -> dict[str, Any]:
   """Evaluates RUN on `split` of `data_dir` (default: the run's training data).
 
   write_plots=False skips the PNGs (report.json/md and predictions.csv are
   always written). allow_data_change: evaluate the run's training data even when it
   changed since training (module docstring: "The data"); the change is in the report.
+  model_dir may name several runs, comma-separated, with ensemble_dir (xraytpu.run.ensemble):
+  the ensemble is evaluated, its operating point and reports written into ensemble_dir.
   tta: test-time augmentation (config.TTA_PRESETS; None = keep threshold.json's).
 
   Returns the report dict (as written to report.json) with "report_dir" added.
@@ -533,9 +536,10 @@ def evaluate(model_dir: str, *, data_dir: str = EvalConfig.data_dir, split: str 
   if tta is not None and tta not in config.TTA_PRESETS:
     raise EvaluateError(f"--tta={tta}: choose one of {', '.join(config.TTA_PRESETS)}")
   try:
-    run = predict_lib.load(model_dir)
+    run = predict_lib.load(predict_lib.model_dir_of(model_dir, ensemble_dir, writer="xraytpu.evaluate"))
   except predict_lib.PredictError as e:
     raise EvaluateError(str(e)) from e
+  model_dir = run.model_dir   # the ensemble's folder when given a list of runs
   data_dir = data_dir or run.cfg.data_dir
   if not data_dir:
     raise EvaluateError("no --data_dir given and the run's config.json names none")

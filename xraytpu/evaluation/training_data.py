@@ -16,7 +16,7 @@ from absl import logging
 
 from tfrecord_tools import schema
 from xraytpu import errors
-from xraytpu.run import films, rundir
+from xraytpu.run import ensemble, films, rundir
 
 
 class DataChangedError(errors.UserError):
@@ -70,23 +70,36 @@ def training_data(run: rundir.LoadedRun, allow_change: bool = False) -> Training
   """The run's training data checked against config.json's fingerprint (the resume check's
   schema.fingerprint_differences: one comparison for both)."""
   data_dir = run.cfg.data_dir or ""
-  recorded = ((rundir.read_config(run.model_dir) or {}).get("run") or {}).get("data")
+  # An ensemble's data is its runs' (xraytpu.run.ensemble): the first run's, and any run trained
+  # on other data is a change the evaluation must allow.
+  sources = _sources(run)
+  recorded = ((rundir.read_config(sources[0]) or {}).get("run") or {}).get("data")
   try:
     manifest = schema.read_manifest(data_dir) if data_dir else None
   except (schema.ManifestError, OSError, ValueError):
     manifest = None
-  differences = []
+  differences = ensemble.data_differences(sources) if len(sources) > 1 else []
   if recorded and manifest is not None:
-    differences = schema.fingerprint_differences(recorded, schema.data_fingerprint(manifest))
+    differences += schema.fingerprint_differences(recorded, schema.data_fingerprint(manifest))
   return TrainingData(data_dir, recorded, manifest, differences, allow_change)
+
+
+def _sources(run: rundir.LoadedRun) -> list[str]:
+  """The run directories that trained the model: the run's, or an ensemble's runs."""
+  return [m.model_dir for m in run.members] or [run.model_dir]
 
 
 def training_overlap(run: rundir.LoadedRun, trained: TrainingData, data_dir: str, manifest: dict,
                      split: str) -> dict:
-  """report.json's training_overlap: the films of `split` the run trained on (by content hash)."""
-  listing, why = films.training_films(run.model_dir, trained.data_dir, trained.manifest,
-                                      trained.differences if trained.recorded else None)
-  if listing is None:
-    return {"checked": False, "num_films": None, "without_hash": None, "in_train": None,
-            "in_val": None, "reason": why}
-  return films.overlap(listing, films.split_hashes(data_dir, manifest, split))
+  """report.json's training_overlap: the films of `split` the run trained on (by content hash;
+  an ensemble: those any of its runs trained on)."""
+  merged: dict = {"splits": {}}
+  for source in _sources(run):
+    listing, why = films.training_films(source, trained.data_dir, trained.manifest,
+                                        trained.differences if trained.recorded else None)
+    if listing is None:
+      return {"checked": False, "num_films": None, "without_hash": None, "in_train": None,
+              "in_val": None, "reason": why}
+    for s, hashes in (listing.get("splits") or {}).items():
+      merged["splits"].setdefault(s, set()).update(hashes)
+  return films.overlap(merged, films.split_hashes(data_dir, manifest, split))

@@ -58,18 +58,21 @@ def next_version(export_root: str) -> int:
 
 
 def export(model_dir: str, *, version: int = ExportConfig.version,
-           export_dir: str = ExportConfig.export_dir) -> str:
+           export_dir: str = ExportConfig.export_dir,
+           ensemble_dir: str = ExportConfig.ensemble_dir) -> str:
   """Writes the SavedModel; returns its folder RUN/export/<version> (or export_dir/<version>).
 
   version 0 = the next free integer. An existing version is an error (TF
-  Serving may be serving it). Locally the model is written to a hidden temp
+  Serving may be serving it). model_dir may name several runs, comma-separated, with
+  ensemble_dir (xraytpu.run.ensemble): one SavedModel averaging them. Locally the model is written to a hidden temp
   folder and renamed, so a watcher never sees a half-written version; on gs://
   it is written locally and uploaded with saved_model.pb last.
   """
   try:
-    run = predict_lib.load(model_dir)
+    run = predict_lib.load(predict_lib.model_dir_of(model_dir, ensemble_dir, writer="xraytpu.export"))
   except predict_lib.PredictError as e:
     raise ExportError(str(e)) from e
+  model_dir = run.model_dir   # the ensemble's folder when given a list of runs
   root = export_dir or rundir.export_root(model_dir)
   version = version or next_version(root)
   if version < 0:
@@ -106,6 +109,7 @@ def export(model_dir: str, *, version: int = ExportConfig.version,
                  "probabilities float32 [B, K], label string [B], label_index int32 [B]",
       "conversion": run.conversion,
       "source_run": model_dir,
+      "ensemble": [m.model_dir for m in run.members] or None,   # the averaged runs
       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
   }
   meta_text = json.dumps(meta, indent=2, sort_keys=True) + "\n"

@@ -33,7 +33,7 @@ from tfrecord_tools import storage
 from xraytpu import errors
 from xraytpu.config import PredictConfig
 from xraytpu.inference import model_call
-from xraytpu.run import rundir
+from xraytpu.run import ensemble, rundir
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 
@@ -217,9 +217,20 @@ def multi_label_prediction(run: rundir.LoadedRun, path: str, probs, positive,
 
 
 def load(model_dir: str) -> rundir.LoadedRun:
-  """The run (its `module` is the inference path); PredictError when it cannot be loaded."""
+  """The run (its `module` is the inference path), an ensemble's directory, or the
+  comma-separated runs averaged in memory (xraytpu.run.ensemble); PredictError when it cannot
+  be loaded."""
   try:
-    return rundir.load(model_dir)
+    return ensemble.load_model_dir(model_dir)
+  except rundir.RunError as e:
+    raise PredictError(str(e)) from e
+
+
+def model_dir_of(model_dir: str, ensemble_dir: str = "", writer: str = "") -> str:
+  """--model_dir and --ensemble_dir -> the model directory to `load` (xraytpu.run.ensemble.resolve:
+  an ensemble's folder created or reused); PredictError when refused."""
+  try:
+    return ensemble.resolve(model_dir, ensemble_dir, writer)
   except rundir.RunError as e:
     raise PredictError(str(e)) from e
 
@@ -339,7 +350,8 @@ def run_predict(model_dir: str, paths: Sequence[str], *,
                 dicom_window: str = PredictConfig.dicom_window,
                 output: str | None = None, gradcam_dir: str | None = None,
                 batch_size: int = PredictConfig.batch_size, out=None, err=None,
-                max_pixels: int = PredictConfig.max_pixels) -> int:
+                max_pixels: int = PredictConfig.max_pixels,
+                ensemble_dir: str = PredictConfig.ensemble_dir) -> int:
   """The predict command: prints one line per input; returns the number that failed.
 
   out / err: where results and per-file errors go; None = sys.stdout / sys.stderr as they
@@ -353,9 +365,12 @@ def run_predict(model_dir: str, paths: Sequence[str], *,
   if max_pixels < 1:
     raise PredictError(f"--max_pixels={max_pixels}: must be >= 1")
   parse_window(dicom_window)  # fail before loading the model
-  run = load(model_dir)
+  run = load(model_dir_of(model_dir, ensemble_dir))
+  if gradcam_dir and run.is_ensemble:
+    raise PredictError(f"--gradcam: not available for an ensemble of {len(run.members)} runs (Grad-CAM "
+                       "explains one model's feature map); ask one of its runs")
   if (run.binary or run.multi_label) and not run.has_operating_point:
-    print(f"note: {model_dir} has no {rundir.OPERATING_POINT}; using threshold {rundir.DEFAULT_THRESHOLD}. "
+    print(f"note: {run.model_dir} has no {rundir.OPERATING_POINT}; using threshold {rundir.DEFAULT_THRESHOLD}. "
           "Run `python -m xraytpu.evaluate` to choose one on the validation split.", file=err)
 
   def show(r: Prediction):

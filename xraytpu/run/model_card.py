@@ -45,7 +45,7 @@ from typing import Any
 from tfrecord_tools import storage
 from xraytpu import config
 from xraytpu.config import AUGMENT_FIELDS
-from xraytpu.run import card_metadata, reports, rundir
+from xraytpu.run import card_metadata, ensemble, reports, rundir
 
 DISCLAIMER = ("Not a diagnostic device. This is research software: its output is not a diagnosis, has "
               "not been cleared by any regulator, and must not be used to make clinical decisions.")
@@ -116,21 +116,13 @@ def _data_caveats(card: dict) -> list[str]:
 
 
 def _weights_version(run: rundir.LoadedRun) -> str | None:
-  """"sha256:<12 hex>" of the files the served weights come from (model.keras, best weights)."""
-  h = hashlib.sha256()
-  found = False
-  for name in (rundir.MODEL, rundir.BEST_WEIGHTS):
-    p = rundir.path(run.model_dir, name)
-    try:
-      if not storage.exists(p):
-        continue
-      with storage.open(p, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-          h.update(block)
-      found = True
-    except (OSError, storage.StorageError):
-      continue
-  return "sha256:" + h.hexdigest()[:12] if found else None
+  """"sha256:<12 hex>" of the files the served weights come from (model.keras, best weights;
+  an ensemble: its members' in order)."""
+  digests = [rundir.weights_sha256(d) for d in ([m.model_dir for m in run.members] or [run.model_dir])]
+  if any(d is None for d in digests):
+    return None
+  digest = digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
+  return "sha256:" + digest[:12]
 
 
 def _model_details(run: rundir.LoadedRun, doc: dict) -> dict[str, Any]:
@@ -233,8 +225,8 @@ def model_card(run: rundir.LoadedRun, opts=None) -> dict[str, Any]:
   """
   op = run.operating_point or {}
   manifest = run.manifest
-  try:
-    doc = rundir.read_config(run.model_dir) or {}
+  try:   # an ensemble's training is its runs': the first one's config.json (same data)
+    doc = rundir.read_config((run.members[0] if run.members else run).model_dir) or {}
   except rundir.RunError:
     doc = {}
   splits = {}
@@ -246,8 +238,9 @@ def model_card(run: rundir.LoadedRun, opts=None) -> dict[str, Any]:
   needs_op = run.binary or run.multi_label
   card: dict[str, Any] = {
       "card_format": CARD_FORMAT,
-      "model": getattr(run.cfg, "model", None) or "unknown",
+      "model": "ensemble" if run.members else getattr(run.cfg, "model", None) or "unknown",
       "run": os.path.basename(os.path.normpath(run.model_dir)),
+      "ensemble": ensemble.members_of(run) or None,   # its runs: name, path, model, auc
       "task": run.task,
       "classes": run.classes,
       "positive_class": run.classes[1] if run.binary else None,
@@ -272,8 +265,13 @@ def model_card(run: rundir.LoadedRun, opts=None) -> dict[str, Any]:
       "evaluation": None,
       "evaluations": _all_reports(run),
       "disclaimer": DISCLAIMER,
-      "training_warning": _training_warning(run, doc),
+      "training_warning": _training_warning(run, doc) if not run.members else "; ".join(
+          f"run {os.path.basename(os.path.normpath(m.model_dir))} of the ensemble: {w}"
+          for m in run.members for w in [_training_warning(m, rundir.read_config(m.model_dir) or {})]
+          if w) or None,
   }
+  if run.members:   # the first run's training details do not describe the average
+    card["model_details"].update(date=None, parameters=None, hyperparameters={}, training={})
   report = find_eval_report(run)
   if report is not None:
     ev = {k: report.get(k) for k in _CARD_METRICS}
@@ -394,6 +392,7 @@ def _model_details_md(card: dict) -> list[str]:
            f"{d.get('date') or 'n/a'} (training finished); licence: `{d.get('license') or card_metadata.UNKNOWN_LICENSE}`"
            + (" (set with xraytpu.train --model_license; the training data's terms apply too)"
               if (d.get("license") or card_metadata.UNKNOWN_LICENSE) == card_metadata.UNKNOWN_LICENSE else ""),
+           *_ensemble_md(card),
            f"- architecture: `{card['model']}`"
            + (f", {d['parameters']:,} parameters" if d.get("parameters") else ""),
            f"- input: {inp['size']}x{inp['size']} px, {inp['channels']} channel(s), uint8, non-square "
@@ -411,17 +410,29 @@ def _model_details_md(card: dict) -> list[str]:
                  f"{tr.get('replicas')} {tr.get('accelerator')} replica(s), global batch "
                  f"{tr.get('global_batch')}, {tr.get('steps_per_epoch')} steps per epoch, "
                  f"{tr.get('precision_policy')}")
-  if d.get("hyperparameters"):
-    lines.append(f"- hyperparameters (config.json): {_kv(d['hyperparameters'])}")
-  return lines + [""]
-
-
   if tr.get("init_from"):
     src = tr["init_from"]
     lines.append(f"- warm-started (--init_from) from the {src.get('model')} run `{src.get('run_dir')}` "
                  f"(weights `sha256:{str(src.get('weights_sha256'))[:12]}`, {src.get('task')} on "
                  f"{', '.join(src.get('classes') or [])}): {src.get('layers')} backbone layers copied, "
                  "a new head for this task")
+  if d.get("hyperparameters"):
+    lines.append(f"- hyperparameters (config.json): {_kv(d['hyperparameters'])}")
+  return lines + [""]
+
+
+def _ensemble_md(card: dict) -> list[str]:
+  """An ensemble's line: its runs, averaged (xraytpu.run.ensemble)."""
+  runs = card.get("ensemble") or []
+  if not runs:
+    return []
+  return [f"- ensemble of {len(runs)} runs, the mean of their raw probabilities, with its own "
+          "operating point: " + ", ".join(
+              f"`{r['name']}` ({r.get('model')}"
+              + (f", AUC {_num(r['auc'])} on {r['auc_split']}" if r.get("auc") is not None else "")
+              + ")" for r in runs)]
+
+
 def _intended_use_md(card: dict) -> list[str]:
   return ["## Intended use", "",
           "Research and teaching: studying how well a " + _what(card)

@@ -24,6 +24,9 @@ local or gs://):
   eval/<dataset>-<split>/   report.json, report.md, predictions.csv, *.png
   export/<version>/  SavedModel; assets.extra/xraytpu.json (metadata), assets.extra/MODEL_CARD.md
 
+An ensemble of runs is a directory too (xraytpu.run.ensemble): ensemble.json (its members),
+and threshold.json, MODEL_CARD.md, eval/ and export/ as above; `load` loads it as a run.
+
 threshold.json:
   {"threshold": 0.41,              # binary: P(positive) >= threshold -> positive; null for multi-class
    "thresholds": {"Effusion": 0.3, ...},   # multi-label: one per finding (then "threshold" is null)
@@ -45,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -72,6 +76,7 @@ EXPORT = "export"
 EXPORT_METADATA = os.path.join("assets.extra", "xraytpu.json")
 MODEL_CARD = "MODEL_CARD.md"
 TRAINING_FILMS = "training_films.json"   # content hashes of the train/val films (xraytpu.run.films)
+ENSEMBLE = "ensemble.json"   # an ensemble directory's members (xraytpu.run.ensemble)
 EXPORT_MODEL_CARD = os.path.join(os.path.dirname(EXPORT_METADATA), MODEL_CARD)
 # Files of one evaluation report folder, eval/<dataset>-<split>/, by role.
 EVAL_FILES = {
@@ -81,7 +86,7 @@ EVAL_FILES = {
 }
 # What a finished run holds; `clear` removes exactly these (never the folder).
 _ENTRIES = (CONFIG, HISTORY, MANIFEST_COPY, MODEL, OPERATING_POINT, MODEL_CARD, TRAINING_FILMS, LOGS,
-            CHECKPOINTS, BACKUP, EVAL, EXPORT)
+            CHECKPOINTS, BACKUP, EVAL, EXPORT, ENSEMBLE)
 
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_POLICY = f"fixed:{DEFAULT_THRESHOLD}"   # what a run without threshold.json applies
@@ -348,6 +353,13 @@ class LoadedRun:
   # The run's InferenceModule once built (xraytpu.inference.model_call.module_of builds it: the
   # run directory knows nothing of TensorFlow graphs, so that dependency points one way).
   module_cache: Any = dataclasses.field(default=None, repr=False, compare=False)
+  # An ensemble (xraytpu.run.ensemble): its member runs, loaded (their models are inside `model`,
+  # which averages their raw outputs); [] for a run.
+  members: list = dataclasses.field(default_factory=list, repr=False, compare=False)
+
+  @property
+  def is_ensemble(self) -> bool:
+    return bool(self.members)
 
   @property
   def task(self) -> str:
@@ -415,6 +427,9 @@ def load(run_dir: str, weights: str = "best") -> LoadedRun:
     raise RunError(f"weights must be 'best' or 'final', got {weights!r}")
   if not storage.is_remote(run_dir) and not os.path.isdir(run_dir):
     raise RunError(f"--model_dir={run_dir}: no such run directory")
+  if storage.exists(path(run_dir, ENSEMBLE)):
+    from xraytpu.run import ensemble  # noqa: PLC0415 - it loads its members with this function
+    return ensemble.load(run_dir, weights)
   doc = read_config(run_dir)
   if doc is None:
     raise RunError(f"{run_dir} is not a run directory (no {CONFIG}); train first with "
@@ -425,12 +440,7 @@ def load(run_dir: str, weights: str = "best") -> LoadedRun:
   from xraytpu.config import Config  # noqa: PLC0415
   from xraytpu.data import stats  # noqa: PLC0415
   cfg = Config.from_dict(doc)
-  copy = path(run_dir, MANIFEST_COPY)
-  try:
-    manifest = (json.loads(storage.read_text(copy)) if storage.exists(copy)
-                else schema.read_manifest(cfg.data_dir))
-  except (OSError, ValueError) as e:
-    raise RunError(f"cannot read the data set manifest of the run in {run_dir}: {e}") from e
+  manifest = read_manifest(run_dir, cfg.data_dir)
   keras.mixed_precision.set_global_policy("float32")
   model_path, best_path = path(run_dir, MODEL), path(run_dir, BEST_WEIGHTS)
   try:
@@ -477,6 +487,36 @@ def load(run_dir: str, weights: str = "best") -> LoadedRun:
       aspect=getattr(cfg, "aspect", "squash"),
       conversion=pixels.conversion_args(manifest.get("args")),
       operating_point=read_operating_point(run_dir))
+
+
+def read_manifest(run_dir: str, data_dir: str) -> dict:
+  """The run's copy of its data set's manifest (dataset.json), else the data set's own."""
+  copy = path(run_dir, MANIFEST_COPY)
+  try:
+    return (json.loads(storage.read_text(copy)) if storage.exists(copy)
+            else schema.read_manifest(data_dir))
+  except (OSError, ValueError) as e:
+    raise RunError(f"cannot read the data set manifest of the run in {run_dir}: {e}") from e
+
+
+def weights_sha256(run_dir: str) -> str | None:
+  """The sha256 (hex) of the files a run's weights come from (model.keras, then the best
+  weights), read in that order; None when the run has neither. The model card's version and
+  an ensemble's record of its members (a member retrained later no longer matches)."""
+  h = hashlib.sha256()
+  found = False
+  for name in (MODEL, BEST_WEIGHTS):
+    p = path(run_dir, name)
+    try:
+      if not storage.exists(p):
+        continue
+      with storage.open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+          h.update(block)
+      found = True
+    except (OSError, storage.StorageError):
+      continue
+  return h.hexdigest() if found else None
 
 
 def nonfinite_weights(model) -> list[str]:

@@ -103,7 +103,7 @@ from typing import Any
 from tfrecord_tools import storage
 from tfrecord_tools import __version__
 from xraytpu.inference import model_call, predict_lib
-from xraytpu.run import rundir
+from xraytpu.run import ensemble, rundir
 from xraytpu.config import ServeError, ServeOptions  # noqa: F401 - defined with the other options
 from xraytpu.config import is_loopback  # noqa: F401 - part of this module's API
 from xraytpu.serving import auth, tf_serving
@@ -786,10 +786,11 @@ def vertex_settings(opts: ServeOptions, environ=os.environ) -> tuple[int, dict[s
 
 def load_run(opts: ServeOptions) -> rundir.LoadedRun:
   opts.validate()
-  if not storage.is_remote(opts.model_dir) and not os.path.isdir(opts.model_dir):  # before importing TF
-    raise ServeError(f"--model_dir={opts.model_dir}: no such run directory")
+  for d in ensemble.split_dirs(opts.model_dir):   # before importing TF
+    if not storage.is_remote(d) and not os.path.isdir(d):
+      raise ServeError(f"--model_dir={d}: no such run directory")
   try:
-    return rundir.load(opts.model_dir)
+    return ensemble.load_model_dir(ensemble.resolve(opts.model_dir, opts.ensemble_dir))
   except rundir.RunError as e:
     raise ServeError(str(e)) from e
 
