@@ -1,9 +1,12 @@
 """Prints a run's headline: what was trained, how fast, and how well.
 
   python -m xraytpu.summary RUN_DIR
+  python -m xraytpu.summary ENSEMBLE_DIR
 
 Reads only files in the run directory (config.json, history.csv and every
-eval/*/report.json); `make demo` ends with it.
+eval/*/report.json); `make demo` ends with it. An ensemble's directory
+(xraytpu.run.ensemble) is described the same way: its runs (each one's training line, and
+whether it changed since the ensemble was made), its operating point and its eval reports.
 """
 
 from __future__ import annotations
@@ -11,8 +14,8 @@ from __future__ import annotations
 import statistics
 
 from tfrecord_tools import cli, storage
-from xraytpu import errors
-from xraytpu.run import reports, rundir
+from xraytpu import config, errors
+from xraytpu.run import ensemble, reports, rundir
 
 
 class SummaryError(errors.UserError):
@@ -28,34 +31,73 @@ def _fmt_ci(value, ci) -> str:
 
 
 def summarize(run_dir: str) -> str:
-  """The headline text of one run directory."""
-  cfg = rundir.read_config(run_dir)
-  if cfg is None:
-    raise SummaryError(f"{run_dir} is not a run directory (no {rundir.CONFIG}): train first")
+  """The headline text of one run directory (or ensemble directory)."""
+  if rundir.is_ensemble(run_dir):
+    return _summarize_ensemble(run_dir)
+  cfg = rundir.run_config(run_dir, run_dir)
   lines = [f"run:      {run_dir}",
            f"model:    {cfg.get('model')} at {cfg.get('image_size')} px, data {cfg.get('data_dir')}"]
   rows = rundir.read_history(run_dir)
   if rows:
-    speeds = [float(r["images_per_sec"]) for r in rows if r.get("images_per_sec")]
-    # Steady state: the first epoch also decodes and fills the cache.
-    steady = statistics.median(speeds[1:]) if len(speeds) > 1 else (speeds[0] if speeds else None)
-    # Epochs whose loss became NaN/inf never count (rundir.best_row).
-    best = rundir.best_row(rows, "val_auc")
-    speed = f"{steady:.1f} images/sec (median after epoch 1)" if steady else "n/a"
-    auc = (f"best val AUC {best['val_auc']:.3f} (epoch {int(best['epoch']) + 1})" if best
-           else "no finite val AUC" if any("val_auc" in r for r in rows) else "no val AUC (no val split)")
-    lines.append(f"training: {len(rows)} epochs, {speed}, {auc}")
+    lines.append(f"training: {_training(rows)}")
   lines += _status_lines(run_dir, cfg, rows)
+  return "\n".join(lines + _eval_lines(run_dir))
+
+
+def _training(rows: list[dict]) -> str:
+  """history.csv in a few words: epochs, steady speed, the best val AUC."""
+  speeds = [float(r["images_per_sec"]) for r in rows if r.get("images_per_sec")]
+  # Steady state: the first epoch also decodes and fills the cache.
+  steady = statistics.median(speeds[1:]) if len(speeds) > 1 else (speeds[0] if speeds else None)
+  # Epochs whose loss became NaN/inf never count (rundir.best_row).
+  best = rundir.best_row(rows, "val_auc")
+  speed = f"{steady:.1f} images/sec (median after epoch 1)" if steady else "n/a"
+  auc = (f"best val AUC {best['val_auc']:.3f} (epoch {int(best['epoch']) + 1})" if best
+         else "no finite val AUC" if any("val_auc" in r for r in rows) else "no val AUC (no val split)")
+  return f"{len(rows)} epochs, {speed}, {auc}"
+
+
+def _eval_lines(run_dir: str) -> list[str]:
+  """Each eval/*/report.json: the AUC, and the operating point's sensitivity and specificity."""
+  lines = []
   for report_path in rundir.eval_report_paths(run_dir):
     r = reports.read(report_path)
     where = f"{r.get('dataset')}/{r.get('split')}, {r.get('num_examples')} images"
     lines.append(f"eval:     {where}: AUC {_fmt_ci(r.get('auc'), r.get('auc_ci'))}")
     if r.get("threshold") is not None and r.get("sensitivity") is not None:
+      tta = f", --tta={r['tta']}" if r.get("tta") not in (None, config.DEFAULT_TTA) else ""
       lines.append(f"          at threshold {r['threshold']:.3f} ({r.get('threshold_policy')}, chosen on "
-                   f"{r.get('threshold_source_split')}): sensitivity {_fmt_ci(r.get('sensitivity'), r.get('sensitivity_ci'))}, "
+                   f"{r.get('threshold_source_split')}{tta}): sensitivity {_fmt_ci(r.get('sensitivity'), r.get('sensitivity_ci'))}, "
                    f"specificity {_fmt_ci(r.get('specificity'), r.get('specificity_ci'))}")
     lines.append(f"          report {storage.join(storage.dirname(report_path), rundir.EVAL_FILES['report_md'])} (plots beside it)")
-  return "\n".join(lines)
+  return lines
+
+
+def _summarize_ensemble(ens_dir: str) -> str:
+  """An ensemble's headline: its runs as a run's training is shown, its operating point, its
+  evaluations. A run that is gone or changed since the ensemble was made is said (the
+  ensemble is then refused by every command: xraytpu.run.ensemble.load)."""
+  doc = ensemble.read(ens_dir)
+  members = doc["members"]
+  lines = [f"ensemble: {ens_dir}",
+           f"model:    ensemble of {len(members)} runs, the {doc.get('combine') or ensemble.COMBINE}"]
+  for m in members:
+    cfg = rundir.read_config(m["path"]) if storage.isdir(m["path"]) else None
+    if cfg is None:
+      lines.append(f"run:      {m['path']}: MISSING (no {rundir.CONFIG}): the ensemble cannot be used")
+      continue
+    rows = rundir.read_history(m["path"])
+    training = f", {_training(rows)}" if rows else ""
+    lines.append(f"run:      {m['path']}: {cfg.get('model')} at {cfg.get('image_size')} px{training}")
+    if ensemble.changed(m):
+      lines.append("          CHANGED since the ensemble was made (its weights are not those "
+                   f"recorded): the ensemble is refused; delete {ens_dir} and make it again")
+    lines += [f"          {line.split(':', 1)[1].strip()}" for line in _status_lines(m["path"], cfg, rows)]
+  op = rundir.read_operating_point(ens_dir)
+  if not op:
+    lines.append(f"threshold: none yet (python -m xraytpu.evaluate --model_dir={ens_dir} chooses one "
+                 "on val)")
+  return "\n".join(lines + _eval_lines(ens_dir))
 
 
 def _status_lines(run_dir: str, doc: dict, rows: list[dict]) -> list[str]:

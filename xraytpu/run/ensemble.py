@@ -55,14 +55,15 @@ class EnsembleError(rundir.RunError):
 
 def split_dirs(model_dir: str) -> list[str]:
   """--model_dir as a list of directories: "A,B" -> [A, B]; a folder whose own name holds a
-  comma stays one."""
+  comma stays one. An empty name ("A,,B", "A,": a missing shell variable?) is refused, not
+  skipped: the user meant a run there."""
   if "," not in model_dir or (not storage.is_remote(model_dir) and os.path.isdir(model_dir)):
     return [model_dir]
-  return [d.strip() for d in model_dir.split(",") if d.strip()]
-
-
-def is_ensemble(model_dir: str) -> bool:
-  return storage.exists(rundir.path(model_dir, rundir.ENSEMBLE))
+  dirs = [d.strip() for d in model_dir.split(",")]
+  if not all(dirs):
+    raise EnsembleError(f"--model_dir={model_dir}: an empty run directory between commas; give "
+                        "the runs as A,B,... with no empty name")
+  return dirs
 
 
 def _absolute(path: str) -> str:
@@ -78,18 +79,14 @@ def _name(path: str) -> str:
 # --------------------------------------------------------------------------
 
 
-def _member_doc(run_dir: str) -> dict:
-  """A run's config.json (EnsembleError when it is no run, or an ensemble)."""
-  if not storage.is_remote(run_dir) and not os.path.isdir(run_dir):
-    raise EnsembleError(f"--model_dir: {run_dir}: no such run directory")
-  if is_ensemble(run_dir):
-    raise EnsembleError(f"{run_dir} is an ensemble: an ensemble's members must be runs; list its "
-                        f"runs instead (they are in {rundir.path(run_dir, rundir.ENSEMBLE)})")
-  doc = rundir.read_config(run_dir)
-  if doc is None:
-    raise EnsembleError(f"{run_dir} is not a run directory (no {rundir.CONFIG}): an ensemble's "
-                        "members are runs written by xraytpu.train")
-  return doc
+def _member_doc(run_dir: str, name: str = "") -> dict:
+  """A run's config.json (a RunError line when it is no run, or an ensemble)."""
+  return rundir.run_config(run_dir, name, ensemble_why="an ensemble's members must be runs")
+
+
+def _data_digest(doc: dict) -> str | None:
+  """The digest of the data a run was trained on (config.json's run.data), or None."""
+  return ((doc.get("run") or {}).get("data") or {}).get("digest")
 
 
 def identity(run_dir: str, doc: dict | None = None) -> dict:
@@ -103,7 +100,7 @@ def identity(run_dir: str, doc: dict | None = None) -> dict:
   return {"path": _absolute(run_dir), "name": _name(run_dir), "model": doc.get("model"),
           "weights_sha256": weights,
           "config_sha256": hashlib.sha256(Config.from_dict(doc).to_json().encode()).hexdigest(),
-          "data_digest": ((doc.get("run") or {}).get("data") or {}).get("digest")}
+          "data_digest": _data_digest(doc)}
 
 
 def contract(run_dir: str, doc: dict) -> dict:
@@ -114,9 +111,7 @@ def contract(run_dir: str, doc: dict) -> dict:
   cfg = Config.from_dict(doc)
   manifest = rundir.read_manifest(run_dir, cfg.data_dir)
   classes = list(manifest.get("classes") or [])
-  task = (rundir.MULTI_LABEL if manifest.get("task") == rundir.MULTI_LABEL
-          else "binary" if len(classes) == 2 else "multiclass")
-  return {"task": task, "classes": classes, "image size": int(cfg.image_size),
+  return {"task": rundir.task_of(manifest), "classes": classes, "image size": int(cfg.image_size),
           "channels": int(stats.input_channels(manifest, cfg)), "aspect": cfg.aspect,
           "conversion": pixels.conversion_args(manifest.get("args"))}
 
@@ -145,7 +140,7 @@ def data_differences(member_dirs: list[str]) -> list[str]:
   """One line per member trained on other data than the first (config.json's data digest);
   [] when all were trained on the same data (or record no digest)."""
   def digest(d):
-    return (((rundir.read_config(d) or {}).get("run") or {}).get("data") or {}).get("digest")
+    return _data_digest(rundir.read_config(d) or {})
   first = digest(member_dirs[0])
   out = []
   for d in member_dirs[1:]:
@@ -184,12 +179,14 @@ def create(ens_dir: str, member_dirs: list[str]) -> dict:
     raise EnsembleError(f"--ensemble_dir={ens_dir}: --model_dir names one run; an ensemble needs two "
                         "or more, comma-separated")
   paths = [_absolute(d) for d in member_dirs]
-  if len(set(paths)) < len(paths):
+  if any(rundir.same_dir(a, b) for i, a in enumerate(member_dirs) for b in member_dirs[i + 1:]):
     raise EnsembleError(f"--model_dir={','.join(member_dirs)} names a run twice")
-  if _absolute(ens_dir) in paths:
+  if any(rundir.same_dir(ens_dir, d) for d in member_dirs):
     raise EnsembleError(f"--ensemble_dir={ens_dir} is one of the runs; give the ensemble a folder of "
                         "its own")
-  if is_ensemble(ens_dir):
+  if storage.exists(ens_dir) and not storage.isdir(ens_dir):
+    raise EnsembleError(f"--ensemble_dir={ens_dir} is a file; give a new or empty folder")
+  if rundir.is_ensemble(ens_dir):
     doc = read(ens_dir)
     named = [m["path"] for m in doc["members"]]
     if sorted(named) != sorted(paths):
@@ -225,13 +222,18 @@ def load(ens_dir: str, weights: str = "best") -> rundir.LoadedRun:
   doc = read(ens_dir)
   dirs = [m["path"] for m in doc["members"]]
   for m in doc["members"]:
-    now = identity(m["path"], _member_doc(m["path"]))
-    if now["weights_sha256"] != m.get("weights_sha256"):
+    _member_doc(m["path"], f"the run {m['path']} of the ensemble {ens_dir}")
+    if changed(m):
       raise EnsembleError(f"the run {m['path']} changed since the ensemble {ens_dir} was made (its "
                           "weights are not those recorded: retrained?): the ensemble's operating "
                           f"point and reports describe the old weights; delete {ens_dir} and make it "
                           "again")
   return load_members(dirs, ens_dir, rundir.read_operating_point(ens_dir), weights)
+
+
+def changed(member: dict) -> bool:
+  """Whether a run of ensemble.json (its entry) no longer has the weights recorded there."""
+  return rundir.weights_sha256(member["path"]) != member.get("weights_sha256")
 
 
 def load_members(member_dirs: list[str], model_dir: str, operating_point: dict | None = None,

@@ -169,6 +169,34 @@ def read_config(run_dir: str) -> dict | None:
     raise RunError(f"{p} is not valid JSON ({e}); move the run directory away or pass --overwrite") from e
 
 
+def is_ensemble(run_dir: str) -> bool:
+  """Whether the folder is an ensemble's (it holds ENSEMBLE: xraytpu.run.ensemble)."""
+  return storage.exists(path(run_dir, ENSEMBLE))
+
+
+def same_dir(a: str, b: str) -> bool:
+  """Whether two run-directory paths name one folder (locally: after links and '..')."""
+  if storage.is_remote(a) or storage.is_remote(b):
+    return a.rstrip("/") == b.rstrip("/")
+  return os.path.realpath(a) == os.path.realpath(b)
+
+
+def run_config(run_dir: str, name: str = "", ensemble_why: str = "") -> dict:
+  """config.json of the run in run_dir, for what needs a run: one RunError line, starting with
+  `name` (default "--model_dir=RUN"), when the folder is missing or holds no run, or, given
+  `ensemble_why` (why one run is needed), when it is an ensemble's."""
+  name = name or f"--model_dir={run_dir}"
+  if ensemble_why and is_ensemble(run_dir):
+    raise RunError(f"{name} is an ensemble of runs, not a run: {ensemble_why}; name one of its "
+                   f"runs (listed in {path(run_dir, ENSEMBLE)})")
+  doc = read_config(run_dir)
+  if doc is None:
+    missing = not storage.is_remote(run_dir) and not os.path.isdir(run_dir)
+    raise RunError(f"{name} is not a run directory ({'no such folder' if missing else 'no ' + CONFIG}): "
+                   "train one first with python -m xraytpu.train")
+  return doc
+
+
 def write_config(run_dir: str, doc: dict) -> None:
   storage.write_text(path(run_dir, CONFIG), json.dumps(doc, indent=2, sort_keys=True, default=str))
 
@@ -363,10 +391,7 @@ class LoadedRun:
 
   @property
   def task(self) -> str:
-    """"multi_label" (K findings, K sigmoids), "binary" (2 classes) or "multiclass"."""
-    if self.manifest.get("task") == MULTI_LABEL:
-      return MULTI_LABEL
-    return "binary" if len(self.classes) == 2 else "multiclass"
+    return task_of(self.manifest)
 
   @property
   def multi_label(self) -> bool:
@@ -410,6 +435,14 @@ class LoadedRun:
     return bool(op.get("thresholds")) if self.multi_label else op.get("threshold") is not None
 
 
+def task_of(manifest: dict) -> str:
+  """"multi_label" (K findings, K sigmoids), "binary" (2 classes) or "multiclass": what a run
+  trained on data with this manifest is asked."""
+  if manifest.get("task") == MULTI_LABEL:
+    return MULTI_LABEL
+  return "binary" if len(manifest.get("classes") or ()) == 2 else "multiclass"
+
+
 def thresholds_of(op: dict | None, findings: list[str]) -> list[float]:
   """A multi-label operating point's threshold per finding (DEFAULT_THRESHOLD where none)."""
   chosen = (op or {}).get("thresholds") or {}
@@ -427,13 +460,10 @@ def load(run_dir: str, weights: str = "best") -> LoadedRun:
     raise RunError(f"weights must be 'best' or 'final', got {weights!r}")
   if not storage.is_remote(run_dir) and not os.path.isdir(run_dir):
     raise RunError(f"--model_dir={run_dir}: no such run directory")
-  if storage.exists(path(run_dir, ENSEMBLE)):
+  if is_ensemble(run_dir):
     from xraytpu.run import ensemble  # noqa: PLC0415 - it loads its members with this function
     return ensemble.load(run_dir, weights)
-  doc = read_config(run_dir)
-  if doc is None:
-    raise RunError(f"{run_dir} is not a run directory (no {CONFIG}); train first with "
-                   "python -m xraytpu.train")
+  doc = run_config(run_dir)
   from absl import logging  # noqa: PLC0415
   from xraytpu import models as models_lib  # noqa: PLC0415 - TensorFlow loads here
   from xraytpu._keras import keras  # noqa: PLC0415

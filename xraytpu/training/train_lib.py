@@ -225,7 +225,7 @@ def validate_config(cfg: Config) -> None:
   if cfg.init_from and cfg.weights not in ("none", ""):
     raise TrainError(f"--init_from and --weights={cfg.weights} both give the backbone its starting "
                      "weights: pass one")
-  if cfg.init_from and transfer.same_dir(cfg.init_from, cfg.model_dir):
+  if cfg.init_from and rundir.same_dir(cfg.init_from, cfg.model_dir):
     raise TrainError(f"--init_from={cfg.init_from} is this run's own --model_dir: name an earlier run")
   if cfg.fine_tune_at >= 0 or cfg.fine_tune_epochs > 0:
     if not is_backbone and not cfg.init_from:

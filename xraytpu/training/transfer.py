@@ -25,7 +25,6 @@ backup, never again from the source.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import numpy as np
@@ -65,23 +64,14 @@ class Source:
             "epochs_trained": info.get("epochs_trained"), **copied}
 
 
-def same_dir(a: str, b: str) -> bool:
-  """Whether two run-directory paths name one folder."""
-  if storage.is_remote(a) or storage.is_remote(b):
-    return a.rstrip("/") == b.rstrip("/")
-  return os.path.realpath(a) == os.path.realpath(b)
-
-
 def check_source(cfg: Config) -> dict:
   """The source run's config.json, after the checks that need no model; TransferError else."""
   src = cfg.init_from
   try:
-    doc = rundir.read_config(src)
+    doc = rundir.run_config(src, f"--init_from={src}",
+                            ensemble_why="--init_from warm-starts from one run's weights")
   except (rundir.RunError, OSError, storage.StorageError) as e:
-    raise TransferError(f"--init_from={src}: {e}") from None
-  if doc is None:
-    raise TransferError(f"--init_from={src}: not a run directory (no {rundir.CONFIG}); name a "
-                        "finished xraytpu.train run")
+    raise TransferError(str(e) if str(e).startswith("--init_from=") else f"--init_from={src}: {e}") from None
   if doc.get("status") != "finished":
     raise TransferError(f"--init_from={src}: the run there is not finished (status "
                         f"{doc.get('status')!r}); finish it (rerun its training command) or "
