@@ -137,7 +137,9 @@ def _png(a: np.ndarray) -> bytes:
 
 
 def load(model_dir: str) -> Run:
-  """A trained run directory (local or gs://), ready to predict; one-line PredictError if not."""
+  """A trained run directory (local or gs://), ready to predict; one-line PredictError if not.
+  An ensemble's directory loads the same way, and "A,B,..." averages the runs in memory
+  (threshold 0.5): as --model_dir does (xraytpu.run.ensemble)."""
   from xraytpu.inference import predict_lib
   return Run(predict_lib.load(model_dir))
 
