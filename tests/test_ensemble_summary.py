@@ -48,7 +48,13 @@ def test_summary_describes_an_ensemble_its_runs_and_its_evaluation(trained_run, 
   proc = subprocess.run([sys.executable, "-m", "xraytpu.summary", ens], cwd=ROOT, capture_output=True,
                         text=True, timeout=120)
   assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
-  assert f"run:      {os.path.abspath(runs[0])}: MISSING" in proc.stdout
+  assert f"run:      {os.path.abspath(runs[0])}: MISSING (no such folder)" in proc.stdout
+  # ... and the commands refuse the ensemble in one line that says what to do.
+  with pytest.raises(rundir.RunError, match=r"the run .* of the ensemble .* is not a run directory "
+                                            r"\(no such folder\): the ensemble cannot be used without "
+                                            r"it: restore the run, or delete") as e:
+    rundir.load(ens)
+  assert "\n" not in str(e.value)
 
 
 def test_model_dir_with_an_empty_name_is_refused(tmp_path):

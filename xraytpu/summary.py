@@ -84,7 +84,8 @@ def _summarize_ensemble(ens_dir: str) -> str:
   for m in members:
     cfg = rundir.read_config(m["path"]) if storage.isdir(m["path"]) else None
     if cfg is None:
-      lines.append(f"run:      {m['path']}: MISSING (no {rundir.CONFIG}): the ensemble cannot be used")
+      why = f"no {rundir.CONFIG}" if storage.isdir(m["path"]) else "no such folder"
+      lines.append(f"run:      {m['path']}: MISSING ({why}): the ensemble cannot be used")
       continue
     rows = rundir.read_history(m["path"])
     training = f", {_training(rows)}" if rows else ""

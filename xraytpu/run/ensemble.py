@@ -70,18 +70,19 @@ def _absolute(path: str) -> str:
   return path if storage.is_remote(path) else os.path.abspath(path)
 
 
-def _name(path: str) -> str:
-  return os.path.basename(os.path.normpath(path))
-
-
 # --------------------------------------------------------------------------
 # Members: what identifies them, what they must share.
 # --------------------------------------------------------------------------
 
 
-def _member_doc(run_dir: str, name: str = "") -> dict:
-  """A run's config.json (a RunError line when it is no run, or an ensemble)."""
-  return rundir.run_config(run_dir, name, ensemble_why="an ensemble's members must be runs")
+def _member_doc(run_dir: str, ens_dir: str = "") -> dict:
+  """A run's config.json (a RunError line when it is no run, or an ensemble); ens_dir: the
+  ensemble that names it, when there is one."""
+  if ens_dir:
+    return rundir.run_config(run_dir, f"the run {run_dir} of the ensemble {ens_dir}",
+                             hint=f"the ensemble cannot be used without it: restore the run, or "
+                                  f"delete {ens_dir} and make the ensemble again")
+  return rundir.run_config(run_dir, ensemble_why="an ensemble's members must be runs")
 
 
 def _data_digest(doc: dict) -> str | None:
@@ -97,7 +98,7 @@ def identity(run_dir: str, doc: dict | None = None) -> dict:
   if weights is None:
     raise EnsembleError(f"{run_dir} has neither {rundir.MODEL} nor {rundir.BEST_WEIGHTS}: the run "
                         "has not finished an epoch")
-  return {"path": _absolute(run_dir), "name": _name(run_dir), "model": doc.get("model"),
+  return {"path": _absolute(run_dir), "name": rundir.name_of(run_dir), "model": doc.get("model"),
           "weights_sha256": weights,
           "config_sha256": hashlib.sha256(Config.from_dict(doc).to_json().encode()).hexdigest(),
           "data_digest": _data_digest(doc)}
@@ -146,8 +147,8 @@ def data_differences(member_dirs: list[str]) -> list[str]:
   for d in member_dirs[1:]:
     other = digest(d)
     if first and other and other != first:
-      out.append(f"the ensemble's run {_name(d)} was trained on other data than {_name(member_dirs[0])} "
-                 f"(data digest {other[:12]} vs {first[:12]})")
+      out.append(f"the ensemble's run {rundir.name_of(d)} was trained on other data than "
+                 f"{rundir.name_of(member_dirs[0])} (data digest {other[:12]} vs {first[:12]})")
   return out
 
 
@@ -222,7 +223,7 @@ def load(ens_dir: str, weights: str = "best") -> rundir.LoadedRun:
   doc = read(ens_dir)
   dirs = [m["path"] for m in doc["members"]]
   for m in doc["members"]:
-    _member_doc(m["path"], f"the run {m['path']} of the ensemble {ens_dir}")
+    _member_doc(m["path"], ens_dir)
     if changed(m):
       raise EnsembleError(f"the run {m['path']} changed since the ensemble {ens_dir} was made (its "
                           "weights are not those recorded: retrained?): the ensemble's operating "
@@ -294,7 +295,7 @@ def members_of(run: rundir.LoadedRun) -> list[dict]:
   out = []
   for m in run.members:
     report = reports.find(m.model_dir, reports.dataset_name(m.cfg.data_dir or "", m.manifest)) or {}
-    out.append({"name": _name(m.model_dir), "path": m.model_dir,
+    out.append({"name": rundir.name_of(m.model_dir), "path": m.model_dir,
                 "model": getattr(m.cfg, "model", None), "auc": report.get("auc"),
                 "auc_split": (f"{report.get('dataset')}/{report.get('split')}"
                               if report.get("auc") is not None else None)})

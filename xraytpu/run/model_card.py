@@ -130,7 +130,7 @@ def _model_details(run: rundir.LoadedRun, doc: dict) -> dict[str, Any]:
   strategy = info.get("strategy") or {}
   best = info.get("best") or {}
   return {
-      "name": os.path.basename(os.path.normpath(run.model_dir)),
+      "name": rundir.name_of(run.model_dir),
       "version": _weights_version(run),
       "date": str(info.get("finished") or info.get("started") or "")[:10] or None,
       "license": getattr(run.cfg, "model_license", "") or card_metadata.UNKNOWN_LICENSE,
@@ -239,7 +239,7 @@ def model_card(run: rundir.LoadedRun, opts=None) -> dict[str, Any]:
   card: dict[str, Any] = {
       "card_format": CARD_FORMAT,
       "model": "ensemble" if run.members else getattr(run.cfg, "model", None) or "unknown",
-      "run": os.path.basename(os.path.normpath(run.model_dir)),
+      "run": rundir.name_of(run.model_dir),
       "ensemble": ensemble.members_of(run) or None,   # its runs: name, path, model, auc
       "task": run.task,
       "classes": run.classes,
@@ -266,7 +266,7 @@ def model_card(run: rundir.LoadedRun, opts=None) -> dict[str, Any]:
       "evaluations": _all_reports(run),
       "disclaimer": DISCLAIMER,
       "training_warning": _training_warning(run, doc) if not run.members else "; ".join(
-          f"run {os.path.basename(os.path.normpath(m.model_dir))} of the ensemble: {w}"
+          f"run {rundir.name_of(m.model_dir)} of the ensemble: {w}"
           for m in run.members for w in [_training_warning(m, rundir.read_config(m.model_dir) or {})]
           if w) or None,
   }

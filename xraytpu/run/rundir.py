@@ -174,6 +174,11 @@ def is_ensemble(run_dir: str) -> bool:
   return storage.exists(path(run_dir, ENSEMBLE))
 
 
+def name_of(run_dir: str) -> str:
+  """A run (or ensemble) directory's short name, for people: its last folder's name."""
+  return os.path.basename(os.path.normpath(run_dir))
+
+
 def same_dir(a: str, b: str) -> bool:
   """Whether two run-directory paths name one folder (locally: after links and '..')."""
   if storage.is_remote(a) or storage.is_remote(b):
@@ -181,10 +186,11 @@ def same_dir(a: str, b: str) -> bool:
   return os.path.realpath(a) == os.path.realpath(b)
 
 
-def run_config(run_dir: str, name: str = "", ensemble_why: str = "") -> dict:
+def run_config(run_dir: str, name: str = "", ensemble_why: str = "",
+               hint: str = "train one first with python -m xraytpu.train") -> dict:
   """config.json of the run in run_dir, for what needs a run: one RunError line, starting with
-  `name` (default "--model_dir=RUN"), when the folder is missing or holds no run, or, given
-  `ensemble_why` (why one run is needed), when it is an ensemble's."""
+  `name` (default "--model_dir=RUN") and ending with `hint`, when the folder is missing or holds
+  no run, or, given `ensemble_why` (why one run is needed), when it is an ensemble's."""
   name = name or f"--model_dir={run_dir}"
   if ensemble_why and is_ensemble(run_dir):
     raise RunError(f"{name} is an ensemble of runs, not a run: {ensemble_why}; name one of its "
@@ -193,7 +199,7 @@ def run_config(run_dir: str, name: str = "", ensemble_why: str = "") -> dict:
   if doc is None:
     missing = not storage.is_remote(run_dir) and not os.path.isdir(run_dir)
     raise RunError(f"{name} is not a run directory ({'no such folder' if missing else 'no ' + CONFIG}): "
-                   "train one first with python -m xraytpu.train")
+                   f"{hint}")
   return doc
 
 
