@@ -70,6 +70,9 @@ def test_ensemble_dir_that_is_a_file_or_a_run_named_twice_is_one_line(trained_ru
   (tmp_path / "afile").write_text("x")
   with pytest.raises(ensemble.EnsembleError, match="--ensemble_dir=.*afile is a file"):
     ensemble.create(str(tmp_path / "afile"), [a, b])   # was a FileExistsError traceback
+  with pytest.raises(ensemble.EnsembleError, match="afile/ens: cannot make the ensemble's folder "
+                                                   "there \\(Not a directory\\)"):
+    ensemble.create(str(tmp_path / "afile" / "ens"), [a, b])   # was a NotADirectoryError one
   os.symlink(a, tmp_path / "link")   # the same run under another name
   with pytest.raises(ensemble.EnsembleError, match="names a run twice"):
     ensemble.create(str(tmp_path / "ens"), [a, str(tmp_path / "link")])

@@ -207,8 +207,12 @@ def create(ens_dir: str, member_dirs: list[str]) -> dict:
          "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
          "members": [identity(d, m) for d, m in zip(member_dirs, docs)]}
   target = rundir.path(ens_dir, rundir.ENSEMBLE)
-  with rundir.writing(target):
-    storage.write_text(target, json.dumps(doc, indent=2, sort_keys=True) + "\n")   # atomic
+  try:
+    with rundir.writing(target):   # a full disk, no permission: one WriteError line
+      storage.write_text(target, json.dumps(doc, indent=2, sort_keys=True) + "\n")   # atomic
+  except OSError as e:   # a folder that cannot be made there: under a file, in /proc, ...
+    raise EnsembleError(f"--ensemble_dir={ens_dir}: cannot make the ensemble's folder there "
+                        f"({e.strerror or e}); give a new folder in a writable place") from None
   return doc
 
 
