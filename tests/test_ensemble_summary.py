@@ -7,6 +7,7 @@ ensemble.json is written by xraytpu.run.ensemble.create, as --ensemble_dir does.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -89,3 +90,13 @@ def test_init_from_an_ensemble_says_so(trained_run, tmp_path):
                                                    r"warm-starts from one run's weights") as e:
     transfer.check_source(cfg)
   assert "\n" not in str(e.value)
+
+
+def test_summary_of_a_warm_started_run_names_its_source(trained_run, tmp_path):
+  run = copy_run(trained_run, tmp_path)
+  doc = json.loads(open(rundir.path(run, rundir.CONFIG)).read())
+  doc["run"]["init_from"] = {"run_dir": "/runs/nih", "model": "xray_cnn", "task": "multi_label",
+                             "dataset": "nih", "layers": 9}   # as transfer.Source.record writes it
+  open(rundir.path(run, rundir.CONFIG), "w").write(json.dumps(doc))
+  assert ("start:    backbone warm-started (--init_from) from /runs/nih (xray_cnn, multi_label, "
+          "nih; 9 layers copied)") in summary.summarize(run)

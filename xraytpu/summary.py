@@ -37,6 +37,11 @@ def summarize(run_dir: str) -> str:
   cfg = rundir.run_config(run_dir, run_dir)
   lines = [f"run:      {run_dir}",
            f"model:    {cfg.get('model')} at {cfg.get('image_size')} px, data {cfg.get('data_dir')}"]
+  src = (cfg.get("run") or {}).get("init_from")   # xraytpu.training.transfer.Source.record
+  if src:
+    what = ", ".join(str(v) for v in (src.get("model"), src.get("task"), src.get("dataset")) if v)
+    lines.append(f"start:    backbone warm-started (--init_from) from {src.get('run_dir')} ({what}; "
+                 f"{src.get('layers')} layers copied)")
   rows = rundir.read_history(run_dir)
   if rows:
     lines.append(f"training: {_training(rows)}")
