@@ -113,7 +113,7 @@ def evaluate(run: str, log: str, *, split: str = "test", data_dir: str = "", pol
     args = ["xraytpu.evaluate", f"--model_dir={run}", f"--split={split}", f"--threshold_policy={policy}",
             f"--out_dir={out}", "--noplots"]
     args += [f"--data_dir={data_dir}"] if data_dir else []
-    args += [f"--tta={tta}"] if tta else []
+    args += [f"--tta={tta or 'none'}"]   # explicit: evaluate keeps threshold.json's TTA otherwise
     args += [f"--ensemble_dir={ensemble_dir}"] if ensemble_dir else []
     sh(args, log)
   report = json.load(open(os.path.join(out, EVAL_FILES["report_json"])))
@@ -331,6 +331,29 @@ class Bench:
     rows.append(row("pneumoniamnist28 test (28 px, same source)", evaluate(run, self.log, data_dir=mnist), None))
     return rows
 
+  # ---- the ablation under shift -------------------------------------------------------
+
+  ABLATION_SHIFTS = ("halfresolution", "gamma125", "pneumoniamnist28")
+
+  def ablation_shift(self) -> list[dict]:
+    """Each ablation run (and TTA, the ensemble) at its val threshold on shifted films
+    (the shift part's sets): where an ingredient matters when the held-out part saturates."""
+    self.part("shift", self.shift)   # the shifted sets
+    rows = []
+    targets = [(label, self.run(name), {}) for label, (name, _) in self.binary_runs().items()]
+    targets += [("recipe + TTA (shift)", self.run("recipe"), {"tta": "shift"}),
+                ("ensemble of 3 seeds", ",".join(self.run(n) for n in ("recipe", "seed2", "seed3")),
+                 {"ensemble_dir": self.run("ensemble3")})]
+    for label, run, kw in targets:
+      r = {"name": label}
+      for shift in self.ABLATION_SHIFTS:
+        data = os.path.join(self.work, shift + "-tfrecords" if shift == "pneumoniamnist28"
+                            else os.path.join("shift", shift + "-tfrecords"))
+        rep = evaluate(run, self.log, data_dir=data, **kw)
+        r[shift] = row(shift, rep)
+      rows.append(r)
+    return rows
+
   # ---- the 4-class recipe ----------------------------------------------------------------
 
   def fourclass(self) -> list[dict]:
@@ -413,6 +436,16 @@ def _gamma(im, g: float):
   return im.point(lut)
 
 
+def shift_table(rows: list[dict]) -> str:
+  names = Bench.ABLATION_SHIFTS
+  out = ["| recipe | " + " | ".join(f"{n}: AUC / sens / spec" for n in names) + " |",
+         "|" + " --- |" * (len(names) + 1)]
+  for r in rows:
+    cells = [f"{r[n]['auc']:.3f} / {r[n]['sensitivity']:.3f} / {r[n]['specificity']:.3f}" for n in names]
+    out.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+  return "\n".join(out)
+
+
 def transfer_table(rows: list[dict]) -> str:
   out = ["| labels used (share of the local half) | training films | from scratch: AUC (95% CI) | "
          "--init_from pretrained: AUC (95% CI) | ΔAUC (95% CI) | sens / spec, scratch | sens / spec, init_from |",
@@ -443,6 +476,8 @@ def main(argv):
     results[part] = rows
     if part == "views":
       print(json.dumps(rows, indent=1, default=float))
+    elif part == "ablation_shift":
+      print(shift_table(rows))
     elif part == "transfer":
       print(table(rows[:1]) + "\n\n" + transfer_table(rows))
     else:
