@@ -58,7 +58,7 @@ def evaluated(members, tmp_path_factory):
 @pytest.fixture(scope="module")
 def expected(evaluated, demo_data_dir):
   """ENS loaded (--model_dir=ENS) and what predict answers for the test films: (run, files, results)."""
-  run = rundir.load(evaluated[0])
+  run = ensemble.load_model_dir(evaluated[0])
   files = _files(demo_data_dir)
   return run, files, predict_lib.predict_files(run, files)
 
@@ -106,8 +106,12 @@ def test_evaluate_writes_the_operating_point_and_report_into_the_ensemble_dir(me
   assert "ensemble of 2 runs" in card
   assert all(f"`{os.path.basename(m)}`" in card for m in members)
   # --model_dir=ENS is a run to every door: its own threshold.
-  run = rundir.load(ens)
+  run = ensemble.load_model_dir(ens)
   assert run.is_ensemble and run.threshold == op["threshold"]
+  # rundir.load loads one run: an ensemble is refused in one line naming what loads it.
+  with pytest.raises(rundir.RunError, match="ensemble.load_model_dir") as e:
+    rundir.load(ens)
+  assert "\n" not in str(e.value)
   # The same members again reuse the folder; other members are refused in one line.
   assert ensemble.create(ens, members[::-1])["created"] == doc["created"]
   with pytest.raises(ensemble.EnsembleError, match="is the ensemble of") as e:
@@ -159,7 +163,7 @@ def test_a_run_changed_after_the_ensemble_was_made_is_refused(members, tmp_path)
   ensemble.create(ens, [a, b])
   _perturb(b)   # "retrained"
   with pytest.raises(rundir.RunError, match="changed since the ensemble") as e:
-    rundir.load(ens)
+    ensemble.load_model_dir(ens)
   assert "\n" not in str(e.value)
 
 

@@ -54,7 +54,7 @@ def test_summary_describes_an_ensemble_its_runs_and_its_evaluation(trained_run, 
   with pytest.raises(rundir.RunError, match=r"the run .* of the ensemble .* is not a run directory "
                                             r"\(no such folder\): the ensemble cannot be used without "
                                             r"it: restore the run, or delete") as e:
-    rundir.load(ens)
+    ensemble.load_model_dir(ens)
   assert "\n" not in str(e.value)
 
 

@@ -10,7 +10,7 @@ evaluations, its exports and its model card have a home, as a run's do:
                                     "data_digest": "..."}, ...]}
   ENS/threshold.json, MODEL_CARD.md, eval/, export/    as in a run (xraytpu.run.rundir)
 
-`rundir.load(ENS)` (which calls `load`) gives a LoadedRun whose model is a tf-keras
+`load_model_dir(ENS)` (which calls `load`) gives a LoadedRun whose model is a tf-keras
 functional model, image -> the mean of the members' raw outputs (each member's weights
 as `rundir.load` picks them for the run alone: best epoch, EMA), so every door calls an
 ensemble as it calls a run (xraytpu.inference.model_call.InferenceModule): evaluate
@@ -24,7 +24,8 @@ before any model is loaded, in one line naming the two members and the field. Me
 are runs, not ensembles. ensemble.json records each member by absolute path and the
 sha256 of its weights files: a member retrained (or changed) afterwards is refused.
 
-Command lines (`resolve` then `load_model_dir`: the one place a --model_dir is resolved):
+Command lines (`resolve` then `load_model_dir`: the one place a --model_dir is resolved and
+loaded, a run, an ensemble or A,B,...; `rundir.load` loads one run and refuses an ensemble):
 --model_dir=A,B[,C...] with --ensemble_dir=ENS creates ENS (or reuses it when it names
 the same members) and uses it as the model directory; predict and serve without
 --ensemble_dir build the ensemble in memory, with no operating point (as a run never
@@ -222,7 +223,7 @@ def create(ens_dir: str, member_dirs: list[str]) -> dict:
 
 
 def load(ens_dir: str, weights: str = "best") -> rundir.LoadedRun:
-  """ENS as a LoadedRun (what `rundir.load` returns for an ensemble directory): its members
+  """ENS as a LoadedRun (what `load_model_dir` returns for an ensemble directory): its members
   checked unchanged since ensemble.json was written, its own threshold.json."""
   doc = read(ens_dir)
   dirs = [m["path"] for m in doc["members"]]
@@ -285,11 +286,16 @@ def resolve(model_dir: str, ensemble_dir: str = "", writer: str = "") -> str:
   return model_dir
 
 
-def load_model_dir(model_dir: str) -> rundir.LoadedRun:
-  """A --model_dir loaded: one run or ensemble directory (`rundir.load`), or A,B,...: the
-  runs averaged in memory, with no operating point (as a run never evaluated)."""
+def load_model_dir(model_dir: str, weights: str = "best") -> rundir.LoadedRun:
+  """A --model_dir loaded: one run (`rundir.load`), an ensemble directory (`load`), or
+  A,B,...: the runs averaged in memory, with no operating point (as a run never evaluated).
+  weights: as `rundir.load`'s, for the run or each of the ensemble's runs."""
   dirs = split_dirs(model_dir)
-  return rundir.load(dirs[0]) if len(dirs) == 1 else load_members(dirs, model_dir)
+  if len(dirs) > 1:
+    return load_members(dirs, model_dir, weights=weights)
+  if rundir.is_ensemble(model_dir):
+    return load(model_dir, weights)
+  return rundir.load(model_dir, weights)   # a missing folder or no run: its one line
 
 
 def members_of(run: rundir.LoadedRun) -> list[dict]:

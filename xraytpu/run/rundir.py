@@ -25,7 +25,8 @@ local or gs://):
   export/<version>/  SavedModel; assets.extra/xraytpu.json (metadata), assets.extra/MODEL_CARD.md
 
 An ensemble of runs is a directory too (xraytpu.run.ensemble): ensemble.json (its members),
-and threshold.json, MODEL_CARD.md, eval/ and export/ as above; `load` loads it as a run.
+and threshold.json, MODEL_CARD.md, eval/ and export/ as above; `load` loads one run, and
+xraytpu.run.ensemble.load_model_dir a run, an ensemble (its runs with `load`) or A,B,....
 
 threshold.json:
   {"threshold": 0.41,              # binary: P(positive) >= threshold -> positive; null for multi-class
@@ -460,16 +461,16 @@ def load(run_dir: str, weights: str = "best") -> LoadedRun:
 
   weights: "best" = checkpoints/best.weights.h5 when present (the epoch with the
   best validation AUC), else the final weights; "final" = model.keras as saved.
-  The model is not compiled. Raises RunError for a missing or unfinished run.
+  The model is not compiled. Raises RunError for a missing or unfinished run, and for an
+  ensemble's directory: one run only (xraytpu.run.ensemble.load_model_dir loads a run, an
+  ensemble or A,B,..., and loads an ensemble's runs with this function).
   """
   if weights not in ("best", "final"):
     raise RunError(f"weights must be 'best' or 'final', got {weights!r}")
   if not storage.is_remote(run_dir) and not os.path.isdir(run_dir):
     raise RunError(f"--model_dir={run_dir}: no such run directory")
-  if is_ensemble(run_dir):
-    from xraytpu.run import ensemble  # noqa: PLC0415 - it loads its members with this function
-    return ensemble.load(run_dir, weights)
-  doc = run_config(run_dir)
+  doc = run_config(run_dir, ensemble_why="rundir.load loads one run (load an ensemble with "
+                                         "xraytpu.run.ensemble.load_model_dir)")
   from absl import logging  # noqa: PLC0415
   from xraytpu import models as models_lib  # noqa: PLC0415 - TensorFlow loads here
   from xraytpu._keras import keras  # noqa: PLC0415

@@ -2,7 +2,7 @@
 -> the run's InferenceModule -> the JSON answer.
 
 Predictions are those of `python -m xraytpu.predict`: the same run
-(`xraytpu.run.rundir.load`), the same pixel contract and model call
+(`xraytpu.run.ensemble.load_model_dir`), the same pixel contract and model call
 (`model_call.module_of(run)`, the InferenceModule that export saves), the same
 DICOM rendering (`tfrecord_tools.dicom` through `pixels.graph_input`, with the
 run's dicom_window unless ?window= says otherwise) and the same Grad-CAM.
