@@ -8,7 +8,7 @@ shards). For every --steps_per_execution value the same compiled model
 (`xraytpu.models.build_model` + `train_lib.compile_model`, exactly what
 `python -m xraytpu.train` runs, augmentation included) trains --steps steps on
 
-  (a) real       the training input: `train_lib.make_datasets` -> train_dataset on
+  (a) real       the training input: `inputs.make_datasets` -> train_dataset on
                  the TFRecords (cached uint8, shuffle, repeat, batch, prefetch,
                  class weights) through strategy.distribute_datasets_from_function
   (b) synthetic  one batch of that same pipeline held in memory and repeated,
@@ -60,7 +60,7 @@ def measure(cfg, steps_per_execution: list[int], steps: int, repeats: int) -> di
   import tensorflow as tf  # noqa: PLC0415
 
   from tfrecord_tools import schema  # noqa: PLC0415
-  from xraytpu.training import distribute, train_lib  # noqa: PLC0415
+  from xraytpu.training import distribute, inputs, train_lib  # noqa: PLC0415
   from xraytpu import models
   from xraytpu._keras import keras  # noqa: PLC0415
   from xraytpu.data import stats  # noqa: PLC0415
@@ -77,7 +77,7 @@ def measure(cfg, steps_per_execution: list[int], steps: int, repeats: int) -> di
   keras.utils.set_random_seed(cfg.seed)
   label_mode = "binary" if num_classes == 2 else "one_hot"
   weights = stats.class_weights(manifest, "train") if cfg.class_weight == "balanced" else None
-  real, _, _ = train_lib.make_datasets(cfg, strategy, manifest, label_mode=label_mode,
+  real, _, _ = inputs.make_datasets(cfg, strategy, manifest, label_mode=label_mode,
                                     class_weights=weights, has_val=False)
 
   # (b): one per-replica batch of the real pipeline, repeated from memory.
@@ -86,7 +86,7 @@ def measure(cfg, steps_per_execution: list[int], steps: int, repeats: int) -> di
                                      global_batch=cfg.batch_size, label_mode=label_mode,
                                      manifest=manifest)
   if weights:
-    one = one.map(train_lib._class_weight_fn(weights, num_classes))  # noqa: SLF001
+    one = one.map(inputs._class_weight_fn(weights, num_classes))  # noqa: SLF001
   batch = next(iter(one))
   batch = tuple(t[:per_replica] for t in batch)
   synthetic = strategy.distribute_datasets_from_function(

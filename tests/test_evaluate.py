@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests._runs import copy_run
-from xraytpu.evaluation import evaluate_lib, metrics, operating_point
+from xraytpu.evaluation import evaluate_lib, metrics, operating_point, report_md
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED_KEYS = ("auc", "auc_ci", "pr_auc", "threshold", "threshold_policy", "threshold_source_split",
@@ -163,7 +163,7 @@ def test_report_multiclass_and_degenerate_without_crashing():
   text = r.pop("_classification_report_text")
   r.pop("_pred")
   r.update(model_dir="m", data_dir="d", dataset="x", split="test", notes=[], files={})
-  md = evaluate_lib.render_markdown(metrics.to_jsonable(r), text)
+  md = report_md.render_markdown(metrics.to_jsonable(r), text)
   assert "Per class" in md and "macro" in md
 
   # One class only: AUC undefined with a reason, the rest still reported.

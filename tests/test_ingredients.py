@@ -18,7 +18,7 @@ import tensorflow as tf
 from xraytpu._keras import keras
 from xraytpu.config import Config
 from xraytpu.data import augment, input_pipeline
-from xraytpu.training import callbacks, multilabel, train_lib
+from xraytpu.training import callbacks, inputs, multilabel, train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,7 +96,7 @@ def test_the_training_pipeline_mixes_labels_and_keeps_uint8_images(demo_data_dir
 
 
 def test_class_weights_of_a_soft_binary_label_are_proportional():
-  fn = train_lib._class_weight_fn({0: 1.0, 1: 3.0}, 2)   # noqa: SLF001
+  fn = inputs._class_weight_fn({0: 1.0, 1: 3.0}, 2)   # noqa: SLF001
   _, _, w = fn(tf.zeros([3, 2, 2, 1]), tf.constant([[0.0], [1.0], [0.25]]))
   np.testing.assert_allclose(w.numpy(), [1.0, 3.0, 1.5])
 

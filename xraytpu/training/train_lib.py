@@ -5,7 +5,8 @@
   1. check the run directory (a finished run is kept unless cfg.overwrite; an
      unfinished one with the same settings is resumed),
   2. start the strategy (xraytpu.training.distribute), set the mixed-precision policy,
-  3. read dataset.json: task, classes, class weights, initial output bias, steps/epoch,
+  3. read dataset.json: task, classes, class weights, initial output bias, steps/epoch;
+     the train and val datasets (xraytpu.training.inputs),
   4. build and compile the model inside `strategy.scope()`,
   5. fit phase 1 (backbones frozen when pretrained), then optionally phase 2
      (fine-tune from --fine_tune_at at --fine_tune_learning_rate); with --init_from the
@@ -48,7 +49,7 @@ import numpy as np
 import tensorflow as tf
 
 import tfrecord_tools
-from xraytpu.training import distribute, multilabel, transfer
+from xraytpu.training import distribute, inputs, multilabel, transfer
 from xraytpu import errors
 from xraytpu.run import films, rundir
 from xraytpu import models as models_lib
@@ -57,7 +58,6 @@ from xraytpu.training.callbacks import StopOnNaN, _save_and_discard, make_callba
 from xraytpu.training.callbacks import writing
 from xraytpu.config import Config
 from xraytpu.data import DataError
-from xraytpu.data import input_pipeline
 from xraytpu.data import integrity
 from xraytpu.data import stats
 from xraytpu.data import tfds_source
@@ -377,70 +377,6 @@ def compile_model(model: keras.Model, cfg: Config, *, learning_rate, num_classes
 
 
 # ---------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------
-
-def _class_weight_fn(weights: dict[int, float], num_classes: int):
-  """(image, label) -> (image, label, weight[b]) for binary [b,1] or one-hot [b,K] labels.
-
-  A soft label (mixup/cutmix) weighs the classes' weights in its proportions."""
-  table = tf.constant([weights[i] for i in range(num_classes)], tf.float32)
-
-  def add_weight(image, label):
-    if num_classes == 2:
-      y = tf.reshape(tf.cast(label, tf.float32), [-1])
-      w = table[0] * (1.0 - y) + table[1] * y
-    else:
-      w = tf.reduce_sum(label * table, axis=-1)
-    return image, label, w
-  return add_weight
-
-
-def make_datasets(cfg: Config, strategy, manifest: dict, *, label_mode: str,
-                  class_weights: dict[int, float] | None, has_val: bool):
-  """Distributed train (repeating, weighted) and val (one padded pass) datasets,
-  and the number of validation steps.
-
-  class_weights: single-label only, as per-example weights; multi-label
-  weighting lives in the loss (positive weights per finding).
-
-  Validation, under every strategy, is `input_pipeline.eval_dataset(padded=True)`:
-  each replica gets the same number of full batches (static shapes for XLA and
-  TPU, no replica left with an empty batch), padding weighs 0, and every val
-  example counts exactly once in the loss and metrics. The step count is
-  `input_pipeline.eval_plan`'s, over the input pipelines the strategy made.
-  """
-  num_classes = len(manifest["classes"])
-  spec = input_pipeline.InputSpec.from_config(cfg, manifest)
-
-  def train_fn(ctx: tf.distribute.InputContext):
-    ds = input_pipeline.train_dataset(cfg.data_dir, spec, global_batch=cfg.batch_size,
-                                      input_context=ctx, label_mode=label_mode, manifest=manifest)
-    if class_weights:
-      ds = ds.map(_class_weight_fn(class_weights, num_classes),
-                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds
-
-  pipelines: list[int] = []
-
-  def val_fn(ctx: tf.distribute.InputContext):
-    pipelines.append(ctx.num_input_pipelines)
-    return input_pipeline.eval_dataset(cfg.data_dir, "val", spec, batch_size=cfg.batch_size,
-                                       input_context=ctx, label_mode=label_mode, manifest=manifest,
-                                       padded=True)
-
-  train = strategy.distribute_datasets_from_function(train_fn)
-  if not has_val:
-    return train, None, None
-  val = strategy.distribute_datasets_from_function(val_fn)
-  plan = input_pipeline.eval_plan(manifest, "val", cfg.batch_size, max(pipelines or [1]),
-                                  multi_label=label_mode == "multi_label")
-  logging.info("Validation: %d example(s) in %d step(s) of %d (%d padding, weight 0)",
-               plan.examples, plan.steps, cfg.batch_size, plan.padding)
-  return train, val, plan.steps
-
-
-# ---------------------------------------------------------------------------
 # The driver
 # ---------------------------------------------------------------------------
 
@@ -620,8 +556,8 @@ def _train(cfg: Config, *, strategy: tf.distribute.Strategy | None, verbose: int
     pos_weight = None
   output_bias = np.asarray(stats.initial_bias(manifest), np.float32).reshape(-1)
   loss_kw = dict(task=task, findings=classes, pos_weight=pos_weight)
-  train_ds, val_ds, val_steps = make_datasets(cfg, strategy, manifest, label_mode=label_mode,
-                                              class_weights=class_weights, has_val=has_val)
+  train_ds, val_ds, val_steps = inputs.make_datasets(cfg, strategy, manifest, label_mode=label_mode,
+                                                     class_weights=class_weights, has_val=has_val)
   monitor = "val_auc" if has_val else "auc"
   if not has_val:
     logging.warning("The data set has no 'val' split: the best checkpoint is chosen by training AUC.")
