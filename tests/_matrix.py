@@ -8,7 +8,8 @@ before TensorFlow starts, so callers run it as a subprocess:
       --combos=mirrored:bfloat16:0:3,mirrored:float16:0:1 [--evaluate] [--export]
 
 A combination is STRATEGY:PRECISION:JIT(0|1):STEPS_PER_EXECUTION[:GLOBAL_BATCH]. For each it
-  1. trains 1 epoch (xray_cnn, 32 px, light augmentation, global batch --batch_size),
+  1. trains 1 epoch (xray_cnn, 32 px, light augmentation + --low_resolution_range, global
+     batch --batch_size),
   2. recomputes the last epoch's validation loss, accuracy and AUC in one plain
      pass over the val split (no strategy, no padding) and reports the gaps to
      what `fit` logged under the strategy: the padded distributed validation must
@@ -82,7 +83,7 @@ def run_combo(combo: str, data_dir: str, out_dir: str, batch: int, evaluate: boo
   cfg = Config(data_dir=data_dir, model_dir=run_dir, strategy=strategy, model="xray_cnn",
                image_size=32, batch_size=batch, epochs=1, steps_per_execution=int(spe),
                mixed_precision=precision, jit_compile=jit == "1", augment="light", cache="off",
-               seed=0, overwrite=True).resolve_augment()
+               low_resolution_range=0.2, seed=0, overwrite=True).resolve_augment()
   try:
     r = train_lib.train_and_evaluate(cfg, verbose=0)
   except distribute.StrategyError as e:

@@ -10,6 +10,10 @@
                    with XLA and runs on TPU (tf.raw_ops.ImageProjectiveTransformV3,
                    behind keras' RandomRotation/RandomZoom, has no XLA kernel)
   RandomIntensity  brightness (+- fraction of 255) and contrast (+- fraction)
+  RandomLowResolution  (--low_resolution_range, not in any preset) half the
+                   images down to a random side (area) and back up (the input
+                   resize), as films that arrive at 28-64 px look to the model;
+                   one [S, S] matrix per image, so shapes never change (XLA)
 
 Flag names and units follow `ImageDataGenerator`, so tutorial settings carry
 over: rotation_range in degrees, shifts as fractions of the side (pixels when
@@ -208,6 +212,104 @@ class RandomIntensity(keras.__internal__.layers.BaseRandomLayer):
             "contrast": self.contrast, "seed": self.seed}
 
 
+LOW_RESOLUTION_PROB = 0.5   # the share of training films made low-resolution
+
+
+@keras.saving.register_keras_serializable(package="xraytpu")
+class RandomLowResolution(keras.__internal__.layers.BaseRandomLayer):
+  """Films that arrived at low resolution: per image, down to a random side and back up.
+
+  Each image, with probability `probability`, gets a fraction f ~ U(low, 1) and
+  becomes, for each of its sides N (rows, cols), N -> n = round(f N) -> N:
+    down  AREA resampling (each low-resolution pixel the covered-area-weighted
+          mean), as the converter's --max_side downscale (tfrecord_tools.pixels
+          step 5, `tf.image.resize(method="area")`);
+    up    the pixel contract's step 8 (`pixels.resize_image`:
+          `tf.image.resize(method="bilinear", antialias=True)`), which enlarging
+          is bilinear with half-pixel centres and edge clamping.
+  That function cannot be called here: tf.image.resize needs one static size per
+  call, the sizes differ per image, and XLA wants static shapes. Both resizes
+  are separable linear maps, so `low_resolution_matrices` writes the pair as one
+  [N, N] matrix per image (the resize's weights, computed from n in the graph)
+  and the image becomes M_rows @ x @ M_cols^T: static shapes, exact per-image
+  sizes, a few batched matmuls (tests check it against tf.image.resize).
+  Other images pass unchanged (bit for bit), as does everything at inference.
+
+  Input/output: float [B, H, W, C]; identity when not training. Random draws
+  from the layer's own seeded generator, like RandomAffine and RandomIntensity.
+  """
+
+  def __init__(self, low: float = 0.0, probability: float = LOW_RESOLUTION_PROB,
+               seed: int | None = None, **kwargs):
+    kwargs.pop("force_generator", None)
+    super().__init__(seed=seed, force_generator=True, **kwargs)
+    if not 0.0 < low < 1.0:
+      raise ValueError(f"low (the smallest side's fraction) must be in (0, 1), got {low}")
+    if not 0.0 <= probability <= 1.0:
+      raise ValueError(f"probability must be in [0, 1], got {probability}")
+    self.low = float(low)
+    self.probability = float(probability)
+    self.seed = seed
+
+  def call(self, inputs, training=None):
+    return _maybe_apply(training, self._augment, inputs)
+
+  def _augment(self, inputs):
+    images = tf.cast(inputs, tf.float32)
+    shape = tf.shape(images)
+    batch = shape[0]
+    height = images.shape[1] if images.shape[1] is not None else shape[1]
+    width = images.shape[2] if images.shape[2] is not None else shape[2]
+    chosen = self._random_generator.random_uniform([batch], 0.0, 1.0, dtype=tf.float32) \
+        < self.probability
+    fraction = self._random_generator.random_uniform([batch], self.low, 1.0, dtype=tf.float32)
+    rows = low_resolution_matrices(_side(fraction, height), height)      # [B, H, H]
+    cols = low_resolution_matrices(_side(fraction, width), width)        # [B, W, W]
+    out = tf.einsum("bij,bjwc->biwc", rows, images)
+    out = tf.einsum("bkw,biwc->bikc", cols, out)
+    out = tf.where(chosen[:, None, None, None], out, images)
+    out.set_shape(inputs.shape)
+    return tf.cast(out, self.compute_dtype)
+
+  def compute_output_shape(self, input_shape):
+    return input_shape
+
+  def get_config(self):
+    return {**super().get_config(), "low": self.low, "probability": self.probability,
+            "seed": self.seed}
+
+
+def _side(fraction, n):
+  """round(fraction * n) as float32, at least 1 and at most n."""
+  n = tf.cast(n, tf.float32)
+  return tf.clip_by_value(tf.round(fraction * n), 1.0, n)
+
+
+def low_resolution_matrices(sides, size):
+  """float32 [B, size, size]: per image, `size` -> sides[b] (area) -> `size` (bilinear, antialias
+  as tf.image.resize enlarges) along one axis, as a matrix acting on that axis.
+
+  sides: [B] (float or int, 1 <= side <= size). A side equal to `size` gives the identity.
+  Built from the resizes' definitions (tf.image.resize area: ResizeArea's covered
+  fractions; bilinear antialias: scale_and_translate's triangle kernel, weights
+  renormalised over the pixels inside the image); tests compare it with tf.image.resize.
+  """
+  s = tf.cast(sides, tf.float32)[:, None, None]                # [B, 1, 1] low-resolution side
+  n = tf.cast(size, tf.float32)
+  scale = n / s                                                 # input pixels per low-res pixel
+  idx = tf.cast(tf.range(size), tf.float32)
+  rows, cols = idx[None, :, None], idx[None, None, :]
+  # down [B, size, size]: row i < s (a low-res pixel) averages input cells [i scale, (i+1) scale).
+  lo = rows * scale
+  covered = tf.clip_by_value(tf.minimum(cols + 1.0, lo + scale) - tf.maximum(cols, lo), 0.0, 1.0)
+  down = tf.where(rows < s, covered / scale, 0.0)
+  # up [B, size, size]: output row o samples the low-res grid at (o + 0.5) / scale - 0.5.
+  centre = (rows + 0.5) / scale
+  weight = tf.where(cols < s, tf.maximum(0.0, 1.0 - tf.abs(centre - (cols + 0.5))), 0.0)
+  up = weight / tf.reduce_sum(weight, axis=-1, keepdims=True)
+  return tf.matmul(up, down)
+
+
 def affine_matrices(theta, tx, ty, shear, zx, zy, flip_r, flip_c, height, width):
   """ImageDataGenerator's transform as float32 [B, 2, 3] maps, output (row, col, 1) -> input.
 
@@ -299,7 +401,7 @@ def build_augmentation(cfg, seed: int | None = None) -> keras.Sequential | None:
   Reads rotation_range, width_shift_range, height_shift_range, zoom_range,
   shear_range, horizontal_flip, vertical_flip, brightness_range,
   contrast_range (call `cfg.resolve_augment()` first so the --augment preset
-  is applied) and seed. Returns None when all are off.
+  is applied), low_resolution_range and seed. Returns None when all are off.
   Input/output: float [B, H, W, C] in [0, 255]; identity unless training.
   """
   seed = cfg.seed if seed is None else seed
@@ -314,6 +416,11 @@ def build_augmentation(cfg, seed: int | None = None) -> keras.Sequential | None:
   if cfg.brightness_range or cfg.contrast_range:
     layers.append(RandomIntensity(brightness=cfg.brightness_range, contrast=cfg.contrast_range,
                                   seed=None if seed is None else seed + 1, name="random_intensity"))
+  if cfg.low_resolution_range:
+    # Last, as the input resize is the last step a low-resolution film goes through.
+    layers.append(RandomLowResolution(low=cfg.low_resolution_range,
+                                      seed=None if seed is None else seed + 2,
+                                      name="random_low_resolution"))
   if not layers:
     return None
   return keras.Sequential(layers, name="augmentation")

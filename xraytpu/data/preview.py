@@ -71,6 +71,8 @@ def _describe(cfg) -> str:
     parts.append(f"bright ±{cfg.brightness_range:g}")
   if cfg.contrast_range:
     parts.append(f"contrast ±{cfg.contrast_range:g}")
+  if cfg.low_resolution_range:
+    parts.append(f"low-res ≥{cfg.low_resolution_range:g}")
   return "after: " + ", ".join(parts)
 
 

@@ -213,6 +213,9 @@ def validate_config(cfg: Config) -> None:
     raise TrainError(f"--label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
   if not 0.0 <= cfg.ema_decay < 1.0:
     raise TrainError(f"--ema_decay must be in [0, 1) (0 = off), got {cfg.ema_decay}")
+  if not 0.0 <= cfg.low_resolution_range < 1.0:
+    raise TrainError("--low_resolution_range must be in [0, 1) (the smallest side as a fraction of "
+                     f"--image_size; 0 = off), got {cfg.low_resolution_range}")
   for name in ("mixup_alpha", "cutmix_alpha"):
     if not getattr(cfg, name) >= 0.0:
       raise TrainError(f"--{name} must be >= 0 (0 = off), got {getattr(cfg, name)}")
