@@ -41,6 +41,14 @@ def _is_off(training) -> bool:
   return training is False or training is None or (isinstance(training, int) and training == 0)
 
 
+def _dims(images):
+  """(batch, height, width) of [B, H, W, C]: H and W static where known (XLA), B dynamic."""
+  shape = tf.shape(images)
+  height = images.shape[1] if images.shape[1] is not None else shape[1]
+  width = images.shape[2] if images.shape[2] is not None else shape[2]
+  return shape[0], height, width
+
+
 def _maybe_apply(training, fn, inputs):
   """fn(inputs) only when training is True (python bool or tensor); else identity.
 
@@ -53,8 +61,28 @@ def _maybe_apply(training, fn, inputs):
   return tf.cond(tf.cast(training, tf.bool), lambda: fn(inputs), lambda: tf.identity(inputs))
 
 
+class _TrainingOnly(keras.__internal__.layers.BaseRandomLayer):
+  """The augmentation layers' shared frame: their own seeded generator (force_generator:
+  replica-safe under MirroredStrategy and XLA), identity unless training (`_maybe_apply`),
+  the shape kept. A subclass defines `_augment` and adds its settings to get_config."""
+
+  def __init__(self, seed: int | None = None, **kwargs):
+    kwargs.pop("force_generator", None)
+    super().__init__(seed=seed, force_generator=True, **kwargs)
+    self.seed = seed
+
+  def call(self, inputs, training=None):
+    return _maybe_apply(training, self._augment, inputs)
+
+  def compute_output_shape(self, input_shape):
+    return input_shape
+
+  def get_config(self):
+    return {**super().get_config(), "seed": self.seed}
+
+
 @keras.saving.register_keras_serializable(package="xraytpu")
-class RandomAffine(keras.__internal__.layers.BaseRandomLayer):
+class RandomAffine(_TrainingOnly):
   """ImageDataGenerator's random affine transform and flips, vectorised over the batch.
 
   Per image, as `ImageDataGenerator.get_random_transform` + `apply_transform`
@@ -79,8 +107,7 @@ class RandomAffine(keras.__internal__.layers.BaseRandomLayer):
                horizontal_flip: bool = False, vertical_flip: bool = False,
                fill_mode: str = "nearest", fill_value: float = 0.0,
                interpolation: str = "bilinear", seed: int | None = None, **kwargs):
-    kwargs.pop("force_generator", None)
-    super().__init__(seed=seed, force_generator=True, **kwargs)
+    super().__init__(seed=seed, **kwargs)
     if fill_mode not in FILL_MODES:
       raise ValueError(f"fill_mode must be one of {FILL_MODES}, got {fill_mode!r}")
     if interpolation not in INTERPOLATIONS:
@@ -104,7 +131,6 @@ class RandomAffine(keras.__internal__.layers.BaseRandomLayer):
     self.fill_mode = fill_mode
     self.fill_value = float(fill_value)
     self.interpolation = interpolation
-    self.seed = seed
 
   def _uniform(self, n, lo, hi):
     return self._random_generator.random_uniform([n], minval=lo, maxval=hi, dtype=tf.float32)
@@ -139,23 +165,14 @@ class RandomAffine(keras.__internal__.layers.BaseRandomLayer):
     flip_c = tf.where(self._uniform(batch, 0.0, 1.0) < 0.5, -1.0, 1.0) if self.horizontal_flip else ones
     return affine_matrices(theta, tx, ty, shear, zx, zy, flip_r, flip_c, height, width)
 
-  def call(self, inputs, training=None):
-    return _maybe_apply(training, self._augment, inputs)
-
   def _augment(self, inputs):
     images = tf.cast(inputs, tf.float32)
-    shape = tf.shape(images)
-    batch = shape[0]
-    height = images.shape[1] if images.shape[1] is not None else shape[1]
-    width = images.shape[2] if images.shape[2] is not None else shape[2]
+    batch, height, width = _dims(images)
     m = self.transform_matrices(batch, height, width)
     out = sample(images, m, fill_mode=self.fill_mode, fill_value=self.fill_value,
                  interpolation=self.interpolation)
     out.set_shape(inputs.shape)
     return tf.cast(out, self.compute_dtype)
-
-  def compute_output_shape(self, input_shape):
-    return input_shape
 
   def get_config(self):
     return {**super().get_config(),
@@ -163,11 +180,11 @@ class RandomAffine(keras.__internal__.layers.BaseRandomLayer):
             "height_shift_range": self.height_shift_range, "zoom_range": self.zoom_range,
             "shear_range": self.shear_range, "horizontal_flip": self.horizontal_flip,
             "vertical_flip": self.vertical_flip, "fill_mode": self.fill_mode,
-            "fill_value": self.fill_value, "interpolation": self.interpolation, "seed": self.seed}
+            "fill_value": self.fill_value, "interpolation": self.interpolation}
 
 
 @keras.saving.register_keras_serializable(package="xraytpu")
-class RandomIntensity(keras.__internal__.layers.BaseRandomLayer):
+class RandomIntensity(_TrainingOnly):
   """Random brightness then contrast, per image, for pixels in [0, 255].
 
     brightness: x + U(-brightness, brightness) * 255, clipped to [0, 255]
@@ -179,16 +196,11 @@ class RandomIntensity(keras.__internal__.layers.BaseRandomLayer):
 
   def __init__(self, brightness: float = 0.0, contrast: float = 0.0, seed: int | None = None,
                **kwargs):
-    kwargs.pop("force_generator", None)
-    super().__init__(seed=seed, force_generator=True, **kwargs)
+    super().__init__(seed=seed, **kwargs)
     if not 0.0 <= brightness <= 1.0 or not 0.0 <= contrast <= 1.0:
       raise ValueError(f"brightness and contrast must be in [0, 1], got {brightness}, {contrast}")
     self.brightness = float(brightness)
     self.contrast = float(contrast)
-    self.seed = seed
-
-  def call(self, inputs, training=None):
-    return _maybe_apply(training, self._augment, inputs)
 
   def _augment(self, inputs):
     x = tf.cast(inputs, tf.float32)
@@ -204,19 +216,16 @@ class RandomIntensity(keras.__internal__.layers.BaseRandomLayer):
       x = tf.clip_by_value((x - mean) * factor + mean, 0.0, 255.0)
     return tf.cast(x, self.compute_dtype)
 
-  def compute_output_shape(self, input_shape):
-    return input_shape
-
   def get_config(self):
     return {**super().get_config(), "brightness": self.brightness,
-            "contrast": self.contrast, "seed": self.seed}
+            "contrast": self.contrast}
 
 
 LOW_RESOLUTION_PROB = 0.5   # the share of training films made low-resolution
 
 
 @keras.saving.register_keras_serializable(package="xraytpu")
-class RandomLowResolution(keras.__internal__.layers.BaseRandomLayer):
+class RandomLowResolution(_TrainingOnly):
   """Films that arrived at low resolution: per image, down to a random side and back up.
 
   Each image, with probability `probability`, gets a fraction f ~ U(low, 1) and
@@ -241,25 +250,17 @@ class RandomLowResolution(keras.__internal__.layers.BaseRandomLayer):
 
   def __init__(self, low: float = 0.0, probability: float = LOW_RESOLUTION_PROB,
                seed: int | None = None, **kwargs):
-    kwargs.pop("force_generator", None)
-    super().__init__(seed=seed, force_generator=True, **kwargs)
+    super().__init__(seed=seed, **kwargs)
     if not 0.0 < low < 1.0:
       raise ValueError(f"low (the smallest side's fraction) must be in (0, 1), got {low}")
     if not 0.0 <= probability <= 1.0:
       raise ValueError(f"probability must be in [0, 1], got {probability}")
     self.low = float(low)
     self.probability = float(probability)
-    self.seed = seed
-
-  def call(self, inputs, training=None):
-    return _maybe_apply(training, self._augment, inputs)
 
   def _augment(self, inputs):
     images = tf.cast(inputs, tf.float32)
-    shape = tf.shape(images)
-    batch = shape[0]
-    height = images.shape[1] if images.shape[1] is not None else shape[1]
-    width = images.shape[2] if images.shape[2] is not None else shape[2]
+    batch, height, width = _dims(images)
     chosen = self._random_generator.random_uniform([batch], 0.0, 1.0, dtype=tf.float32) \
         < self.probability
     fraction = self._random_generator.random_uniform([batch], self.low, 1.0, dtype=tf.float32)
@@ -271,12 +272,8 @@ class RandomLowResolution(keras.__internal__.layers.BaseRandomLayer):
     out.set_shape(inputs.shape)
     return tf.cast(out, self.compute_dtype)
 
-  def compute_output_shape(self, input_shape):
-    return input_shape
-
   def get_config(self):
-    return {**super().get_config(), "low": self.low, "probability": self.probability,
-            "seed": self.seed}
+    return {**super().get_config(), "low": self.low, "probability": self.probability}
 
 
 def _side(fraction, n):
