@@ -270,6 +270,9 @@ class Bench:
         "+ mixup (alpha 0.2)": ("mixup", dict(mixup_alpha=0.2)),
         "+ label smoothing (0.05)": ("ls", dict(label_smoothing=0.05)),
         "- augmentation (--augment=none)": ("no_aug", dict(augment="none")),
+        "+ low-resolution augmentation (0.2)": ("lowres", dict(low_resolution_range=0.2)),
+        "+ low-resolution augmentation and mixup": ("lowres_mixup", dict(low_resolution_range=0.2,
+                                                                          mixup_alpha=0.2)),
         "recipe, seed 2": ("seed2", dict(seed=2)),
         "recipe, seed 3": ("seed3", dict(seed=3)),
     }
