@@ -5,7 +5,7 @@ One process runs a list of combinations on one converted data set and prints one
 before TensorFlow starts, so callers run it as a subprocess:
 
   python -m tests._matrix --data_dir=DIR --out_dir=DIR --cpu_devices=2 \
-      --combos=mirrored:bfloat16:0:3,mirrored:float16:0:1 [--evaluate] [--export]
+      --combos=mirrored:bfloat16:0:3,mirrored:float16:0:1 [--evaluate] [--export=COMBO,...]
 
 A combination is STRATEGY:PRECISION:JIT(0|1):STEPS_PER_EXECUTION[:GLOBAL_BATCH]. For each it
   1. trains 1 epoch (xray_cnn, 32 px, light augmentation + --low_resolution_range, global
@@ -35,7 +35,8 @@ _CPUS = flags.DEFINE_integer("cpu_devices", 1, "logical CPU devices to split the
 _COMBOS = flags.DEFINE_list("combos", [], "STRATEGY:PRECISION:JIT:SPE, ...")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "global batch")
 _EVALUATE = flags.DEFINE_bool("evaluate", False, "evaluate every trained run on test")
-_EXPORT = flags.DEFINE_bool("export", False, "export every trained run and score test through it")
+_EXPORT = flags.DEFINE_list("export", [], "export these combinations' runs and score test through "
+                            "each SavedModel")
 
 
 def _split_cpu(n: int) -> None:
@@ -124,7 +125,8 @@ def main(argv):
   _split_cpu(_CPUS.value)
   rows = []
   for combo in _COMBOS.value:
-    row = run_combo(combo, _DATA.value, _OUT.value, _BATCH.value, _EVALUATE.value, _EXPORT.value)
+    row = run_combo(combo, _DATA.value, _OUT.value, _BATCH.value, _EVALUATE.value,
+                    combo in _EXPORT.value)
     print("ROW " + json.dumps(row), flush=True)
     rows.append(row)
   print("RESULT " + json.dumps(rows), flush=True)

@@ -1,5 +1,5 @@
 """Every strategy x precision x XLA x steps_per_execution the CLI accepts trains, validates,
-evaluates and exports, on splits that do not divide the global batch (tests/_matrix.py).
+evaluates (and, one per precision and strategy, exports), on splits that do not divide the global batch (tests/_matrix.py).
 
 The data: 120 synthetic films converted with default splits (84 / 18 / 18, 2 shards per
 split). Global batch 16 leaves a last val batch of 2 (1 per replica over two replicas);
@@ -33,6 +33,11 @@ ONE_CPU = ["default:off:0:1", "default:bfloat16:1:3", "default:float16:0:3:32",
 TWO_CPUS = ["mirrored:off:0:1", "mirrored:bfloat16:0:3:32", "mirrored:float16:0:3",
             "mirrored:auto:0:1", "mirrored:bfloat16:1:3"]
 MULTI_WORKER = "multi_worker:bfloat16:0:3"
+# Exported and scored through the SavedModel: every precision policy (the saved model's dtypes) and
+# every strategy a run can be saved from (export loads the run under the default strategy, so
+# precision, not strategy, changes the exported graph); the other combinations stop at evaluate.
+EXPORTED = ["default:off:0:1", "default:bfloat16:1:3", "one_device:float16:1:3",
+            "mirrored:bfloat16:1:1:32"]
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +87,10 @@ def _check_trained(row: dict) -> None:
   exact = row["policy"] == "float32"
   gap = row["gap"]
   assert row["plain"]["n"] == row["val_examples"] == 18
-  assert gap["val_loss"] < (1e-4 if exact else 3e-3), row
+  # bfloat16 keeps 8 bits of mantissa: one rounding of a ~0.7 loss is up to 0.7 * 2**-8 ~ 0.003, and
+  # the plain pass rounds at other places (seen: 0.0038 on TF 2.20); float16 keeps 11 bits.
+  tolerance = 1e-4 if exact else (1e-2 if "bfloat16" in row["policy"] else 3e-3)
+  assert gap["val_loss"] < tolerance, row
   # Mixed precision: the plain pass batches differently (other kernels, other bfloat16/float16
   # roundings), and after one epoch the scores are nearly tied, so some pairs swap (one swapped
   # pair moves AUC by 1/81; seen: up to 7.5/81 on TF 2.20). The float32 rows must agree
@@ -102,14 +110,15 @@ def _check_trained(row: dict) -> None:
 @pytest.mark.slow
 def test_matrix_one_and_two_cpu_devices(awkward_data, tmp_path):
   """Both device layouts at once (two processes on two cores)."""
-  one = _matrix(awkward_data, str(tmp_path / "one"), ONE_CPU, extra=("--evaluate", "--export"))
+  one = _matrix(awkward_data, str(tmp_path / "one"), ONE_CPU,
+                extra=("--evaluate", "--export=" + ",".join(EXPORTED)))
   two = _matrix(awkward_data, str(tmp_path / "two"), TWO_CPUS, cpus=2, extra=("--evaluate",))
   rows_one, rows_two = _rows(one), _rows(two)
   assert [r["combo"] for r in rows_one] == ONE_CPU
   for row in rows_one:
     _check_trained(row)
     assert row["replicas"] == 1
-    assert "export_max_gap" in row and "test_counted" in row
+    assert ("export_max_gap" in row) == (row["combo"] in EXPORTED) and "test_counted" in row
   by = {r["combo"]: r for r in rows_two}
   for combo in TWO_CPUS[:-1]:
     _check_trained(by[combo])
