@@ -134,10 +134,13 @@ def test_evaluate_tta_is_recorded_and_predict_and_export_apply_it(trained_run, s
   np.testing.assert_allclose(out["probabilities"].numpy(), predicted, atol=1e-6)
 
   # Without --tta the recorded one is kept; --tta=none chooses the operating point again.
-  evaluate_lib.evaluate(run_dir, split="val", **FAST)
+  # Kept silently would surprise (a later --threshold_policy run still averages views): a note.
+  kept = evaluate_lib.evaluate(run_dir, split="val", **FAST)
   assert rundir.read_operating_point(run_dir) == op
+  assert any("'shift' kept from threshold.json" in n and "--tta=none" in n for n in kept["notes"])
   report = evaluate_lib.evaluate(run_dir, split="val", tta="none", **FAST)
   assert rundir.read_operating_point(run_dir)["tta"] == "none" and report["tta"] == "none"
+  assert not any("kept from threshold.json" in n for n in report["notes"])
 
 
 def test_without_tta_the_model_is_called_as_before(trained_run, tmp_path):
