@@ -164,20 +164,24 @@ def paired_auc_delta(y, p_a, p_b, n: int = 2000, seed: int = 0) -> tuple[float, 
   """AUC(b) - AUC(a) on the same films, with a 95% paired, stratified bootstrap CI.
 
   scipy.stats.bootstrap(paired=True) would do the pairing, but it does not stratify by
-  class (a resample without positives has no AUC); xraytpu.evaluation.metrics'
-  stratified resampler is the one the reports use, so the deltas match their CIs."""
+  class (a resample without positives has no AUC). metrics.bootstrap_ci is the reports'
+  stratified resampling and percentile interval: given both models' scores side by side,
+  each resample scores both on the same films (the pairing)."""
   from xraytpu.evaluation import metrics
-  idx = metrics.stratified_bootstrap_indices(y, n_resamples=n, seed=seed)
-  auc = lambda p: np.array([_auc(y[i], p[i]) for i in idx])  # noqa: E731
-  d = auc(p_b) - auc(p_a)
-  return float(_auc(y, p_b) - _auc(y, p_a)), float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))
+  both = np.stack([np.asarray(p_a), np.asarray(p_b)], axis=-1)
+  delta = lambda yy, s: _auc(yy, s[..., 1]) - _auc(yy, s[..., 0])  # noqa: E731
+  interval, _ = metrics.bootstrap_ci(delta, y, both, n_resamples=n, seed=seed)
+  lo, hi = interval or (float("nan"), float("nan"))
+  return float(delta(np.asarray(y), both)), float(lo), float(hi)
 
 
 def _auc(y, p) -> float:
-  from sklearn.metrics import roc_auc_score
+  """Binary AUC of P(positive) (p [n] or [n, 2]), or the macro one-vs-rest AUC of [n, K]: the
+  reports' own (xraytpu.evaluation.metrics)."""
+  from xraytpu.evaluation import metrics
   if p.ndim == 2 and p.shape[1] > 2:
-    return float(roc_auc_score(y, p, multi_class="ovr", average="macro"))
-  return float(roc_auc_score(y, p[:, -1] if p.ndim == 2 else p))
+    return metrics.multiclass_auc(y, p, ci=False)["macro"].value
+  return metrics.roc_auc(y, p[:, -1] if p.ndim == 2 else p, ci=False).value
 
 
 def row(name: str, report: dict, seconds: float | None = None, **extra) -> dict:
