@@ -574,7 +574,7 @@ def evaluate(model_dir: str, *, data_dir: str = EvalConfig.data_dir, split: str 
     notes.append(f"threshold policy {op['policy']} could not be applied on "
                  f"{op.get('source_split')}: {op['fallback_reason']}; threshold {op['threshold']} used")
   notes += _evidence_notes(op)
-  if tta is None and run.tta != "none":   # kept, as --temperature_scaling is: say so once
+  if tta is None and run.tta != config.DEFAULT_TTA:   # kept, as --temperature_scaling is: say so once
     notes.append(f"test-time augmentation '{run.tta}' kept from threshold.json (an earlier "
                  "evaluate chose the threshold with it); --tta=none drops it")
   if run.multi_label:
