@@ -227,14 +227,15 @@ def load(ens_dir: str, weights: str = "best") -> rundir.LoadedRun:
   checked unchanged since ensemble.json was written, its own threshold.json."""
   doc = read(ens_dir)
   dirs = [m["path"] for m in doc["members"]]
+  docs = []
   for m in doc["members"]:
-    _member_doc(m["path"], ens_dir)
+    docs.append(_member_doc(m["path"], ens_dir))
     if changed(m):
       raise EnsembleError(f"the run {m['path']} changed since the ensemble {ens_dir} was made (its "
                           "weights are not those recorded: retrained?): the ensemble's operating "
                           f"point and reports describe the old weights; delete {ens_dir} and make it "
                           "again")
-  return load_members(dirs, ens_dir, rundir.read_operating_point(ens_dir), weights)
+  return load_members(dirs, ens_dir, rundir.read_operating_point(ens_dir), weights, docs)
 
 
 def changed(member: dict) -> bool:
@@ -243,10 +244,12 @@ def changed(member: dict) -> bool:
 
 
 def load_members(member_dirs: list[str], model_dir: str, operating_point: dict | None = None,
-                 weights: str = "best") -> rundir.LoadedRun:
+                 weights: str = "best", docs: list[dict] | None = None) -> rundir.LoadedRun:
   """The runs as one LoadedRun whose model averages theirs; model_dir names it (the ensemble
-  directory, or the --model_dir list of an in-memory ensemble)."""
-  check_same([(d, contract(d, _member_doc(d))) for d in member_dirs])   # before loading a model
+  directory, or the --model_dir list of an in-memory ensemble). docs: their config.json, when
+  the caller has read them already."""
+  docs = docs or [_member_doc(d) for d in member_dirs]
+  check_same([(d, contract(d, doc)) for d, doc in zip(member_dirs, docs)])   # before loading a model
   members = [rundir.load(d, weights) for d in member_dirs]
   check_same([(m.model_dir, _loaded_contract(m)) for m in members])     # their models' inputs
   first = members[0]
