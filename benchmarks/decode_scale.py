@@ -66,9 +66,10 @@ def decoding(which: str):
     return
   contract = pixels.load_image
 
-  def full_size(encoded, *, channels, size, aspect="squash", forms=None):
-    return pixels.resize_image(pixels.decode_image(encoded, channels, min_side=0, forms=forms),
-                               size, aspect)
+  def full_size(encoded, *, channels, size, aspect="squash", forms=None,
+                contract=pixels.CONTRACT_VERSION):
+    image = pixels.decode_image(encoded, channels, min_side=0, forms=forms, contract=contract)
+    return pixels.resize_image(image, size, aspect, contract)
   pixels.load_image = full_size
   try:
     yield

@@ -236,7 +236,7 @@ def test_converter_records_grey_rgb_films_as_one_channel(tmp_path):
       input_dir=str(tmp_path / "in"), output_dir=str(out), num_shards=1, num_workers=1,
       quiet=True, val_fraction=0.0, test_fraction=0.0))
   manifest = schema.read_manifest(str(out))
-  assert manifest["pixel_contract"] == pixels.CONTRACT_VERSION == 4
+  assert manifest["pixel_contract"] == pixels.CONTRACT_VERSION == 5
   assert {str(k): v for k, v in manifest["image_stats"]["channels"].items() if v} == {"1": 6}
   assert stats.input_channels(manifest, Config()) == 1
   # inspect reads every record back: a kept grey-as-RGB JPEG recorded as 1
@@ -283,10 +283,11 @@ def test_jpeg_decoded_at_the_coarsest_scale_covering_the_input(height, width, wa
   assert tuple(pixels.load_image(data, channels=1, size=224).shape) == (224, 224, 1)
 
 
-def test_png_and_small_jpeg_decode_at_full_size():
+def test_png_reduces_as_a_jpeg_would_and_small_jpeg_decodes_at_full_size():
   png = tf.io.encode_png(tf.zeros([900, 900, 1], tf.uint8)).numpy()
-  assert int(pixels.jpeg_dct_ratio(png, 224)) == 1
-  assert tuple(pixels.decode_image(png, 1, min_side=224).shape[:2]) == (900, 900)
+  assert int(pixels.jpeg_dct_ratio(png, 224)) == 1   # no DCT: block means (contract 5)
+  assert tuple(pixels.decode_image(png, 1, min_side=224).shape[:2]) == (225, 225)
+  assert tuple(pixels.decode_image(png, 1, min_side=224, contract=4).shape[:2]) == (900, 900)
   jpeg = tf.io.encode_jpeg(tf.zeros([900, 900, 1], tf.uint8)).numpy()
   assert tuple(pixels.decode_image(jpeg, 1, min_side=0).shape[:2]) == (900, 900)  # 0: always full
 

@@ -39,15 +39,31 @@ exported SavedModel (TensorFlow half, the same steps as graph ops).
                   (quality --jpeg_quality) and the rest -> PNG. TF's JPEG encoder
                   and PIL's give the same pixels (only the JFIF density differs).
   ---------------------------------------------------------------- a record ---
-   7 decode       as step 1, at the coarsest DCT scale keeping the shorter side
-                  >= the model's size; 16-bit -> round(v / 257); to the model's
-                  channels (JPEG: libjpeg's own grey/RGB output; PNG: libpng's).
-                  The input pipeline builds only the decode branches its data
-                  set's manifest says occur (`StoredForms`): same pixels, less
-                  start-up in every fresh pipeline.
-   8 resize       to S x S by the aspect policy (squash | pad | center_crop),
-                  bilinear with antialiasing, rounded to uint8.
+   7 decode       as step 1, reduced by r, the largest of 1, 2, 4, 8 that keeps the
+                  shorter side >= the model's size S (ceil(side / r), libjpeg's
+                  scaled size): a JPEG in the DCT domain (libjpeg's scaled IDCT);
+                  since contract 5, any other image (PNG, BMP, GIF) by the mean of
+                  each r x r block (a partial block at the edge: the mean of its
+                  pixels), so a film gets the same reduction whether it is stored
+                  lossy or lossless (a DICOM is rendered to PNG). 16-bit ->
+                  round(v / 257); to the model's channels (JPEG: libjpeg's own
+                  grey/RGB output; PNG: libpng's). The input pipeline builds only
+                  the decode branches its data set's manifest says occur
+                  (`StoredForms`): same pixels, less start-up in every fresh pipeline.
+   8 resize       to S x S by the aspect policy (squash | pad | center_crop); since
+                  contract 5, AREA resampling (as step 5) when neither side grows,
+                  else bilinear with antialiasing; rounded half to even to uint8.
   -> uint8 [S, S, C]: what the model sees. The model rescales.
+
+Steps 7-8 are versioned per run: a run reads records with the contract it was
+trained with (`Config.pixel_contract`, in its config.json; a run trained before
+contract 5 has none and reads with 4: no reduction of lossless images, bilinear
+with antialiasing always). Contract 5 exists for speed and agreement: step 8's
+antialiased bilinear (TensorFlow's ScaleAndTranslate kernel) cost more per film
+than the DCT-scaled decode saves (docs/benchmarks.md, the independent bound), and
+a JPEG film and the same film stored lossless (PNG, DICOM) read within 0.14 grey
+levels on average, against 0.46 when only the JPEG was reduced
+(docs/benchmarks.md#dicom-presentation-benchmarksdicom_presentationpy).
 
 Steps 1-6 run once per file in the converter (`prepare_image`) and, for a file
 that never went through the converter, inside the graph (`prepare_in_graph`),
@@ -82,7 +98,13 @@ from tfrecord_tools.errors import ImageError  # noqa: F401 - pixels.ImageError, 
 # 3: R=G=B images are grey; 4: DICOM rendered as a viewer shows it by default, the
 # size held against max_pixels from the header, image/dicom/rendering in each record);
 # part of the converter's shard fingerprint, so a resume never mixes contracts.
-CONTRACT_VERSION = 4
+# 5: steps 7-8 only (reading a record: lossless images reduced as a JPEG is, AREA when
+# shrinking); the records are the same as 4's.
+CONTRACT_VERSION = 5
+# The versions of steps 7-8 that `load_image` applies: each run reads with its own
+# (`Config.pixel_contract`); LEGACY_READ_CONTRACT is what a run that records none was trained with.
+READ_CONTRACTS = (4, 5)
+LEGACY_READ_CONTRACT = 4
 PNG_COMPRESS_LEVEL = 3    # ~3x faster than PIL's default 6, a few % larger
 # Step 0's default limit at every door (converter, predict, serve: each has --max_pixels):
 # width x height (x frames) of one image. A 43 x 43 cm detector at 0.1 mm is 18.5 Mpx.
@@ -523,18 +545,21 @@ class StoredForms:
 
 
 def decode_image(encoded, channels: int, *, min_side: int = 0,
-                 forms: StoredForms | None = None):
+                 forms: StoredForms | None = None, contract: int = CONTRACT_VERSION):
   """Step 7: one encoded record image -> uint8 [H, W, channels].
 
   Args:
     encoded: tf.string scalar, a PNG (8- or 16-bit) or JPEG (other formats
       tf.io.decode_image reads, e.g. BMP, also work).
     channels: 1 (grayscale) or 3 (RGB); converted if needed.
-    min_side: 0 decodes at full size. Otherwise a JPEG whose shorter side is
-      at least 2x this many pixels is decoded at 1/2, 1/4 or 1/8 scale while
-      its shorter side stays >= min_side. `load_image` sets it to the output size.
+    min_side: 0 decodes at full size. Otherwise an image whose shorter side is
+      at least 2x this many pixels is reduced to 1/2, 1/4 or 1/8 while its
+      shorter side stays >= min_side: a JPEG in its DCT decode, and under
+      contract 5 any other image by block means. `load_image` sets it to the
+      output size.
     forms: what the images can be (`StoredForms`, from a data set's manifest):
       only those branches are built, with the same pixels. None: any image.
+    contract: the pixel contract's version (READ_CONTRACTS) the reader applies.
 
   Returns:
     uint8 [H, W, channels]; a 16-bit PNG mapped by round(v / 257).
@@ -542,9 +567,11 @@ def decode_image(encoded, channels: int, *, min_side: int = 0,
   tf = _tf()
   if channels not in (1, 3):
     raise ValueError(f"channels must be 1 or 3, got {channels}")
+  _check_contract(contract)
+  reduce_lossless = contract >= 5 and min_side > 0
   encoded = tf.convert_to_tensor(encoded, tf.string)
   if forms is not None:
-    image = _decode_stored(encoded, channels, min_side, forms)
+    image = _decode_stored(encoded, channels, min_side, forms, reduce_lossless)
     image.set_shape([None, None, channels])
     return image
   is_png = _starts_with(encoded, _PNG_SIGNATURE)
@@ -557,8 +584,41 @@ def decode_image(encoded, channels: int, *, min_side: int = 0,
   image = tf.case([(is_png, lambda: _decode_png(encoded, channels)),
                    (is_jpeg, lambda: _decode_jpeg(encoded, channels, min_side))],
                   default=other, exclusive=True)
+  if reduce_lossless:
+    decoded = image
+    image = tf.cond(is_jpeg, lambda: decoded, lambda: _block_mean(decoded, min_side))
   image.set_shape([None, None, channels])
   return image
+
+
+def _check_contract(contract: int) -> None:
+  if contract not in READ_CONTRACTS:
+    raise ValueError(f"pixel contract {contract!r} is not one this version reads "
+                     f"({', '.join(map(str, READ_CONTRACTS))})")
+
+
+def _block_mean(image, min_side: int):
+  """Step 7 for a lossless image (contract 5): uint8 [H, W, C] -> [ceil(H / r), ceil(W / r), C],
+  r the largest of 1, 2, 4, 8 keeping the shorter side >= min_side (a JPEG's DCT rule),
+  each pixel the mean of its r x r block (at the edge: of the block's pixels that exist),
+  rounded half to even. A reshape and a sum in uint16, exact (at most 64 x 255 = 16320)
+  and 2 bytes a pixel: serve's decoding memory bound (DECODE_BYTES_PER_PIXEL) holds."""
+  tf = _tf()
+  shape = tf.shape(image)
+  h, w = shape[0], shape[1]
+  r = tf.gather(tf.constant(_JPEG_RATIOS), _ratio_index(tf.minimum(h, w), min_side, tf.where))
+
+  def reduce():
+    oh, ow = (h + r - 1) // r, (w + r - 1) // r
+    x = tf.cast(tf.pad(image, [[0, oh * r - h], [0, ow * r - w], [0, 0]]), tf.uint16)
+    x = tf.reduce_sum(tf.reshape(x, tf.stack([oh, r, ow * r, shape[2]])), axis=1)   # rows
+    x = tf.reduce_sum(tf.reshape(x, tf.stack([oh, ow, r, shape[2]])), axis=2)       # columns
+    rows = tf.cast(tf.minimum(r, h - tf.range(oh) * r), tf.float32)
+    cols = tf.cast(tf.minimum(r, w - tf.range(ow) * r), tf.float32)
+    return tf.cast(tf.round(tf.cast(x, tf.float32) / (rows[:, None, None] * cols[None, :, None])),
+                   tf.uint8)
+
+  return tf.cond(r > 1, reduce, lambda: image)
 
 
 def _decode_png(encoded, channels: int, depths: tuple[int, ...] = (8, 16)):
@@ -590,11 +650,16 @@ def _decode_jpeg(encoded, channels: int, min_side: int, max_short_side: int = 0)
   return _decode_jpeg_scaled(encoded, channels, min_side)
 
 
-def _decode_stored(encoded, channels: int, min_side: int, forms: StoredForms):
+def _decode_stored(encoded, channels: int, min_side: int, forms: StoredForms,
+                   reduce_lossless: bool = False):
   """decode_image's branches for `forms` only; a record of another form fails."""
   tf = _tf()
   depths = tuple(d for d, on in ((8, forms.png8), (16, forms.png16)) if on)
-  png = lambda: _decode_png(encoded, channels, depths)  # noqa: E731
+  if reduce_lossless and forms.max_short_side > 0 and \
+      _ratio_index(forms.max_short_side, min_side, _py_where) == 0:
+    reduce_lossless = False   # no image is large enough to be reduced
+  png = ((lambda: _block_mean(_decode_png(encoded, channels, depths), min_side))  # noqa: E731
+         if reduce_lossless else (lambda: _decode_png(encoded, channels, depths)))
   jpeg = lambda: _decode_jpeg(encoded, channels, min_side, forms.max_short_side)  # noqa: E731
   is_png = _starts_with(encoded, _PNG_SIGNATURE)
   is_jpeg = _starts_with(encoded, _JPEG_SIGNATURE)
@@ -613,54 +678,61 @@ def _expect(condition, what: str):
       "shards were changed after conversion; convert the data set again"])
 
 
-def resize_image(image, size: int, aspect: str = "squash"):
+def resize_image(image, size: int, aspect: str = "squash", contract: int = CONTRACT_VERSION):
   """Step 8: uint8 [H, W, C] -> uint8 [size, size, C].
 
-  Bilinear with antialiasing (a triangle filter when shrinking), rounded back
-  to uint8. aspect: squash (plain resize; a 400x300 film is stretched) | pad
-  (longer side to `size`, centred, black letterbox) | center_crop (the
-  central square of side min(H, W), then resize).
+  Contract 5: AREA resampling when neither side grows, else bilinear with
+  antialiasing; contract 4: bilinear with antialiasing (a triangle filter
+  when shrinking) always. Rounded back to uint8. aspect: squash (plain resize;
+  a 400x300 film is stretched) | pad (longer side to `size`, centred, black
+  letterbox) | center_crop (the central square of side min(H, W), then resize).
+  An enlargement (TTA's views, augment's low-resolution round trip) is the same
+  under both contracts.
   """
   tf = _tf()
   if aspect not in ASPECTS:
     raise ValueError(f"aspect must be one of {ASPECTS}, got {aspect!r}")
+  _check_contract(contract)
   image = tf.convert_to_tensor(image)
   channels = image.shape[-1]
   shape = tf.shape(image)
   h, w = shape[0], shape[1]
   if aspect == "squash":
-    out = _resize_to_uint8(image, [size, size])
+    out = _resize_to_uint8(image, [size, size], contract)
   elif aspect == "center_crop":
     side = tf.minimum(h, w)
     crop = tf.image.crop_to_bounding_box(image, (h - side) // 2, (w - side) // 2, side, side)
-    out = _resize_to_uint8(crop, [size, size])
+    out = _resize_to_uint8(crop, [size, size], contract)
   else:  # pad
     longer = tf.cast(tf.maximum(h, w), tf.float32)
     scale = float(size) / longer
     new_h = tf.maximum(1, tf.cast(tf.round(tf.cast(h, tf.float32) * scale), tf.int32))
     new_w = tf.maximum(1, tf.cast(tf.round(tf.cast(w, tf.float32) * scale), tf.int32))
-    scaled = _resize_to_uint8(image, tf.stack([new_h, new_w]))
+    scaled = _resize_to_uint8(image, tf.stack([new_h, new_w]), contract)
     out = tf.image.pad_to_bounding_box(scaled, (size - new_h) // 2, (size - new_w) // 2, size, size)
   out.set_shape([size, size, channels])
   return out
 
 
 def load_image(encoded, *, channels: int, size: int, aspect: str = "squash",
-               forms: StoredForms | None = None):
+               forms: StoredForms | None = None, contract: int = CONTRACT_VERSION):
   """Steps 7-8: a record's encoded bytes -> uint8 [size, size, channels].
 
   What the input pipeline maps over every record (with its data set's
-  `forms`) and what every request ends with (`load_file`).
+  `forms`) and what every request ends with (`load_file`); `contract`: the
+  run's (READ_CONTRACTS).
   """
-  return resize_image(decode_image(encoded, channels, min_side=size, forms=forms), size, aspect)
+  image = decode_image(encoded, channels, min_side=size, forms=forms, contract=contract)
+  return resize_image(image, size, aspect, contract)
 
 
-def load_file(encoded, *, conversion: dict, channels: int, size: int, aspect: str = "squash"):
+def load_file(encoded, *, conversion: dict, channels: int, size: int, aspect: str = "squash",
+              contract: int = CONTRACT_VERSION):
   """Steps 1-8: the bytes of a file that never went through the converter ->
   uint8 [size, size, channels], as if it had been converted with `conversion`
   (`conversion_args(manifest["args"])`) and then read back as a record."""
   return load_image(prepare_in_graph(encoded, **conversion), channels=channels, size=size,
-                    aspect=aspect)
+                    aspect=aspect, contract=contract)
 
 
 def prepare_in_graph(encoded, *, max_side: int = 0, channels: str = "keep",
@@ -896,9 +968,16 @@ def _uint16_to_uint8(image16):
   return tf.cast((v + 128) // 257, tf.uint8)
 
 
-def _resize_to_uint8(image, size):
+def _resize_to_uint8(image, size, contract: int):
+  """Step 8's resampling (see resize_image) to size [h, w], rounded half to even."""
   tf = _tf()
-  resized = tf.image.resize(image, size, method="bilinear", antialias=True)
+  bilinear = lambda: tf.image.resize(image, size, method="bilinear", antialias=True)  # noqa: E731
+  if contract >= 5:
+    shape = tf.shape(image)
+    shrinks = tf.logical_and(shape[0] >= size[0], shape[1] >= size[1])
+    resized = tf.cond(shrinks, lambda: tf.image.resize(image, size, method="area"), bilinear)
+  else:
+    resized = bilinear()
   return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
 
 

@@ -22,6 +22,7 @@ import json
 from typing import Any, ClassVar
 
 from tfrecord_tools import cli
+from tfrecord_tools import pixels
 from xraytpu import errors
 
 # Augmentation presets. Names mirror keras' ImageDataGenerator arguments so
@@ -66,6 +67,13 @@ class Config:
   channels: int = _f(0, "Channels fed to the model: 1, 3, or 0 = from the data set (1 if every image is grayscale).")
   aspect: str = _f("squash", "How a non-square image becomes square: squash (plain resize), pad (letterbox with black), center_crop.",
                    ("squash", "pad", "center_crop"))
+  pixel_contract: int = _f(pixels.CONTRACT_VERSION,
+                           "Version of the pixel contract's reading steps (tfrecord_tools.pixels, steps "
+                           "7-8) the run trains with, and then evaluates, predicts, serves and exports "
+                           f"with: {' or '.join(map(str, pixels.READ_CONTRACTS))}. 5: a lossless image is "
+                           "reduced by the same power of two as a JPEG's DCT-scaled decode, and AREA "
+                           "resampling when shrinking; 4: what runs trained before 5 read (bilinear "
+                           "with antialiasing). Only to reproduce an old run.")
   cache: str = _f("auto", "Cache the decoded, resized uint8 images: 'auto' (memory if they fit half the available RAM, else a file under --cache_dir if the disk has room, else off), 'memory', 'off', or a file path prefix.")
   cache_dir: str = _f("", "Folder of --cache=auto's file cache (empty = the system temp folder).")
   shuffle_buffer: int = _f(4096, "Shuffle buffer in examples (after the cache; capped at the split size).")
@@ -151,7 +159,7 @@ class Config:
   FLAG_TOPIC: ClassVar[str] = "training"
   FLAG_TOPICS: ClassVar[dict[str, tuple[str, ...]]] = {
       "data": ("data_dir", "tfds_data_dir", "tfds_manual_dir", "tfds_cache_dir", "image_size",
-               "channels", "aspect", "cache", "cache_dir", "shuffle_buffer", "deterministic",
+               "channels", "aspect", "pixel_contract", "cache", "cache_dir", "shuffle_buffer", "deterministic",
                "private_threads", "ram_budget_mb", "data_service_address"),
       "augmentation": ("augment",) + tuple(AUGMENT_PRESETS["none"])
                       + ("low_resolution_range", "mixup_alpha", "cutmix_alpha"),
@@ -174,9 +182,14 @@ class Config:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "Config":
-    """Rebuilds a Config from config.json (unknown keys are ignored)."""
+    """Rebuilds a Config from config.json (unknown keys are ignored; a key written before
+    its field existed takes the value that reproduces that run, LEGACY_VALUES)."""
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in d.items() if k in names})
+    return cls(**{**LEGACY_VALUES, **{k: v for k, v in d.items() if k in names}})
+
+
+# What a config.json without the field meant: the run was trained before the field existed.
+LEGACY_VALUES: dict[str, Any] = {"pixel_contract": pixels.LEGACY_READ_CONTRACT}
 
 
 AUGMENT_FIELDS = tuple(AUGMENT_PRESETS["none"])

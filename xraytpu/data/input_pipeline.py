@@ -112,8 +112,8 @@ _MEMORY_CACHED: dict[str, int] = {}
 class InputSpec:
   """What the model sees, and how the pipeline runs.
 
-  The first three fields define the pixels: S x S x C uint8 images
-  (`pixels.load_image`). The rest only change speed, memory and order,
+  The first four fields define the pixels: S x S x C uint8 images
+  (`pixels.load_image`, with the run's pixel contract). The rest only change speed, memory and order,
   never the pixels; their defaults are the plain choice (no cache, shared
   thread pool, TensorFlow's RAM budget, in-process, unseeded), which is what
   evaluation wants. Training takes every field from its Config (`from_config`).
@@ -121,6 +121,7 @@ class InputSpec:
   image_size: int           # S, the side of the square image
   channels: int             # C: 1 or 3; 0 = from the data set (stats.input_channels)
   aspect: str               # non-square -> square: squash | pad | center_crop
+  pixel_contract: int = pixels.CONTRACT_VERSION   # the run's (pixels.READ_CONTRACTS)
   cache: str = "off"        # decoded pixels: "auto", "memory", "off", or a file path prefix
   shuffle_buffer: int = 0   # training: the after-cache shuffle buffer, in examples (capped at the
                             # split size; 0 or 1 = none, only the file order is shuffled)
@@ -138,7 +139,7 @@ class InputSpec:
     """The spec of an `xraytpu.config.Config`; with the manifest, channels=0 is resolved."""
     channels = stats.input_channels(manifest, cfg) if manifest is not None else int(cfg.channels)
     return cls(image_size=int(cfg.image_size), channels=channels, aspect=cfg.aspect,
-               cache=cfg.cache, shuffle_buffer=int(cfg.shuffle_buffer),
+               pixel_contract=int(cfg.pixel_contract), cache=cfg.cache, shuffle_buffer=int(cfg.shuffle_buffer),
                deterministic=bool(cfg.deterministic), private_threads=int(cfg.private_threads),
                ram_budget_mb=int(cfg.ram_budget_mb), data_service_address=cfg.data_service_address,
                seed=cfg.seed, cache_dir=cfg.cache_dir, mixup_alpha=float(cfg.mixup_alpha),
@@ -283,7 +284,7 @@ def _dataset(data_dir: str, split: str, spec: InputSpec, *, training: bool, batc
                     f"{data_dir}" + (": use 'multi_label'" if multi_label else ""))
   if label_mode == "binary" and len(classes) != 2:
     raise DataError(f"label_mode='binary' needs 2 classes, the data set has {len(classes)}: {classes}")
-  size, aspect = int(spec.image_size), spec.aspect
+  size, aspect, contract = int(spec.image_size), spec.aspect, int(spec.pixel_contract)
   channels = stats.input_channels(manifest, spec)
   deterministic = (not training) or bool(spec.deterministic)
   use_service = bool(spec.data_service_address) and training
@@ -324,7 +325,7 @@ def _dataset(data_dir: str, split: str, spec: InputSpec, *, training: bool, batc
     features = tf.io.parse_single_example(serialized, parse_spec)
     # The pixel contract: encoded bytes -> uint8 [S, S, C], the one per-record pixel call.
     image = pixels.load_image(features[records.ENCODED], channels=channels, size=size,
-                              aspect=aspect, forms=forms)
+                              aspect=aspect, forms=forms, contract=contract)
     if label_mode == "multi_label":
       label = multi_label_targets(features[records.MULTI_HOT], features[records.MASK])
     else:
@@ -359,7 +360,7 @@ def _dataset(data_dir: str, split: str, spec: InputSpec, *, training: bool, batc
   if shard_by_element:
     ds = ds.shard(num_pipelines, pipeline_id)
   key = _settings_key(data_dir, files, split, size, aspect, channels, with_filenames,
-                      multi_label=label_mode == "multi_label")
+                      multi_label=label_mode == "multi_label", contract=contract)
   cache_key = f"{key}-{pipeline_id}of{num_pipelines}"
   cache = spec.cache
   if cache == "auto" and not use_service:
@@ -558,7 +559,7 @@ def _cache(ds: tf.data.Dataset, cache: str, key: str) -> tf.data.Dataset:
 
 
 def _file_cache_path(cache: str, key: str) -> str:
-  # One file set per (data, split, size, aspect, channels, pipeline): a cache
+  # One file set per (data, split, size, aspect, channels, contract, pipeline): a cache
   # written for other settings is never read back by mistake.
   return f"{cache}-{key}"
 
@@ -575,8 +576,9 @@ def _first_epoch_buffer(batch: int, buffer: int) -> int:
 
 
 def _settings_key(data_dir, files, split, size, aspect, channels, with_filenames,
-                  multi_label: bool = False) -> str:
-  """`val-224px-squash-c1-<hash of the data's location and shards>`: names caches and jobs.
+                  multi_label: bool = False, contract: int = pixels.CONTRACT_VERSION) -> str:
+  """`val-224px-squash-c1-p5-<hash of the data's location and shards>`: names caches and jobs
+  (p5: the pixel contract).
 
   The cached elements' structure is in it too ("-fn" with filenames, "-ml"
   with multi-label targets), so a cache is only read back in its own form.
@@ -584,7 +586,7 @@ def _settings_key(data_dir, files, split, size, aspect, channels, with_filenames
   where = data_dir if "://" in data_dir else os.path.abspath(data_dir)
   digest = hashlib.sha1("\n".join([where] + files).encode()).hexdigest()[:8]
   extra = ("-fn" if with_filenames else "") + ("-ml" if multi_label else "")
-  return f"{split}-{size}px-{aspect}-c{channels}{extra}-{digest}"
+  return f"{split}-{size}px-{aspect}-c{channels}-p{contract}{extra}-{digest}"
 
 
 def _multi_label_spec(num_findings: int) -> dict:

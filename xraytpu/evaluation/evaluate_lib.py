@@ -185,6 +185,7 @@ def predict_split(run: rundir.LoadedRun, data_dir: str, split: str, *, manifest:
     mapping = match_classes(run.classes, manifest["classes"], data_dir)
   # What the run's model sees; the run's tf.data thread and RAM settings, nothing cached.
   spec = input_pipeline.InputSpec(image_size=run.size, channels=run.channels, aspect=run.aspect,
+                                  pixel_contract=run.contract,
                                   private_threads=run.cfg.private_threads,
                                   ram_budget_mb=run.cfg.ram_budget_mb)
   ds = input_pipeline.eval_dataset(data_dir, split, spec,

@@ -101,8 +101,8 @@ def export(model_dir: str, *, version: int = ExportConfig.version,
                "tfrecord_tools.dicom does with conversion.dicom_window (xraytpu.predict and "
                "xraytpu.serve do this); serving_pixels: image uint8 [B, S, S, C] after the pixel "
                "contract",
-      "pixel_contract": "tfrecord_tools.pixels: the conversion below replayed in the graph, then "
-                        "decode + resize to image_size",
+      "pixel_contract": f"tfrecord_tools.pixels, version {run.contract}: the conversion below "
+                        "replayed in the graph, then decode + resize to image_size",
       "outputs": ("probabilities float32 [B, K] (one sigmoid per finding), positive bool [B, K] (each "
                   "finding at/above its threshold), label string [B] (those findings, '|'-joined, or "
                   "'No Finding')") if run.multi_label else

@@ -79,7 +79,7 @@ class InferenceModule(tf.Module):
   """The model, the pixel contract and the operating point, as tf.functions."""
 
   def __init__(self, model, *, classes: Sequence[str], size: int, channels: int, aspect: str,
-               conversion: dict, threshold: float | None = None, temperature: float | None = None,
+               conversion: dict, contract: int = pixels.CONTRACT_VERSION, threshold: float | None = None, temperature: float | None = None,
                multi_label: bool = False, thresholds: Sequence[float] | None = None,
                tta: str = config.DEFAULT_TTA):
     super().__init__(name="xraytpu_inference")
@@ -90,7 +90,7 @@ class InferenceModule(tf.Module):
     self.multi_label = bool(multi_label)
     self.binary = len(self.classes) == 2 and not self.multi_label
     self.size, self.channels, self.aspect = int(size), int(channels), aspect
-    self.conversion = dict(conversion)
+    self.conversion, self.contract = dict(conversion), int(contract)
     self._class_names = tf.constant(self.classes)
     self.threshold = tf.Variable(rundir.DEFAULT_THRESHOLD if threshold is None else float(threshold),
                                  trainable=False, dtype=tf.float32, name="threshold")
@@ -115,7 +115,8 @@ class InferenceModule(tf.Module):
   def from_run(cls, run: rundir.LoadedRun, tta: str | None = None) -> "InferenceModule":
     """The run's module, with the run's test-time augmentation (`tta` None) or `tta`."""
     return cls(run.model, classes=run.classes, size=run.size, channels=run.channels,
-               aspect=run.aspect, conversion=run.conversion, threshold=run.threshold,
+               aspect=run.aspect, conversion=run.conversion, contract=run.contract,
+               threshold=run.threshold,
                temperature=run.temperature, multi_label=run.multi_label, thresholds=run.thresholds,
                tta=run.tta if tta is None else tta)
 
@@ -130,7 +131,7 @@ class InferenceModule(tf.Module):
   def _pixels(self, image_bytes):
     return tf.map_fn(
         lambda b: pixels.load_file(b, conversion=self.conversion, channels=self.channels,
-                                   size=self.size, aspect=self.aspect),
+                                   size=self.size, aspect=self.aspect, contract=self.contract),
         image_bytes,
         fn_output_signature=tf.TensorSpec([self.size, self.size, self.channels], tf.uint8))
 

@@ -3,9 +3,10 @@
 The views and their sets are data in xraytpu.config (TTA_VIEWS, TTA_PRESETS: what
 `evaluate --tta` offers); this module turns a view into pixels. A view is a square crop
 box inside the S x S model input, resized back to S x S by the pixel contract's own resize
-(tfrecord_tools.pixels.resize_image: bilinear with antialiasing, rounded to uint8), so the
-model sees a film as the contract would have rendered it zoomed or shifted: no flip, no
-border, no randomness (evaluate, predict, serve and the exported graph agree exactly).
+(tfrecord_tools.pixels.resize_image; an enlargement, so bilinear under every contract
+version, rounded to uint8), so the model sees a film as the contract would have rendered it
+zoomed or shifted: no flip, no border, no randomness (evaluate, predict, serve and the
+exported graph agree exactly).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ them, export writes one SavedModel with the averaging inside. The members' raw
 (uncalibrated) probabilities are averaged; their own operating points are not used.
 
 Members must agree on what the model is asked and shown: task, classes (same order),
-image size, channels, aspect and conversion (the pixel contract). A mismatch is refused
+image size, channels, aspect, pixel contract version and conversion. A mismatch is refused
 before any model is loaded, in one line naming the two members and the field. Members
 are runs, not ensembles. ensemble.json records each member by absolute path and the
 sha256 of its weights files: a member retrained (or changed) afterwards is refused.
@@ -47,7 +47,7 @@ from xraytpu.run import rundir
 FORMAT = 1
 COMBINE = "mean of the members' raw probabilities"
 # What members must share: the model's question and the pixels it is shown.
-CONTRACT = ("task", "classes", "image size", "channels", "aspect", "conversion")
+CONTRACT = ("task", "classes", "image size", "channels", "aspect", "pixel contract", "conversion")
 
 
 class EnsembleError(rundir.RunError):
@@ -115,12 +115,14 @@ def contract(run_dir: str, doc: dict) -> dict:
   classes = list(manifest.get("classes") or [])
   return {"task": rundir.task_of(manifest), "classes": classes, "image size": int(cfg.image_size),
           "channels": int(stats.input_channels(manifest, cfg)), "aspect": cfg.aspect,
+          "pixel contract": int(cfg.pixel_contract),
           "conversion": pixels.conversion_args(manifest.get("args"))}
 
 
 def _loaded_contract(run: rundir.LoadedRun) -> dict:
   return {"task": run.task, "classes": list(run.classes), "image size": run.size,
-          "channels": run.channels, "aspect": run.aspect, "conversion": dict(run.conversion)}
+          "channels": run.channels, "aspect": run.aspect, "pixel contract": run.contract,
+          "conversion": dict(run.conversion)}
 
 
 def check_same(described: list[tuple[str, dict]]) -> None:

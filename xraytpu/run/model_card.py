@@ -60,6 +60,7 @@ _CARD_METRICS = ("auc", "auc_ci", "pr_auc", "pr_auc_ci", "sensitivity", "sensiti
                  "subgroups_info", "tta")
 # config.json's fields that shaped the weights (Model details > hyperparameters).
 _HYPERPARAMETERS = ("model", "weights", "head", "dropout", "image_size", "channels", "aspect",
+                    "pixel_contract",
                     "optimizer", "learning_rate", "lr_schedule", "warmup_epochs", "weight_decay",
                     "batch_size", "epochs", "steps_per_epoch", "fine_tune_at", "fine_tune_epochs",
                     "fine_tune_learning_rate", "class_weight", "label_smoothing",
@@ -199,7 +200,7 @@ def model_card(run: rundir.LoadedRun, opts=None) -> dict[str, Any]:
 
   {"card_format": 2, "model": "xray_cnn", "run": "<run folder name>",
    "task": "binary"|"multiclass"|"multi_label", "classes": [...], "positive_class": str|null,
-   "input": {"size": S, "channels": C, "aspect": "squash", "dtype": "uint8"},
+   "input": {"size": S, "channels": C, "aspect": "squash", "dtype": "uint8", "pixel_contract": 5},
    "preprocessing": {the converter's arguments from the manifest (pixels.conversion_args)},
    "model_details": {"name", "version" ("sha256:<12 hex>" of the weights), "date", "license",
                      "architecture", "parameters", "software" {package: version},
@@ -244,7 +245,8 @@ def model_card(run: rundir.LoadedRun, opts=None) -> dict[str, Any]:
       "task": run.task,
       "classes": run.classes,
       "positive_class": run.classes[1] if run.binary else None,
-      "input": {"size": run.size, "channels": run.channels, "aspect": run.aspect, "dtype": "uint8"},
+      "input": {"size": run.size, "channels": run.channels, "aspect": run.aspect, "dtype": "uint8",
+                "pixel_contract": run.contract},
       "preprocessing": run.conversion,
       "model_details": _model_details(run, doc),
       "training_data": {"dataset": reports.dataset_name(run.cfg.data_dir or "", manifest),
@@ -396,7 +398,8 @@ def _model_details_md(card: dict) -> list[str]:
            f"- architecture: `{card['model']}`"
            + (f", {d['parameters']:,} parameters" if d.get("parameters") else ""),
            f"- input: {inp['size']}x{inp['size']} px, {inp['channels']} channel(s), uint8, non-square "
-           f"images: {inp['aspect']}",
+           f"images: {inp['aspect']}"
+           + (f", pixel contract {inp['pixel_contract']}" if inp.get("pixel_contract") else ""),
            "- preprocessing (the converter's settings, replayed for new files): "
            + (", ".join(f"{k}={v}" for k, v in sorted((card.get("preprocessing") or {}).items())) or "defaults"),
            "- output: " + ("one probability per finding (sigmoid)" if multi else "one probability per class"),

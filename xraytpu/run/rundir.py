@@ -383,6 +383,7 @@ class LoadedRun:
   size: int
   channels: int
   aspect: str
+  contract: int   # the pixel contract it reads with (Config.pixel_contract; pixels.READ_CONTRACTS)
   conversion: dict[str, Any]
   operating_point: dict[str, Any] | None
   # The run's InferenceModule once built (xraytpu.inference.model_call.module_of builds it: the
@@ -521,7 +522,7 @@ def load(run_dir: str, weights: str = "best") -> LoadedRun:
   return LoadedRun(
       model_dir=run_dir, cfg=cfg, manifest=manifest, model=model,
       classes=list(manifest["classes"]), size=int(shape[1]), channels=int(shape[-1]),
-      aspect=getattr(cfg, "aspect", "squash"),
+      aspect=getattr(cfg, "aspect", "squash"), contract=int(cfg.pixel_contract),
       conversion=pixels.conversion_args(manifest.get("args")),
       operating_point=read_operating_point(run_dir))
 

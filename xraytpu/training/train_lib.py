@@ -56,7 +56,7 @@ from xraytpu import models as models_lib
 from xraytpu._keras import keras
 from xraytpu.training.callbacks import StopOnNaN, _save_and_discard, make_callbacks, parse_profile_steps
 from xraytpu.training.callbacks import writing
-from xraytpu.config import Config
+from xraytpu.config import Config, LEGACY_VALUES
 from xraytpu.data import DataError
 from xraytpu.data import integrity
 from xraytpu.data import stats
@@ -64,6 +64,7 @@ from xraytpu.data import tfds_source
 from xraytpu.models import applications
 from tfrecord_tools import errors as tools_errors
 from tfrecord_tools import locks
+from tfrecord_tools import pixels
 from tfrecord_tools import schema
 from tfrecord_tools import storage
 
@@ -120,6 +121,7 @@ class TrainResult:
 
 def _config_differences(old: dict, new: Config) -> list[str]:
   diffs = []
+  old = {**LEGACY_VALUES, **old}
   for key, value in new.to_dict().items():
     if key in RESUME_MAY_CHANGE or key not in old:
       continue
@@ -209,6 +211,10 @@ def validate_config(cfg: Config) -> None:
     raise TrainError(f"--steps_per_epoch must be >= 0 (0 = one pass over the train split), got {cfg.steps_per_epoch}")
   if cfg.steps_per_execution < 1:
     raise TrainError(f"--steps_per_execution must be >= 1, got {cfg.steps_per_execution}")
+  if cfg.pixel_contract not in pixels.READ_CONTRACTS:
+    raise TrainError(f"--pixel_contract={cfg.pixel_contract}: this version reads "
+                     f"{' or '.join(map(str, pixels.READ_CONTRACTS))} (leave it at its default, "
+                     f"{pixels.CONTRACT_VERSION}, unless reproducing an old run)")
   if not 0.0 <= cfg.label_smoothing < 1.0:
     raise TrainError(f"--label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
   if not 0.0 <= cfg.ema_decay < 1.0:
