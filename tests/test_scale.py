@@ -304,15 +304,16 @@ def test_input_benchmark_bound_and_fractions(tiny_data):
   from benchmarks import input_pipeline as bench
   bound = bench.run_bound(tiny_data, SIZE, 8, 1, passes=2)
   alone = bench.run_rounds([bench.XraytpuContender(tiny_data, SIZE, 8, 2, 1, 0, {}, cache=cache,
-                                                   alone=True)
-                            for cache in ("memory", "off")], 2)
+                                                   alone=True, contract=contract)
+                            for cache, contract in (("memory", 0), ("off", 0), ("off", 4))], 2)
   table = bench.format_table({"contenders": [
       _row("step_alone", 600.0, 60.0),
       _row("idg_flow_from_directory", 10.0, 1.0), _row("xraytpu_first_epoch", 90.0, 9.0),
       _row("xraytpu_steady", 500.0, 50.0), _row("xraytpu_no_cache_first_epoch", 40.0, 4.0),
       _row("xraytpu_no_cache", 70.0, 7.0), _row("bound", 100.0, 10.0), _row("bound_step", 80.0, 8.0),
       _row("xraytpu_input_first_epoch", 85.0, 8.5), _row("xraytpu_input_steady", 2000.0, 200.0),
-      _row("xraytpu_input_no_cache", 75.0, 7.5)]})
+      _row("xraytpu_input_no_cache", 75.0, 7.5), _row("bound_independent", 100.0, 10.0),
+      _row("xraytpu_input_contract4_no_cache", 60.0, 6.0)]})
   r = json.loads(json.dumps({"name": bound.name, "images": bound.images, "epochs": bound.epochs,
                              "rate": bound.images_per_sec, "table": table,
                              "alone": [[a.name, a.label, a.images, a.epochs, a.images_per_sec]
@@ -332,10 +333,13 @@ def test_input_benchmark_bound_and_fractions(tiny_data):
   assert "target no cache, epochs 2+ (input alone) >= 80% of the bound (B): 75% NOT met" in table
   assert "input alone, steady: 200.0x (1)" in table
   assert "(input alone) >= 80% of the bound (BS)" not in table
+  assert "target no cache, epochs 2+ (input alone) >= 90% of the independent bound (Bj): 75% NOT met" in table
+  assert "pixel contract 4 (runs trained before 5), no cache, epochs 2+ (input alone): 60% of (Bj)" in table
   # (4a) and (4na) ran: 2 rounds of 2 epochs, 3 full batches of 8 of the 24 records each.
   assert [(a[0], a[2], a[3]) for a in r["alone"]] == [
       ("xraytpu_input_first_epoch", 48, 2), ("xraytpu_input_steady", 48, 2),
-      ("xraytpu_input_no_cache_first_epoch", 48, 2), ("xraytpu_input_no_cache", 48, 2)]
+      ("xraytpu_input_no_cache_first_epoch", 48, 2), ("xraytpu_input_no_cache", 48, 2),
+      ("xraytpu_input_contract4_no_cache_first_epoch", 48, 2), ("xraytpu_input_contract4_no_cache", 48, 2)]
   assert all(a[4] > 0 for a in r["alone"]) and r["alone"][0][1].startswith("(4a) xraytpu input alone")
 
 
