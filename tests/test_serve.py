@@ -153,7 +153,8 @@ def test_health_and_model_card(server, evaluated_run, loaded):
       os.path.join(evaluated_run[0], "MODEL_CARD.md"), encoding="utf-8").read()
   op = json.load(open(os.path.join(evaluated_run[0], "threshold.json")))
   assert card["classes"] == ["NORMAL", "PNEUMONIA"] and card["positive_class"] == "PNEUMONIA"
-  assert card["input"] == {"size": 32, "channels": 1, "aspect": "squash", "dtype": "uint8"}
+  assert card["input"] == {"size": 32, "channels": 1, "aspect": "squash", "dtype": "uint8",
+                           "pixel_contract": 5}
   assert card["threshold"] == op["threshold"] == loaded.threshold
   assert card["threshold_policy"] == op["policy"] == "youden"
   assert card["threshold_source_split"] == "val"
