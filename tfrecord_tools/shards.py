@@ -18,11 +18,14 @@ Same plan -> the same bytes, whichever runner and however many workers.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
 import os
 import threading
+import warnings
+from concurrent import futures
 from typing import Any, Iterable
 
 from tfrecord_tools import errors, pixels, pool, records, storage
@@ -78,6 +81,7 @@ class ShardTask:
   fingerprint: str = ""
   dicom_window: str = "full"    # how DICOM files become images (tfrecord_tools.dicom)
   max_pixels: int = pixels.MAX_PIXELS   # width x height (x frames) limit, read from the header
+  threads: int = 1   # images converted at once in the shard's process (`write_shard`)
 
 
 class Stats:
@@ -289,11 +293,35 @@ def write_shard(task: ShardTask) -> dict:
               max_pixels=task.max_pixels)
 
   def outcomes():
-    for it in task.items:
-      done = convert_item(it, **args)
+    for done in _ordered_map(lambda it: convert_item(it, **args), task.items, task.threads):
       pool.tick()
       yield done
   return write_records(task.output_dir, task.file, task.split, task.fingerprint, outcomes())
+
+
+def _ordered_map(fn, items, threads: int):
+  """`map(fn, items)` on `threads` threads, results in order, at most 2 x threads ahead.
+
+  Worth it because the image work releases the GIL (Pillow's decoders and encoders,
+  numpy's resize): a small job's one process uses every core without a pool's
+  start-up. The outer catch_warnings puts the warning filters back afterwards
+  (`pixels` silences Pillow's per image; that is not thread-safe before Python 3.14).
+  """
+  if threads <= 1:
+    yield from map(fn, items)
+    return
+  with warnings.catch_warnings(), futures.ThreadPoolExecutor(threads) as ex:
+    ahead: collections.deque = collections.deque()
+    try:
+      for it in items:
+        ahead.append(ex.submit(fn, it))
+        if len(ahead) >= 2 * threads:
+          yield ahead.popleft().result()
+      while ahead:
+        yield ahead.popleft().result()
+    finally:   # an error or an early stop: no more new work
+      for f in ahead:
+        f.cancel()
 
 
 def load_finished(task: ShardTask) -> dict | None:

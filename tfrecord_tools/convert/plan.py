@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -180,12 +181,15 @@ def _resolve_workers(n: int) -> int:
 
 
 def run_locally(todo: list[ShardTask], opts: ConvertOptions, log) -> tuple[list, float, int, dict]:
-  """Writes the unfinished shards with a local process pool (one shard per worker)."""
+  """Writes the unfinished shards with a local process pool (one shard per worker); a small
+  job, in this process, converts each shard's images on the cores as threads."""
   if not todo:
     return [], 0.0, 0, {}
-  num_workers = _resolve_workers(opts.num_workers)
+  cores = num_workers = _resolve_workers(opts.num_workers)
   if not opts.num_workers:   # default: no process pool for small jobs (start-up would dominate)
     num_workers = max(1, min(num_workers, sum(len(t.items) for t in todo) // 100))
+    # ... but the cores as threads of the one process (shards._ordered_map)
+    todo = [dataclasses.replace(t, threads=cores // num_workers) for t in todo]
   progress = Progress(sum(len(t.items) for t in todo), quiet=opts.quiet)
   results = _run_tasks(todo, num_workers, progress, log)
   return results, progress.close(), num_workers, {}

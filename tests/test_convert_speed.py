@@ -1,8 +1,9 @@
-"""Step 5's area resize in numpy (issue 21, item 8: the converter's speed).
+"""The converter's speed (issue 21, item 8): step 5's area resize in numpy, threads.
 
 `pixels.area_resize` is held against its definition, `tf.image.resize(method="area")`,
 on the shapes the converter meets (a draft-decoded film: scale < 2; integer and large
 scales; one side only; colour; 16-bit), and the converter no longer imports scipy for it.
+A small job (no process pool) converts its images on the cores as threads, same bytes.
 """
 
 from __future__ import annotations
@@ -11,12 +12,16 @@ import io
 import os
 import subprocess
 import sys
+import threading
+import time
+import warnings
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tfrecord_tools import pixels
+from tfrecord_tools import pixels, shards
+from tfrecord_tools.convert import ConvertOptions, convert, plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -108,3 +113,54 @@ def test_the_converter_resizes_without_importing_scipy():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        cwd=ROOT)
   assert out.stdout.strip() == "[]", out.stdout
+
+
+def _shards(folder: str) -> dict[str, bytes]:
+  return {n: open(os.path.join(folder, n), "rb").read()
+          for n in sorted(os.listdir(folder)) if n.endswith(".tfrecord")}
+
+
+def test_a_small_job_converts_on_the_cores_as_threads_same_shards(demo_images_dir, tmp_path,
+                                                                  monkeypatch):
+  seen = []
+  write_shard = shards.write_shard
+
+  def spy(task):
+    seen.append(task.threads)
+    return write_shard(task)
+  monkeypatch.setattr(shards, "write_shard", spy)
+  monkeypatch.setattr(plan, "_resolve_workers", lambda n: n or 2)   # "2 cores" anywhere
+  for name, workers in (("threads", 0), ("serial", 1)):
+    convert(ConvertOptions(input_dir=demo_images_dir, output_dir=str(tmp_path / name),
+                           max_side=32, num_workers=workers, quiet=True), log=lambda m: None)
+  # 60 images: no process pool (< 100 a worker); the default runs each shard on 2 threads,
+  # --num_workers=1 on one.
+  assert seen == [2] * (len(seen) // 2) + [1] * (len(seen) // 2) and seen
+  threaded, serial = _shards(str(tmp_path / "threads")), _shards(str(tmp_path / "serial"))
+  assert threaded == serial and threaded
+
+
+def test_ordered_map_keeps_order_stops_on_an_error_and_restores_warning_filters():
+  def slow(i):
+    time.sleep(0.002 * (i % 3))   # later items often finish first
+    with warnings.catch_warnings():   # what pixels does per image, not thread-safe
+      warnings.simplefilter("ignore")
+      return i * i, threading.get_ident()
+
+  filters = list(warnings.filters)
+  out = list(shards._ordered_map(slow, range(24), 3))
+  assert [v for v, _ in out] == [i * i for i in range(24)]
+  assert len({t for _, t in out}) > 1          # on more than one thread
+  assert warnings.filters == filters
+
+  started = []
+
+  def fails(i):
+    started.append(i)
+    if i == 4:
+      raise ValueError("bad image")
+    return i
+  with pytest.raises(ValueError, match="bad image"):
+    list(shards._ordered_map(fails, range(100), 2))
+  assert max(started) < 4 + 2 * 2 + 1          # at most 2 x threads ahead: the rest never ran
+  assert list(shards._ordered_map(lambda i: -i, range(5), 1)) == [0, -1, -2, -3, -4]
