@@ -30,7 +30,8 @@ One chain of stages, each in its own module (`pipeline.convert` runs them):
       # hash order) and cut into `split-%05d-of-%05d.tfrecord` shards.
   run_locally(todo, opts, log)         # 5. plan.py: one task per shard
       # (`shards.write_shard`), run by a crash-tolerant pool of worker processes
-      # (`pool.run`): read, `pixels.prepare_image` (decode = validate, normalise,
+      # (`pool.run`; a small job: this process, its images on the cores as threads,
+      # `shards._ordered_map`): read, `pixels.prepare_image` (decode = validate, normalise,
       # resize), serialise a `tf.train.Example` (`records`), write. Bad files are
       # skipped with a reason. A shard is written to `<name>.tmp-N` and renamed when
       # complete, with its statistics saved beside it in `.convert-state/`, so a killed

@@ -126,7 +126,8 @@ class ConvertOptions:
                               "larger files are skipped with the reason.")
   num_shards: int = cli.field(0, "Shards per split (at most one per image); 0: from the data size "
                               "(~150 MB per shard).")
-  num_workers: int = cli.field(0, "Worker processes; 0: all cores.")
+  num_workers: int = cli.field(0, "Worker processes; 0: all cores (under 100 images a core: "
+                                 "one process, its images on the cores as threads).")
   max_skipped_fraction: float = cli.field(0.05, "Fail (no manifest) when more than this fraction of "
                                           "the files found cannot be converted.")
   on_conflict: str = cli.field("error", "A file whose contents (sha256) appear under two classes: "
