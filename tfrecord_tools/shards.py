@@ -84,6 +84,11 @@ class ShardTask:
   threads: int = 1   # images converted at once in the shard's process (`write_shard`)
 
 
+# At most this many threads per shard: each holds a decoded film and its resize's work memory
+# (tens of MB at full resolution), so a small job on a many-core TPU VM stays a small process.
+MAX_THREADS = 8
+
+
 class Stats:
   """Image statistics that merge across images and shards (the manifest's image_stats)."""
 

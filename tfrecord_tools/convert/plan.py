@@ -189,7 +189,8 @@ def run_locally(todo: list[ShardTask], opts: ConvertOptions, log) -> tuple[list,
   if not opts.num_workers:   # default: no process pool for small jobs (start-up would dominate)
     num_workers = max(1, min(num_workers, sum(len(t.items) for t in todo) // 100))
     # ... but the cores as threads of the one process (shards._ordered_map)
-    todo = [dataclasses.replace(t, threads=cores // num_workers) for t in todo]
+    threads = min(cores // num_workers, shards.MAX_THREADS)
+    todo = [dataclasses.replace(t, threads=threads) for t in todo]
   progress = Progress(sum(len(t.items) for t in todo), quiet=opts.quiet)
   results = _run_tasks(todo, num_workers, progress, log)
   return results, progress.close(), num_workers, {}
