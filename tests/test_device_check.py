@@ -30,6 +30,8 @@ def test_device_check_runs_every_part_on_cpu(tmp_path):
                                                              ("xray_cnn", "mixed_bfloat16")]
   assert all(t["jit"] and t["images_per_sec"] > 0 for t in training + report["sweep"])
   assert [s["steps_per_execution"] for s in report["sweep"]] == [1, 2]
+  # The sweep's point 1 is the mixed-precision training row (the same step), not run twice.
+  assert report["sweep"][0] == training[1]
   i = report["input"]
   assert i["input_images_per_sec"] > 0 and i["bound_images_per_sec"] > 0
   assert isinstance(i["step_waits_on_input"], bool)
