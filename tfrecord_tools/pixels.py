@@ -622,18 +622,28 @@ def decode_image(encoded, channels: int, *, min_side: int = 0,
   is_png = _starts_with(encoded, _PNG_SIGNATURE)
   is_jpeg = _starts_with(encoded, _JPEG_SIGNATURE)
 
-  def other():  # BMP, GIF: decode as stored, then convert the channels
-    return _to_channels(tf.io.decode_image(encoded, dtype=tf.uint8, expand_animations=False),
-                        channels)
+  lossless = _lossless_reduction(reduce_lossless, min_side)
 
-  image = tf.case([(is_png, lambda: _decode_png(encoded, channels)),
+  def other():  # BMP, GIF: decode as stored, then convert the channels
+    return lossless(_to_channels(
+        tf.io.decode_image(encoded, dtype=tf.uint8, expand_animations=False), channels))
+
+  image = tf.case([(is_png, lambda: lossless(_decode_png(encoded, channels))),
                    (is_jpeg, lambda: _decode_jpeg(encoded, channels, min_side))],
                   default=other, exclusive=True)
-  if reduce_lossless:
-    decoded = image
-    image = tf.cond(is_jpeg, lambda: decoded, lambda: _block_mean(decoded, min_side))
   image.set_shape([None, None, channels])
   return image
+
+
+def _lossless_reduction(reduce: bool, min_side: int):
+  """What step 7 does to a decoded lossless image: `_block_mean` (contract 5), or nothing."""
+  return (lambda image: _block_mean(image, min_side)) if reduce else (lambda image: image)
+
+
+def _never_reduced(max_short_side: int, min_side: int) -> bool:
+  """With the data set's largest shorter side known (> 0): no image is large enough for
+  step 7 to reduce it, so the reducing branches need not be built."""
+  return max_short_side > 0 and _ratio_index(max_short_side, min_side, _py_where) == 0
 
 
 def _check_contract(contract: int) -> None:
@@ -687,7 +697,7 @@ def _decode_jpeg(encoded, channels: int, min_side: int, max_short_side: int = 0)
   tf = _tf()
   if min_side <= 0:
     return tf.io.decode_jpeg(encoded, channels, dct_method=_DCT)
-  if max_short_side > 0 and _ratio_index(max_short_side, min_side, _py_where) == 0:
+  if _never_reduced(max_short_side, min_side):
     shape = tf.io.extract_jpeg_shape(encoded)
     fits = tf.minimum(shape[0], shape[1]) <= max_short_side
     with tf.control_dependencies([_expect(fits, f"a JPEG with a shorter side <= {max_short_side}")]):
@@ -700,11 +710,9 @@ def _decode_stored(encoded, channels: int, min_side: int, forms: StoredForms,
   """decode_image's branches for `forms` only; a record of another form fails."""
   tf = _tf()
   depths = tuple(d for d, on in ((8, forms.png8), (16, forms.png16)) if on)
-  if reduce_lossless and forms.max_short_side > 0 and \
-      _ratio_index(forms.max_short_side, min_side, _py_where) == 0:
-    reduce_lossless = False   # no image is large enough to be reduced
-  png = ((lambda: _block_mean(_decode_png(encoded, channels, depths), min_side))  # noqa: E731
-         if reduce_lossless else (lambda: _decode_png(encoded, channels, depths)))
+  lossless = _lossless_reduction(
+      reduce_lossless and not _never_reduced(forms.max_short_side, min_side), min_side)
+  png = lambda: lossless(_decode_png(encoded, channels, depths))  # noqa: E731
   jpeg = lambda: _decode_jpeg(encoded, channels, min_side, forms.max_short_side)  # noqa: E731
   is_png = _starts_with(encoded, _PNG_SIGNATURE)
   is_jpeg = _starts_with(encoded, _JPEG_SIGNATURE)

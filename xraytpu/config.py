@@ -159,8 +159,8 @@ class Config:
   FLAG_TOPIC: ClassVar[str] = "training"
   FLAG_TOPICS: ClassVar[dict[str, tuple[str, ...]]] = {
       "data": ("data_dir", "tfds_data_dir", "tfds_manual_dir", "tfds_cache_dir", "image_size",
-               "channels", "aspect", "pixel_contract", "cache", "cache_dir", "shuffle_buffer", "deterministic",
-               "private_threads", "ram_budget_mb", "data_service_address"),
+               "channels", "aspect", "pixel_contract", "cache", "cache_dir", "shuffle_buffer",
+               "deterministic", "private_threads", "ram_budget_mb", "data_service_address"),
       "augmentation": ("augment",) + tuple(AUGMENT_PRESETS["none"])
                       + ("low_resolution_range", "mixup_alpha", "cutmix_alpha"),
       "model": ("model", "weights", "init_from", "head", "dropout"),

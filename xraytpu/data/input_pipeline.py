@@ -113,10 +113,11 @@ class InputSpec:
   """What the model sees, and how the pipeline runs.
 
   The first four fields define the pixels: S x S x C uint8 images
-  (`pixels.load_image`, with the run's pixel contract). The rest only change speed, memory and order,
-  never the pixels; their defaults are the plain choice (no cache, shared
-  thread pool, TensorFlow's RAM budget, in-process, unseeded), which is what
-  evaluation wants. Training takes every field from its Config (`from_config`).
+  (`pixels.load_image`, with the run's pixel contract). The rest only change
+  speed, memory and order, never the pixels; their defaults are the plain
+  choice (no cache, shared thread pool, TensorFlow's RAM budget, in-process,
+  unseeded), which is what evaluation wants. Training takes every field from
+  its Config (`from_config`).
   """
   image_size: int           # S, the side of the square image
   channels: int             # C: 1 or 3; 0 = from the data set (stats.input_channels)
@@ -139,7 +140,8 @@ class InputSpec:
     """The spec of an `xraytpu.config.Config`; with the manifest, channels=0 is resolved."""
     channels = stats.input_channels(manifest, cfg) if manifest is not None else int(cfg.channels)
     return cls(image_size=int(cfg.image_size), channels=channels, aspect=cfg.aspect,
-               pixel_contract=int(cfg.pixel_contract), cache=cfg.cache, shuffle_buffer=int(cfg.shuffle_buffer),
+               pixel_contract=int(cfg.pixel_contract), cache=cfg.cache,
+               shuffle_buffer=int(cfg.shuffle_buffer),
                deterministic=bool(cfg.deterministic), private_threads=int(cfg.private_threads),
                ram_budget_mb=int(cfg.ram_budget_mb), data_service_address=cfg.data_service_address,
                seed=cfg.seed, cache_dir=cfg.cache_dir, mixup_alpha=float(cfg.mixup_alpha),

@@ -79,8 +79,8 @@ class InferenceModule(tf.Module):
   """The model, the pixel contract and the operating point, as tf.functions."""
 
   def __init__(self, model, *, classes: Sequence[str], size: int, channels: int, aspect: str,
-               conversion: dict, contract: int = pixels.CONTRACT_VERSION, threshold: float | None = None, temperature: float | None = None,
-               multi_label: bool = False, thresholds: Sequence[float] | None = None,
+               conversion: dict, contract: int = pixels.CONTRACT_VERSION,
+               threshold: float | None = None, temperature: float | None = None, multi_label: bool = False, thresholds: Sequence[float] | None = None,
                tta: str = config.DEFAULT_TTA):
     super().__init__(name="xraytpu_inference")
     self.model = model
@@ -116,8 +116,7 @@ class InferenceModule(tf.Module):
     """The run's module, with the run's test-time augmentation (`tta` None) or `tta`."""
     return cls(run.model, classes=run.classes, size=run.size, channels=run.channels,
                aspect=run.aspect, conversion=run.conversion, contract=run.contract,
-               threshold=run.threshold,
-               temperature=run.temperature, multi_label=run.multi_label, thresholds=run.thresholds,
+               threshold=run.threshold, temperature=run.temperature, multi_label=run.multi_label, thresholds=run.thresholds,
                tta=run.tta if tta is None else tta)
 
   def signatures(self) -> dict:
